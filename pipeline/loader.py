@@ -1,0 +1,50 @@
+"""Load a FLUX.2 diffusers folder onto its device, as decided by `placement`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from .placement import Placement
+from .weights import ModelSpec
+
+log = logging.getLogger("flux2.loader")
+
+
+@dataclass
+class LoadedModel:
+    """A pipeline in memory, with what it is and where it runs."""
+
+    spec: ModelSpec
+    placement: Placement
+    pipe: Any  # a diffusers Flux2Pipeline or Flux2KleinPipeline
+
+
+def quiet_progress_bars() -> None:
+    """Turn off diffusers' and transformers' tqdm bars (loading, saving): a server logs lines, not bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
+def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(spec.path, dtype=placement.dtype)
+    if type(pipe).__name__ != spec.pipeline_class:
+        raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")
+    if placement.device == "cuda":
+        if placement.offload == "model":
+            pipe.enable_model_cpu_offload()
+        elif placement.offload == "sequential":
+            pipe.enable_sequential_cpu_offload()
+        else:
+            pipe.to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    log.info("model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)", spec.path, spec.pipeline_class,
+             "distilled" if spec.is_distilled else "base" if spec.family == "klein" else "guidance-distilled",
+             spec.defaults.steps, spec.defaults.guidance_scale)
+    return LoadedModel(spec=spec, placement=placement, pipe=pipe)

@@ -1,0 +1,112 @@
+"""Where a model runs: device, dtype and CPU-offload policy, decided once at start from what was asked and what
+the machine has. Pure decisions over measured numbers, so every branch is testable without a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+DeviceChoice = Literal["auto", "cuda", "cpu"]
+DtypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
+OffloadChoice = Literal["auto", "none", "model", "sequential"]
+
+DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
+DTYPE_CHOICES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+OFFLOAD_CHOICES: tuple[str, ...] = ("auto", "none", "model", "sequential")
+
+_GIB = 1024**3
+# Room left on the GPU beyond the weights for activations, the VAE decode and the CUDA context: the larger of a
+# fixed amount and a share of the weights.
+_MARGIN_BYTES = 4 * _GIB
+_MARGIN_SHARE = 0.15
+
+
+class PlacementError(Exception):
+    """The requested placement cannot be honoured on this machine."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: str  # "cuda" | "cpu"
+    dtype: torch.dtype
+    offload: str  # "none" | "model" | "sequential"
+    reasons: tuple[str, ...]  # one line per decision, for the start-up log
+
+
+def decide_placement(device: str = "auto", dtype: str = "auto", offload: str = "auto", *,
+                     weight_params: int, cuda_available: bool | None = None,
+                     cuda_free_bytes: int | None = None) -> Placement:
+    """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
+    to the live machine's and are injectable for tests."""
+    if device not in DEVICE_CHOICES:
+        raise PlacementError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
+    if dtype not in DTYPE_CHOICES:
+        raise PlacementError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
+    if offload not in OFFLOAD_CHOICES:
+        raise PlacementError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+
+    reasons = []
+    if device == "auto":
+        chosen_device = "cuda" if cuda_available else "cpu"
+        reasons.append(f"device: {chosen_device} (auto: CUDA {'found' if cuda_available else 'not found'})")
+    elif device == "cuda" and not cuda_available:
+        raise PlacementError("device 'cuda' was asked for, but torch sees no CUDA device")
+    else:
+        chosen_device = device
+        reasons.append(f"device: {chosen_device} (asked)")
+
+    if dtype == "auto":
+        chosen_dtype = torch.bfloat16 if chosen_device == "cuda" else torch.float32
+        reasons.append(f"dtype: {_dtype_name(chosen_dtype)} (auto: {'bf16 on CUDA' if chosen_device == 'cuda' else 'fp32 on CPU'})")
+    else:
+        chosen_dtype = getattr(torch, dtype)
+        reasons.append(f"dtype: {dtype} (asked)")
+
+    weight_bytes = weight_params * _itemsize(chosen_dtype)
+    if chosen_device == "cpu":
+        if offload not in ("auto", "none"):
+            raise PlacementError(f"offload {offload!r} moves weights to an accelerator; there is none on 'cpu'")
+        chosen_offload = "none"
+        reasons.append(f"offload: none (CPU; weights {weight_bytes / _GIB:.2f} GiB in RAM)")
+    elif offload != "auto":
+        chosen_offload = offload
+        reasons.append(f"offload: {offload} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
+    else:
+        if cuda_free_bytes is None:
+            cuda_free_bytes = torch.cuda.mem_get_info()[0]
+        needed = weight_bytes + max(_MARGIN_BYTES, int(weight_bytes * _MARGIN_SHARE))
+        chosen_offload = "none" if needed <= cuda_free_bytes else "model"
+        verdict = "fits" if chosen_offload == "none" else "does not fit"
+        reasons.append(
+            f"offload: {chosen_offload} (auto: weights {weight_bytes / _GIB:.2f} GiB + margin = "
+            f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
+        )
+    return Placement(device=chosen_device, dtype=chosen_dtype, offload=chosen_offload, reasons=tuple(reasons))
+
+
+def count_weight_params(folder: Path) -> int:
+    """Count the parameters in a diffusers folder's safetensors files, reading only their headers."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(folder.glob("*/*.safetensors")):
+        with safe_open(file, framework="pt") as tensors:
+            for name in tensors.keys():
+                numel = 1
+                for dim in tensors.get_slice(name).get_shape():
+                    numel *= dim
+                total += numel
+    return total
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

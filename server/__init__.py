@@ -1,0 +1,1 @@
+"""flux2-local's HTTP side: the only package that imports FastAPI and Starlette."""

@@ -1,0 +1,96 @@
+"""OpenAI's error envelope, built in one place, and the exception handlers that turn every failure into it.
+
+`{"error": {"message", "type", "param", "code"}}`: all four keys always present, `param` and `code` strings or null.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("flux2.server")
+
+_TYPES_BY_STATUS = {401: "invalid_request_error", 404: "invalid_request_error", 429: "rate_limit_exceeded"}
+
+
+class APIError(Exception):
+    """An error to answer with OpenAI's envelope."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("server_error" if status >= 500 else _TYPES_BY_STATUS.get(status, "invalid_request_error"))
+        self.headers = headers
+
+
+def invalid_param(message: str, param: str, code: str = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(error: APIError) -> JSONResponse:
+    return JSONResponse(error_body(error.message, error.type, error.param, error.code), status_code=error.status,
+                        headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(validation_error(exc.errors()))
+
+
+def validation_error(errors: list[dict] | tuple) -> APIError:
+    """The first pydantic/FastAPI validation error as a 400 naming the parameter."""
+    if not errors:
+        return APIError(400, "Invalid request.", code="invalid_request")
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "form")]
+    param = ".".join(location) or None
+    kind = first.get("type", "")
+    if kind == "missing":
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if kind in ("json_invalid", "json_type") or param is None and kind == "model_attributes_type":
+        return APIError(400, "The request body is not a valid JSON object.", code="invalid_json")
+    message = first.get("msg", "Invalid value")
+    return APIError(400, f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param,
+                    code="invalid_value")
+
+
+async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 404:
+        message = f"Unknown path: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    status = exc.status_code
+    return error_response(APIError(status, message, code=_HTTP_CODES.get(status), headers=exc.headers))
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s %s", request.method, request.url.path)
+    return error_response(APIError(500, "The server had an error while processing your request.",
+                                   code="internal_error"))

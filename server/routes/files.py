@@ -1,0 +1,15 @@
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+
+from ..errors import APIError
+from ..serving import FILES_ROUTE, media_type_of
+
+router = APIRouter(prefix=FILES_ROUTE)
+
+
+@router.get("/{name}", summary="A generated image, by the name in its url", response_class=FileResponse)
+async def get_file(name: str, request: Request) -> FileResponse:
+    path = request.app.state.service.store.path_of(name)
+    if path is None:
+        raise APIError(404, f"No image named '{name}' (it may have expired).", param="name", code="file_not_found")
+    return FileResponse(path, media_type=media_type_of(name), headers={"X-Content-Type-Options": "nosniff"})

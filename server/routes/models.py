@@ -1,0 +1,25 @@
+from fastapi import APIRouter, Request
+
+from ..errors import APIError
+from ..protocol import ModelCard, ModelList
+
+router = APIRouter(prefix="/v1")
+
+
+def _cards(request: Request) -> list[ModelCard]:
+    settings = request.app.state.settings
+    created = request.app.state.started_at
+    return [ModelCard(id=model_id, created=created, owned_by="flux2-local") for model_id in settings.model_ids]
+
+
+@router.get("/models", response_model=ModelList, summary="The served model and its aliases")
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=_cards(request))
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard, summary="One served model")
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    for card in _cards(request):
+        if card.id == model_id:
+            return card
+    raise APIError(404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found")
