@@ -6,13 +6,17 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from .prompts import PromptTokens
+
 
 @dataclass(frozen=True)
 class GenerationJob:
     """One request's worth of images, normalized: every default resolved, every size final.
 
     `width` x `height` is what the client gets; `run_width` x `run_height` (multiples of 16, same aspect and area)
-    is what the model computes, resized to the delivered size at the end when they differ."""
+    is what the model computes, resized to the delivered size at the end when they differ. `references` are RGB
+    images already decoded and capped at 4 MP; `mask` (mode "L", the first reference's size, 255 = repaint) limits
+    the change to its white region: everything else comes back as the first reference has it."""
 
     prompt: str
     width: int
@@ -22,6 +26,8 @@ class GenerationJob:
     seeds: tuple[int, ...]  # one per image: image i is reproducible alone with seeds[i]
     steps: int
     guidance_scale: float
+    references: tuple[Image.Image, ...] = field(default=(), repr=False)
+    mask: Image.Image | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -33,3 +39,4 @@ class GenerationResult:
     images: list[Image.Image] = field(repr=False)
     seeds: tuple[int, ...]
     seconds: float
+    prompt: PromptTokens  # what the text encoder saw of the prompt

@@ -1,29 +1,119 @@
-"""OpenAI image API shapes (pydantic): what clients send and what we answer. No logic beyond field validation."""
+"""OpenAI image API shapes (pydantic): what clients send and what we answer. Field validation only; the meaning
+of the fields (sizes, steps, seeds) lives in `translate`.
+
+Both endpoints share one set of parameters: the OpenAI image API's, the FLUX.2 [flex] product's (aspect_ratio,
+resolution, seed, cfg_scale, ...) and the provider pass-through ones (num_inference_steps, width, height, ...).
+Unknown fields are accepted (the product passes them through) and reported back as ignored."""
 
 from __future__ import annotations
 
-from typing import Literal
+import math
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 MAX_IMAGES_PER_REQUEST = 10
+MAX_REFERENCE_IMAGES = 10
 MAX_SEED = 2**63 - 1
 
 
-class ImageGenerationRequest(BaseModel):
-    """`POST /v1/images/generations`. Unknown fields are accepted and ignored (the seed passes them through)."""
+def _finite(value: float | None) -> float | None:
+    if value is not None and not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
 
-    model_config = ConfigDict(extra="allow")
 
-    prompt: str = Field(description="Text prompt for image generation.")
+def _on_off(value: object) -> object:
+    """prompt_enhancement arrives as "on"/"off", a JSON boolean, or a form's "true"/"false"."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        return {"true": "on", "false": "off", "1": "on", "0": "off"}.get(lowered, lowered)
+    return value
+
+
+def _form_bool(value: object) -> object:
+    """Booleans from multipart forms arrive as strings ("true"/"false"), as the OpenAI SDKs send them."""
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "on", "yes")
+    return value
+
+
+FormBool = Annotated[StrictBool, BeforeValidator(_form_bool)]
+
+
+class ImageParameters(BaseModel):
+    """The parameters both image endpoints take."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    prompt: str = Field(description="Text prompt. Prompts beyond 512 encoder tokens are truncated (reported).")
     model: str | None = Field(None, description="A model id or alias from /v1/models; omitted: the default model.")
-    n: int | None = Field(None, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1-10.")
-    size: str | None = Field(None, description='"WxH" in pixels (1-14142 per side) or "auto".')
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed+i.")
-    response_format: Literal["url", "b64_json"] | None = Field(None, description='"url" (default) or "b64_json".')
-    output_format: Literal["png"] | None = Field(None, description="Encoded image format.")
+    n: int | None = Field(None, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1-10 (default 1).")
+
+    size: str | None = Field(None, description='"WxH" (1-14142 px a side), "W:H" (same as aspect_ratio) or "auto". '
+                             "Always wins over aspect_ratio, resolution, width and height.")
+    aspect_ratio: str | None = Field(None, description='"W:H", mapped to the nearest of 1:1, 4:3, 3:4, 5:4, 4:5, 3:2, '
+                                     '2:3, 16:9, 9:16, 21:9, 9:21; "custom" uses width and height.')
+    resolution: str | None = Field(None, description='Scale tier: "0.5K", "1K", "2K", "4K", megapixels "0.25", "1", '
+                                   '"4" ("1MP"), or "auto"; mapped to the nearest of 0.25, 1 and 4 MP.')
+    width: int | None = Field(None, description="Output width in px (rounded to a multiple of 16); with "
+                              'aspect_ratio "custom" or on its own with height.')
+    height: int | None = Field(None, description="Output height in px (rounded to a multiple of 16).")
+
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i. "
+                             "Drawn and reported per image when absent.")
     num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: the model's).")
-    guidance_scale: float | None = Field(None, ge=0, description="Guidance scale (default: the model's).")
+    steps: int | None = Field(None, ge=1, description="Same as num_inference_steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="Guidance scale (default: the model's).")
+    cfg_scale: float | None = Field(None, ge=0, le=100, description="Same as guidance_scale.")
+    quality: Literal["low", "medium", "high", "auto", "standard", "hd", "xhigh", "max"] | None = Field(
+        None, description="Step preset: low = half the model's default steps, medium = 3/4, high/auto/standard = "
+        "the default, hd/xhigh = 1.25x, max = 1.5x. num_inference_steps wins.")
+
+    response_format: Literal["url", "b64_json"] | None = Field(None, description='"url" (default) or "b64_json".')
+    output_format: str | None = Field(None, description="png (default), jpeg (or jpg), webp, gif or avif.")
+    output_compression: int | None = Field(None, ge=0, le=100, description="Quality 0-100 of lossy formats.")
+    output_quality: int | None = Field(None, ge=0, le=100, description="Same as output_compression.")
+    sync_mode: FormBool | None = Field(None, description="true: the url is a data: URI and nothing is stored.")
+
+    background: Literal["transparent", "opaque", "auto"] | None = Field(None, description="Accepted; FLUX.2 "
+                                                                        "images are opaque.")
+    style: str | None = Field(None, description="Accepted and ignored.")
+    moderation: str | None = Field(None, description="Accepted and ignored.")
+    user: str | None = Field(None, description="Accepted and ignored.")
+    prompt_enhancement: Annotated[Literal["on", "off"] | None, BeforeValidator(_on_off)] = Field(
+        None, description='"off" (default); "on" is not available yet (400).')
+    safety_tolerance: int | None = Field(None, ge=1, le=5, description="1 (strict) to 5 (permissive); accepted.")
+    enable_safety_checker: FormBool | None = Field(None, description="Accepted; no safety checker runs locally.")
+    stream: FormBool | None = Field(None, description="Streaming is not available yet (400 when true).")
+    partial_images: int | None = Field(None, ge=0, le=3, description="Used with stream.")
+
+    _finite_guidance = field_validator("guidance_scale", "cfg_scale")(_finite)
+
+    @property
+    def ignored_parameters(self) -> list[str]:
+        """Fields this server does not know: accepted and ignored, as the product passes them through."""
+        return sorted(self.model_extra or {})
+
+
+class ImageGenerationRequest(ImageParameters):
+    """`POST /v1/images/generations` (JSON)."""
+
+
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    image_url: str = Field(description="A data: URI (data:image/png;base64,...).")
+
+
+class ImageEditRequest(ImageParameters):
+    """`POST /v1/images/edits`. JSON: `images` as [{"image_url": "data:..."}] and `mask` as {"image_url": ...};
+    multipart: files in `image` / `image[]` and `mask` (the route turns them into the same model)."""
+
+    images: list[ImageURL | str] | None = Field(None, description="JSON: 1 to 10 images to edit, as data: URIs.")
+    mask: ImageURL | str | None = Field(None, description="PNG with alpha the size of the first image: transparent "
+                                        "pixels are repainted, the rest is kept.")
 
 
 class ImageData(BaseModel):
@@ -33,11 +123,33 @@ class ImageData(BaseModel):
     seed: int | None = Field(None, description="The seed this image was generated with (reproduces it alone).")
 
 
+class InputTokensDetails(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    """OpenAI's usage (required fields filled with the model's real counts: prompt tokens from its tokenizer, image
+    tokens = 16x16-pixel latent patches) plus the product's pricing accounting in megapixels."""
+
+    input_tokens: int
+    input_tokens_details: InputTokensDetails
+    output_tokens: int
+    total_tokens: int
+    output_megapixels: int = Field(description="Per output image, rounded up to whole megapixels; summed.")
+    reference_megapixels: int = Field(description="Per reference image (at least 1 each), rounded up; summed.")
+    billed_megapixels: int = Field(description="output_megapixels + reference_megapixels.")
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageData]
+    background: Literal["opaque"] | None = None
     output_format: str | None = None
     size: str | None = None
+    quality: Literal["low", "medium", "high"] | None = None
+    usage: Usage | None = None
+    warnings: list[str] | None = Field(None, description="What the server changed about the request, in words.")
 
 
 class ModelCard(BaseModel):

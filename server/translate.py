@@ -4,45 +4,117 @@ from __future__ import annotations
 
 import secrets
 import time
+from dataclasses import dataclass
 
+from PIL import Image
+
+from pipeline.accounting import Accounting
+from pipeline.codecs import normalize_output_format
 from pipeline.jobs import GenerationJob
-from pipeline.sizes import SizeError, cap_pixels, model_size, parse_wxh
+from pipeline.sizes import SizeError, model_size, resolve_output_size
 from pipeline.weights import ModelSpec
 
-from .errors import invalid_param
-from .protocol import ImageData, ImageGenerationRequest, ImagesResponse
+from .errors import APIError, invalid_param
+from .protocol import ImageData, ImageParameters, ImagesResponse, InputTokensDetails, Usage
 from .settings import Settings
 
-DEFAULT_SIZE = (1024, 1024)  # 1 MP, the product's default
+# OpenAI's quality levels as shares of the model's default step count, and the level each reports as.
+_QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.25, "xhigh": 1.25,
+                  "max": 1.5}
+_QUALITY_LABEL = {"low": "low", "medium": "medium"}
 
 
-def generation_job(request: ImageGenerationRequest, spec: ModelSpec, settings: Settings) -> GenerationJob:
-    prompt = request.prompt
-    if not prompt.strip():
+@dataclass(frozen=True)
+class OutputOptions:
+    """How the images of one request are delivered."""
+
+    response_format: str  # "url" | "b64_json"
+    output_format: str  # "png" | "jpeg" | "webp" | "gif" | "avif"
+    quality: int | None  # lossy quality 0-100, None = the codec's default
+    sync_mode: bool  # url is a data: URI, nothing stored
+
+
+def check_supported(params: ImageParameters) -> None:
+    """Refuse, clearly, what is accepted by the API but not available here yet (never a silent ignore)."""
+    if params.prompt_enhancement == "on":
+        raise APIError(400, "prompt_enhancement 'on' is not available on this server yet; send 'off' or omit it.",
+                       param="prompt_enhancement", code="unsupported_parameter")
+    if params.stream:
+        raise APIError(400, "Streaming is not available on this server yet; omit stream or send false.",
+                       param="stream", code="unsupported_parameter")
+
+
+def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
+              references: tuple[Image.Image, ...] = (), mask: Image.Image | None = None) -> GenerationJob:
+    if not params.prompt.strip():
         raise invalid_param("The prompt must not be empty.", "prompt", code="empty_prompt")
-    width, height = _output_size(request.size)
+    width, height = _output_size(params, references)
     run_width, run_height = model_size(width, height)
-    steps = request.num_inference_steps or spec.defaults.steps
-    if steps > settings.max_steps:
-        raise invalid_param(f"num_inference_steps must be at most {settings.max_steps}, got {steps}.",
-                            "num_inference_steps")
-    guidance = spec.defaults.guidance_scale if request.guidance_scale is None else request.guidance_scale
-    n = request.n or 1
-    first_seed = secrets.randbelow(2**32) if request.seed is None else request.seed
-    return GenerationJob(prompt=prompt, width=width, height=height, run_width=run_width, run_height=run_height,
-                         seeds=tuple(first_seed + i for i in range(n)), steps=steps,
-                         guidance_scale=guidance)
+    n = params.n or 1
+    first_seed = secrets.randbelow(2**32) if params.seed is None else params.seed
+    return GenerationJob(prompt=params.prompt, width=width, height=height, run_width=run_width,
+                         run_height=run_height, seeds=tuple(first_seed + i for i in range(n)),
+                         steps=_steps(params, spec, settings), guidance_scale=_guidance(params, spec),
+                         references=references, mask=mask)
 
 
-def _output_size(size: str | None) -> tuple[int, int]:
-    if size is None or size.strip().lower() == "auto":
-        return DEFAULT_SIZE
+def _output_size(params: ImageParameters, references: tuple[Image.Image, ...]) -> tuple[int, int]:
     try:
-        return cap_pixels(*parse_wxh(size, "size"))
+        return resolve_output_size(size=params.size, aspect_ratio=params.aspect_ratio, resolution=params.resolution,
+                                   width=params.width, height=params.height,
+                                   reference_size=references[0].size if references else None)
     except SizeError as exc:
         raise invalid_param(str(exc), exc.param) from exc
 
 
-def images_response(job: GenerationJob, data: list[ImageData], output_format: str) -> ImagesResponse:
-    return ImagesResponse(created=int(time.time()), data=data, output_format=output_format,
-                          size=f"{job.width}x{job.height}")
+def _steps(params: ImageParameters, spec: ModelSpec, settings: Settings) -> int:
+    """num_inference_steps (or its alias steps) wins; else the quality preset scales the model's default."""
+    asked = params.num_inference_steps or params.steps
+    param = "num_inference_steps" if params.num_inference_steps else "steps"
+    if asked is None:
+        share = _QUALITY_STEPS[params.quality or "auto"]
+        return max(1, min(settings.max_steps, round(spec.defaults.steps * share)))
+    if asked > settings.max_steps:
+        raise invalid_param(f"{param} must be at most {settings.max_steps} on this server, got {asked}.", param)
+    return asked
+
+
+def _guidance(params: ImageParameters, spec: ModelSpec) -> float:
+    for value in (params.guidance_scale, params.cfg_scale):
+        if value is not None:
+            return value
+    return spec.defaults.guidance_scale
+
+
+def output_options(params: ImageParameters) -> OutputOptions:
+    try:
+        output_format = normalize_output_format(params.output_format or "png")
+    except ValueError as exc:
+        raise invalid_param(str(exc), "output_format") from exc
+    quality = params.output_compression if params.output_compression is not None else params.output_quality
+    return OutputOptions(response_format=params.response_format or "url", output_format=output_format,
+                         quality=quality, sync_mode=bool(params.sync_mode))
+
+
+def quality_label(params: ImageParameters) -> str:
+    return _QUALITY_LABEL.get(params.quality or "auto", "high")
+
+
+def usage(accounting: Accounting) -> Usage:
+    return Usage(
+        input_tokens=accounting.input_tokens,
+        input_tokens_details=InputTokensDetails(text_tokens=accounting.text_tokens,
+                                                image_tokens=accounting.reference_tokens),
+        output_tokens=accounting.output_tokens,
+        total_tokens=accounting.total_tokens,
+        output_megapixels=accounting.output_megapixels,
+        reference_megapixels=accounting.reference_megapixels,
+        billed_megapixels=accounting.billed_megapixels,
+    )
+
+
+def images_response(job: GenerationJob, data: list[ImageData], params: ImageParameters, options: OutputOptions,
+                    accounting: Accounting, warnings: list[str]) -> ImagesResponse:
+    return ImagesResponse(created=int(time.time()), data=data, background="opaque",
+                          output_format=options.output_format, size=f"{job.width}x{job.height}",
+                          quality=quality_label(params), usage=usage(accounting), warnings=warnings or None)

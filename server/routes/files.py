@@ -1,8 +1,10 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
+from pipeline.codecs import media_type_for_extension
+
 from ..errors import APIError
-from ..serving import FILES_ROUTE, media_type_of
+from ..serving import FILES_ROUTE
 
 router = APIRouter(prefix=FILES_ROUTE)
 
@@ -12,4 +14,5 @@ async def get_file(name: str, request: Request) -> FileResponse:
     path = request.app.state.service.store.path_of(name)
     if path is None:
         raise APIError(404, f"No image named '{name}' (it may have expired).", param="name", code="file_not_found")
-    return FileResponse(path, media_type=media_type_of(name), headers={"X-Content-Type-Options": "nosniff"})
+    media_type = media_type_for_extension(path.suffix) or "application/octet-stream"
+    return FileResponse(path, media_type=media_type, headers={"X-Content-Type-Options": "nosniff"})

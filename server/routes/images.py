@@ -1,15 +1,111 @@
-from fastapi import APIRouter, Request
+import json
 
-from ..protocol import ErrorResponse, ImageGenerationRequest, ImagesResponse
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from pipeline.codecs import ImageDecodeError, parse_data_uri
+
+from ..errors import APIError, invalid_param, validation_error
+from ..multipart import read_edit_form
+from ..protocol import ErrorResponse, ImageEditRequest, ImageGenerationRequest, ImageParameters, ImagesResponse
 from ..urls import public_base_url
 
 router = APIRouter(prefix="/v1/images")
 
+IGNORED_HEADER = "x-flux2-ignored-params"
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
+def inline_schema(model) -> dict:
+    """A pydantic model's JSON schema with its `$defs` substituted in place, to embed in the OpenAPI document."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(value) for value in node]
+        return node
+
+    return resolve(schema)
+
+
+_EDIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["prompt", "image"],
+                "properties": {
+                    "image": {"oneOf": [{"type": "string", "format": "binary"},
+                                        {"type": "array", "items": {"type": "string", "format": "binary"},
+                                         "maxItems": 10}],
+                              "description": "One file as `image`, several as `image[]` (up to 10): PNG, JPEG, "
+                                             "WebP, GIF or AVIF."},
+                    "mask": {"type": "string", "format": "binary",
+                             "description": "PNG with alpha, the first image's size: transparent = repaint."},
+                    **{name: {"type": "string"} for name in ImageParameters.model_fields if name != "prompt"},
+                    "prompt": {"type": "string"},
+                },
+            }},
+            "application/json": {"schema": inline_schema(ImageEditRequest)},
+        },
+    },
+}
+
+
+def _note_ignored(response: Response, params: ImageParameters) -> None:
+    if params.ignored_parameters:
+        response.headers[IGNORED_HEADER] = ", ".join(params.ignored_parameters)
 
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True, responses=_ERRORS,
              summary="Create images from a prompt")
-async def create_images(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
+async def create_images(body: ImageGenerationRequest, request: Request, response: Response) -> ImagesResponse:
     service = request.app.state.service
+    _note_ignored(response, body)
     return await service.generate(body, public_base_url(request, service.settings))
+
+
+@router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=_ERRORS,
+             openapi_extra=_EDIT_BODY, summary="Edit or combine up to 10 images from a prompt (optional mask)")
+async def edit_images(request: Request, response: Response) -> ImagesResponse:
+    service = request.app.state.service
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
+        params, images, mask = await read_edit_form(request)
+        image_param = "image"
+    else:
+        params = await _json_edit(request)
+        images = [_inline_bytes(item, "images") for item in params.images or []]
+        mask = _inline_bytes(params.mask, "mask") if params.mask is not None else None
+        image_param = "images"
+    _note_ignored(response, params)
+    return await service.edit(params, images, mask, public_base_url(request, service.settings), image_param)
+
+
+async def _json_edit(request: Request) -> ImageEditRequest:
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise APIError(400, "The request body is not valid JSON (or send multipart/form-data).",
+                       code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
+    try:
+        return ImageEditRequest.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+
+
+def _inline_bytes(item, param: str) -> bytes:
+    url = item if isinstance(item, str) else item.image_url
+    if url.startswith(("http://", "https://")):
+        raise invalid_param("Remote image URLs are not fetched: this server works offline. Send the image inline "
+                            "as a data: URI (data:image/png;base64,...) or upload it as multipart/form-data.", param,
+                            code="remote_images_disabled")
+    try:
+        return parse_data_uri(url)
+    except ImageDecodeError as exc:
+        raise invalid_param(f"{exc}", param, code="invalid_image") from exc
