@@ -73,9 +73,10 @@ def cap_pixels(width: int, height: int, max_pixels: int = MAX_OUTPUT_PIXELS) -> 
 
 def model_size(width: int, height: int) -> tuple[int, int]:
     """The size the model computes for a delivered (width, height): each side rounded to the nearest multiple of
-    16 (at least 16), which keeps aspect and area close; kept within 4 MP by stepping the longer side down."""
-    run_w = max(MODEL_MULTIPLE, round(width / MODEL_MULTIPLE) * MODEL_MULTIPLE)
-    run_h = max(MODEL_MULTIPLE, round(height / MODEL_MULTIPLE) * MODEL_MULTIPLE)
+    16 (halves up, at least 16), which keeps aspect and area close; kept within 4 MP by stepping the longer side
+    down."""
+    run_w = max(MODEL_MULTIPLE, _round_half_up(width / MODEL_MULTIPLE) * MODEL_MULTIPLE)
+    run_h = max(MODEL_MULTIPLE, _round_half_up(height / MODEL_MULTIPLE) * MODEL_MULTIPLE)
     while run_w * run_h > MAX_OUTPUT_PIXELS:
         if run_w >= run_h:
             run_w -= MODEL_MULTIPLE

@@ -81,6 +81,7 @@ class RunningServer:
 def server(tiny_klein, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server")
     running = RunningServer(["--model", str(tiny_klein), "--output-dir", str(workdir / "outputs")], workdir)
+    running.output_dir = workdir / "outputs"
     try:
         running.wait_healthy()
         yield running

@@ -12,7 +12,8 @@ def test_pipeline_imports_without_fastapi():
     code = ("import sys\n"
             "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
             "import pipeline.engine, pipeline.runner, pipeline.loader, pipeline.weights, pipeline.placement, "
-            "pipeline.sizes, pipeline.codecs, pipeline.jobs, pipeline.tiny_weights\n")
+            "pipeline.sizes, pipeline.codecs, pipeline.jobs, pipeline.tiny_weights, pipeline.accounting, "
+            "pipeline.masking, pipeline.prompts, pipeline.references\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

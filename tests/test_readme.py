@@ -50,3 +50,30 @@ def test_curl_example(server, tmp_path):
         assert item["url"].startswith(server.base_url)
         image = decode_bytes(httpx.get(item["url"]).content)
         assert (image.format, image.size) == ("PNG", (1024, 768))
+
+
+def _source_png(folder):
+    from PIL import Image
+
+    Image.new("RGB", (320, 240), (40, 90, 160)).save(folder / "source.png")
+
+
+def test_seed_python_edit_example(server, tmp_path):
+    _source_png(tmp_path)
+    code = example("python-edit").replace("http://localhost:8000", server.base_url)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    image = decode_bytes(httpx.get(run.stdout.strip()).content)
+    assert (image.format, image.size) == ("PNG", (1024, 1024))
+
+
+def test_seed_curl_edit_example(server, tmp_path):
+    _source_png(tmp_path)
+    command = example("curl-edit").replace("http://localhost:8000", server.base_url)
+    run = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={"PATH": "/usr/bin:/bin:/usr/local/bin", "FLUX2_API_KEY": "any"})
+    assert run.returncode == 0, run.stderr
+    body = json.loads(run.stdout)
+    assert body["size"] == "1024x1024"
+    image = decode_bytes(httpx.get(body["data"][0]["url"]).content)
+    assert (image.format, image.size) == ("PNG", (1024, 1024))
