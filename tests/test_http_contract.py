@@ -87,3 +87,15 @@ def test_health_is_open_and_reports_ok(server):
     response = httpx.get(f"{server.base_url}/health")
     assert response.status_code == 200
     assert response.json()["status"] == "ok"
+
+
+def test_openapi_describes_both_image_endpoints(server):
+    spec = httpx.get(f"{server.base_url}/openapi.json").json()
+    generations = spec["paths"]["/v1/images/generations"]["post"]
+    edits = spec["paths"]["/v1/images/edits"]["post"]
+    assert "application/json" in generations["requestBody"]["content"]
+    assert set(edits["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert "$defs" not in str(edits["requestBody"])
+    for operation in (generations, edits):
+        assert "ImagesResponse" in str(operation["responses"]["200"])
+        assert "ErrorResponse" in str(operation["responses"]["400"])
