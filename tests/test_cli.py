@@ -1,0 +1,48 @@
+"""The `flux2-local` command as a newcomer meets it: no --model builds and serves tiny weights, loudly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import httpx
+from conftest import RunningServer
+
+
+def test_serve_without_model_builds_tiny_weights_and_warns(tmp_path):
+    server = RunningServer(["--public-url", "http://images.studio.example:9000/"], tmp_path,
+                           env={"FLUX2_MODEL_NAME": "from-env"})
+    try:
+        server.wait_healthy()
+        assert (tmp_path / "weights" / "tiny-flux2-klein" / "model_index.json").is_file()
+        log = server.log()
+        assert "TINY RANDOM-WEIGHT" in log and "images are NOISE" in log
+        for decision in ("device: cpu", "dtype: float32", "offload: none"):
+            assert decision in log
+        models = httpx.get(f"{server.base_url}/v1/models").json()
+        assert models["data"][0]["id"] == "from-env"
+        body = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60,
+                          json={"prompt": "x", "size": "32x32", "num_inference_steps": 1}).json()
+        assert body["data"][0]["url"].startswith("http://images.studio.example:9000/v1/images/files/")
+    finally:
+        code = server.stop()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status reports the signal.
+    assert code in (0, -15)
+    assert "Application shutdown complete" in server.log()
+
+
+def test_bad_model_path_exits_with_a_clear_message(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert "neither a diffusers folder nor a hub id" in run.stderr
+
+
+def test_tiny_weights_command(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "d"), "--variant", "dev"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert '"Flux2Pipeline"' in (tmp_path / "d" / "model_index.json").read_text()
+    bad = subprocess.run([sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "e"), "--variant", "xl"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0
