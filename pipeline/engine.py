@@ -1,85 +1,321 @@
-"""The engine: one worker thread owns the device, loads the model, then runs queued jobs in order.
+"""The engine: one worker thread owns the device and the models; jobs wait in a bounded queue and run in batches.
 
-It knows nothing of HTTP. Callers `submit` a job and get a `concurrent.futures.Future` (an asyncio server awaits
-it with `asyncio.wrap_future`), so the event loop never blocks on the model."""
+It knows nothing of HTTP. `submit` returns a `JobHandle` whose `future` (a `concurrent.futures.Future`, awaited
+by an asyncio server with `asyncio.wrap_future`) carries the result, and whose `cancel` stops the job at the next
+denoising step. Jobs that can share a pipeline call (same model, size, steps, guidance and references) are
+coalesced up to `max_batch_images` within `batch_window` seconds; each image keeps its own prompt and seed.
+A CUDA out-of-memory error frees the cache and retries the batch in halves before failing the job."""
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
+import torch
+
+from .batching import Slice, images_in, split_in_half
 from .jobs import GenerationJob, GenerationResult
-from .loader import LoadedModel
-from .runner import run_job
+from .pool import ModelPool, release_device_memory
+from .runner import run_batch
+from .text_cache import PromptCache
 
 log = logging.getLogger("flux2.engine")
 
 
 class EngineUnavailable(Exception):
-    """The engine cannot take or run jobs: still loading failed, or it was stopped."""
+    """The engine cannot take or run jobs: the model failed to load, or it is shutting down."""
+
+
+class QueueFull(Exception):
+    def __init__(self, queued_images: int, retry_after: float):
+        super().__init__(f"{queued_images} images are already queued")
+        self.queued_images = queued_images
+        self.retry_after = retry_after
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (client gone, timeout, shutdown) before it finished."""
+
+
+class OutOfDeviceMemory(Exception):
+    """Even a single image did not fit in device memory."""
+
+
+@dataclass
+class JobHandle:
+    job: GenerationJob
+    future: Future = field(default_factory=Future)
+    cancel_reason: str | None = None
+    steps_run: int = 0
+
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Stop this job: dropped if still queued, interrupted at the next denoising step if running."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    @property
+    def cancelled(self) -> bool:
+        return self.cancel_reason is not None
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one pipeline call did, for metrics."""
+
+    model: str
+    images: int
+    steps_asked: int
+    steps_run: int
+    seconds: float
+    megapixels: float
+    outcome: str  # "ok" | "cancelled" | "oom" | "error"
 
 
 class Engine:
-    def __init__(self, load: Callable[[], LoadedModel]):
-        self._load = load
-        self._queue: queue.Queue[tuple[GenerationJob, Future] | None] = queue.Queue()
+    def __init__(self, pool: ModelPool, *, max_batch_images: int = 4, batch_window: float = 0.02,
+                 max_queue_images: int = 64, prompt_cache_bytes: int = 512 * 1024**2,
+                 progress_log_seconds: float = 10.0,
+                 on_batch: Callable[[BatchReport], None] | None = None):
+        self.pool = pool
+        self.max_batch_images = max_batch_images
+        self.batch_window = batch_window
+        self.max_queue_images = max_queue_images
+        self.progress_log_seconds = progress_log_seconds
+        self.on_batch = on_batch
+        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        pool.on_evict = lambda name: self.prompt_cache.drop_model(str(pool.configs[name].spec.path))
+        self._queue: deque[JobHandle] = deque()
+        self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._work, name="flux2-engine", daemon=True)
         self._ready = threading.Event()
         self._stopping = False
-        self.model: LoadedModel | None = None
+        self._running: list[JobHandle] = []
+        self._seconds_per_image = 1.0  # measured: exponential average over finished batches
         self.load_error: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Stop taking jobs, let the worker finish the queue, and wait for it up to `timeout` seconds."""
-        self._stopping = True
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs; let queued and running ones finish for up to `timeout` seconds, then cancel them."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if not self._thread.is_alive():
+            return
+        self._thread.join(timeout)
         if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join(timeout)
+            with self._cond:
+                for handle in list(self._queue) + self._running:
+                    handle.cancel("the server is shutting down")
+                self._cond.notify_all()
+            self._thread.join(max(5.0, timeout))
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout) and self.model is not None
+        return self._ready.wait(timeout) and self.load_error is None
 
     @property
     def state(self) -> str:
         if self._stopping:
-            return "stopped"
+            return "stopping"
         if self.load_error is not None:
             return "failed"
-        return "ready" if self.model is not None else "loading"
+        return "ready" if self._ready.is_set() else "loading"
 
-    # -- work ----------------------------------------------------------------------------------------------------
-    def submit(self, job: GenerationJob) -> Future[GenerationResult]:
-        if self._stopping:
-            raise EngineUnavailable("the server is shutting down")
-        if self.load_error is not None:
-            raise EngineUnavailable(f"the model failed to load: {self.load_error}")
-        future: Future[GenerationResult] = Future()
-        self._queue.put((job, future))
-        return future
+    @property
+    def default_model(self):
+        return self.pool.peek(self.pool.default)
 
+    @property
+    def queued_images(self) -> int:
+        with self._cond:
+            return sum(h.job.n for h in self._queue if not h.cancelled)
+
+    @property
+    def running_images(self) -> int:
+        with self._cond:
+            return sum(h.job.n for h in self._running)
+
+    # -- submitting ----------------------------------------------------------------------------------------------
+    def submit(self, job: GenerationJob) -> JobHandle:
+        with self._cond:
+            if self._stopping:
+                raise EngineUnavailable("the server is shutting down")
+            if self.load_error is not None:
+                raise EngineUnavailable(f"the model failed to load: {self.load_error}")
+            queued = sum(h.job.n for h in self._queue if not h.cancelled)
+            if queued and queued + job.n > self.max_queue_images:
+                ahead = queued + sum(h.job.n for h in self._running)
+                raise QueueFull(queued, retry_after=max(1.0, ahead * self._seconds_per_image))
+            handle = JobHandle(job)
+            self._queue.append(handle)
+            self._cond.notify_all()
+            return handle
+
+    # -- the worker ----------------------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
-            self.model = self._load()
+            self.pool.get()
         except Exception as exc:  # any load failure is reported, never raised into a dead thread
-            log.exception("model failed to load")
+            log.exception("the default model failed to load")
             self.load_error = f"{type(exc).__name__}: {exc}"
         finally:
             self._ready.set()
-        while (item := self._queue.get()) is not None:
-            job, future = item
-            if not future.set_running_or_notify_cancel():
+        while (batch := self._next_batch()) is not None:
+            if self.load_error is not None:
+                for handle in batch:
+                    handle.future.set_exception(EngineUnavailable(f"the model failed to load: {self.load_error}"))
                 continue
-            if self.model is None:
-                future.set_exception(EngineUnavailable(f"the model failed to load: {self.load_error}"))
-                continue
-            try:
-                future.set_result(run_job(self.model, job))
-            except BaseException as exc:  # the worker outlives any failing job
-                future.set_exception(exc)
+            self._run(batch)
+
+    def _next_batch(self) -> list[JobHandle] | None:
+        """Block for the next job, then gather compatible ones for up to `batch_window` seconds."""
+        with self._cond:
+            while True:
+                self._drop_cancelled()
+                if self._queue:
+                    break
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            batch = [self._queue.popleft()]
+            key = batch[0].job.batch_key
+            images = batch[0].job.n
+            window_ends = time.monotonic() + self.batch_window
+            while images < self.max_batch_images:
+                for handle in list(self._queue):
+                    if not handle.cancelled and handle.job.batch_key == key and \
+                            images + handle.job.n <= self.max_batch_images:
+                        self._queue.remove(handle)
+                        batch.append(handle)
+                        images += handle.job.n
+                remaining = window_ends - time.monotonic()
+                if images >= self.max_batch_images or remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            self._running = batch
+            return batch
+
+    def _drop_cancelled(self) -> None:
+        for handle in [h for h in self._queue if h.cancelled]:
+            self._queue.remove(handle)
+            handle.future.set_exception(JobCancelled(handle.cancel_reason))
+
+    def _run(self, batch: list[JobHandle]) -> None:
+        for handle in batch:
+            handle.future.set_running_or_notify_cancel()
+        job = batch[0].job
+        try:
+            model = self.pool.get(job.model or None)
+        except Exception as exc:
+            log.exception("model %s failed to load", job.model)
+            self._finish(batch, {id(h): exc for h in batch}, {})
+            return
+        results: dict[int, list[GenerationResult]] = {id(h): [] for h in batch}
+        failures: dict[int, BaseException] = {}
+        handles = {id(h.job): h for h in batch}
+        self._run_slices(model, [Slice(h.job, h.job.seeds) for h in batch], handles, results, failures)
+        self._finish(batch, failures, results)
+
+    def _run_slices(self, model, slices: list[Slice], handles: dict[int, JobHandle],
+                    results: dict[int, list[GenerationResult]], failures: dict[int, BaseException]) -> None:
+        slices = [s for s in slices if id(handles[id(s.job)]) not in failures]
+        if not slices:
+            return
+        mine = [handles[id(s.job)] for s in slices]
+        progress = _Progress(mine, slices, self.progress_log_seconds)
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            for piece, result in zip(slices, run_batch(model, slices, self.prompt_cache, progress), strict=True):
+                results[id(handles[id(piece.job)])].append(result)
+            if progress.interrupted:
+                outcome = "cancelled"
+        except torch.OutOfMemoryError:
+            outcome = "oom"
+            release_device_memory()
+            if images_in(slices) == 1:
+                handle = mine[0]
+                log.error("%s: out of device memory even for one image", handle.job.request_id or "job")
+                failures[id(handle)] = OutOfDeviceMemory("the device ran out of memory for a single image")
+            else:
+                left, right = split_in_half(slices)
+                log.warning("out of device memory for %d images: retrying as %d + %d", images_in(slices),
+                            images_in(left), images_in(right))
+                self._run_slices(model, left, handles, results, failures)
+                self._run_slices(model, right, handles, results, failures)
+                return
+        except Exception as exc:
+            outcome = "error"
+            log.exception("a batch of %d images failed", images_in(slices))
+            for handle in mine:
+                failures.setdefault(id(handle), exc)
+        seconds = time.perf_counter() - started
+        if outcome == "ok":
+            per_image = seconds / images_in(slices)
+            self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * per_image
+        if self.on_batch is not None:
+            first = slices[0].job
+            self.on_batch(BatchReport(model=first.model or self.pool.default, images=images_in(slices),
+                                      steps_asked=first.steps, steps_run=progress.steps_done, seconds=seconds,
+                                      megapixels=sum(len(s.seeds) * s.job.width * s.job.height
+                                                     for s in slices) / 1024**2, outcome=outcome))
+
+    def _finish(self, batch: list[JobHandle], failures: dict[int, BaseException],
+                results: dict[int, list[GenerationResult]]) -> None:
+        with self._cond:
+            self._running = []
+        for handle in batch:
+            if handle.cancelled:
+                handle.future.set_exception(JobCancelled(handle.cancel_reason))
+            elif id(handle) in failures:
+                handle.future.set_exception(failures[id(handle)])
+            else:
+                handle.future.set_result(_merge(handle.job, results[id(handle)]))
+
+
+def _merge(job: GenerationJob, parts: list[GenerationResult]) -> GenerationResult:
+    """One job's result from the batches its images ran in (several only after an out-of-memory split)."""
+    if len(parts) == 1:
+        return parts[0]
+    by_seed = {seed: image for part in parts for seed, image in zip(part.seeds, part.images, strict=True)}
+    return GenerationResult(images=[by_seed[seed] for seed in job.seeds], seeds=job.seeds,
+                            seconds=sum(p.seconds for p in parts), prompt=parts[0].prompt,
+                            batch_images=max(p.batch_images for p in parts))
+
+
+class _Progress:
+    """The per-step hook of one batch: counts steps, stops the batch once every job in it is cancelled, logs
+    progress at most every `log_seconds`."""
+
+    def __init__(self, handles: list[JobHandle], slices: list[Slice], log_seconds: float):
+        self.handles = handles
+        self.images = images_in(slices)
+        self.log_seconds = log_seconds
+        self.steps_done = 0
+        self.interrupted = False
+        self._started = time.monotonic()
+        self._last_log = self._started
+
+    def __call__(self, done: int, total: int) -> bool:
+        self.steps_done = done
+        for handle in self.handles:
+            handle.steps_run = done
+        now = time.monotonic()
+        if now - self._last_log >= self.log_seconds:
+            self._last_log = now
+            ids = ",".join(h.job.request_id or "-" for h in self.handles)
+            log.info("[%s] step %d/%d, %d images, %.2f s/step", ids, done, total, self.images,
+                     (now - self._started) / done)
+        if done < total and all(h.cancelled for h in self.handles):
+            self.interrupted = True
+            log.info("[%s] stopped after %d/%d steps: %s", ",".join(h.job.request_id or "-" for h in self.handles),
+                     done, total, self.handles[0].cancel_reason)
+            return True
+        return False

@@ -1,8 +1,10 @@
-"""The engine's unit of work and its result: plain frozen data, no HTTP and no torch in them."""
+"""The engine's unit of work and its result: plain frozen data, no HTTP in them."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from PIL import Image
 
@@ -28,10 +30,22 @@ class GenerationJob:
     guidance_scale: float
     references: tuple[Image.Image, ...] = field(default=(), repr=False)
     mask: Image.Image | None = field(default=None, repr=False)
+    model: str = ""  # the served model name ("" = the engine's default model)
+    request_id: str = ""
 
     @property
     def n(self) -> int:
         return len(self.seeds)
+
+    @cached_property
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one pipeline call: same model, model size, steps, guidance and the same
+        reference images (by content). Masked edits run alone."""
+        if self.mask is not None:
+            return ("alone", id(self))
+        references = tuple((image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+                           for image in self.references)
+        return (self.model, self.run_width, self.run_height, self.steps, self.guidance_scale, references)
 
 
 @dataclass(frozen=True)
@@ -40,3 +54,4 @@ class GenerationResult:
     seeds: tuple[int, ...]
     seconds: float
     prompt: PromptTokens  # what the text encoder saw of the prompt
+    batch_images: int = 1  # images in the pipeline call(s) this job ran in

@@ -1,64 +1,112 @@
-"""Run one generation job on a loaded pipeline, in numbered stages like diffusers' own `__call__`."""
+"""Run one batch on a loaded pipeline, in numbered stages like diffusers' own `__call__`.
+
+A batch is a list of slices of compatible jobs (same model size, steps, guidance and references). Each image
+keeps its own prompt and seed: the prompts are encoded one by one (and cached), the noise comes from one CPU
+generator per image, so an image is the same whether it ran alone or in a batch."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from PIL import Image
 
-from .jobs import GenerationJob, GenerationResult
+from .batching import Slice, images_in
+from .jobs import GenerationResult
 from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
 from .prompts import measure_prompt
 from .references import prepare_reference
+from .text_cache import EncodedPrompt, PromptCache
+
+# Called after every denoising step with (steps done, steps in total); returns True to stop the batch.
+StepHook = Callable[[int, int], bool]
 
 
-def run_job(model: LoadedModel, job: GenerationJob) -> GenerationResult:
+def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_step: StepHook | None = None
+              ) -> list[GenerationResult]:
     started = time.perf_counter()
     pipe = model.pipe
+    first = slices[0].job
 
-    # 0. What the encoder will see of the prompt (it cuts at 512 tokens without a word): for usage and warnings.
-    prompt = measure_prompt(pipe, model.spec.family, job.prompt)
+    # 1. Text: each distinct prompt encoded once (or found in the cache), then one row per image.
+    encoded = {s.job.prompt: _encode(model, cache, s.job.prompt) for s in slices}
+    device = pipe._execution_device
+    dtype = pipe.transformer.dtype
+    prompt_embeds = torch.cat([encoded[s.job.prompt].embeds for s in slices for _ in s.seeds]).to(device, dtype)
+    extra: dict[str, Any] = {}
+    if model.spec.family == "klein" and not model.spec.is_distilled and first.guidance_scale > 1:
+        empty = _encode(model, cache, "").embeds  # the klein base model's real CFG runs against the empty prompt
+        extra["negative_prompt_embeds"] = empty.repeat(images_in(slices), 1, 1).to(device, dtype)
 
-    # 1. One CPU generator per image, so image i depends on seeds[i] alone (and is the same on any device).
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in job.seeds]
+    # 2. Noise: one CPU generator per image, so image i depends on its seed alone (and is the same on any device).
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for s in slices for seed in s.seeds]
 
-    # 2. Conditioning: every reference goes to the pipeline (it resizes each to <= 1 MP, sides floored to 16).
-    extra: dict = {}
-    if job.references:
-        extra["image"] = [prepare_reference(image) for image in job.references]
+    # 3. Conditioning: every reference goes to the pipeline (it resizes each to <= 1 MP, sides floored to 16).
+    if first.references:
+        extra["image"] = [prepare_reference(image) for image in first.references]
 
-    # 3. A masked edit starts from noise we draw with the same generators and stays on the source image's
-    #    trajectory outside the mask.
-    if job.mask is not None:
-        noise = initial_noise(pipe, generators, job.run_width, job.run_height)
+    # 4. A masked edit (always alone in its batch) starts from noise drawn with the same generators and stays on
+    #    the source image's trajectory outside the mask.
+    blend = None
+    if first.mask is not None:
+        noise = initial_noise(pipe, generators, first.run_width, first.run_height)
         extra["latents"] = noise
-        extra["callback_on_step_end"] = MaskBlend(pipe, job.references[0], job.mask, noise, job.run_width,
-                                                  job.run_height)
+        blend = MaskBlend(pipe, first.references[0], first.mask, noise, first.run_width, first.run_height)
+    extra["callback_on_step_end"] = _step_callback(first.steps, blend, on_step)
 
-    # 4. Denoise and decode at the model's size. `prompt` goes by keyword: the first positional is `image`.
+    # 5. Denoise and decode at the model's size. `prompt` is not passed: the embeddings stand for it.
     with torch.inference_mode():
         output = pipe(
-            prompt=job.prompt,
-            height=job.run_height,
-            width=job.run_width,
-            num_inference_steps=job.steps,
-            guidance_scale=job.guidance_scale,
-            num_images_per_prompt=job.n,
+            prompt_embeds=prompt_embeds,
+            height=first.run_height,
+            width=first.run_width,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance_scale,
             generator=generators,
             output_type="pil",
             **extra,
         )
 
-    # 5. Deliver exactly the size asked for; a masked edit gets its unmasked pixels back from the source.
-    images = [_to_delivered_size(image, job.width, job.height) for image in output.images]
-    if job.mask is not None:
-        images = [composite(image, job.references[0], job.mask) for image in images]
-    return GenerationResult(images=images, seeds=job.seeds, seconds=time.perf_counter() - started, prompt=prompt)
+    # 6. Split the images back per slice; deliver exactly the size asked for; a masked edit gets its unmasked
+    #    pixels back from the source.
+    seconds = time.perf_counter() - started
+    results, images = [], iter(output.images)
+    for piece in slices:
+        job = piece.job
+        mine = [_to_size(next(images), job.width, job.height) for _ in piece.seeds]
+        if job.mask is not None:
+            mine = [composite(image, job.references[0], job.mask) for image in mine]
+        results.append(GenerationResult(images=mine, seeds=piece.seeds, seconds=seconds,
+                                        prompt=encoded[job.prompt].tokens, batch_images=images_in(slices)))
+    return results
 
 
-def _to_delivered_size(image: Image.Image, width: int, height: int) -> Image.Image:
+def _encode(model: LoadedModel, cache: PromptCache, prompt: str) -> EncodedPrompt:
+    name = str(model.spec.path)
+    entry = cache.get(name, prompt)
+    if entry is None:
+        with torch.inference_mode():
+            embeds, _ = model.pipe.encode_prompt(prompt=prompt, device=model.pipe._execution_device,
+                                                 num_images_per_prompt=1)
+        entry = EncodedPrompt(embeds=embeds.cpu(), tokens=measure_prompt(model.pipe, model.spec.family, prompt))
+        cache.put(name, prompt, entry)
+    return entry
+
+
+def _step_callback(total_steps: int, blend: MaskBlend | None, on_step: StepHook | None):
+    def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        out = blend(pipe, step, timestep, tensors) if blend is not None else {}
+        if on_step is not None and on_step(step + 1, total_steps):
+            pipe._interrupt = True  # diffusers skips the remaining steps (and still decodes)
+        return out
+
+    return callback
+
+
+def _to_size(image: Image.Image, width: int, height: int) -> Image.Image:
     if image.size == (width, height):
         return image
     return image.resize((width, height), Image.Resampling.LANCZOS)

@@ -1,4 +1,4 @@
-"""Build the FastAPI application around an engine: routers, error handlers, lifespan."""
+"""Build the FastAPI application around an engine: routers, middleware, error handlers, lifespan."""
 
 from __future__ import annotations
 
@@ -9,21 +9,25 @@ from fastapi import FastAPI
 
 from pipeline.engine import Engine
 
+from .draining import DrainingMiddleware
 from .errors import install_error_handlers
-from .routes import files, health, images, models
+from .metrics import Metrics, RequestMetricsMiddleware
+from .request_ids import RequestIdMiddleware
+from .routes import files, health, images, metrics, models
 from .serving import ImageService
 from .settings import Settings
 from .storage import ImageStore
 
 
-def create_app(settings: Settings, engine: Engine) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 30.0) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
         try:
             yield
         finally:
-            engine.stop(timeout=30)
+            app.state.draining = True
+            engine.stop(timeout=shutdown_timeout)
 
     app = FastAPI(title="flux2-local", summary="OpenAI-compatible image API for FLUX.2", version="0.1.0",
                   lifespan=lifespan)
@@ -32,7 +36,14 @@ def create_app(settings: Settings, engine: Engine) -> FastAPI:
     app.state.engine = engine
     app.state.service = ImageService(settings, engine, store)
     app.state.started_at = int(time.time())
+    app.state.draining = False
+    app.state.metrics = Metrics(engine)
+    engine.on_batch = app.state.metrics.observe_batch
     install_error_handlers(app)
-    for module in (health, models, images, files):
+    for module in (health, models, images, files, metrics):
         app.include_router(module.router)
+    # Outermost last: request ids wrap everything, so every log line and response carries one.
+    app.add_middleware(DrainingMiddleware)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestIdMiddleware)
     return app

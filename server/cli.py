@@ -39,10 +39,12 @@ def _choice(value: str, choices: tuple[str, ...], option: str) -> str:
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Option(
+    model: Annotated[Optional[list[str]], typer.Option(
         envvar=_env("MODEL"), show_default=False,
         help="A local diffusers folder (e.g. /models/FLUX.2-dev) or a Hugging Face hub id (fetched once, then read "
-             "from the hub cache). Default: the diffusers folder found in --weights-dir, else tiny random test "
+             "from the hub cache); NAME=PATH_OR_ID names it. Repeat to serve several models: the first is the "
+             "default and loads at start, the others load on first use and are evicted least-recently-used when "
+             "memory runs short. Default: the diffusers folder found in --weights-dir, else tiny random test "
              "weights built there on first start.")] = None,
     host: Annotated[str, typer.Option(envvar=_env("HOST"), help="Address to bind. Keep 127.0.0.1 unless you "
                                       "mean to serve your network.")] = "127.0.0.1",
@@ -57,8 +59,8 @@ def serve(
                                          "sequential (layer by layer: least memory, slowest).")] = "auto",
     model_name: Annotated[Optional[str], typer.Option(
         envvar=_env("MODEL_NAME"), show_default=False,
-        help="The model id clients use and /v1/models lists. Default: the folder name or hub id. Aliases such as "
-             "flux.2-flex, flux.2-dev, flux.2-klein-4b are added as fit the model.")] = None,
+        help="The id clients use for the (first) model, listed in /v1/models. Default: the folder name or hub "
+             "id. Aliases such as flux.2-flex, flux.2-dev, flux.2-klein-4b are added as fit the model.")] = None,
     output_dir: Annotated[Path, typer.Option(envvar=_env("OUTPUT_DIR"), help="Where generated images are kept "
                                              "for url responses.")] = Path("outputs"),
     weights_dir: Annotated[Path, typer.Option(envvar=_env("WEIGHTS_DIR"), help="Where to look for a model when "
@@ -74,48 +76,97 @@ def serve(
                                                    "generated files are kept; the oldest go first.")] = 1000,
     max_steps: Annotated[int, typer.Option(envvar=_env("MAX_STEPS"), help="Largest num_inference_steps a "
                                            "request may ask for.")] = 100,
+    max_batch_images: Annotated[int, typer.Option(envvar=_env("MAX_BATCH_IMAGES"), help="Images that compatible "
+                                                  "requests (same model, size, steps, guidance, references) may "
+                                                  "share in one pipeline call.")] = 4,
+    batch_window_ms: Annotated[float, typer.Option(envvar=_env("BATCH_WINDOW_MS"), help="How long the first job "
+                                                   "of a batch waits for compatible ones.")] = 20.0,
+    max_queue_images: Annotated[int, typer.Option(envvar=_env("MAX_QUEUE_IMAGES"), help="Images allowed to wait; "
+                                                  "beyond, requests get 429 with a Retry-After estimate.")] = 64,
+    request_timeout: Annotated[float, typer.Option(envvar=_env("REQUEST_TIMEOUT"), help="Seconds a request may "
+                                                   "wait and run; then it is cancelled (504).")] = 600.0,
+    shutdown_timeout: Annotated[float, typer.Option(envvar=_env("SHUTDOWN_TIMEOUT"), help="On SIGTERM, seconds "
+                                                    "in-flight work may take to finish before it is cancelled.")
+                                ] = 30.0,
+    max_loaded_models: Annotated[int, typer.Option(envvar=_env("MAX_LOADED_MODELS"), help="With several "
+                                                   "--model: at most this many in memory at once (0: as many "
+                                                   "as fit).")] = 0,
+    prompt_cache_mb: Annotated[int, typer.Option(envvar=_env("PROMPT_CACHE_MB"), help="CPU memory for cached "
+                                                 "prompt embeddings (LRU).")] = 512,
+    metrics: Annotated[bool, typer.Option(envvar=_env("METRICS"), help="Serve Prometheus metrics at /metrics.")
+                       ] = True,
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"), help="debug, info, warning or error.")
                          ] = "info",
 ) -> None:
-    """Serve the OpenAI image API (/v1/images/generations, /v1/models, /health) for one FLUX.2 model."""
-    import uvicorn
-
+    """Serve the OpenAI image API (/v1/images/generations, /v1/images/edits, /v1/models, /health, /metrics)."""
     from pipeline.engine import Engine
-    from pipeline.loader import load_model, quiet_progress_bars
-    from pipeline.placement import PlacementError, count_weight_params, decide_placement
-    from pipeline.weights import WeightsError, inspect_model, resolve_weights
+    from pipeline.loader import quiet_progress_bars
+    from pipeline.pool import ModelPool
 
     from .app import create_app
-    from .settings import Settings
+    from .request_ids import configure_logging
+    from .runtime import serve_app
+    from .settings import Settings, model_ids_for
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(log_level)
     quiet_progress_bars()
     _choice(device, DEVICE_CHOICES, "--device")
     _choice(dtype, DTYPE_CHOICES, "--dtype")
     _choice(offload, OFFLOAD_CHOICES, "--offload")
 
-    try:
-        folder = resolve_weights(model) if model else _default_weights(weights_dir)
-        spec = inspect_model(folder)
-        params = count_weight_params(spec.path)
-        placement = decide_placement(device, dtype, offload, weight_params=params)
-    except (WeightsError, PlacementError) as exc:
-        log.error("%s", exc)
-        raise typer.Exit(code=2) from exc
+    configs = _model_configs(model or [], model_name, weights_dir, device, dtype, offload)
+    settings = Settings(model_ids=model_ids_for([(c.name, c.spec.aliases) for c in configs]), output_dir=output_dir,
+                        public_url=public_url, retention_seconds=retention_hours * 3600,
+                        max_stored_images=max_stored_images, max_steps=max_steps, request_timeout=request_timeout,
+                        metrics=metrics)
+    log.info("serving ids: %s", ", ".join(f"{i} -> {n}" if i != n else i for i, n in settings.model_ids.items()))
+    engine = Engine(ModelPool(configs, max_loaded=max_loaded_models), max_batch_images=max_batch_images,
+                    batch_window=batch_window_ms / 1000, max_queue_images=max_queue_images,
+                    prompt_cache_bytes=prompt_cache_mb * 1024**2)
+    serve_app(create_app(settings, engine, shutdown_timeout=shutdown_timeout), host, port, log_level,
+              shutdown_timeout)
 
-    if params < _TEST_MODEL_PARAMS:
-        log.warning(_TINY_WARNING.format(path=spec.path, weights_dir=weights_dir))
-    name = model_name or (model if model and not Path(model).expanduser().is_dir() else spec.path.name)
-    log.info("model: %s (%s, %s, %.1fM parameters) served as %s", spec.path, spec.pipeline_class, spec.family,
-             params / 1e6, ", ".join([name, *spec.aliases]))
-    for reason in placement.reasons:
-        log.info("%s", reason)
 
-    settings = Settings(model_name=name, model_aliases=spec.aliases, output_dir=output_dir, public_url=public_url,
-                        retention_seconds=retention_hours * 3600, max_stored_images=max_stored_images,
-                        max_steps=max_steps)
-    engine = Engine(lambda: load_model(spec, placement))
-    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level=log_level.lower())
+def _model_configs(models: list[str], first_name: str | None, weights_dir: Path, device: str, dtype: str,
+                   offload: str):
+    """One ModelConfig per --model (or the default weights), each inspected and placed; exits 2 on a bad one."""
+    from pipeline.placement import PlacementError, count_weight_params, decide_placement
+    from pipeline.pool import ModelConfig
+    from pipeline.weights import WeightsError, inspect_model, resolve_weights
+
+    entries = [_split_name(value) for value in models] or [(None, None)]
+    configs = []
+    for index, (name, source) in enumerate(entries):
+        try:
+            folder = resolve_weights(source) if source else _default_weights(weights_dir)
+            spec = inspect_model(folder)
+            params = count_weight_params(spec.path)
+            placement = decide_placement(device, dtype, offload, weight_params=params)
+        except (WeightsError, PlacementError) as exc:
+            log.error("%s", exc)
+            raise typer.Exit(code=2) from exc
+        name = name or (first_name if index == 0 else None) or (
+            source if source and not Path(source).expanduser().is_dir() else spec.path.name)
+        if any(c.name == name for c in configs):
+            log.error("two models are named %r: name them with --model NAME=PATH", name)
+            raise typer.Exit(code=2)
+        if params < _TEST_MODEL_PARAMS:
+            log.warning(_TINY_WARNING.format(path=spec.path, weights_dir=weights_dir))
+        log.info("model %s: %s (%s, %s, %.1fM parameters), aliases %s", name, spec.path, spec.pipeline_class,
+                 spec.family, params / 1e6, ", ".join(spec.aliases))
+        for reason in placement.reasons:
+            log.info("model %s: %s", name, reason)
+        configs.append(ModelConfig(name=name, spec=spec, placement=placement,
+                                   weight_bytes=params * placement.dtype.itemsize))
+    return configs
+
+
+def _split_name(value: str) -> tuple[str | None, str]:
+    """"NAME=PATH_OR_ID" -> (NAME, PATH_OR_ID); a plain path or hub id -> (None, value)."""
+    name, sep, source = value.partition("=")
+    if sep and name and "/" not in name and not Path(value).exists():
+        return name, source
+    return None, value
 
 
 def _default_weights(weights_dir: Path) -> Path:

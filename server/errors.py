@@ -9,7 +9,7 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("flux2.server")
@@ -44,11 +44,20 @@ def error_response(error: APIError) -> JSONResponse:
                         headers=error.headers)
 
 
+class ClientGone(Exception):
+    """The client disconnected while its request waited; nothing is sent back."""
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientGone, _on_client_gone)
     app.add_exception_handler(APIError, _on_api_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(Exception, _on_unexpected_error)
+
+
+async def _on_client_gone(request: Request, exc: Exception) -> Response:
+    return Response(status_code=499)  # nobody is listening; the status is for logs and metrics
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:

@@ -7,17 +7,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
+from collections.abc import Awaitable, Callable
 
 from PIL import Image
 
 from pipeline.accounting import account
 from pipeline.codecs import FILE_EXTENSIONS, ImageDecodeError, data_uri, decode_image, decode_mask, encode_image
-from pipeline.engine import Engine, EngineUnavailable
+from pipeline.engine import Engine, EngineUnavailable, JobCancelled, OutOfDeviceMemory, QueueFull
 from pipeline.jobs import GenerationJob, GenerationResult
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
 
-from .errors import APIError, invalid_param
+from .errors import APIError, ClientGone, invalid_param
 from .protocol import MAX_REFERENCE_IMAGES, ImageData, ImageParameters, ImagesResponse
+from .request_ids import current_request_id
 from .settings import Settings
 from .storage import ImageStore
 from .translate import OutputOptions, build_job, check_supported, images_response, output_options
@@ -25,6 +28,13 @@ from .translate import OutputOptions, build_job, check_supported, images_respons
 log = logging.getLogger("flux2.serving")
 
 FILES_ROUTE = "/v1/images/files"
+_POLL_SECONDS = 0.2  # how often a waiting request checks for its client's disconnect
+
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+async def _never() -> bool:
+    return False
 
 
 class ImageService:
@@ -33,39 +43,44 @@ class ImageService:
         self.engine = engine
         self.store = store
 
-    def check_model(self, requested: str | None) -> None:
-        if requested is None or requested in self.settings.model_ids:
-            return
+    def resolve_model(self, requested: str | None) -> str:
+        """The served model's name for a requested id or alias (None: the default model)."""
+        if requested is None:
+            return self.settings.default_model
+        if requested in self.settings.model_ids:
+            return self.settings.model_ids[requested]
         served = ", ".join(self.settings.model_ids)
         raise APIError(404, f"The model '{requested}' does not exist. This server serves: {served}.",
                        param="model", code="model_not_found")
 
-    async def generate(self, params: ImageParameters, base_url: str) -> ImagesResponse:
-        return await self._produce(params, (), None, base_url)
+    async def generate(self, params: ImageParameters, base_url: str,
+                       disconnected: Disconnected = _never) -> ImagesResponse:
+        return await self._produce(params, (), None, base_url, disconnected)
 
     async def edit(self, params: ImageParameters, images: list[bytes], mask: bytes | None, base_url: str,
-                   image_param: str = "image") -> ImagesResponse:
+                   image_param: str = "image", disconnected: Disconnected = _never) -> ImagesResponse:
         if not images:
             raise APIError(400, "Missing required parameter: 'image' (1 to 10 images to edit).", param=image_param,
                            code="missing_required_parameter")
         if len(images) > MAX_REFERENCE_IMAGES:
             raise invalid_param(f"At most {MAX_REFERENCE_IMAGES} images can be edited at once, got {len(images)}.",
                                 image_param, code="too_many_images")
-        self.check_model(params.model)  # before the costly decoding
+        self.resolve_model(params.model)  # before the costly decoding
         references, mask_image = await asyncio.to_thread(_decode_inputs, images, mask, image_param)
-        return await self._produce(params, references, mask_image, base_url)
+        return await self._produce(params, references, mask_image, base_url, disconnected)
 
     async def _produce(self, params: ImageParameters, references: tuple[Image.Image, ...],
-                       mask: Image.Image | None, base_url: str) -> ImagesResponse:
-        self.check_model(params.model)
+                       mask: Image.Image | None, base_url: str, disconnected: Disconnected) -> ImagesResponse:
+        name = self.resolve_model(params.model)
         check_supported(params)
         options = output_options(params)
-        model = self.engine.model
-        if model is None:
+        if self.engine.state != "ready":
             raise APIError(503, f"The model is not ready ({self.engine.state}); retry shortly.",
                            code="model_not_ready")
-        job = build_job(params, model.spec, self.settings, references, mask)
-        result = await self._run(job)
+        spec = self.engine.pool.configs[name].spec
+        job = build_job(params, spec, self.settings, references, mask, model=name,
+                        request_id=current_request_id.get())
+        result = await self._run(job, disconnected)
         data = await asyncio.to_thread(self._deliver, job, result, options, base_url)
         warnings = []
         if result.prompt.truncated:
@@ -73,12 +88,43 @@ class ImageService:
                             f"reads {MAX_SEQUENCE_LENGTH} tokens at most. revised_prompt holds the part used.")
         return images_response(job, data, params, options, account(job, result.prompt.text_tokens), warnings)
 
-    async def _run(self, job: GenerationJob) -> GenerationResult:
+    async def _run(self, job: GenerationJob, disconnected: Disconnected) -> GenerationResult:
+        """Submit, then wait for the result while watching the client and the clock: a client that leaves or a
+        request past --request-timeout cancels the job at its next denoising step."""
         try:
-            future = self.engine.submit(job)
+            handle = self.engine.submit(job)
+        except QueueFull as exc:
+            raise APIError(429, f"The server is busy: {exc}. Retry in about {math.ceil(exc.retry_after)} s.",
+                           type="rate_limit_exceeded", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(math.ceil(exc.retry_after))}) from exc
         except EngineUnavailable as exc:
             raise APIError(503, str(exc), code="engine_unavailable") from exc
-        return await asyncio.wrap_future(future)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.request_timeout
+        future = asyncio.wrap_future(handle.future)
+        try:
+            while not future.done():
+                await asyncio.wait([future], timeout=_POLL_SECONDS)
+                if future.done():
+                    break
+                if await disconnected():
+                    handle.cancel("the client disconnected")
+                    raise ClientGone()
+                if loop.time() > deadline:
+                    handle.cancel("request timeout")
+                    raise APIError(504, f"The request took longer than the server's limit of "
+                                   f"{self.settings.request_timeout:g} s and was cancelled.", code="timeout",
+                                   headers={"x-should-retry": "false"})
+        except asyncio.CancelledError:  # the server is stopping, or the connection task was cancelled
+            handle.cancel("the request was cancelled")
+            raise
+        try:
+            return future.result()
+        except JobCancelled as exc:
+            raise APIError(503, f"The job was cancelled: {exc}.", code="cancelled") from exc
+        except OutOfDeviceMemory as exc:
+            raise APIError(503, "The GPU ran out of memory for this request, even one image at a time. Try a "
+                           "smaller size or fewer reference images.", code="out_of_memory") from exc
 
     def _deliver(self, job: GenerationJob, result: GenerationResult, options: OutputOptions,
                  base_url: str) -> list[ImageData]:

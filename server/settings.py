@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 
 @dataclass(frozen=True)
 class Settings:
-    model_name: str  # the served model's id in /v1/models
-    model_aliases: tuple[str, ...] = ()
+    # Every id /v1/models lists, in order, mapped to the served model it names (aliases included).
+    model_ids: dict[str, str] = field(default_factory=dict)
     output_dir: Path = Path("outputs")
     public_url: str | None = None  # base of the URLs we hand out, e.g. "https://images.studio.lan"
     retention_seconds: float = 24 * 3600  # generated files older than this are deleted
     max_stored_images: int = 1000  # and at most this many are kept
     max_steps: int = 100
+    request_timeout: float = 600.0  # seconds a request may wait and run before it is cancelled
+    metrics: bool = True
 
     @property
-    def model_ids(self) -> tuple[str, ...]:
-        return (self.model_name, *(a for a in self.model_aliases if a != self.model_name))
+    def default_model(self) -> str:
+        return next(iter(self.model_ids.values()))
+
+
+def model_ids_for(models: list[tuple[str, tuple[str, ...]]]) -> dict[str, str]:
+    """{id: name} for served models given as (name, aliases): each name is its own id; an alias goes to the first
+    model that claims it (so `flux.2-flex` names the default model)."""
+    ids: dict[str, str] = {}
+    for name, _ in models:
+        ids[name] = name
+    for name, aliases in models:
+        for alias in aliases:
+            ids.setdefault(alias, name)
+    return ids

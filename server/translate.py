@@ -45,7 +45,8 @@ def check_supported(params: ImageParameters) -> None:
 
 
 def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
-              references: tuple[Image.Image, ...] = (), mask: Image.Image | None = None) -> GenerationJob:
+              references: tuple[Image.Image, ...] = (), mask: Image.Image | None = None, *, model: str = "",
+              request_id: str = "") -> GenerationJob:
     if not params.prompt.strip():
         raise invalid_param("The prompt must not be empty.", "prompt", code="empty_prompt")
     width, height = _output_size(params, references)
@@ -55,7 +56,7 @@ def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
     return GenerationJob(prompt=params.prompt, width=width, height=height, run_width=run_width,
                          run_height=run_height, seeds=tuple(first_seed + i for i in range(n)),
                          steps=_steps(params, spec, settings), guidance_scale=_guidance(params, spec),
-                         references=references, mask=mask)
+                         references=references, mask=mask, model=model, request_id=request_id)
 
 
 def _output_size(params: ImageParameters, references: tuple[Image.Image, ...]) -> tuple[int, int]:

@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import threading
 
+from engine_helpers import model_config
 from fastapi.testclient import TestClient
 
 from pipeline.engine import Engine
-from pipeline.loader import LoadedModel
-from pipeline.placement import decide_placement
-from pipeline.weights import inspect_model
+from pipeline.loader import LoadedModel, load_model
+from pipeline.pool import ModelPool
 from server.app import create_app
 from server.settings import Settings
 
 
-def _app(tmp_path, load):
-    return create_app(Settings(model_name="m", output_dir=tmp_path), Engine(load))
+def _app(tmp_path, folder, load):
+    engine = Engine(ModelPool([model_config(folder)], load=load))
+    return create_app(Settings(model_ids={"tiny": "tiny"}, output_dir=tmp_path), engine)
 
 
 def test_health_is_503_while_loading_then_200(tmp_path, tiny_klein):
     release = threading.Event()
 
-    def slow_load():
+    def slow_load(spec, placement):
         release.wait(30)
-        return LoadedModel(spec=inspect_model(tiny_klein), placement=decide_placement(weight_params=1), pipe=None)
+        return load_model(spec, placement)
 
-    with TestClient(_app(tmp_path, slow_load)) as client:
+    with TestClient(_app(tmp_path, tiny_klein, slow_load)) as client:
         loading = client.get("/health")
         assert (loading.status_code, loading.json()["status"]) == (503, "loading")
         busy = client.post("/v1/images/generations", json={"prompt": "x"})
@@ -34,13 +35,14 @@ def test_health_is_503_while_loading_then_200(tmp_path, tiny_klein):
         release.set()
         client.app.state.engine.wait_ready(30)
         assert client.get("/health").status_code == 200
+        assert client.post("/v1/images/generations", json={"prompt": "x", "size": "16x16"}).status_code == 200
 
 
-def test_failed_load_is_reported(tmp_path):
-    def broken_load():
+def test_failed_load_is_reported(tmp_path, tiny_klein):
+    def broken_load(spec, placement):
         raise RuntimeError("CUDA out of memory while loading")
 
-    with TestClient(_app(tmp_path, broken_load)) as client:
+    with TestClient(_app(tmp_path, tiny_klein, broken_load)) as client:
         client.app.state.engine.wait_ready(30)
         health = client.get("/health")
         assert health.status_code == 503
@@ -50,19 +52,18 @@ def test_failed_load_is_reported(tmp_path):
         assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
 
 
-class _ExplodingPipe:
-    tokenizer = None
-
-    def __call__(self, **kwargs):
-        raise RuntimeError("secret internal detail")
-
-
 def test_a_failing_job_is_a_500_without_a_trace_and_the_server_keeps_serving(tmp_path, tiny_klein):
-    def load():
-        return LoadedModel(spec=inspect_model(tiny_klein), placement=decide_placement(weight_params=1),
-                           pipe=_ExplodingPipe())
+    def exploding_load(spec, placement):
+        model = load_model(spec, placement)
 
-    with TestClient(_app(tmp_path, load), raise_server_exceptions=False) as client:
+        def explode(**kwargs):
+            raise RuntimeError("secret internal detail")
+
+        return LoadedModel(spec=model.spec, placement=model.placement,
+                           pipe=type("Exploding", (), {"__call__": staticmethod(explode),
+                                                       "__getattr__": lambda self, n: getattr(model.pipe, n)})())
+
+    with TestClient(_app(tmp_path, tiny_klein, exploding_load), raise_server_exceptions=False) as client:
         client.app.state.engine.wait_ready(30)
         for _ in range(2):
             answer = client.post("/v1/images/generations", json={"prompt": "x", "size": "16x16"})

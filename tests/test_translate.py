@@ -15,7 +15,7 @@ from server.translate import build_job, output_options, quality_label
 
 DEV = ModelSpec(path=Path("dev"), pipeline_class="Flux2Pipeline", family="dev", is_distilled=False, size_label=None,
                 defaults=ModelDefaults(steps=50, guidance_scale=4.0))
-SETTINGS = Settings(model_name="m", max_steps=100)
+SETTINGS = Settings(model_ids={"m": "m"}, max_steps=100)
 
 
 def job(**params):
@@ -32,10 +32,10 @@ def test_steps(params, steps):
 
 
 def test_quality_presets_never_exceed_max_steps():
-    capped = build_job(ImageGenerationRequest(prompt="p", quality="max"), DEV, Settings(model_name="m", max_steps=60))
+    capped = build_job(ImageGenerationRequest(prompt="p", quality="max"), DEV, Settings(model_ids={"m": "m"}, max_steps=60))
     assert capped.steps == 60
     with pytest.raises(APIError) as caught:
-        build_job(ImageGenerationRequest(prompt="p", steps=61), DEV, Settings(model_name="m", max_steps=60))
+        build_job(ImageGenerationRequest(prompt="p", steps=61), DEV, Settings(model_ids={"m": "m"}, max_steps=60))
     assert caught.value.param == "steps"
 
 

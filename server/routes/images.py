@@ -66,7 +66,7 @@ def _note_ignored(response: Response, params: ImageParameters) -> None:
 async def create_images(body: ImageGenerationRequest, request: Request, response: Response) -> ImagesResponse:
     service = request.app.state.service
     _note_ignored(response, body)
-    return await service.generate(body, public_base_url(request, service.settings))
+    return await service.generate(body, public_base_url(request, service.settings), request.is_disconnected)
 
 
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=_ERRORS,
@@ -82,7 +82,8 @@ async def edit_images(request: Request, response: Response) -> ImagesResponse:
         mask = _inline_bytes(params.mask, "mask") if params.mask is not None else None
         image_param = "images"
     _note_ignored(response, params)
-    return await service.edit(params, images, mask, public_base_url(request, service.settings), image_param)
+    return await service.edit(params, images, mask, public_base_url(request, service.settings), image_param,
+                              request.is_disconnected)
 
 
 async def _json_edit(request: Request) -> ImageEditRequest:

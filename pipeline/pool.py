@@ -1,0 +1,91 @@
+"""The models an engine serves: configured up front, loaded on first use, evicted least-recently-used when the
+device's memory would overflow (or beyond `max_loaded`). Only the engine's worker thread calls `get`."""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .loader import LoadedModel, load_model
+from .placement import Placement
+from .weights import ModelSpec
+
+log = logging.getLogger("flux2.pool")
+
+_GIB = 1024**3
+_MARGIN_BYTES = 2 * _GIB
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    spec: ModelSpec
+    placement: Placement
+    weight_bytes: int  # in the dtype it will run in
+
+
+def free_memory_bytes(device: str) -> int:
+    """What can still be allocated on `device`: free CUDA memory, or available RAM for the CPU."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    import psutil
+
+    return psutil.virtual_memory().available
+
+
+def release_device_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class ModelPool:
+    def __init__(self, configs: list[ModelConfig], *, max_loaded: int = 0,
+                 load: Callable[[ModelSpec, Placement], LoadedModel] = load_model,
+                 free_bytes: Callable[[str], int] = free_memory_bytes):
+        if not configs:
+            raise ValueError("at least one model must be configured")
+        self.configs = {config.name: config for config in configs}
+        self.default = configs[0].name
+        self.max_loaded = max_loaded
+        self._load = load
+        self._free_bytes = free_bytes
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # least recently used first
+        self.on_evict: Callable[[str], None] | None = None
+
+    @property
+    def loaded(self) -> list[str]:
+        return list(self._loaded)
+
+    def peek(self, name: str) -> LoadedModel | None:
+        return self._loaded.get(name)
+
+    def get(self, name: str | None = None) -> LoadedModel:
+        name = name or self.default
+        if name in self._loaded:
+            self._loaded.move_to_end(name)
+            return self._loaded[name]
+        config = self.configs[name]
+        self._make_room(config)
+        log.info("model %s: loading %s", name, config.spec.path)
+        model = self._load(config.spec, config.placement)
+        self._loaded[name] = model
+        return model
+
+    def _make_room(self, config: ModelConfig) -> None:
+        while self._loaded:
+            too_many = self.max_loaded and len(self._loaded) >= self.max_loaded
+            needed = config.weight_bytes + _MARGIN_BYTES
+            too_big = config.placement.offload == "none" and needed > self._free_bytes(config.placement.device)
+            if not (too_many or too_big):
+                return
+            evicted, _ = self._loaded.popitem(last=False)
+            log.info("model %s: evicted (least recently used) to make room for %s", evicted, config.name)
+            if self.on_evict is not None:
+                self.on_evict(evicted)
+            release_device_memory()

@@ -1,0 +1,84 @@
+"""Prometheus metrics (prometheus-client), one registry per app: requests, queue, batches, speed, output,
+device memory, prompt cache."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.engine import BatchReport, Engine
+
+
+class Metrics:
+    def __init__(self, engine: Engine):
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("flux2_requests", "HTTP requests by route and status", ["route", "method", "status"],
+                                registry=registry)
+        self.request_seconds = Histogram("flux2_request_seconds", "HTTP request duration", ["route"],
+                                         registry=registry, buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        Gauge("flux2_queue_images", "Images waiting in the queue", registry=registry).set_function(
+            lambda: engine.queued_images)
+        Gauge("flux2_running_images", "Images in the batch now running", registry=registry).set_function(
+            lambda: engine.running_images)
+        self.batch_images = Histogram("flux2_batch_images", "Images per pipeline call", registry=registry,
+                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+        self.step_seconds = Histogram("flux2_step_seconds", "Seconds per denoising step of a batch",
+                                      registry=registry, buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
+        self.image_seconds = Histogram("flux2_image_seconds", "Seconds per image (batch time / images)",
+                                       registry=registry, buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.images = Counter("flux2_images", "Images produced", ["model"], registry=registry)
+        self.megapixels = Counter("flux2_megapixels", "Megapixels produced", ["model"], registry=registry)
+        self.batches = Counter("flux2_batches", "Pipeline calls by outcome", ["outcome"], registry=registry)
+        self.steps = Counter("flux2_steps", "Denoising steps run", registry=registry)
+        Gauge("flux2_device_memory_bytes", "Memory allocated on the CUDA device (0 without one)",
+              registry=registry).set_function(lambda: torch.cuda.memory_allocated() if torch.cuda.is_available()
+                                              else 0)
+        Gauge("flux2_prompt_cache_hits", "Prompt embedding cache hits", registry=registry).set_function(
+            lambda: engine.prompt_cache.hits)
+        Gauge("flux2_prompt_cache_misses", "Prompt embedding cache misses", registry=registry).set_function(
+            lambda: engine.prompt_cache.misses)
+
+    def observe_batch(self, report: BatchReport) -> None:
+        self.batches.labels(report.outcome).inc()
+        self.batch_images.observe(report.images)
+        self.steps.inc(report.steps_run)
+        if report.steps_run:
+            self.step_seconds.observe(report.seconds / report.steps_run)
+        if report.outcome == "ok":
+            self.image_seconds.observe(report.seconds / report.images)
+            self.images.labels(report.model).inc(report.images)
+            self.megapixels.labels(report.model).inc(report.megapixels)
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by route template (not raw path: file names would explode the label set)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(name, scope["method"], str(status["code"])).inc()
+            self.metrics.request_seconds.labels(name).observe(time.perf_counter() - started)

@@ -1,0 +1,160 @@
+"""The engine in-process on tiny weights: batching, equivalence, queue bound, cancellation, OOM recovery, cache."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import job, make_engine, model_config
+
+import pipeline.engine as engine_module
+from pipeline.engine import Engine, JobCancelled, OutOfDeviceMemory, QueueFull
+from pipeline.pool import ModelPool
+
+
+def _array(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+@pytest.fixture
+def engine(tiny_klein):
+    reports = []
+    engine = make_engine(tiny_klein, max_batch_images=4, batch_window=0.3, on_batch=reports.append)
+    engine.reports = reports
+    yield engine
+    engine.stop(10)
+
+
+def test_compatible_jobs_share_a_batch_and_match_their_solo_images(engine):
+    handles = [engine.submit(job(prompt=f"prompt {i}", seeds=(i,))) for i in range(4)]
+    batched = [h.future.result(60) for h in handles]
+    assert [r.batch_images for r in batched] == [4, 4, 4, 4]
+    assert engine.reports[-1].images == 4
+    for i, result in enumerate(batched):
+        alone = engine.submit(job(prompt=f"prompt {i}", seeds=(i,))).future.result(60)
+        assert alone.batch_images == 1
+        # Same prompt and seed: the same image alone or in a batch (fp32 batch math: at most 2/255 apart).
+        assert np.abs(_array(result.images[0]) - _array(alone.images[0])).max() <= 2
+
+
+def test_incompatible_jobs_run_apart(engine):
+    a = engine.submit(job(size=64))
+    b = engine.submit(job(size=96))
+    assert a.future.result(60).batch_images == 1
+    assert b.future.result(60).batch_images == 1
+    assert b.future.result().images[0].size == (96, 96)
+
+
+def test_queue_is_bounded(tiny_klein):
+    engine = make_engine(tiny_klein, max_queue_images=2, max_batch_images=1, batch_window=0)
+    try:
+        running = engine.submit(job(steps=400, size=128))
+        while engine.running_images == 0:
+            time.sleep(0.01)
+        queued = engine.submit(job(seeds=(1, 2)))
+        with pytest.raises(QueueFull) as caught:
+            engine.submit(job())
+        assert caught.value.retry_after >= 1
+        running.cancel("test")
+        queued.cancel("test")
+        with pytest.raises(JobCancelled):
+            queued.future.result(30)
+        assert engine.submit(job()).future.result(60).images  # recovered
+    finally:
+        engine.stop(10)
+
+
+def test_cancel_stops_at_the_next_step_and_keeps_others(engine):
+    long = engine.submit(job(steps=400, size=128))
+    while long.steps_run < 2:
+        time.sleep(0.01)
+    long.cancel("client disconnected")
+    with pytest.raises(JobCancelled, match="client disconnected"):
+        long.future.result(30)
+    assert 2 <= long.steps_run < 400
+    assert engine.reports[-1].outcome == "cancelled"
+    started = time.monotonic()
+    assert engine.submit(job()).future.result(60).images
+    assert time.monotonic() - started < 10
+
+
+def test_cancelling_one_job_of_a_batch_keeps_the_others(engine):
+    handles = [engine.submit(job(prompt=f"p{i}", seeds=(i,), steps=30)) for i in range(3)]
+    handles[1].cancel("gone")
+    assert handles[0].future.result(60).images and handles[2].future.result(60).images
+    with pytest.raises(JobCancelled):
+        handles[1].future.result(60)
+
+
+def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(engine, monkeypatch):
+    real = engine_module.run_batch
+    sizes = []
+
+    def oom_above_one(model, slices, cache, on_step=None):
+        images = sum(len(s.seeds) for s in slices)
+        sizes.append(images)
+        if images > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, slices, cache, on_step)
+
+    monkeypatch.setattr(engine_module, "run_batch", oom_above_one)
+    result = engine.submit(job(seeds=(5, 6, 7))).future.result(60)
+    assert result.seeds == (5, 6, 7) and len(result.images) == 3
+    assert sizes[:3] == [3, 1, 2]  # 3 -> 1 + 2 -> 1 + 1 + 1
+    alone = engine.submit(job(seeds=(7,)))  # each image equals the one made alone with its seed
+    assert np.abs(_array(result.images[2]) - _array(alone.future.result(60).images[0])).max() <= 2
+
+    def always_oom(model, slices, cache, on_step=None):
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(engine_module, "run_batch", always_oom)
+    with pytest.raises(OutOfDeviceMemory):
+        engine.submit(job(seeds=(1, 2))).future.result(60)
+    monkeypatch.setattr(engine_module, "run_batch", real)
+    assert engine.submit(job()).future.result(60).images  # the next request succeeds
+
+
+def test_prompt_embeddings_are_cached(engine):
+    engine.submit(job(prompt="a fresh prompt")).future.result(60)
+    misses = engine.prompt_cache.misses
+    engine.submit(job(prompt="a fresh prompt", seeds=(9,))).future.result(60)
+    assert engine.prompt_cache.misses == misses
+    assert engine.prompt_cache.hits >= 1
+
+
+def test_models_load_on_first_use_and_are_evicted_lru(tiny_klein, tiny_dev):
+    pool = ModelPool([model_config(tiny_klein, "klein"), model_config(tiny_dev, "dev")], max_loaded=1)
+    engine = Engine(pool)
+    engine.start()
+    try:
+        assert engine.wait_ready(60)
+        assert pool.loaded == ["klein"]
+        assert engine.submit(job(model="dev")).future.result(60).images
+        assert pool.loaded == ["dev"]
+        assert engine.submit(job(model="klein")).future.result(60).images
+        assert pool.loaded == ["klein"]
+    finally:
+        engine.stop(10)
+
+
+def test_stop_finishes_queued_work_within_the_timeout(tiny_klein):
+    engine = make_engine(tiny_klein)
+    handle = engine.submit(job(steps=3))
+    engine.stop(30)
+    assert handle.future.result(1).images
+
+
+def test_stop_cancels_what_outlasts_the_timeout(tiny_klein):
+    engine = make_engine(tiny_klein)
+    handle = engine.submit(job(steps=2000, size=128))
+    while handle.steps_run < 1:
+        time.sleep(0.01)
+    stopper = threading.Thread(target=engine.stop, args=(0.5,))
+    stopper.start()
+    stopper.join(30)
+    with pytest.raises(JobCancelled, match="shutting down"):
+        handle.future.result(1)
+    assert handle.steps_run < 2000
