@@ -31,14 +31,14 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
     pipe = model.pipe
     first = slices[0].job
 
-    # 1. Text: each distinct prompt encoded once (or found in the cache), then one row per image.
-    encoded = {s.job.prompt: _encode(model, cache, s.job.prompt) for s in slices}
+    # 1. Text: the distinct prompts not in the cache encoded in one call, then one row per image.
+    encoded = _encode(model, cache, [s.job.prompt for s in slices])
     device = pipe._execution_device
     dtype = pipe.transformer.dtype
     prompt_embeds = torch.cat([encoded[s.job.prompt].embeds for s in slices for _ in s.seeds]).to(device, dtype)
     extra: dict[str, Any] = {}
     if model.spec.family == "klein" and not model.spec.is_distilled and first.guidance_scale > 1:
-        empty = _encode(model, cache, "").embeds  # the klein base model's real CFG runs against the empty prompt
+        empty = _encode(model, cache, [""])[""].embeds  # the klein base model's CFG runs against the empty prompt
         extra["negative_prompt_embeds"] = empty.repeat(images_in(slices), 1, 1).to(device, dtype)
 
     # 2. Noise: one CPU generator per image, so image i depends on its seed alone (and is the same on any device).
@@ -84,16 +84,22 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
     return results
 
 
-def _encode(model: LoadedModel, cache: PromptCache, prompt: str) -> EncodedPrompt:
+def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[str, EncodedPrompt]:
+    """Each distinct prompt's embeddings: from the cache, or encoded together in one batched encoder call (every
+    prompt is padded to the same 512 tokens, so a row is the same as when encoded alone, up to batch math)."""
     name = str(model.spec.path)
-    entry = cache.get(name, prompt)
-    if entry is None:
+    encoded = {prompt: cache.get(name, prompt) for prompt in dict.fromkeys(prompts)}
+    missing = [prompt for prompt, entry in encoded.items() if entry is None]
+    if missing:
         with torch.inference_mode():
-            embeds, _ = model.pipe.encode_prompt(prompt=prompt, device=model.pipe._execution_device,
+            embeds, _ = model.pipe.encode_prompt(prompt=missing, device=model.pipe._execution_device,
                                                  num_images_per_prompt=1)
-        entry = EncodedPrompt(embeds=embeds.cpu(), tokens=measure_prompt(model.pipe, model.spec.family, prompt))
-        cache.put(name, prompt, entry)
-    return entry
+        for row, prompt in enumerate(missing):
+            entry = EncodedPrompt(embeds=embeds[row:row + 1].cpu(),
+                                  tokens=measure_prompt(model.pipe, model.spec.family, prompt))
+            cache.put(name, prompt, entry)
+            encoded[prompt] = entry
+    return encoded
 
 
 def _step_callback(total_steps: int, blend: MaskBlend | None, on_step: StepHook | None):

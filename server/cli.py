@@ -200,6 +200,26 @@ def tiny_weights(
     typer.echo(f"tiny FLUX.2 {variant} weights written to {path}")
 
 
+@app.command()
+def bench(
+    model: Annotated[Optional[Path], typer.Option(help="A diffusers folder (default: tiny klein weights built in "
+                                                  "a temporary folder).")] = None,
+    size: Annotated[int, typer.Option(help="Square image side in pixels.")] = 256,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 4,
+    count: Annotated[int, typer.Option(help="Images per figure (requests, batch size).")] = 4,
+    repeats: Annotated[int, typer.Option(help="Runs per figure; the median is shown.")] = 5,
+) -> None:
+    """Measure batching: N requests one by one vs N concurrent through a real server vs one direct diffusers
+    batch of N, and the prompt cache, in one run."""
+    from pipeline.loader import quiet_progress_bars
+
+    from .bench import report, run_bench
+
+    quiet_progress_bars()
+    figures = run_bench(model, size, steps, count, repeats, None)
+    typer.echo(report(figures, size, steps, count))
+
+
 def main() -> None:
     app()
 

@@ -46,3 +46,13 @@ def test_tiny_weights_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "e"), "--variant", "xl"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0
+
+
+def test_bench_command_runs_and_reports_every_figure():
+    # Ratios are measured by the command, not asserted here: timing on a shared CI machine is no test.
+    run = subprocess.run([sys.executable, "-m", "server.cli", "bench", "--count", "2", "--repeats", "1",
+                          "--size", "64"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for label in ("(a) 2 requests one by one", "(b) 2 concurrent", "(c) one direct pipeline call",
+                  "(d) 2 direct single", "(a)/(b)", "(b)/(c)", "prompt cache"):
+        assert label in run.stdout
