@@ -9,12 +9,14 @@ from fastapi import FastAPI
 
 from pipeline.engine import Engine
 
+from .auth import APIKeyMiddleware
 from .draining import DrainingMiddleware
+from .limits import BodySizeLimitMiddleware
 from .errors import install_error_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
 from .request_ids import RequestIdMiddleware
 from .routes import files, health, images, metrics, models
-from .serving import ImageService
+from .serving import FILES_ROUTE, ImageService
 from .settings import Settings
 from .storage import ImageStore
 
@@ -42,8 +44,19 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     install_error_handlers(app)
     for module in (health, models, images, files, metrics):
         app.include_router(module.router)
-    # Outermost last: request ids wrap everything, so every log line and response carries one.
+    # Added innermost first: request ids wrap everything (every log line and response carries one), CORS answers
+    # preflights before auth, auth runs before any body is read.
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DrainingMiddleware)
+    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys,
+                       public_files_prefix=FILES_ROUTE if settings.public_files else None,
+                       open_metrics=settings.open_metrics)
+    if settings.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type", "x-request-id"],
+                           expose_headers=["x-request-id", "x-flux2-ignored-params", "retry-after"])
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

@@ -95,6 +95,32 @@ def serve(
                                                  "prompt embeddings (LRU).")] = 512,
     metrics: Annotated[bool, typer.Option(envvar=_env("METRICS"), help="Serve Prometheus metrics at /metrics.")
                        ] = True,
+    api_key: Annotated[Optional[list[str]], typer.Option(
+        envvar=_env("API_KEYS"), show_default=False,
+        help="A key clients must send as 'Authorization: Bearer KEY' on every /v1 route (repeat for several; the "
+             "env var takes them comma- or space-separated). Without any key the API is open: keep --host "
+             "127.0.0.1 then.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(envvar=_env("API_KEY_FILE"), show_default=False,
+                                                         help="A file of keys, one per line (# comments).")] = None,
+    public_files: Annotated[bool, typer.Option(envvar=_env("PUBLIC_FILES"), help="Serve generated image URLs "
+                                               "without a key (their names are unguessable).")] = False,
+    open_metrics: Annotated[bool, typer.Option(envvar=_env("OPEN_METRICS"), help="Serve /metrics without a key "
+                                               "when keys are set.")] = False,
+    cors_origin: Annotated[Optional[list[str]], typer.Option(
+        envvar=_env("CORS_ORIGINS"), show_default=False,
+        help="Allow browser pages from this origin (e.g. https://tools.studio.lan; '*' for any) to call the API. "
+             "Repeat for several. Default: no CORS.")] = None,
+    max_body_mb: Annotated[int, typer.Option(envvar=_env("MAX_BODY_MB"), help="Largest request body.")] = 256,
+    max_image_mb: Annotated[int, typer.Option(envvar=_env("MAX_IMAGE_MB"), help="Largest input image file.")
+                            ] = 50,
+    max_input_megapixels: Annotated[float, typer.Option(envvar=_env("MAX_INPUT_MEGAPIXELS"), help="Largest "
+                                                        "input image, in decoded pixels (decompression bombs).")
+                                    ] = 50.0,
+    max_output_megapixels: Annotated[float, typer.Option(envvar=_env("MAX_OUTPUT_MEGAPIXELS"), help="Outputs "
+                                                         "above this are scaled down, aspect kept (1 MP = "
+                                                         "1024x1024; the product's ceiling is 4).")] = 4.0,
+    max_prompt_chars: Annotated[int, typer.Option(envvar=_env("MAX_PROMPT_CHARS"), help="Longest prompt "
+                                                  "accepted, in characters.")] = 20_000,
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"), help="debug, info, warning or error.")
                          ] = "info",
 ) -> None:
@@ -114,11 +140,22 @@ def serve(
     _choice(dtype, DTYPE_CHOICES, "--dtype")
     _choice(offload, OFFLOAD_CHOICES, "--offload")
 
+    from .auth import load_keys
+
+    keys = load_keys(api_key or [], api_key_file)
+    if not keys and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("\n%s\n  NO API KEY, and listening on %s: anyone who can reach this address can use the GPU "
+                    "and read the images.\n  Set --api-key (or FLUX2_API_KEYS / --api-key-file), or bind "
+                    "127.0.0.1.\n%s", "*" * 96, host, "*" * 96)
     configs = _model_configs(model or [], model_name, weights_dir, device, dtype, offload)
     settings = Settings(model_ids=model_ids_for([(c.name, c.spec.aliases) for c in configs]), output_dir=output_dir,
                         public_url=public_url, retention_seconds=retention_hours * 3600,
                         max_stored_images=max_stored_images, max_steps=max_steps, request_timeout=request_timeout,
-                        metrics=metrics)
+                        metrics=metrics, api_keys=keys, public_files=public_files, open_metrics=open_metrics,
+                        cors_origins=tuple(cors_origin or ()), max_body_bytes=max_body_mb * 1024**2,
+                        max_image_bytes=max_image_mb * 1024**2, max_input_pixels=int(max_input_megapixels * 1e6),
+                        max_output_pixels=min(4 * 1024**2, int(max_output_megapixels * 1024**2)),
+                        max_prompt_chars=max_prompt_chars)
     log.info("serving ids: %s", ", ".join(f"{i} -> {n}" if i != n else i for i, n in settings.model_ids.items()))
     engine = Engine(ModelPool(configs, max_loaded=max_loaded_models), max_batch_images=max_batch_images,
                     batch_window=batch_window_ms / 1000, max_queue_images=max_queue_images,

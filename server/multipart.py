@@ -16,7 +16,8 @@ MASK_FIELDS = ("mask", "mask[]")
 _MAX_FILES = 64  # well above 10 images + 1 mask, so that 11 images get our own clear error
 
 
-async def read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes], bytes | None]:
+async def read_edit_form(request: Request, max_image_bytes: int) -> tuple[ImageEditRequest, list[bytes],
+                                                                         bytes | None]:
     try:
         form = await request.form(max_files=_MAX_FILES)
     except Exception as exc:  # starlette raises its own errors (and ours: bad boundaries, too many parts)
@@ -29,13 +30,17 @@ async def read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes
             if key in IMAGE_FIELDS:
                 if not isinstance(value, UploadFile):
                     raise invalid_param(f"'{key}' must be an uploaded image file.", "image", code="invalid_image")
-                images.append(await value.read())
+                images.append(await _read_capped(value, max_image_bytes, "image"))
             elif key in MASK_FIELDS:
                 if not isinstance(value, UploadFile):
                     raise invalid_param("'mask' must be an uploaded PNG file.", "mask", code="invalid_mask")
-                mask = await value.read()
+                if mask is not None:
+                    raise invalid_param("'mask' was sent more than once.", "mask", code="duplicate_parameter")
+                mask = await _read_capped(value, max_image_bytes, "mask")
             elif isinstance(value, UploadFile):
                 raise invalid_param(f"'{key}' must be a text field, not a file.", key)
+            elif key in fields:
+                raise invalid_param(f"'{key}' was sent more than once.", key, code="duplicate_parameter")
             else:
                 fields[key] = value
     finally:
@@ -45,3 +50,11 @@ async def read_edit_form(request: Request) -> tuple[ImageEditRequest, list[bytes
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
     return params, images, mask
+
+
+async def _read_capped(upload: UploadFile, max_bytes: int, param: str) -> bytes:
+    data = await upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise APIError(413, f"An uploaded file is larger than {max_bytes // (1024 * 1024)} MB.", param=param,
+                       code="file_too_large")
+    return data

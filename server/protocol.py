@@ -43,6 +43,17 @@ def _form_bool(value: object) -> object:
 FormBool = Annotated[StrictBool, BeforeValidator(_form_bool)]
 
 
+def _not_a_bool(value: object) -> object:
+    """JSON true/false are not numbers (pydantic's lax mode would read them as 1/0)."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
 class ImageParameters(BaseModel):
     """The parameters both image endpoints take."""
 
@@ -50,7 +61,7 @@ class ImageParameters(BaseModel):
 
     prompt: str = Field(description="Text prompt. Prompts beyond 512 encoder tokens are truncated (reported).")
     model: str | None = Field(None, description="A model id or alias from /v1/models; omitted: the default model.")
-    n: int | None = Field(None, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1-10 (default 1).")
+    n: Int | None = Field(None, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1-10 (default 1).")
 
     size: str | None = Field(None, description='"WxH" (1-14142 px a side), "W:H" (same as aspect_ratio) or "auto". '
                              "Always wins over aspect_ratio, resolution, width and height.")
@@ -58,24 +69,24 @@ class ImageParameters(BaseModel):
                                      '2:3, 16:9, 9:16, 21:9, 9:21; "custom" uses width and height.')
     resolution: str | None = Field(None, description='Scale tier: "0.5K", "1K", "2K", "4K", megapixels "0.25", "1", '
                                    '"4" ("1MP"), or "auto"; mapped to the nearest of 0.25, 1 and 4 MP.')
-    width: int | None = Field(None, description="Output width in px (rounded to a multiple of 16); with "
+    width: Int | None = Field(None, description="Output width in px (rounded to a multiple of 16); with "
                               'aspect_ratio "custom" or on its own with height.')
-    height: int | None = Field(None, description="Output height in px (rounded to a multiple of 16).")
+    height: Int | None = Field(None, description="Output height in px (rounded to a multiple of 16).")
 
-    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i. "
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i. "
                              "Drawn and reported per image when absent.")
-    num_inference_steps: int | None = Field(None, ge=1, description="Denoising steps (default: the model's).")
-    steps: int | None = Field(None, ge=1, description="Same as num_inference_steps.")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="Guidance scale (default: the model's).")
-    cfg_scale: float | None = Field(None, ge=0, le=100, description="Same as guidance_scale.")
+    num_inference_steps: Int | None = Field(None, ge=1, description="Denoising steps (default: the model's).")
+    steps: Int | None = Field(None, ge=1, description="Same as num_inference_steps.")
+    guidance_scale: Float | None = Field(None, ge=0, le=100, description="Guidance scale (default: the model's).")
+    cfg_scale: Float | None = Field(None, ge=0, le=100, description="Same as guidance_scale.")
     quality: Literal["low", "medium", "high", "auto", "standard", "hd", "xhigh", "max"] | None = Field(
         None, description="Step preset: low = half the model's default steps, medium = 3/4, high/auto/standard = "
         "the default, hd/xhigh = 1.25x, max = 1.5x. num_inference_steps wins.")
 
     response_format: Literal["url", "b64_json"] | None = Field(None, description='"url" (default) or "b64_json".')
     output_format: str | None = Field(None, description="png (default), jpeg (or jpg), webp, gif or avif.")
-    output_compression: int | None = Field(None, ge=0, le=100, description="Quality 0-100 of lossy formats.")
-    output_quality: int | None = Field(None, ge=0, le=100, description="Same as output_compression.")
+    output_compression: Int | None = Field(None, ge=0, le=100, description="Quality 0-100 of lossy formats.")
+    output_quality: Int | None = Field(None, ge=0, le=100, description="Same as output_compression.")
     sync_mode: FormBool | None = Field(None, description="true: the url is a data: URI and nothing is stored.")
 
     background: Literal["transparent", "opaque", "auto"] | None = Field(None, description="Accepted; FLUX.2 "
@@ -85,10 +96,10 @@ class ImageParameters(BaseModel):
     user: str | None = Field(None, description="Accepted and ignored.")
     prompt_enhancement: Annotated[Literal["on", "off"] | None, BeforeValidator(_on_off)] = Field(
         None, description='"off" (default); "on" is not available yet (400).')
-    safety_tolerance: int | None = Field(None, ge=1, le=5, description="1 (strict) to 5 (permissive); accepted.")
+    safety_tolerance: Int | None = Field(None, ge=1, le=5, description="1 (strict) to 5 (permissive); accepted.")
     enable_safety_checker: FormBool | None = Field(None, description="Accepted; no safety checker runs locally.")
     stream: FormBool | None = Field(None, description="Streaming is not available yet (400 when true).")
-    partial_images: int | None = Field(None, ge=0, le=3, description="Used with stream.")
+    partial_images: Int | None = Field(None, ge=0, le=3, description="Used with stream.")
 
     _finite_guidance = field_validator("guidance_scale", "cfg_scale")(_finite)
 
@@ -120,7 +131,7 @@ class ImageData(BaseModel):
     url: str | None = None
     b64_json: str | None = None
     revised_prompt: str | None = None
-    seed: int | None = Field(None, description="The seed this image was generated with (reproduces it alone).")
+    seed: Int | None = Field(None, description="The seed this image was generated with (reproduces it alone).")
 
 
 class InputTokensDetails(BaseModel):

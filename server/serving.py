@@ -66,7 +66,8 @@ class ImageService:
             raise invalid_param(f"At most {MAX_REFERENCE_IMAGES} images can be edited at once, got {len(images)}.",
                                 image_param, code="too_many_images")
         self.resolve_model(params.model)  # before the costly decoding
-        references, mask_image = await asyncio.to_thread(_decode_inputs, images, mask, image_param)
+        references, mask_image = await asyncio.to_thread(_decode_inputs, images, mask, image_param,
+                                                         self.settings.max_input_pixels)
         return await self._produce(params, references, mask_image, base_url, disconnected)
 
     async def _produce(self, params: ImageParameters, references: tuple[Image.Image, ...],
@@ -137,19 +138,25 @@ class ImageService:
             elif options.sync_mode:
                 item.url = data_uri(encoded, options.output_format)
             else:
-                name = self.store.save(encoded, FILE_EXTENSIONS[options.output_format])
+                try:
+                    name = self.store.save(encoded, FILE_EXTENSIONS[options.output_format])
+                except OSError as exc:
+                    log.error("could not store a generated image in %s: %s", self.store.directory, exc)
+                    raise APIError(507, "The server could not store the generated image (its output directory is "
+                                   "full or not writable). Ask for response_format 'b64_json' or sync_mode, or "
+                                   "tell the server's operator.", code="storage_error") from exc
                 item.url = f"{base_url}{FILES_ROUTE}/{name}"
             data.append(item)
         return data
 
 
-def _decode_inputs(images: list[bytes], mask: bytes | None,
-                   image_param: str) -> tuple[tuple[Image.Image, ...], Image.Image | None]:
+def _decode_inputs(images: list[bytes], mask: bytes | None, image_param: str,
+                   max_input_pixels: int) -> tuple[tuple[Image.Image, ...], Image.Image | None]:
     """Decode the references (RGB, EXIF applied, <= 4 MP) and the mask (255 = repaint, the first image's size)."""
     references = []
     for index, data in enumerate(images):
         try:
-            references.append(decode_image(data))
+            references.append(decode_image(data, max_input_pixels=max_input_pixels))
         except ImageDecodeError as exc:
             which = f"Image {index + 1} of {len(images)}" if len(images) > 1 else "The image"
             raise invalid_param(f"{which}: {exc}", image_param, code="invalid_image") from exc
@@ -158,7 +165,8 @@ def _decode_inputs(images: list[bytes], mask: bytes | None,
     first = references[0]
     try:
         # The mask matches the first image as uploaded; it is scaled with it when that was over 4 MP.
-        mask_image = decode_mask(mask, first.info.get("source_size", first.size), resize_to=first.size)
+        mask_image = decode_mask(mask, first.info.get("source_size", first.size), resize_to=first.size,
+                                 max_input_pixels=max_input_pixels)
     except ImageDecodeError as exc:
         raise invalid_param(f"The mask: {exc}", "mask", code="invalid_mask") from exc
     return tuple(references), mask_image

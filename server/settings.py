@@ -17,6 +17,16 @@ class Settings:
     max_steps: int = 100
     request_timeout: float = 600.0  # seconds a request may wait and run before it is cancelled
     metrics: bool = True
+    # Hardening
+    api_keys: tuple[str, ...] = ()
+    public_files: bool = False  # generated files readable without a key
+    open_metrics: bool = False  # /metrics readable without a key
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 256 * 1024**2
+    max_image_bytes: int = 50 * 1024**2
+    max_input_pixels: int = 50_000_000
+    max_output_pixels: int = 4 * 1024**2
+    max_prompt_chars: int = 20_000
 
     @property
     def default_model(self) -> str:

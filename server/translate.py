@@ -11,7 +11,7 @@ from PIL import Image
 from pipeline.accounting import Accounting
 from pipeline.codecs import normalize_output_format
 from pipeline.jobs import GenerationJob
-from pipeline.sizes import SizeError, model_size, resolve_output_size
+from pipeline.sizes import SizeError, cap_pixels, model_size, resolve_output_size
 from pipeline.weights import ModelSpec
 
 from .errors import APIError, invalid_param
@@ -49,7 +49,10 @@ def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
               request_id: str = "") -> GenerationJob:
     if not params.prompt.strip():
         raise invalid_param("The prompt must not be empty.", "prompt", code="empty_prompt")
-    width, height = _output_size(params, references)
+    if len(params.prompt) > settings.max_prompt_chars:
+        raise invalid_param(f"The prompt has {len(params.prompt)} characters; this server accepts at most "
+                            f"{settings.max_prompt_chars}.", "prompt", code="prompt_too_long")
+    width, height = cap_pixels(*_output_size(params, references), settings.max_output_pixels)
     run_width, run_height = model_size(width, height)
     n = params.n or 1
     first_seed = secrets.randbelow(2**32) if params.seed is None else params.seed

@@ -73,13 +73,15 @@ async def create_images(body: ImageGenerationRequest, request: Request, response
              openapi_extra=_EDIT_BODY, summary="Edit or combine up to 10 images from a prompt (optional mask)")
 async def edit_images(request: Request, response: Response) -> ImagesResponse:
     service = request.app.state.service
-    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-        params, images, mask = await read_edit_form(request)
+    if request.headers.get("content-type", "").lower().startswith(("multipart/form-data",
+                                                                     "application/x-www-form-urlencoded")):
+        params, images, mask = await read_edit_form(request, service.settings.max_image_bytes)
         image_param = "image"
     else:
         params = await _json_edit(request)
-        images = [_inline_bytes(item, "images") for item in params.images or []]
-        mask = _inline_bytes(params.mask, "mask") if params.mask is not None else None
+        cap = service.settings.max_image_bytes
+        images = [_inline_bytes(item, "images", cap) for item in params.images or []]
+        mask = _inline_bytes(params.mask, "mask", cap) if params.mask is not None else None
         image_param = "images"
     _note_ignored(response, params)
     return await service.edit(params, images, mask, public_base_url(request, service.settings), image_param,
@@ -100,12 +102,15 @@ async def _json_edit(request: Request) -> ImageEditRequest:
         raise validation_error(exc.errors()) from exc
 
 
-def _inline_bytes(item, param: str) -> bytes:
+def _inline_bytes(item, param: str, max_bytes: int) -> bytes:
     url = item if isinstance(item, str) else item.image_url
     if url.startswith(("http://", "https://")):
         raise invalid_param("Remote image URLs are not fetched: this server works offline. Send the image inline "
                             "as a data: URI (data:image/png;base64,...) or upload it as multipart/form-data.", param,
                             code="remote_images_disabled")
+    if len(url) * 3 // 4 > max_bytes + 4:
+        raise APIError(413, f"An inline image is larger than {max_bytes // (1024 * 1024)} MB.", param=param,
+                       code="file_too_large")
     try:
         return parse_data_uri(url)
     except ImageDecodeError as exc:

@@ -1,0 +1,64 @@
+"""API keys: plain ASGI middleware. When keys are configured, every /v1/* route (generated files too, unless
+they are made public) and /metrics (unless made open) need `Authorization: Bearer KEY`; keys are compared in
+constant time. /health and the OpenAPI docs stay open."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import APIError, error_response
+
+
+def load_keys(keys: list[str], key_file: Path | None) -> tuple[str, ...]:
+    """Keys from the command line / environment (comma or space separated) and a file (one per line, # comments)."""
+    found = [part for value in keys for part in value.replace(",", " ").split()]
+    if key_file is not None:
+        for line in key_file.read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line:
+                found.append(line)
+    return tuple(dict.fromkeys(found))
+
+
+def key_matches(given: str, keys: tuple[str, ...]) -> bool:
+    """True when `given` equals one of `keys`. Every key is compared, each with `hmac.compare_digest`, so the time
+    taken does not depend on which key matched or how much of it did."""
+    given_bytes = given.encode()
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given_bytes, key.encode())
+    return matched
+
+
+class APIKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: tuple[str, ...], public_files_prefix: str | None = None,
+                 open_metrics: bool = False):
+        self.app = app
+        self.keys = keys
+        self.public_files_prefix = public_files_prefix
+        self.open_metrics = open_metrics
+
+    def _protected(self, path: str) -> bool:
+        if path == "/metrics":
+            return not self.open_metrics
+        if self.public_files_prefix and path.startswith(self.public_files_prefix + "/"):
+            return False
+        return path.startswith("/v1/") or path == "/v1"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys or not self._protected(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() == "bearer" and token.strip() and key_matches(token.strip(), self.keys):
+            await self.app(scope, receive, send)
+            return
+        message = ("Incorrect API key provided." if header else
+                   "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
+        response = error_response(APIError(401, message, code="invalid_api_key",
+                                           headers={"WWW-Authenticate": "Bearer"}))
+        await response(scope, receive, send)
