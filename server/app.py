@@ -44,6 +44,7 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     install_error_handlers(app)
     for module in (health, models, images, files, metrics):
         app.include_router(module.router)
+    _document_errors_as_served(app)
     # Added innermost first: request ids wrap everything (every log line and response carries one), CORS answers
     # preflights before auth, auth runs before any body is read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -60,3 +61,22 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app
+
+
+def _document_errors_as_served(app: FastAPI) -> None:
+    """FastAPI documents a 422 with its own error shape for every validated body; this server answers 400 with
+    OpenAI's envelope instead (and lists it), so the published schema drops the 422s."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, 
 MAX_IMAGES_PER_REQUEST = 10
 MAX_REFERENCE_IMAGES = 10
 MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 20_000  # --max-prompt-chars can only lower it
 
 
 def _finite(value: float | None) -> float | None:
@@ -59,7 +60,9 @@ class ImageParameters(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    prompt: str = Field(description="Text prompt. Prompts beyond 512 encoder tokens are truncated (reported).")
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S",
+                        description="Text prompt (not blank). Prompts beyond 512 encoder tokens are truncated "
+                        "(reported).")
     model: str | None = Field(None, description="A model id or alias from /v1/models; omitted: the default model.")
     n: Int | None = Field(None, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1-10 (default 1).")
 

@@ -162,3 +162,11 @@ def test_quality_and_guidance_aliases_change_the_image(client):
     assert np.abs(base - np.asarray(image(quality="low"), dtype=int)).max() > 0
     assert np.array_equal(np.asarray(image(num_inference_steps=4), dtype=int), base)  # high = the default 4 steps
     assert np.array_equal(np.asarray(image(steps=2), dtype=int), np.asarray(image(quality="low"), dtype=int))
+
+
+def test_ignored_parameter_names_are_safe_in_the_header(server):
+    # Found by schemathesis: a non-latin-1 field name once broke the header (a 500).
+    response = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60, json={
+        "prompt": "x", "size": "16x16", "num_inference_steps": 1, "Ā": None, "a\r\nb": 1})
+    assert response.status_code == 200
+    assert response.headers["x-flux2-ignored-params"] == "a%0D%0Ab, %C4%80"  # sorted by name

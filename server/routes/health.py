@@ -4,7 +4,7 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-@router.get("/health", summary="200 once the default model is loaded; 503 while loading, after a failed load, "
+@router.get("/health", responses={503: {"description": "Not ready"}}, summary="200 once the default model is loaded; 503 while loading, after a failed load, "
                                 "or while shutting down")
 async def health(request: Request) -> JSONResponse:
     engine = request.app.state.engine

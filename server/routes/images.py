@@ -1,4 +1,5 @@
 import json
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
@@ -13,7 +14,11 @@ from ..urls import public_base_url
 router = APIRouter(prefix="/v1/images")
 
 IGNORED_HEADER = "x-flux2-ignored-params"
-_ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500, 503)}
+_ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
+    400: "Invalid parameter (named in error.param)", 401: "Missing or wrong API key", 404: "Unknown model",
+    413: "Request body or image file too large", 429: "Queue full (see Retry-After)", 500: "Server error",
+    503: "Model not ready, out of memory, or shutting down", 504: "Request timeout",
+    507: "The generated image could not be stored"}.items()}
 def inline_schema(model) -> dict:
     """A pydantic model's JSON schema with its `$defs` substituted in place, to embed in the OpenAPI document."""
     schema = model.model_json_schema()
@@ -57,8 +62,11 @@ _EDIT_BODY = {
 
 
 def _note_ignored(response: Response, params: ImageParameters) -> None:
+    """Name the ignored parameters in a header: percent-encoded (header values are latin-1; names are anything a
+    client sent), at most 1,000 characters."""
     if params.ignored_parameters:
-        response.headers[IGNORED_HEADER] = ", ".join(params.ignored_parameters)
+        names = ", ".join(quote(name, safe="") for name in params.ignored_parameters)
+        response.headers[IGNORED_HEADER] = names if len(names) <= 1000 else names[:997] + "..."
 
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True, responses=_ERRORS,
