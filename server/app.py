@@ -14,6 +14,7 @@ from .draining import DrainingMiddleware
 from .limits import BodySizeLimitMiddleware
 from .errors import install_error_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
+from .remote_images import RemoteImageFetcher
 from .request_ids import RequestIdMiddleware
 from .routes import files, health, images, metrics, models
 from .serving import FILES_ROUTE, ImageService
@@ -21,7 +22,8 @@ from .settings import Settings
 from .storage import ImageStore
 
 
-def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 30.0) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 30.0,
+               remote_fetcher: RemoteImageFetcher | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -39,6 +41,10 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     app.state.service = ImageService(settings, engine, store)
     app.state.started_at = int(time.time())
     app.state.draining = False
+    if settings.allow_remote_images and remote_fetcher is None:
+        remote_fetcher = RemoteImageFetcher(max_bytes=settings.max_image_bytes,
+                                            timeout=settings.remote_image_timeout)
+    app.state.remote_fetcher = remote_fetcher if settings.allow_remote_images else None
     app.state.metrics = Metrics(engine)
     engine.on_batch = app.state.metrics.observe_batch
     install_error_handlers(app)

@@ -121,6 +121,12 @@ def serve(
                                                          "1024x1024; the product's ceiling is 4).")] = 4.0,
     max_prompt_chars: Annotated[int, typer.Option(envvar=_env("MAX_PROMPT_CHARS"), help="Longest prompt "
                                                   "accepted, in characters.")] = 20_000,
+    allow_remote_images: Annotated[bool, typer.Option(envvar=_env("ALLOW_REMOTE_IMAGES"), help="Fetch http(s) "
+                                                      "image_url inputs (public addresses only, each redirect "
+                                                      "checked, size and time capped). Off: the server never "
+                                                      "connects out.")] = False,
+    remote_image_timeout: Annotated[float, typer.Option(envvar=_env("REMOTE_IMAGE_TIMEOUT"), help="Seconds a "
+                                                        "remote image may take to fetch.")] = 10.0,
     log_level: Annotated[str, typer.Option(envvar=_env("LOG_LEVEL"), help="debug, info, warning or error.")
                          ] = "info",
 ) -> None:
@@ -155,7 +161,8 @@ def serve(
                         cors_origins=tuple(cors_origin or ()), max_body_bytes=max_body_mb * 1024**2,
                         max_image_bytes=max_image_mb * 1024**2, max_input_pixels=int(max_input_megapixels * 1e6),
                         max_output_pixels=min(4 * 1024**2, int(max_output_megapixels * 1024**2)),
-                        max_prompt_chars=max_prompt_chars)
+                        max_prompt_chars=max_prompt_chars, allow_remote_images=allow_remote_images,
+                        remote_image_timeout=remote_image_timeout)
     log.info("serving ids: %s", ", ".join(f"{i} -> {n}" if i != n else i for i, n in settings.model_ids.items()))
     engine = Engine(ModelPool(configs, max_loaded=max_loaded_models), max_batch_images=max_batch_images,
                     batch_window=batch_window_ms / 1000, max_queue_images=max_queue_images,

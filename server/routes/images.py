@@ -9,6 +9,7 @@ from pipeline.codecs import ImageDecodeError, parse_data_uri
 from ..errors import APIError, invalid_param, validation_error
 from ..multipart import read_edit_form
 from ..protocol import ErrorResponse, ImageEditRequest, ImageGenerationRequest, ImageParameters, ImagesResponse
+from ..remote_images import RemoteImageError, RemoteImageFetcher
 from ..urls import public_base_url
 
 router = APIRouter(prefix="/v1/images")
@@ -88,8 +89,9 @@ async def edit_images(request: Request, response: Response) -> ImagesResponse:
     else:
         params = await _json_edit(request)
         cap = service.settings.max_image_bytes
-        images = [_inline_bytes(item, "images", cap) for item in params.images or []]
-        mask = _inline_bytes(params.mask, "mask", cap) if params.mask is not None else None
+        fetcher = request.app.state.remote_fetcher
+        images = [await _image_bytes(item, "images", cap, fetcher) for item in params.images or []]
+        mask = await _image_bytes(params.mask, "mask", cap, fetcher) if params.mask is not None else None
         image_param = "images"
     _note_ignored(response, params)
     return await service.edit(params, images, mask, public_base_url(request, service.settings), image_param,
@@ -110,12 +112,18 @@ async def _json_edit(request: Request) -> ImageEditRequest:
         raise validation_error(exc.errors()) from exc
 
 
-def _inline_bytes(item, param: str, max_bytes: int) -> bytes:
+async def _image_bytes(item, param: str, max_bytes: int, fetcher: RemoteImageFetcher | None) -> bytes:
     url = item if isinstance(item, str) else item.image_url
-    if url.startswith(("http://", "https://")):
-        raise invalid_param("Remote image URLs are not fetched: this server works offline. Send the image inline "
-                            "as a data: URI (data:image/png;base64,...) or upload it as multipart/form-data.", param,
-                            code="remote_images_disabled")
+    if url.lower().startswith(("http://", "https://")):
+        if fetcher is None:
+            raise invalid_param("Remote image URLs are not fetched: this server works offline (an operator can "
+                                "allow it with --allow-remote-images). Send the image inline as a data: URI "
+                                "(data:image/png;base64,...) or upload it as multipart/form-data.", param,
+                                code="remote_images_disabled")
+        try:
+            return await fetcher.fetch(url)
+        except RemoteImageError as exc:
+            raise invalid_param(f"The image URL was not fetched: {exc}.", param, code="remote_image_refused") from exc
     if len(url) * 3 // 4 > max_bytes + 4:
         raise APIError(413, f"An inline image is larger than {max_bytes // (1024 * 1024)} MB.", param=param,
                        code="file_too_large")
