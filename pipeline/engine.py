@@ -46,12 +46,28 @@ class OutOfDeviceMemory(Exception):
     """Even a single image did not fit in device memory."""
 
 
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    index: int  # 0-based, in the order the previews were taken
+    images: list  # PIL images, one per image of the job
+
+
+JobListener = Callable[[Progress | Preview], None]  # called from the worker thread
+
+
 @dataclass
 class JobHandle:
     job: GenerationJob
     future: Future = field(default_factory=Future)
     cancel_reason: str | None = None
     steps_run: int = 0
+    listener: JobListener | None = None
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop this job: dropped if still queued, interrupted at the next denoising step if running."""
@@ -143,7 +159,9 @@ class Engine:
             return sum(h.job.n for h in self._running)
 
     # -- submitting ----------------------------------------------------------------------------------------------
-    def submit(self, job: GenerationJob) -> JobHandle:
+    def submit(self, job: GenerationJob, listener: JobListener | None = None) -> JobHandle:
+        """Queue `job`. `listener`, if given, hears its progress after every step and its previews (when the job
+        asks for partial images), on the worker thread: it must return quickly."""
         with self._cond:
             if self._stopping:
                 raise EngineUnavailable("the server is shutting down")
@@ -153,7 +171,7 @@ class Engine:
             if queued and queued + job.n > self.max_queue_images:
                 ahead = queued + sum(h.job.n for h in self._running)
                 raise QueueFull(queued, retry_after=max(1.0, ahead * self._seconds_per_image))
-            handle = JobHandle(job)
+            handle = JobHandle(job, listener=listener)
             self._queue.append(handle)
             self._cond.notify_all()
             return handle
@@ -232,8 +250,15 @@ class Engine:
         progress = _Progress(mine, slices, self.progress_log_seconds)
         started = time.perf_counter()
         outcome = "ok"
+        sink = None
+        if any(h.listener is not None and h.job.partial_images for h in mine):
+            def sink(piece: Slice, index: int, images: list) -> None:
+                handle = handles[id(piece.job)]
+                if handle.listener is not None and not handle.cancelled:
+                    handle.listener(Preview(index, images))
         try:
-            for piece, result in zip(slices, run_batch(model, slices, self.prompt_cache, progress), strict=True):
+            for piece, result in zip(slices, run_batch(model, slices, self.prompt_cache, progress, sink),
+                                     strict=True):
                 results[id(handles[id(piece.job)])].append(result)
             if progress.interrupted:
                 outcome = "cancelled"
@@ -307,6 +332,8 @@ class _Progress:
         self.steps_done = done
         for handle in self.handles:
             handle.steps_run = done
+            if handle.listener is not None and not handle.cancelled:
+                handle.listener(Progress(done, total))
         now = time.monotonic()
         if now - self._last_log >= self.log_seconds:
             self._last_log = now

@@ -32,6 +32,7 @@ class GenerationJob:
     mask: Image.Image | None = field(default=None, repr=False)
     model: str = ""  # the served model name ("" = the engine's default model)
     request_id: str = ""
+    partial_images: int = 0  # previews to stream while denoising (0-3)
 
     @property
     def n(self) -> int:

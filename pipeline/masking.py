@@ -20,10 +20,12 @@ LATENT_PIXELS = 16  # one packed latent token covers 16 x 16 pixels
 
 
 def initial_noise(pipe: Any, generators: list[torch.Generator], width: int, height: int) -> torch.Tensor:
-    """The starting latents the pipeline would draw, one per generator: (B, C*4, H/16, W/16), float32 on CPU."""
+    """The starting latents, one per generator, drawn as diffusers' `randn_tensor` draws them for a list of CPU
+    generators: (B, C*4, H/16, W/16) on the CPU, in the transformer's dtype."""
     channels = pipe.transformer.config.in_channels
     shape = (1, channels, height // LATENT_PIXELS, width // LATENT_PIXELS)
-    return torch.cat([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
+    dtype = pipe.transformer.dtype
+    return torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
 
 
 class MaskBlend:

@@ -17,16 +17,19 @@ from .batching import Slice, images_in
 from .jobs import GenerationResult
 from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
+from .previews import decode_preview, predict_clean, preview_steps
 from .prompts import measure_prompt
 from .references import prepare_reference
 from .text_cache import EncodedPrompt, PromptCache
 
 # Called after every denoising step with (steps done, steps in total); returns True to stop the batch.
 StepHook = Callable[[int, int], bool]
+# Called with a slice, the preview's index and its images (one per image of the slice).
+PreviewSink = Callable[[Slice, int, list[Image.Image]], None]
 
 
-def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_step: StepHook | None = None
-              ) -> list[GenerationResult]:
+def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_step: StepHook | None = None,
+              on_preview: PreviewSink | None = None) -> list[GenerationResult]:
     started = time.perf_counter()
     pipe = model.pipe
     first = slices[0].job
@@ -48,14 +51,16 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
     if first.references:
         extra["image"] = [prepare_reference(image) for image in first.references]
 
-    # 4. A masked edit (always alone in its batch) starts from noise drawn with the same generators and stays on
-    #    the source image's trajectory outside the mask.
+    # 4. The starting noise, drawn here exactly as the pipeline would draw it, so that previews can predict the
+    #    clean image from it. A masked edit (always alone in its batch) stays on the source image's trajectory
+    #    outside the mask.
+    noise = initial_noise(pipe, generators, first.run_width, first.run_height)
+    extra["latents"] = noise
     blend = None
     if first.mask is not None:
-        noise = initial_noise(pipe, generators, first.run_width, first.run_height)
-        extra["latents"] = noise
         blend = MaskBlend(pipe, first.references[0], first.mask, noise, first.run_width, first.run_height)
-    extra["callback_on_step_end"] = _step_callback(first.steps, blend, on_step)
+    previews = _Previews(pipe, slices, noise, on_preview) if on_preview is not None else None
+    extra["callback_on_step_end"] = _step_callback(first.steps, blend, previews, on_step)
 
     # 5. Denoise and decode at the model's size. `prompt` is not passed: the embeddings stand for it.
     with torch.inference_mode():
@@ -102,14 +107,43 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
     return encoded
 
 
-def _step_callback(total_steps: int, blend: MaskBlend | None, on_step: StepHook | None):
+def _step_callback(total_steps: int, blend: MaskBlend | None, previews: _Previews | None,
+                   on_step: StepHook | None):
     def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
         out = blend(pipe, step, timestep, tensors) if blend is not None else {}
+        if previews is not None:
+            previews(step + 1, out.get("latents", tensors["latents"]))
         if on_step is not None and on_step(step + 1, total_steps):
             pipe._interrupt = True  # diffusers skips the remaining steps (and still decodes)
         return out
 
     return callback
+
+
+class _Previews:
+    """Decodes the predicted clean image of the slices that asked for partial images, at their chosen steps."""
+
+    def __init__(self, pipe: Any, slices: list[Slice], noise: torch.Tensor, sink: PreviewSink):
+        self.pipe = pipe
+        self.sink = sink
+        self.noise = pipe._pack_latents(noise)  # (B, tokens, C), on the CPU
+        self.plan = []  # (slice, first row, {step: preview index})
+        row = 0
+        for piece in slices:
+            steps = preview_steps(piece.job.steps, piece.job.partial_images)
+            if steps:
+                self.plan.append((piece, row, {step: index for index, step in enumerate(steps)}))
+            row += len(piece.seeds)
+
+    def __call__(self, done: int, latents: torch.Tensor) -> None:
+        sigma = float(self.pipe.scheduler.sigmas[done])  # the noise level the latents have reached
+        for piece, row, steps in self.plan:
+            if done in steps:
+                rows = slice(row, row + len(piece.seeds))
+                noise = self.noise[rows].to(latents.device, latents.dtype)
+                clean = predict_clean(latents[rows], noise, sigma)
+                images = decode_preview(self.pipe, clean, piece.job.run_width, piece.job.run_height)
+                self.sink(piece, steps[done], images)
 
 
 def _to_size(image: Image.Image, width: int, height: int) -> Image.Image:

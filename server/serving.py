@@ -8,13 +8,14 @@ import asyncio
 import base64
 import logging
 import math
+import time
 from collections.abc import Awaitable, Callable
 
 from PIL import Image
 
 from pipeline.accounting import account
 from pipeline.codecs import FILE_EXTENSIONS, ImageDecodeError, data_uri, decode_image, decode_mask, encode_image
-from pipeline.engine import Engine, EngineUnavailable, JobCancelled, OutOfDeviceMemory, QueueFull
+from pipeline.engine import Engine, EngineUnavailable, JobCancelled, JobHandle, OutOfDeviceMemory, QueueFull
 from pipeline.jobs import GenerationJob, GenerationResult
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
 
@@ -23,7 +24,9 @@ from .protocol import MAX_REFERENCE_IMAGES, ImageData, ImageParameters, ImagesRe
 from .request_ids import current_request_id
 from .settings import Settings
 from .storage import ImageStore
-from .translate import OutputOptions, build_job, check_supported, images_response, output_options
+from .streaming import EventStream
+from .translate import (OutputOptions, build_job, check_supported, images_response, output_options, quality_label,
+                        usage as images_usage)
 
 log = logging.getLogger("flux2.serving")
 
@@ -71,7 +74,17 @@ class ImageService:
         return await self._produce(params, references, mask_image, base_url, disconnected)
 
     async def _produce(self, params: ImageParameters, references: tuple[Image.Image, ...],
-                       mask: Image.Image | None, base_url: str, disconnected: Disconnected) -> ImagesResponse:
+                       mask: Image.Image | None, base_url: str, disconnected: Disconnected):
+        job, options = self._prepare(params, references, mask)
+        if params.stream:
+            return self._stream(job, params, options, "image_edit" if references else "image_generation")
+        result = await self._wait(self._submit(job), disconnected)
+        data = await asyncio.to_thread(self._deliver, job, result, options, base_url)
+        return images_response(job, data, params, options, account(job, result.prompt.text_tokens),
+                               _warnings(result))
+
+    def _prepare(self, params: ImageParameters, references: tuple[Image.Image, ...],
+                 mask: Image.Image | None) -> tuple[GenerationJob, OutputOptions]:
         name = self.resolve_model(params.model)
         check_supported(params)
         options = output_options(params)
@@ -81,25 +94,21 @@ class ImageService:
         spec = self.engine.pool.configs[name].spec
         job = build_job(params, spec, self.settings, references, mask, model=name,
                         request_id=current_request_id.get())
-        result = await self._run(job, disconnected)
-        data = await asyncio.to_thread(self._deliver, job, result, options, base_url)
-        warnings = []
-        if result.prompt.truncated:
-            warnings.append(f"The prompt was cut to its first {result.prompt.text_tokens} tokens: the text encoder "
-                            f"reads {MAX_SEQUENCE_LENGTH} tokens at most. revised_prompt holds the part used.")
-        return images_response(job, data, params, options, account(job, result.prompt.text_tokens), warnings)
+        return job, options
 
-    async def _run(self, job: GenerationJob, disconnected: Disconnected) -> GenerationResult:
-        """Submit, then wait for the result while watching the client and the clock: a client that leaves or a
-        request past --request-timeout cancels the job at its next denoising step."""
+    def _submit(self, job: GenerationJob, listener=None) -> JobHandle:
         try:
-            handle = self.engine.submit(job)
+            return self.engine.submit(job, listener)
         except QueueFull as exc:
             raise APIError(429, f"The server is busy: {exc}. Retry in about {math.ceil(exc.retry_after)} s.",
                            type="rate_limit_exceeded", code="rate_limit_exceeded",
                            headers={"Retry-After": str(math.ceil(exc.retry_after))}) from exc
         except EngineUnavailable as exc:
             raise APIError(503, str(exc), code="engine_unavailable") from exc
+
+    async def _wait(self, handle: JobHandle, disconnected: Disconnected) -> GenerationResult:
+        """Wait for the result while watching the client and the clock: a client that leaves or a request past
+        --request-timeout cancels the job at its next denoising step."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.request_timeout
         future = asyncio.wrap_future(handle.future)
@@ -126,6 +135,28 @@ class ImageService:
         except OutOfDeviceMemory as exc:
             raise APIError(503, "The GPU ran out of memory for this request, even one image at a time. Try a "
                            "smaller size or fewer reference images.", code="out_of_memory") from exc
+
+    def _stream(self, job: GenerationJob, params: ImageParameters, options: OutputOptions,
+                kind: str) -> EventStream:
+        """Submit now (so a full queue is still a plain 429), then stream the job's events as they come."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        handle = self._submit(job, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        common = {"background": "opaque", "output_format": options.output_format, "quality": quality_label(params),
+                  "size": f"{job.width}x{job.height}"}
+
+        async def finish(result: GenerationResult) -> list[dict]:
+            usage = images_usage(account(job, result.prompt.text_tokens)).model_dump()
+            encoded = await asyncio.to_thread(
+                lambda: [encode_image(image, options.output_format, quality=options.quality)
+                         for image in result.images])
+            return [{"type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode("ascii"),
+                     "created_at": int(time.time()), "usage": usage, "seed": seed,
+                     "revised_prompt": result.prompt.used_prompt, **common}
+                    for data, seed in zip(encoded, result.seeds, strict=True)]
+
+        return EventStream(handle, job, events, kind=kind, common=common, output_format=options.output_format,
+                           quality=options.quality, timeout=self.settings.request_timeout, finish=finish)
 
     def _deliver(self, job: GenerationJob, result: GenerationResult, options: OutputOptions,
                  base_url: str) -> list[ImageData]:
@@ -170,3 +201,10 @@ def _decode_inputs(images: list[bytes], mask: bytes | None, image_param: str,
     except ImageDecodeError as exc:
         raise invalid_param(f"The mask: {exc}", "mask", code="invalid_mask") from exc
     return tuple(references), mask_image
+
+
+def _warnings(result: GenerationResult) -> list[str]:
+    if not result.prompt.truncated:
+        return []
+    return [f"The prompt was cut to its first {result.prompt.text_tokens} tokens: the text encoder reads "
+            f"{MAX_SEQUENCE_LENGTH} tokens at most. revised_prompt holds the part used."]

@@ -39,9 +39,6 @@ def check_supported(params: ImageParameters) -> None:
     if params.prompt_enhancement == "on":
         raise APIError(400, "prompt_enhancement 'on' is not available on this server yet; send 'off' or omit it.",
                        param="prompt_enhancement", code="unsupported_parameter")
-    if params.stream:
-        raise APIError(400, "Streaming is not available on this server yet; omit stream or send false.",
-                       param="stream", code="unsupported_parameter")
 
 
 def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
@@ -59,7 +56,8 @@ def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
     return GenerationJob(prompt=params.prompt, width=width, height=height, run_width=run_width,
                          run_height=run_height, seeds=tuple(first_seed + i for i in range(n)),
                          steps=_steps(params, spec, settings), guidance_scale=_guidance(params, spec),
-                         references=references, mask=mask, model=model, request_id=request_id)
+                         references=references, mask=mask, model=model, request_id=request_id,
+                         partial_images=(params.partial_images or 0) if params.stream else 0)
 
 
 def _output_size(params: ImageParameters, references: tuple[Image.Image, ...]) -> tuple[int, int]:

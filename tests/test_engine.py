@@ -93,12 +93,12 @@ def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(engine, 
     real = engine_module.run_batch
     sizes = []
 
-    def oom_above_one(model, slices, cache, on_step=None):
+    def oom_above_one(model, slices, cache, on_step=None, on_preview=None):
         images = sum(len(s.seeds) for s in slices)
         sizes.append(images)
         if images > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, slices, cache, on_step)
+        return real(model, slices, cache, on_step, on_preview)
 
     monkeypatch.setattr(engine_module, "run_batch", oom_above_one)
     result = engine.submit(job(seeds=(5, 6, 7))).future.result(60)
@@ -107,7 +107,7 @@ def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(engine, 
     alone = engine.submit(job(seeds=(7,)))  # each image equals the one made alone with its seed
     assert np.abs(_array(result.images[2]) - _array(alone.future.result(60).images[0])).max() <= 2
 
-    def always_oom(model, slices, cache, on_step=None):
+    def always_oom(model, slices, cache, on_step=None, on_preview=None):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(engine_module, "run_batch", always_oom)

@@ -2,6 +2,7 @@ import json
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 
 from pipeline.codecs import ImageDecodeError, parse_data_uri
@@ -10,16 +11,35 @@ from ..errors import APIError, invalid_param, validation_error
 from ..multipart import read_edit_form
 from ..protocol import ErrorResponse, ImageEditRequest, ImageGenerationRequest, ImageParameters, ImagesResponse
 from ..remote_images import RemoteImageError, RemoteImageFetcher
+from ..streaming import EventStream
 from ..urls import public_base_url
 
 router = APIRouter(prefix="/v1/images")
 
 IGNORED_HEADER = "x-flux2-ignored-params"
-_ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
+_ERRORS: dict = {status: {"model": ErrorResponse, "description": description} for status, description in {
     400: "Invalid parameter (named in error.param)", 401: "Missing or wrong API key", 404: "Unknown model",
     413: "Request body or image file too large", 429: "Queue full (see Retry-After)", 500: "Server error",
     503: "Model not ready, out of memory, or shutting down", 504: "Request timeout",
     507: "The generated image could not be stored"}.items()}
+_STREAM_EVENT = {  # one Server-Sent Event, as OpenAI frames them; `data` holds the event's JSON
+    "type": "object", "required": ["data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["image_generation.partial_image", "image_generation.completed",
+                                             "image_edit.partial_image", "image_edit.completed", "error"]},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"type": "string"}, "b64_json": {"type": "string"},
+                           "created_at": {"type": "integer"}, "partial_image_index": {"type": "integer"},
+                           "size": {"type": "string"}, "output_format": {"type": "string"},
+                           "quality": {"type": "string"}, "background": {"type": "string"},
+                           "usage": {"type": "object"}}}},
+    },
+}
+_ERRORS[200] = {"description": "The images (JSON), or with stream=true Server-Sent Events: "
+                               "image_generation.partial_image / image_generation.completed (edits: image_edit.*), "
+                               "`: progress N/M` comments, and an `error` event if the job fails once started",
+                "content": {"text/event-stream": {"schema": _STREAM_EVENT}}}
 def inline_schema(model) -> dict:
     """A pydantic model's JSON schema with its `$defs` substituted in place, to embed in the OpenAPI document."""
     schema = model.model_json_schema()
@@ -72,15 +92,16 @@ def _note_ignored(response: Response, params: ImageParameters) -> None:
 
 @router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True, responses=_ERRORS,
              summary="Create images from a prompt")
-async def create_images(body: ImageGenerationRequest, request: Request, response: Response) -> ImagesResponse:
+async def create_images(body: ImageGenerationRequest, request: Request, response: Response):
     service = request.app.state.service
     _note_ignored(response, body)
-    return await service.generate(body, public_base_url(request, service.settings), request.is_disconnected)
+    result = await service.generate(body, public_base_url(request, service.settings), request.is_disconnected)
+    return _answer(result, response)
 
 
 @router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=_ERRORS,
              openapi_extra=_EDIT_BODY, summary="Edit or combine up to 10 images from a prompt (optional mask)")
-async def edit_images(request: Request, response: Response) -> ImagesResponse:
+async def edit_images(request: Request, response: Response):
     service = request.app.state.service
     if request.headers.get("content-type", "").lower().startswith(("multipart/form-data",
                                                                      "application/x-www-form-urlencoded")):
@@ -94,8 +115,18 @@ async def edit_images(request: Request, response: Response) -> ImagesResponse:
         mask = await _image_bytes(params.mask, "mask", cap, fetcher) if params.mask is not None else None
         image_param = "images"
     _note_ignored(response, params)
-    return await service.edit(params, images, mask, public_base_url(request, service.settings), image_param,
-                              request.is_disconnected)
+    result = await service.edit(params, images, mask, public_base_url(request, service.settings), image_param,
+                                request.is_disconnected)
+    return _answer(result, response)
+
+
+def _answer(result: ImagesResponse | EventStream, response: Response):
+    """A JSON ImagesResponse, or (stream=true) Server-Sent Events, carrying the headers set on `response`."""
+    if isinstance(result, EventStream):
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **dict(response.headers)}
+        headers.pop("content-length", None)
+        return StreamingResponse(result.chunks(), media_type="text/event-stream", headers=headers)
+    return result
 
 
 async def _json_edit(request: Request) -> ImageEditRequest:
