@@ -3,7 +3,8 @@
 Flow matching moves each sample on a near-straight line from its starting noise (sigma = 1) to the clean image
 (sigma = 0): x = (1 - sigma) * clean + sigma * noise. Knowing the starting noise, the clean image is predicted from
 the current latents at no model cost: clean = (x - sigma * noise) / (1 - sigma). That prediction is decoded by the
-VAE at half resolution (a quarter of the pixels), so a preview costs a fraction of one final decode."""
+VAE at reduced resolution (half the side, or less for large images so that a preview is about 256 px on its long
+side), so a preview costs a fraction of one final decode."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 LATENT_PIXELS = 16
+PREVIEW_SIDE = 256  # about the long side of a preview, for images larger than twice that
 
 
 def preview_steps(steps: int, count: int) -> list[int]:
@@ -28,8 +30,16 @@ def predict_clean(latents: torch.Tensor, noise: torch.Tensor, sigma: float) -> t
     return (latents - sigma * noise) / max(1.0 - sigma, 0.05)
 
 
+def preview_reduction(width: int, height: int) -> int:
+    """By how much a preview's sides are divided: 2, or a larger power of two for large images."""
+    factor = 2
+    while max(width, height) / (factor * 2) >= PREVIEW_SIDE:
+        factor *= 2
+    return factor
+
+
 def decode_preview(pipe: Any, packed: torch.Tensor, width: int, height: int) -> list[Image.Image]:
-    """Decode packed latents (B, tokens, C) of a `width` x `height` image at half resolution."""
+    """Decode packed latents (B, tokens, C) of a `width` x `height` image at reduced resolution."""
     vae = pipe.vae
     batch, _, channels = packed.shape
     rows, cols = height // LATENT_PIXELS, width // LATENT_PIXELS
@@ -38,7 +48,7 @@ def decode_preview(pipe: Any, packed: torch.Tensor, width: int, height: int) -> 
     std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
                                                                                            latents.dtype)
     latents = pipe._unpatchify_latents(latents * std + mean)
-    latents = F.avg_pool2d(latents, 2)  # half the width and height: a quarter of the decoding work
+    latents = F.avg_pool2d(latents, preview_reduction(width, height))  # a fraction of the decoding work
     with torch.inference_mode():
         pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return pipe.image_processor.postprocess(pixels, output_type="pil")

@@ -74,6 +74,19 @@ def run_bench(model: Path | None, size: int, steps: int, count: int, repeats: in
             direct([prompt])
         return time.perf_counter() - started
 
+    def streamed(size_: int, steps_: int, partials: int) -> float:
+        """One request read to its end: plain JSON (partials = -1) or streamed with `partials` previews."""
+        payload = {**body, "size": f"{size_}x{size_}", "num_inference_steps": steps_,
+                   "prompt": unique_prompts()[0], "seed": 1}
+        if partials >= 0:
+            payload.update(stream=True, partial_images=partials)
+        started = time.perf_counter()
+        with client.stream("POST", "/v1/images/generations", json=payload) as response:
+            response.raise_for_status()
+            for _ in response.iter_bytes():
+                pass
+        return time.perf_counter() - started
+
     def cache_pair() -> tuple[float, float]:
         prompt = unique_prompts()[0]
         started = time.perf_counter()
@@ -88,7 +101,7 @@ def run_bench(model: Path | None, size: int, steps: int, count: int, repeats: in
         concurrent()
         direct_batch()
         figures = {"sequential": [], "concurrent": [], "direct_batch": [], "direct_singles": [], "cold": [],
-                   "cached": []}
+                   "cached": [], "plain": [], "stream3": [], "plain_large": [], "stream3_large": []}
         for _ in range(repeats):
             figures["sequential"].append(sequential())
             figures["concurrent"].append(concurrent())
@@ -97,6 +110,10 @@ def run_bench(model: Path | None, size: int, steps: int, count: int, repeats: in
             cold, cached = cache_pair()
             figures["cold"].append(cold)
             figures["cached"].append(cached)
+            figures["plain"].append(streamed(size, steps, -1))
+            figures["stream3"].append(streamed(size, steps, 3))
+            figures["plain_large"].append(streamed(1024, 20, -1))
+            figures["stream3_large"].append(streamed(1024, 20, 3))
     finally:
         client.close()
         server["process"].terminate()
@@ -145,5 +162,13 @@ def report(figures: dict, size: int, steps: int, count: int) -> str:
         f"  what a direct batch buys, (d)/(c)        = {d / c:5.2f}x",
         f"  prompt cache: new prompt {figures['cold']:.3f} s, same prompt again {figures['cached']:.3f} s "
         f"({(1 - figures['cached'] / figures['cold']) * 100:.0f} % saved)",
+        f"  streaming 3 partial images (target <= +10 %): {size}x{size}/{steps} steps "
+        f"{figures['plain']:.3f} s -> {figures['stream3']:.3f} s ({_extra(figures, 'plain', 'stream3')}); "
+        f"1024x1024/20 steps {figures['plain_large']:.3f} s -> {figures['stream3_large']:.3f} s "
+        f"({_extra(figures, 'plain_large', 'stream3_large')})",
     ]
     return "\n".join(lines)
+
+
+def _extra(figures: dict, base: str, measured: str) -> str:
+    return f"{(figures[measured] / figures[base] - 1) * 100:+.0f} %"

@@ -54,5 +54,5 @@ def test_bench_command_runs_and_reports_every_figure():
                           "--size", "64"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     for label in ("(a) 2 requests one by one", "(b) 2 concurrent", "(c) one direct pipeline call",
-                  "(d) 2 direct single", "(a)/(b)", "(b)/(c)", "prompt cache"):
+                  "(d) 2 direct single", "(a)/(b)", "(b)/(c)", "prompt cache", "streaming 3 partial images"):
         assert label in run.stdout

@@ -100,3 +100,10 @@ def test_a_closed_stream_cancels_its_job(server):
         time.sleep(0.1)
     done = int(re.findall(r"stopped after (\d+)/100 steps: the client disconnected", server.log())[-1])
     assert done < 100
+
+
+@pytest.mark.parametrize("size, factor", [((96, 64), 2), ((512, 512), 2), ((1024, 768), 4), ((2048, 2048), 8)])
+def test_previews_are_about_256_px_for_large_images(size, factor):
+    from pipeline.previews import preview_reduction
+
+    assert preview_reduction(*size) == factor
