@@ -96,3 +96,18 @@ def test_load_keys(tmp_path):
     key_file = tmp_path / "k"
     key_file.write_text("one\n# comment\n two # trailing\n")
     assert load_keys(["a,b", "c d", "a"], key_file) == ("a", "b", "c", "d", "one", "two")
+
+
+def test_cli_client_sends_the_key_from_the_environment(keyed_server, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(key):
+        return subprocess.run([sys.executable, "-m", "server.cli", "generate", "x", "--size", "16x16", "--steps", "1",
+                               "--server", keyed_server.base_url, "-o", str(tmp_path / "k.png")],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "FLUX2_API_KEY": key})
+
+    assert run("cli-key-1").returncode == 0
+    refused = run("nope")
+    assert refused.returncode == 1 and "401" in refused.stderr

@@ -56,3 +56,44 @@ def test_bench_command_runs_and_reports_every_figure():
     for label in ("(a) 2 requests one by one", "(b) 2 concurrent", "(c) one direct pipeline call",
                   "(d) 2 direct single", "(a)/(b)", "(b)/(c)", "prompt cache", "streaming 3 partial images"):
         assert label in run.stdout
+
+
+def _cli(*args, cwd=None, env=None):
+    import os
+
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
+                          timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
+
+
+def test_generate_command_writes_numbered_files_and_reports_seeds(server, tmp_path):
+    from PIL import Image
+
+    run = _cli("generate", "a red kite", "-o", str(tmp_path / "kite.png"), "--size", "48x32", "-n", "2",
+               "--seed", "7", "--steps", "3", "--server", server.base_url)
+    assert run.returncode == 0, run.stderr
+    assert f"{tmp_path / 'kite-1.png'}  (48x32, seed 7)" in run.stdout
+    assert f"{tmp_path / 'kite-2.png'}  (48x32, seed 8)" in run.stdout
+    for name in ("kite-1.png", "kite-2.png"):
+        assert Image.open(tmp_path / name).size == (48, 32)
+
+
+def test_edit_command_with_two_images_default_names_and_format(server, tmp_path):
+    from hostile_images import png
+    from PIL import Image
+
+    (tmp_path / "a.png").write_bytes(png(64, 48))
+    (tmp_path / "b.png").write_bytes(png(32, 32))
+    run = _cli("edit", "combine", "-i", "a.png", "-i", "b.png", "--seed", "3", "--steps", "2", "--format", "jpeg",
+               cwd=tmp_path, env={"FLUX2_SERVER": server.base_url})
+    assert run.returncode == 0, run.stderr
+    assert "flux2-3.jpg  (64x48, seed 3)" in run.stdout
+    image = Image.open(tmp_path / "flux2-3.jpg")
+    assert (image.format, image.size) == ("JPEG", (64, 48))
+
+
+def test_client_errors_are_one_clear_line(server, tmp_path):
+    bad = _cli("generate", "x", "--size", "huge", "--server", server.base_url)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith("error: 400:") and "(parameter size)" in bad.stderr
+    down = _cli("generate", "x", "--server", "http://127.0.0.1:9")
+    assert down.returncode == 1 and "could not reach" in down.stderr

@@ -1,0 +1,100 @@
+"""`flux2-local generate` / `flux2-local edit`: a command-line client for a running server. It streams the
+request, shows a progress bar fed by the stream's progress comments, and writes the images."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+
+class ClientError(Exception):
+    """What went wrong, in words for the terminal."""
+
+
+@dataclass
+class SavedImage:
+    path: Path
+    seed: int | None
+    size: str
+
+
+def run_request(server: str, api_key: str | None, endpoint: str, fields: dict, images: list[Path],
+                mask: Path | None, output: Path | None, show_progress: bool = True) -> list[SavedImage]:
+    """POST to /v1/images/{endpoint} with stream=true and save each completed image."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    url = f"{server.rstrip('/')}/v1/images/{endpoint}"
+    body = {key: value for key, value in fields.items() if value is not None}
+    body["stream"] = True
+    files = None
+    if endpoint == "edits":
+        files = [("image[]" if len(images) > 1 else "image", (p.name, p.read_bytes())) for p in images]
+        if mask is not None:
+            files.append(("mask", (mask.name, mask.read_bytes())))
+        body = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in body.items()}
+    saved: list[SavedImage] = []
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+                  disable=not show_progress, transient=True) as bar:
+        task = bar.add_task("queued", total=None)
+        try:
+            request = (dict(data=body, files=files) if files is not None else dict(json=body))
+            with httpx.stream("POST", url, headers=headers, timeout=httpx.Timeout(30, read=None),
+                              **request) as response:
+                if response.status_code != 200:
+                    response.read()
+                    raise ClientError(_error_text(response))
+                for event, data in _events(response.iter_lines()):
+                    if event == "progress":
+                        done, total = data
+                        bar.update(task, description="denoising", completed=done, total=total)
+                    elif event == "error":
+                        raise ClientError(data.get("error", {}).get("message", "the server reported an error"))
+                    elif event.endswith(".completed"):
+                        saved.append(_save(data, output, len(saved), fields.get("n") or 1))
+        except httpx.HTTPError as exc:
+            raise ClientError(f"could not reach {server}: {exc}") from exc
+    if not saved:
+        raise ClientError("the server sent no image")
+    return saved
+
+
+def _events(lines: Iterator[str]) -> Iterator[tuple[str, object]]:
+    """Server-Sent Events: ("progress", (done, total)) from `: progress d/t` comments, (event name, data dict)."""
+    event = None
+    for line in lines:
+        if line.startswith(": progress "):
+            done, _, total = line.removeprefix(": progress ").partition("/")
+            yield "progress", (int(done), int(total))
+        elif line.startswith("event:"):
+            event = line.removeprefix("event:").strip()
+        elif line.startswith("data:") and event is not None:
+            yield event, json.loads(line.removeprefix("data:").strip())
+        elif not line:
+            event = None
+
+
+def _save(data: dict, output: Path | None, index: int, count: int) -> SavedImage:
+    extension = {"jpeg": "jpg"}.get(data.get("output_format", "png"), data.get("output_format", "png"))
+    seed = data.get("seed")
+    if output is None:
+        path = Path(f"flux2-{seed if seed is not None else index + 1}.{extension}")
+    elif count > 1:
+        path = output.with_name(f"{output.stem}-{index + 1}{output.suffix or '.' + extension}")
+    else:
+        path = output
+    path.write_bytes(base64.b64decode(data["b64_json"]))
+    return SavedImage(path=path, seed=seed, size=data.get("size", ""))
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        error = response.json()["error"]
+        where = f" (parameter {error['param']})" if error.get("param") else ""
+        return f"{response.status_code}: {error['message']}{where}"
+    except (ValueError, KeyError, TypeError):
+        return f"{response.status_code}: {response.text[:300]}"
