@@ -16,7 +16,7 @@ from .errors import install_error_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
 from .remote_images import RemoteImageFetcher
 from .request_ids import RequestIdMiddleware
-from .routes import files, health, images, metrics, models
+from .routes import files, health, images, metrics, models, playground
 from .serving import FILES_ROUTE, ImageService
 from .settings import Settings
 from .storage import ImageStore
@@ -50,6 +50,8 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     install_error_handlers(app)
     for module in (health, models, images, files, metrics):
         app.include_router(module.router)
+    if settings.playground:
+        app.include_router(playground.router)
     _document_errors_as_served(app)
     # Added innermost first: request ids wrap everything (every log line and response carries one), CORS answers
     # preflights before auth, auth runs before any body is read.
@@ -57,7 +59,7 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     app.add_middleware(DrainingMiddleware)
     app.add_middleware(APIKeyMiddleware, keys=settings.api_keys,
                        public_files_prefix=FILES_ROUTE if settings.public_files else None,
-                       open_metrics=settings.open_metrics)
+                       open_metrics=settings.open_metrics, playground_open=settings.playground_open)
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 

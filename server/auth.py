@@ -33,13 +33,27 @@ def key_matches(given: str, keys: tuple[str, ...]) -> bool:
     return matched
 
 
+def _from_own_playground(headers: dict[bytes, bytes]) -> bool:
+    """A request the Playground page made from this server's own origin (--playground-open). Browsers send the
+    custom header only after a CORS preflight, so other sites' pages cannot; other programs can forge it, which is
+    what --playground-open accepts: anyone who can open the page can use the API."""
+    if b"x-flux2-playground" not in headers:
+        return False
+    origin = headers.get(b"origin")
+    if origin is None:
+        return True
+    host = headers.get(b"host", b"")
+    return origin.split(b"://", 1)[-1] == host
+
+
 class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, keys: tuple[str, ...], public_files_prefix: str | None = None,
-                 open_metrics: bool = False):
+                 open_metrics: bool = False, playground_open: bool = False):
         self.app = app
         self.keys = keys
         self.public_files_prefix = public_files_prefix
         self.open_metrics = open_metrics
+        self.playground_open = playground_open
 
     def _protected(self, path: str) -> bool:
         if path == "/metrics":
@@ -52,7 +66,11 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or not self.keys or not self._protected(scope["path"]):
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        request_headers = dict(scope["headers"])
+        if self.playground_open and _from_own_playground(request_headers):
+            await self.app(scope, receive, send)
+            return
+        header = request_headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
         if scheme.lower() == "bearer" and token.strip() and key_matches(token.strip(), self.keys):
             await self.app(scope, receive, send)

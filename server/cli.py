@@ -121,6 +121,11 @@ def serve(
                                                          "1024x1024; the product's ceiling is 4).")] = 4.0,
     max_prompt_chars: Annotated[int, typer.Option(envvar=_env("MAX_PROMPT_CHARS"), help="Longest prompt "
                                                   "accepted, in characters.")] = 20_000,
+    playground: Annotated[bool, typer.Option(envvar=_env("PLAYGROUND"), help="Serve the Playground page at / "
+                                             "(--no-playground turns it off).")] = True,
+    playground_open: Annotated[bool, typer.Option(envvar=_env("PLAYGROUND_OPEN"), help="With API keys set, let "
+                                                  "the Playground page call the API without one (anyone who can "
+                                                  "open the page can then use the GPU).")] = False,
     allow_remote_images: Annotated[bool, typer.Option(envvar=_env("ALLOW_REMOTE_IMAGES"), help="Fetch http(s) "
                                                       "image_url inputs (public addresses only, each redirect "
                                                       "checked, size and time capped). Off: the server never "
@@ -162,6 +167,7 @@ def serve(
                         max_image_bytes=max_image_mb * 1024**2, max_input_pixels=int(max_input_megapixels * 1e6),
                         max_output_pixels=min(4 * 1024**2, int(max_output_megapixels * 1024**2)),
                         max_prompt_chars=max_prompt_chars, allow_remote_images=allow_remote_images,
+                        playground=playground, playground_open=playground_open,
                         remote_image_timeout=remote_image_timeout)
     log.info("serving ids: %s", ", ".join(f"{i} -> {n}" if i != n else i for i, n in settings.model_ids.items()))
     engine = Engine(ModelPool(configs, max_loaded=max_loaded_models), max_batch_images=max_batch_images,

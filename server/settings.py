@@ -27,6 +27,8 @@ class Settings:
     max_input_pixels: int = 50_000_000
     max_output_pixels: int = 4 * 1024**2
     max_prompt_chars: int = 20_000
+    playground: bool = True  # serve the Playground page at / and /playground
+    playground_open: bool = False  # with keys set, let the same-origin Playground page call the API without one
     allow_remote_images: bool = False  # fetch http(s) image_urls (public addresses only)
     remote_image_timeout: float = 10.0
 

@@ -42,6 +42,7 @@ class RunningServer:
     def __init__(self, args: list[str], workdir: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "server.log"
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(

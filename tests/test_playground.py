@@ -1,0 +1,163 @@
+"""The Playground page in a real browser (Debian's Chromium driven by Playwright): generate with live previews,
+edit with two uploaded references, see an API error in plain words, keys and the open mode."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import RunningServer
+from hostile_images import png
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("CI must have Chromium for the browser tests (.ci/run installs it)")
+        pytest.skip("browser tests need Chromium: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    page = context.new_page()
+    page.console_errors = []
+    page.on("console", lambda m: page.console_errors.append(m.text) if m.type == "error" else None)
+    yield page
+    context.close()
+
+
+def natural_size(page, selector):
+    return tuple(page.evaluate(f"() => {{ const i = document.querySelector('{selector}'); "
+                               "return [i.naturalWidth, i.naturalHeight]; }"))
+
+
+def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page, tmp_path):
+    page.goto(server.base_url + "/")
+    assert page.title() == "flux2-local · Playground"
+    page.wait_for_selector("#model option:nth-child(2)", state="attached")
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#size", "96x64")
+    page.fill("#steps", "8")
+    page.click("#dice")
+    seed = page.input_value("#seed")
+    assert seed.isdigit()
+    page.click("#go")
+    page.wait_for_selector("figure.result img")
+    assert page.locator("#previews img.preview").count() == 3
+    assert natural_size(page, "figure.result img") == (96, 64)
+    caption = page.inner_text("figure.result figcaption")
+    assert "96x64" in caption and f"seed {seed}" in caption
+    assert page.get_attribute("figure.result a", "download").endswith(".png")
+    assert page.inner_text("#status").startswith("Done: 1 image")
+    page.click("summary")
+    assert '"size": "96x64"'.replace(" ", "") in page.inner_text("#curl").replace(" ", "")
+    assert "client.images.generate(" in page.inner_text("#python")
+    page.screenshot(path=str(tmp_path / "playground-generate.png"), full_page=True)
+    assert page.console_errors == []
+
+
+def test_edit_with_two_uploaded_references(server, page, tmp_path):
+    for name, size in (("first.png", (80, 48)), ("second.png", (64, 64))):
+        (tmp_path / name).write_bytes(png(*size))
+    page.goto(server.base_url + "/playground")
+    page.fill("#prompt", "put them together")
+    page.fill("#steps", "3")
+    page.set_input_files("#files", [str(tmp_path / "first.png"), str(tmp_path / "second.png")])
+    assert page.locator("#thumbs .thumb").count() == 2
+    assert page.inner_text("#go") == "Edit 2 images"
+    page.click("summary")
+    assert "image[]=@first.png" in page.inner_text("#curl")
+    page.keyboard.press("Control+Enter")  # the shortcut
+    page.wait_for_selector("figure.result img")
+    assert natural_size(page, "figure.result img") == (80, 48)  # auto size: the first image
+    page.locator("#thumbs .thumb button").first.click()
+    assert page.locator("#thumbs .thumb").count() == 1
+    page.screenshot(path=str(tmp_path / "playground-edit.png"), full_page=True)
+
+
+def test_api_errors_are_shown_in_plain_words(server, page):
+    page.goto(server.base_url + "/")
+    page.fill("#prompt", "x")
+    page.fill("#size", "huge")
+    page.click("#go")
+    page.wait_for_selector("#error", state="visible")
+    text = page.inner_text("#error")
+    assert "Invalid size 'huge'" in text and "size" in text
+    assert page.locator("figure.result").count() == 0
+
+
+def test_keys_and_the_open_mode(tiny_klein, tmp_path, browser):
+    keyed = RunningServer(["--model", str(tiny_klein), "--api-key", "studio-key"], tmp_path / "keyed")
+    opened = RunningServer(["--model", str(tiny_klein), "--api-key", "studio-key", "--playground-open"],
+                           tmp_path / "open")
+    try:
+        keyed.wait_healthy()
+        opened.wait_healthy()
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(keyed.base_url + "/")
+        page.wait_for_selector("#keybox", state="visible")
+        page.fill("#apikey", "studio-key")
+        page.dispatch_event("#apikey", "change")
+        page.wait_for_selector("#model option:nth-child(2)", state="attached")
+        page.fill("#prompt", "x")
+        page.fill("#size", "32x32")
+        page.fill("#steps", "2")
+        page.click("#go")
+        page.wait_for_selector("figure.result img")
+        assert page.evaluate("localStorage.getItem('flux2-api-key')") == "studio-key"
+        context.close()
+
+        context = browser.new_context()
+        page = context.new_page()
+        page.goto(opened.base_url + "/")
+        page.wait_for_selector("#model option:nth-child(2)", state="attached")
+        assert not page.is_visible("#keybox")
+        page.fill("#prompt", "x")
+        page.fill("#size", "32x32")
+        page.fill("#steps", "2")
+        page.click("#go")
+        page.wait_for_selector("figure.result img")
+        context.close()
+        # The open mode is for the page only: other clients still need the key.
+        assert httpx.get(f"{opened.base_url}/v1/models").status_code == 401
+        assert httpx.get(f"{opened.base_url}/v1/models", headers={"x-flux2-playground": "1",
+                                                                 "origin": "https://elsewhere.example"}
+                         ).status_code == 401
+    finally:
+        keyed.stop()
+        opened.stop()
+
+
+def test_no_playground(tiny_klein, tmp_path):
+    running = RunningServer(["--model", str(tiny_klein), "--no-playground"], tmp_path)
+    try:
+        running.wait_healthy()
+        assert httpx.get(f"{running.base_url}/").status_code == 404
+        assert httpx.get(f"{running.base_url}/playground").status_code == 404
+    finally:
+        running.stop()
+
+
+def test_the_page_loads_nothing_from_elsewhere(server):
+    response = httpx.get(f"{server.base_url}/")
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    html = response.text
+    assert "http://" not in html.replace("http://localhost", "") and "https://" not in html
+    assert "<script src" not in html and "<link rel=\"stylesheet\"" not in html
