@@ -250,12 +250,7 @@ class Engine:
         progress = _Progress(mine, slices, self.progress_log_seconds)
         started = time.perf_counter()
         outcome = "ok"
-        sink = None
-        if any(h.listener is not None and h.job.partial_images for h in mine):
-            def sink(piece: Slice, index: int, images: list) -> None:
-                handle = handles[id(piece.job)]
-                if handle.listener is not None and not handle.cancelled:
-                    handle.listener(Preview(index, images))
+        sink = _preview_sink(handles) if any(h.listener and h.job.partial_images for h in mine) else None
         try:
             for piece, result in zip(slices, run_batch(model, slices, self.prompt_cache, progress, sink),
                                      strict=True):
@@ -303,6 +298,16 @@ class Engine:
                 handle.future.set_exception(failures[id(handle)])
             else:
                 handle.future.set_result(_merge(handle.job, results[id(handle)]))
+
+
+def _preview_sink(handles: dict[int, JobHandle]) -> Callable[[Slice, int, list], None]:
+    """Passes a slice's previews to its job's listener."""
+    def sink(piece: Slice, index: int, images: list) -> None:
+        handle = handles[id(piece.job)]
+        if handle.listener is not None and not handle.cancelled:
+            handle.listener(Preview(index, images))
+
+    return sink
 
 
 def _merge(job: GenerationJob, parts: list[GenerationResult]) -> GenerationResult:

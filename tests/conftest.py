@@ -64,6 +64,17 @@ class RunningServer:
             time.sleep(0.2)
         raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log()}")
 
+    def __enter__(self) -> "RunningServer":
+        try:
+            self.wait_healthy()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -81,13 +92,9 @@ class RunningServer:
 @pytest.fixture(scope="session")
 def server(tiny_klein, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("server")
-    running = RunningServer(["--model", str(tiny_klein), "--output-dir", str(workdir / "outputs")], workdir)
-    running.output_dir = workdir / "outputs"
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_klein), "--output-dir", str(workdir / "outputs")], workdir) as running:
+        running.output_dir = workdir / "outputs"
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="session")

@@ -17,13 +17,9 @@ def keyed_server(tiny_klein, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("keyed")
     key_file = workdir / "keys.txt"
     key_file.write_text("# studio keys\nfile-key-2  # the render farm\n\n")
-    running = RunningServer(["--model", str(tiny_klein), "--api-key", "cli-key-1", "--api-key-file", str(key_file)],
-                            workdir)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_klein), "--api-key", "cli-key-1", "--api-key-file", str(key_file)],
+                       workdir) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _client(server, key):
@@ -62,17 +58,13 @@ def test_health_is_open_metrics_is_not(keyed_server):
 
 
 def test_public_files_and_open_metrics(tiny_klein, tmp_path):
-    running = RunningServer(["--model", str(tiny_klein), "--api-key", "k", "--public-files", "--open-metrics"],
-                            tmp_path)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_klein), "--api-key", "k", "--public-files", "--open-metrics"],
+                       tmp_path) as running:
         url = _client(running, "k").images.generate(prompt="x", size="16x16",
                                                      extra_body={"num_inference_steps": 1}).data[0].url
         assert httpx.get(url).status_code == 200
         assert httpx.get(f"{running.base_url}/metrics").status_code == 200
         assert httpx.get(f"{running.base_url}/v1/models").status_code == 401
-    finally:
-        running.stop()
 
 
 def test_keys_are_compared_in_constant_time(monkeypatch):

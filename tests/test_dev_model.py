@@ -18,12 +18,8 @@ def dev_client(tiny_dev, tmp_path_factory):
     from openai import OpenAI
 
     workdir = tmp_path_factory.mktemp("dev-server")
-    running = RunningServer(["--model", str(tiny_dev), "--model-name", "my-dev"], workdir)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_dev), "--model-name", "my-dev"], workdir) as running:
         yield OpenAI(base_url=f"{running.base_url}/v1", api_key="x", max_retries=0, timeout=120)
-    finally:
-        running.stop()
 
 
 def _png(width, height, seed):

@@ -24,13 +24,9 @@ seen: dict[str, int] = {}
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_klein, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fuzz")
-    running = RunningServer(["--model", str(tiny_klein), "--max-output-megapixels", "0.01", "--max-steps", "1",
-                             "--max-queue-images", "10000", "--log-level", "warning"], workdir)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_klein), "--max-output-megapixels", "0.01", "--max-steps", "1",
+                        "--max-queue-images", "10000", "--log-level", "warning"], workdir) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

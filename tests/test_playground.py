@@ -145,13 +145,9 @@ def test_keys_and_the_open_mode(tiny_klein, tmp_path, browser):
 
 
 def test_no_playground(tiny_klein, tmp_path):
-    running = RunningServer(["--model", str(tiny_klein), "--no-playground"], tmp_path)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_klein), "--no-playground"], tmp_path) as running:
         assert httpx.get(f"{running.base_url}/").status_code == 404
         assert httpx.get(f"{running.base_url}/playground").status_code == 404
-    finally:
-        running.stop()
 
 
 def test_the_page_loads_nothing_from_elsewhere(server):

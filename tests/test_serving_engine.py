@@ -68,13 +68,9 @@ def test_metrics_count_requests_by_route_and_status(server):
 def small_server(tiny_klein, tiny_dev, tmp_path_factory):
     """A second server: a queue of 2 images, a 3 s request timeout, and two models (klein default, dev)."""
     workdir = tmp_path_factory.mktemp("small")
-    running = RunningServer(["--model", f"kl={tiny_klein}", "--model", f"dv={tiny_dev}", "--max-queue-images", "2",
-                             "--request-timeout", "3", "--max-batch-images", "1"], workdir)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", f"kl={tiny_klein}", "--model", f"dv={tiny_dev}", "--max-queue-images", "2",
+                        "--request-timeout", "3", "--max-batch-images", "1"], workdir) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _in_background(fn):

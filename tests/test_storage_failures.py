@@ -11,9 +11,7 @@ from imaging import decode_b64
 def test_unwritable_output_dir_is_a_clear_507_and_the_server_keeps_serving(tiny_klein, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the output directory should be")
-    running = RunningServer(["--model", str(tiny_klein), "--output-dir", str(blocker / "outputs")], tmp_path)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_klein), "--output-dir", str(blocker / "outputs")], tmp_path) as running:
         body = {"prompt": "x", "size": "16x16", "num_inference_steps": 1}
         failed = httpx.post(f"{running.base_url}/v1/images/generations", json=body, timeout=60)
         assert failed.status_code == 507
@@ -24,8 +22,6 @@ def test_unwritable_output_dir_is_a_clear_507_and_the_server_keeps_serving(tiny_
                             json={**body, "response_format": "b64_json"})
         assert decode_b64(inline.json()["data"][0]["b64_json"]).size == (16, 16)
         assert httpx.get(f"{running.base_url}/health").status_code == 200
-    finally:
-        running.stop()
 
 
 def test_cors_is_off_by_default_and_configurable(server, tiny_klein, tmp_path):
@@ -33,15 +29,11 @@ def test_cors_is_off_by_default_and_configurable(server, tiny_klein, tmp_path):
                  "Access-Control-Request-Headers": "authorization,content-type"}
     closed = httpx.options(f"{server.base_url}/v1/images/generations", headers=preflight)
     assert "access-control-allow-origin" not in closed.headers
-    running = RunningServer(["--model", str(tiny_klein), "--cors-origin", "https://tools.studio.example",
-                             "--api-key", "k"], tmp_path)
-    try:
-        running.wait_healthy()
+    with RunningServer(["--model", str(tiny_klein), "--cors-origin", "https://tools.studio.example",
+                        "--api-key", "k"], tmp_path) as running:
         opened = httpx.options(f"{running.base_url}/v1/images/generations", headers=preflight)
         assert opened.status_code == 200
         assert opened.headers["access-control-allow-origin"] == "https://tools.studio.example"
         other = httpx.options(f"{running.base_url}/v1/images/generations",
                               headers={**preflight, "Origin": "https://evil.example"})
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"
-    finally:
-        running.stop()
