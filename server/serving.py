@@ -57,11 +57,12 @@ class ImageService:
                        param="model", code="model_not_found")
 
     async def generate(self, params: ImageParameters, base_url: str,
-                       disconnected: Disconnected = _never) -> ImagesResponse:
+                       disconnected: Disconnected = _never) -> ImagesResponse | EventStream:
         return await self._produce(params, (), None, base_url, disconnected)
 
     async def edit(self, params: ImageParameters, images: list[bytes], mask: bytes | None, base_url: str,
-                   image_param: str = "image", disconnected: Disconnected = _never) -> ImagesResponse:
+                   image_param: str = "image",
+                   disconnected: Disconnected = _never) -> ImagesResponse | EventStream:
         if not images:
             raise APIError(400, "Missing required parameter: 'image' (1 to 10 images to edit).", param=image_param,
                            code="missing_required_parameter")
@@ -74,7 +75,10 @@ class ImageService:
         return await self._produce(params, references, mask_image, base_url, disconnected)
 
     async def _produce(self, params: ImageParameters, references: tuple[Image.Image, ...],
-                       mask: Image.Image | None, base_url: str, disconnected: Disconnected):
+                       mask: Image.Image | None, base_url: str,
+                       disconnected: Disconnected) -> ImagesResponse | EventStream:
+        """The JSON answer, or (stream=true) the event stream; either way the job is submitted before returning,
+        so a full queue or an unready model is a plain JSON error."""
         job, options = self._prepare(params, references, mask)
         if params.stream:
             return self._stream(job, params, options, "image_edit" if references else "image_generation")
