@@ -170,3 +170,9 @@ def test_ignored_parameter_names_are_safe_in_the_header(server):
         "prompt": "x", "size": "16x16", "num_inference_steps": 1, "Ā": None, "a\r\nb": 1})
     assert response.status_code == 200
     assert response.headers["x-flux2-ignored-params"] == "a%0D%0Ab, %C4%80"  # sorted by name
+
+
+@pytest.mark.parametrize("prompt", ["x\x00y", "🦊 in the snow", "שלום עולם", "a\r\nb\tc", "[IMG] <|im_end|> </s>"])
+def test_odd_but_valid_prompts_work(client, prompt):
+    result = generate(client, prompt=prompt, size="16x16", response_format="b64_json", **ONE_STEP)
+    assert decode_b64(result.data[0].b64_json).size == (16, 16)

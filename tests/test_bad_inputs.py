@@ -92,6 +92,10 @@ CASES = [
     ("non-UTF-8 body", GEN, raw(b'{"prompt": "\xff\xfe\xfa"}'), 400, None),
     ("empty body", GEN, raw(b""), 400, None),
     ("text/plain body", GEN, raw(b"a cat", "text/plain"), 400, None),
+    ("deeply nested JSON", GEN, raw(b"[" * 100_000 + b"]" * 100_000), 400, None),
+    ("lone surrogate", GEN, raw(b'{"prompt": "\\ud800"}'), 400, "prompt"),
+    ("non-UTF-8 form field", EDIT, {"files": [("prompt", (None, b"\xff\xfe")), ("size", (None, b"\xffx\xfe")),
+                                              ("image", ("a.png", png(), "image/png"))]}, 400, "size"),
     # edits: multipart
     ("no image", EDIT, form(files=[]), 400, "image"),
     ("image as text", EDIT, {"data": {"prompt": "x", "image": "not a file"}, "files": [("x", ("x", b"x"))]}, 400,
@@ -127,6 +131,7 @@ CASES = [
     ("metadata URL", EDIT, {"json": {"prompt": "x", "images": [{"image_url": "http://169.254.169.254/latest"}]}}, 400,
      "images"),
     ("image_url missing", EDIT, {"json": {"prompt": "x", "images": [{}]}}, 400, "images"),
+    ("deeply nested JSON edit", EDIT, raw(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400, None),
     ("JSON bomb image", EDIT, {"json": {"prompt": "x", "images": [{"image_url": uri(bomb_png())}]}}, 400, "images"),
 ]
 

@@ -132,7 +132,7 @@ def _answer(result: ImagesResponse | EventStream, response: Response):
 async def _json_edit(request: Request) -> ImageEditRequest:
     try:
         body = json.loads(await request.body())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, or nested past Python's recursion limit
         raise APIError(400, "The request body is not valid JSON (or send multipart/form-data).",
                        code="invalid_json") from exc
     if not isinstance(body, dict):
