@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -232,6 +233,9 @@ def _default_weights(weights_dir: Path) -> Path:
                 weights_dir, target)
     # Build beside the target and rename, so an interrupted first start never leaves a half-written folder.
     partial = build_tiny_weights(weights_dir / f".{TINY_DEFAULT_DIRNAME}.partial", "klein")
+    if target.exists():  # not a loadable model (find_local_weights passed it over): replace it
+        log.warning("model: replacing %s, which is not a loadable diffusers folder", target)
+        shutil.rmtree(target)
     partial.rename(target)
     return target
 

@@ -97,3 +97,12 @@ def test_client_errors_are_one_clear_line(server, tmp_path):
     assert bad.stderr.strip().startswith("error: 400:") and "(parameter size)" in bad.stderr
     down = _cli("generate", "x", "--server", "http://127.0.0.1:9")
     assert down.returncode == 1 and "could not reach" in down.stderr
+
+
+def test_a_broken_tiny_folder_is_rebuilt(tmp_path):
+    broken = tmp_path / "weights" / "tiny-flux2-klein"
+    broken.mkdir(parents=True)
+    (broken / "model_index.json").write_text("{not json")
+    with RunningServer([], tmp_path) as server:
+        assert httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"] == "tiny-flux2-klein"
+        assert "replacing" in server.log()
