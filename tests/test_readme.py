@@ -77,3 +77,10 @@ def test_seed_curl_edit_example(server, tmp_path):
     assert body["size"] == "1024x1024"
     image = decode_bytes(httpx.get(body["data"][0]["url"]).content)
     assert (image.format, image.size) == ("PNG", (1024, 1024))
+
+
+def test_python_stream_example(server, tmp_path):
+    code = example("python-stream").replace("http://localhost:8000", server.base_url)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
