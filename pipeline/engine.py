@@ -8,6 +8,7 @@ A CUDA out-of-memory error frees the cache and retries the batch in halves befor
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -25,6 +26,10 @@ from .runner import run_batch
 from .text_cache import PromptCache
 
 log = logging.getLogger("flux2.engine")
+
+# The request ids of the batch the worker is running ("a,b,c"), for log lines written meanwhile (the engine's own,
+# diffusers' warnings): a logging filter can read it.
+running_request_ids: contextvars.ContextVar[str] = contextvars.ContextVar("running_request_ids", default="")
 
 
 class EngineUnavailable(Exception):
@@ -238,7 +243,11 @@ class Engine:
         results: dict[int, list[GenerationResult]] = {id(h): [] for h in batch}
         failures: dict[int, BaseException] = {}
         handles = {id(h.job): h for h in batch}
-        self._run_slices(model, [Slice(h.job, h.job.seeds) for h in batch], handles, results, failures)
+        token = running_request_ids.set(",".join(h.job.request_id for h in batch if h.job.request_id))
+        try:
+            self._run_slices(model, [Slice(h.job, h.job.seeds) for h in batch], handles, results, failures)
+        finally:
+            running_request_ids.reset(token)
         self._finish(batch, failures, results)
 
     def _run_slices(self, model, slices: list[Slice], handles: dict[int, JobHandle],
@@ -262,7 +271,7 @@ class Engine:
             release_device_memory()
             if images_in(slices) == 1:
                 handle = mine[0]
-                log.error("%s: out of device memory even for one image", handle.job.request_id or "job")
+                log.error("out of device memory even for one image")
                 failures[id(handle)] = OutOfDeviceMemory("the device ran out of memory for a single image")
             else:
                 left, right = split_in_half(slices)
@@ -342,12 +351,9 @@ class _Progress:
         now = time.monotonic()
         if now - self._last_log >= self.log_seconds:
             self._last_log = now
-            ids = ",".join(h.job.request_id or "-" for h in self.handles)
-            log.info("[%s] step %d/%d, %d images, %.2f s/step", ids, done, total, self.images,
-                     (now - self._started) / done)
+            log.info("step %d/%d, %d images, %.2f s/step", done, total, self.images, (now - self._started) / done)
         if done < total and all(h.cancelled for h in self.handles):
             self.interrupted = True
-            log.info("[%s] stopped after %d/%d steps: %s", ",".join(h.job.request_id or "-" for h in self.handles),
-                     done, total, self.handles[0].cancel_reason)
+            log.info("stopped after %d/%d steps: %s", done, total, self.handles[0].cancel_reason)
             return True
         return False

@@ -10,6 +10,8 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from pipeline.engine import running_request_ids
+
 HEADER = "x-request-id"
 current_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -40,11 +42,13 @@ class RequestIdMiddleware:
 
 
 class RequestIdFilter(logging.Filter):
-    """Adds `request_id` to every record (the current request's, or "-")."""
+    """Adds `request_id` to every record: the current request's; on the engine's worker, the ids of the batch it
+    runs; else "-"."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "request_id"):
-            record.request_id = current_request_id.get()
+            request_id = current_request_id.get()
+            record.request_id = request_id if request_id != "-" else (running_request_ids.get() or "-")
         return True
 
 

@@ -158,3 +158,24 @@ def test_stop_cancels_what_outlasts_the_timeout(tiny_klein):
     with pytest.raises(JobCancelled, match="shutting down"):
         handle.future.result(1)
     assert handle.steps_run < 2000
+
+
+def test_long_jobs_log_their_progress_at_a_limited_rate(tiny_klein, caplog):
+    import logging
+
+    engine = make_engine(tiny_klein, progress_log_seconds=0.0)
+    try:
+        with caplog.at_level(logging.INFO, logger="flux2.engine"):
+            engine.submit(job(steps=5, request_id="req-7")).future.result(60)
+        lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
+        assert lines[0].startswith("step 1/5, 1 images") and lines[-1].startswith("step 5/5")
+    finally:
+        engine.stop(10)
+    quiet = make_engine(tiny_klein, progress_log_seconds=3600)
+    try:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="flux2.engine"):
+            quiet.submit(job(steps=5)).future.result(60)
+        assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
+    finally:
+        quiet.stop(10)

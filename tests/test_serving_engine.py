@@ -122,6 +122,8 @@ def test_timeout_cancels_the_job_and_the_server_stays_healthy(small_server):
     assert time.monotonic() - started < 8
     _wait_until(lambda: httpx.get(f"{base}/health").json()["running_images"] == 0, timeout=10)
     assert re.search(r"stopped after (\d+)/100 steps: request timeout", small_server.log())
+    # the worker's own log line carries the request's id too
+    assert re.search(r"flux2\.engine \[[0-9a-f]{32}\] stopped after", small_server.log())
     ok = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x", "size": "16x16",
                                                            "num_inference_steps": 1}, timeout=30)
     assert ok.status_code == 200
