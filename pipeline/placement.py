@@ -5,13 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
-
-DeviceChoice = Literal["auto", "cuda", "cpu"]
-DtypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
-OffloadChoice = Literal["auto", "none", "model", "sequential"]
 
 DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
 DTYPE_CHOICES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
