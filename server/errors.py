@@ -31,6 +31,18 @@ class APIError(Exception):
         self.headers = headers
 
 
+def job_error(exc: BaseException) -> APIError:
+    """How a job that failed in the engine is answered, as JSON or as a stream's error event."""
+    from pipeline.engine import JobCancelled, OutOfDeviceMemory
+
+    if isinstance(exc, OutOfDeviceMemory):
+        return APIError(503, "The GPU ran out of memory for this request, even one image at a time. Try a smaller "
+                        "size or fewer reference images.", code="out_of_memory")
+    if isinstance(exc, JobCancelled):
+        return APIError(503, f"The job was cancelled: {exc}.", code="cancelled")
+    return APIError(500, "The server had an error while processing your request.", code="internal_error")
+
+
 def invalid_param(message: str, param: str, code: str = "invalid_value") -> APIError:
     return APIError(400, message, param=param, code=code)
 

@@ -19,7 +19,7 @@ from pipeline.engine import Engine, EngineUnavailable, JobCancelled, JobHandle, 
 from pipeline.jobs import GenerationJob, GenerationResult
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
 
-from .errors import APIError, ClientGone, invalid_param
+from .errors import APIError, ClientGone, invalid_param, job_error
 from .protocol import MAX_REFERENCE_IMAGES, ImageData, ImageParameters, ImagesResponse
 from .request_ids import current_request_id
 from .settings import Settings
@@ -134,11 +134,8 @@ class ImageService:
             raise
         try:
             return future.result()
-        except JobCancelled as exc:
-            raise APIError(503, f"The job was cancelled: {exc}.", code="cancelled") from exc
-        except OutOfDeviceMemory as exc:
-            raise APIError(503, "The GPU ran out of memory for this request, even one image at a time. Try a "
-                           "smaller size or fewer reference images.", code="out_of_memory") from exc
+        except (JobCancelled, OutOfDeviceMemory) as exc:
+            raise job_error(exc) from exc
 
     def _stream(self, job: GenerationJob, params: ImageParameters, options: OutputOptions,
                 kind: str) -> EventStream:

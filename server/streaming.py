@@ -14,7 +14,7 @@ from pipeline.codecs import encode_image
 from pipeline.engine import JobHandle, Preview, Progress
 from pipeline.jobs import GenerationJob
 
-from .errors import APIError, error_body
+from .errors import APIError, error_body, job_error
 
 KEEPALIVE_SECONDS = 10.0
 
@@ -70,7 +70,8 @@ class EventStream:
                 yield sse("error", error_body(exc.message, exc.type, exc.param, exc.code))
                 return
             except Exception as exc:  # the job failed after the stream began: say so in the stream
-                yield sse("error", error_body(_failure_message(exc), "server_error", None, "generation_failed"))
+                error = job_error(exc)
+                yield sse("error", error_body(error.message, error.type, error.param, error.code))
                 return
             for data in completed:
                 yield sse(f"{self.kind}.completed", data)
@@ -88,12 +89,3 @@ class EventStream:
                     "type": f"{self.kind}.partial_image", "b64_json": base64.b64encode(encoded).decode("ascii"),
                     "created_at": int(time.time()), "partial_image_index": event.index, **self.common})
 
-
-def _failure_message(exc: Exception) -> str:
-    from pipeline.engine import JobCancelled, OutOfDeviceMemory
-
-    if isinstance(exc, OutOfDeviceMemory):
-        return "The GPU ran out of memory for this request, even one image at a time."
-    if isinstance(exc, JobCancelled):
-        return f"The job was cancelled: {exc}."
-    return "The server had an error while processing your request."
