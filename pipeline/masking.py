@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-LATENT_PIXELS = 16  # one packed latent token covers 16 x 16 pixels
+from .sizes import MODEL_MULTIPLE
+
+LATENT_PIXELS = MODEL_MULTIPLE  # one packed latent token covers 16 x 16 pixels
 
 
 def initial_noise(pipe: Any, generators: list[torch.Generator], width: int, height: int) -> torch.Tensor:

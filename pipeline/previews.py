@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-LATENT_PIXELS = 16
+from .sizes import MODEL_MULTIPLE
+
+LATENT_PIXELS = MODEL_MULTIPLE  # one packed latent token covers 16 x 16 pixels
 PREVIEW_SIDE = 256  # about the long side of a preview, for images larger than twice that
 
 

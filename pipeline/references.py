@@ -10,10 +10,12 @@ import math
 
 from PIL import Image, ImageOps
 
+from .sizes import MODEL_MULTIPLE
+
 MIN_SIDE = 64
 MAX_ASPECT = 8
 PIPELINE_MAX_PIXELS = 1024 * 1024
-PATCH = 16  # one image token = one packed 2x2 latent patch = 16 x 16 pixels
+PATCH = MODEL_MULTIPLE  # one packed latent token covers 16 x 16 pixels
 
 
 def padded_size(width: int, height: int) -> tuple[int, int]:
