@@ -1,0 +1,39 @@
+"""Import every module of `server` and `pipeline` (walked, so an optional or lazy import cannot hide), then every
+module they import lazily inside functions. Exits non-zero naming each module that fails."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import pkgutil
+import sys
+import traceback
+from pathlib import Path
+
+failed: list[str] = []
+lazy: set[str] = set()
+for package_name in ("pipeline", "server"):
+    package = importlib.import_module(package_name)
+    for info in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}."):
+        try:
+            module = importlib.import_module(info.name)
+        except Exception:  # noqa: BLE001 - report every failure, not the first
+            failed.append(f"{info.name}:\n{traceback.format_exc()}")
+            continue
+        source = Path(module.__file__ or "")
+        if source.suffix == ".py":
+            for node in ast.walk(ast.parse(source.read_text())):
+                if isinstance(node, ast.Import):
+                    lazy.update(alias.name for alias in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    lazy.add(node.module)
+        print(f"ok  {info.name}")
+for name in sorted(lazy):
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001
+        failed.append(f"{name} (imported inside a function):\n{traceback.format_exc()}")
+if failed:
+    print("\nFAILED to import:\n" + "\n".join(failed), file=sys.stderr)
+    sys.exit(1)
+print(f"all modules of server and pipeline import, and the {len(lazy)} modules they name")
