@@ -261,9 +261,11 @@ class Engine:
         outcome = "ok"
         sink = _preview_sink(handles) if any(h.listener and h.job.partial_images for h in mine) else None
         try:
-            for piece, result in zip(slices, run_batch(model, slices, self.prompt_cache, progress, sink),
-                                     strict=True):
-                results[id(handles[id(piece.job)])].append(result)
+            outputs = run_batch(model, slices, self.prompt_cache, progress, sink,
+                                wanted=lambda piece: not handles[id(piece.job)].cancelled)
+            for piece, result in zip(slices, outputs, strict=True):
+                if result is not None:  # None: cancelled meanwhile, not decoded
+                    results[id(handles[id(piece.job)])].append(result)
             if progress.interrupted:
                 outcome = "cancelled"
         except torch.OutOfMemoryError:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .internals import encode_image_latents, execution_device, pack_latents
 from .sizes import MODEL_MULTIPLE
 
 LATENT_PIXELS = MODEL_MULTIPLE  # one packed latent token covers 16 x 16 pixels
@@ -35,14 +36,14 @@ class MaskBlend:
 
     def __init__(self, pipe: Any, source: Image.Image, mask: Image.Image, noise: torch.Tensor, width: int,
                  height: int):
-        device = pipe._execution_device
+        device = execution_device(pipe)
         dtype = pipe.transformer.dtype
         pixels = pipe.image_processor.preprocess(source.resize((width, height), Image.Resampling.LANCZOS),
                                                  height=height, width=width)
         with torch.inference_mode():
-            source_latents = pipe._encode_vae_image(pixels.to(device, pipe.vae.dtype), generator=None)
-        self.source = pipe._pack_latents(source_latents.to(dtype))  # (1, tokens, C)
-        self.noise = pipe._pack_latents(noise.to(device, dtype))  # (B, tokens, C)
+            source_latents = encode_image_latents(pipe, pixels.to(device, pipe.vae.dtype))
+        self.source = pack_latents(pipe, source_latents.to(dtype))  # (1, tokens, C)
+        self.noise = pack_latents(pipe, noise.to(device, dtype))  # (B, tokens, C)
         grid = mask.resize((width // LATENT_PIXELS, height // LATENT_PIXELS), Image.Resampling.BOX)
         keep = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)
         self.repaint = keep.reshape(1, -1, 1).to(device, dtype)  # 1 = repaint, 0 = keep

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .sizes import MODEL_MULTIPLE
+from .decoding import decode
+from .internals import vae_latents
 
-LATENT_PIXELS = MODEL_MULTIPLE  # one packed latent token covers 16 x 16 pixels
 PREVIEW_SIDE = 256  # about the long side of a preview, for images larger than twice that
 
 
@@ -42,15 +42,5 @@ def preview_reduction(width: int, height: int) -> int:
 
 def decode_preview(pipe: Any, packed: torch.Tensor, width: int, height: int) -> list[Image.Image]:
     """Decode packed latents (B, tokens, C) of a `width` x `height` image at reduced resolution."""
-    vae = pipe.vae
-    batch, _, channels = packed.shape
-    rows, cols = height // LATENT_PIXELS, width // LATENT_PIXELS
-    latents = packed.reshape(batch, rows, cols, channels).permute(0, 3, 1, 2)
-    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
-                                                                                           latents.dtype)
-    latents = pipe._unpatchify_latents(latents * std + mean)
-    latents = F.avg_pool2d(latents, preview_reduction(width, height))  # a fraction of the decoding work
-    with torch.inference_mode():
-        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
-    return pipe.image_processor.postprocess(pixels, output_type="pil")
+    latents = vae_latents(pipe, packed, width, height)
+    return decode(pipe, F.avg_pool2d(latents, preview_reduction(width, height)))  # a fraction of the work

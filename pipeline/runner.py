@@ -14,6 +14,8 @@ import torch
 from PIL import Image
 
 from .batching import Slice, images_in
+from .decoding import decode, latents_for_vae
+from .internals import execution_device, pack_latents, stop_after_this_step
 from .jobs import GenerationResult
 from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
@@ -26,17 +28,22 @@ from .text_cache import EncodedPrompt, PromptCache
 StepHook = Callable[[int, int], bool]
 # Called with a slice, the preview's index and its images (one per image of the slice).
 PreviewSink = Callable[[Slice, int, list[Image.Image]], None]
+# Whether a slice's images are still wanted when the denoising ends (False: its job was cancelled meanwhile).
+Wanted = Callable[[Slice], bool]
 
 
 def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_step: StepHook | None = None,
-              on_preview: PreviewSink | None = None) -> list[GenerationResult]:
+              on_preview: PreviewSink | None = None,
+              wanted: Wanted | None = None) -> list[GenerationResult | None]:
+    """One result per slice, None for a slice no longer wanted (nothing of it is decoded). A batch stopped by
+    `on_step` returns None for every slice without decoding anything."""
     started = time.perf_counter()
     pipe = model.pipe
     first = slices[0].job
 
     # 1. Text: the distinct prompts not in the cache encoded in one call, then one row per image.
     encoded = _encode(model, cache, [s.job.prompt for s in slices])
-    device = pipe._execution_device
+    device = execution_device(pipe)
     dtype = pipe.transformer.dtype
     prompt_embeds = torch.cat([encoded[s.job.prompt].embeds for s in slices for _ in s.seeds]).to(device, dtype)
     extra: dict[str, Any] = {}
@@ -60,26 +67,38 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
     if first.mask is not None:
         blend = MaskBlend(pipe, first.references[0], first.mask, noise, first.run_width, first.run_height)
     previews = _Previews(pipe, slices, noise, on_preview) if on_preview is not None else None
-    extra["callback_on_step_end"] = _step_callback(first.steps, blend, previews, on_step)
+    step_callback = _StepCallback(first.steps, blend, previews, on_step)
+    extra["callback_on_step_end"] = step_callback
 
-    # 5. Denoise and decode at the model's size. `prompt` is not passed: the embeddings stand for it.
+    # 5. Denoise at the model's size; latents come back undecoded. `prompt` is not passed: the embeddings stand
+    #    for it.
     with torch.inference_mode():
-        output = pipe(
+        latents = pipe(
             prompt_embeds=prompt_embeds,
             height=first.run_height,
             width=first.run_width,
             num_inference_steps=first.steps,
             guidance_scale=first.guidance_scale,
             generator=generators,
-            output_type="pil",
+            output_type="latent",
             **extra,
-        )
+        ).images
+    if step_callback.stopped:  # every job of the batch was cancelled: nothing to decode
+        return [None] * len(slices)
 
-    # 6. Split the images back per slice; deliver exactly the size asked for; a masked edit gets its unmasked
-    #    pixels back from the source.
+    # 6. Decode the rows still wanted; deliver exactly the size asked for; a masked edit gets its unmasked pixels
+    #    back from the source.
+    latents = latents_for_vae(pipe, latents, first.run_width, first.run_height)
+    keep = [wanted is None or wanted(piece) for piece in slices]
+    rows = [row for piece, kept, start in zip(slices, keep, _starts(slices), strict=True) if kept
+            for row in range(start, start + len(piece.seeds))]
+    images = iter(decode(pipe, latents[rows]) if rows else [])
     seconds = time.perf_counter() - started
-    results, images = [], iter(output.images)
-    for piece in slices:
+    results: list[GenerationResult | None] = []
+    for piece, kept in zip(slices, keep, strict=True):
+        if not kept:
+            results.append(None)
+            continue
         job = piece.job
         mine = [_to_size(next(images), job.width, job.height) for _ in piece.seeds]
         if job.mask is not None:
@@ -87,6 +106,15 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
         results.append(GenerationResult(images=mine, seeds=piece.seeds, seconds=seconds,
                                         prompt=encoded[job.prompt].tokens, batch_images=images_in(slices)))
     return results
+
+
+def _starts(slices: list[Slice]) -> list[int]:
+    """The first batch row of each slice."""
+    starts, row = [], 0
+    for piece in slices:
+        starts.append(row)
+        row += len(piece.seeds)
+    return starts
 
 
 def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[str, EncodedPrompt]:
@@ -97,7 +125,7 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
     missing = [prompt for prompt, entry in encoded.items() if entry is None]
     if missing:
         with torch.inference_mode():
-            embeds, _ = model.pipe.encode_prompt(prompt=missing, device=model.pipe._execution_device,
+            embeds, _ = model.pipe.encode_prompt(prompt=missing, device=execution_device(model.pipe),
                                                  num_images_per_prompt=1)
         for row, prompt in enumerate(missing):
             entry = EncodedPrompt(embeds=embeds[row:row + 1].cpu(),
@@ -107,17 +135,25 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
     return encoded
 
 
-def _step_callback(total_steps: int, blend: MaskBlend | None, previews: _Previews | None,
-                   on_step: StepHook | None):
-    def callback(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
-        out = blend(pipe, step, timestep, tensors) if blend is not None else {}
-        if previews is not None:
-            previews(step + 1, out.get("latents", tensors["latents"]))
-        if on_step is not None and on_step(step + 1, total_steps):
-            pipe._interrupt = True  # diffusers skips the remaining steps (and still decodes)
-        return out
+class _StepCallback:
+    """diffusers' `callback_on_step_end`: the mask blend, previews, progress and cancellation, after every step."""
 
-    return callback
+    def __init__(self, total_steps: int, blend: MaskBlend | None, previews: _Previews | None,
+                 on_step: StepHook | None):
+        self.total_steps = total_steps
+        self.blend = blend
+        self.previews = previews
+        self.on_step = on_step
+        self.stopped = False
+
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+        out = self.blend(pipe, step, timestep, tensors) if self.blend is not None else {}
+        if self.previews is not None:
+            self.previews(step + 1, out.get("latents", tensors["latents"]))
+        if self.on_step is not None and self.on_step(step + 1, self.total_steps):
+            stop_after_this_step(pipe)  # diffusers skips the remaining steps; we skip the decode
+            self.stopped = True
+        return out
 
 
 class _Previews:
@@ -126,7 +162,7 @@ class _Previews:
     def __init__(self, pipe: Any, slices: list[Slice], noise: torch.Tensor, sink: PreviewSink):
         self.pipe = pipe
         self.sink = sink
-        self.noise = pipe._pack_latents(noise)  # (B, tokens, C), on the CPU
+        self.noise = pack_latents(pipe, noise)  # (B, tokens, C), on the CPU
         self.plan = []  # (slice, first row, {step: preview index})
         row = 0
         for piece in slices:

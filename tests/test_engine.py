@@ -93,12 +93,12 @@ def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(engine, 
     real = engine_module.run_batch
     sizes = []
 
-    def oom_above_one(model, slices, cache, on_step=None, on_preview=None):
+    def oom_above_one(model, slices, cache, on_step=None, on_preview=None, **options):
         images = sum(len(s.seeds) for s in slices)
         sizes.append(images)
         if images > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, slices, cache, on_step, on_preview)
+        return real(model, slices, cache, on_step, on_preview, **options)
 
     monkeypatch.setattr(engine_module, "run_batch", oom_above_one)
     result = engine.submit(job(seeds=(5, 6, 7))).future.result(60)
@@ -107,7 +107,7 @@ def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(engine, 
     alone = engine.submit(job(seeds=(7,)))  # each image equals the one made alone with its seed
     assert np.abs(_array(result.images[2]) - _array(alone.future.result(60).images[0])).max() <= 2
 
-    def always_oom(model, slices, cache, on_step=None, on_preview=None):
+    def always_oom(model, slices, cache, on_step=None, on_preview=None, **options):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(engine_module, "run_batch", always_oom)
@@ -179,3 +179,52 @@ def test_long_jobs_log_their_progress_at_a_limited_rate(tiny_klein, caplog):
         assert not [r for r in caplog.records if r.getMessage().startswith("step ")]
     finally:
         quiet.stop(10)
+
+
+def _count_decodes(engine, monkeypatch) -> list[int]:
+    """Rows decoded by the VAE, per call, on the engine's (only) model."""
+    decoded: list[int] = []
+    vae = engine.pool.get().pipe.vae
+    real = vae.decode
+
+    def counting(latents, *args, **kwargs):
+        decoded.append(latents.shape[0])
+        return real(latents, *args, **kwargs)
+
+    monkeypatch.setattr(vae, "decode", counting)
+    return decoded
+
+
+def test_a_cancelled_batch_is_not_decoded(tiny_klein, monkeypatch):
+    engine = make_engine(tiny_klein, max_batch_images=1, batch_window=0)
+    try:
+        decoded = _count_decodes(engine, monkeypatch)
+        handle = engine.submit(job(steps=400, size=256))
+        while handle.steps_run < 2:
+            time.sleep(0.01)
+        handle.cancel("the client disconnected")
+        with pytest.raises(JobCancelled):
+            handle.future.result(60)
+        assert handle.steps_run < 400
+        assert decoded == []  # diffusers would have decoded the half-denoised latents
+        assert engine.submit(job()).future.result(60).images[0].size == (64, 64)
+        assert decoded == [1]
+    finally:
+        engine.stop(10)
+
+
+def test_only_the_wanted_jobs_of_a_batch_are_decoded(tiny_klein, monkeypatch):
+    engine = make_engine(tiny_klein, max_batch_images=4, batch_window=0.5)
+    try:
+        decoded = _count_decodes(engine, monkeypatch)
+        kept = engine.submit(job(prompt="kept", seeds=(1, 2), steps=200, size=128))
+        dropped = engine.submit(job(prompt="dropped", seeds=(3,), steps=200, size=128))
+        while kept.steps_run < 2:
+            time.sleep(0.01)
+        dropped.cancel("the client disconnected")
+        assert len(kept.future.result(120).images) == 2
+        with pytest.raises(JobCancelled):
+            dropped.future.result(60)
+        assert decoded == [2]  # the cancelled job's row was not decoded
+    finally:
+        engine.stop(10)
