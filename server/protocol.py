@@ -93,23 +93,60 @@ class ImageParameters(BaseModel):
     sync_mode: FormBool | None = Field(None, description="true: the url is a data: URI and nothing is stored.")
 
     background: Literal["transparent", "opaque", "auto"] | None = Field(None, description="Accepted; FLUX.2 "
-                                                                        "images are opaque.")
-    style: str | None = Field(None, description="Accepted and ignored.")
-    moderation: str | None = Field(None, description="Accepted and ignored.")
-    user: str | None = Field(None, description="Accepted and ignored.")
+                                                                        "images are opaque ('transparent' is "
+                                                                        "reported as ignored).")
+    style: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
+    moderation: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
+    user: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
     prompt_enhancement: Annotated[Literal["on", "off"] | None, BeforeValidator(_on_off)] = Field(
         None, description='"off" (default); "on" is not available yet (400).')
-    safety_tolerance: Int | None = Field(None, ge=1, le=5, description="1 (strict) to 5 (permissive); accepted.")
-    enable_safety_checker: FormBool | None = Field(None, description="Accepted; no safety checker runs locally.")
-    stream: FormBool | None = Field(None, description="Streaming is not available yet (400 when true).")
+    safety_tolerance: Int | None = Field(None, ge=1, le=5, description="1 (strict) to 5 (permissive); accepted, "
+                                         "reported as ignored: no safety checker runs locally.")
+    enable_safety_checker: FormBool | None = Field(None, description="Accepted; no safety checker runs locally "
+                                                   "(true is reported as ignored).")
+    stream: FormBool | None = Field(None, description="true: Server-Sent Events (partial images, then the "
+                                    "completed images), as OpenAI streams images.")
     partial_images: Int | None = Field(None, ge=0, le=3, description="Used with stream.")
 
     _finite_guidance = field_validator("guidance_scale", "cfg_scale")(_finite)
 
     @property
-    def ignored_parameters(self) -> list[str]:
+    def unknown_parameters(self) -> list[str]:
         """Fields this server does not know: accepted and ignored, as the product passes them through."""
         return sorted(self.model_extra or {})
+
+    @property
+    def unhonoured_parameters(self) -> dict[str, str]:
+        """Known fields that were set but that this server does not act on: {name: why, in words}."""
+        reasons = {}
+        if self.background == "transparent":
+            reasons["background"] = ("background 'transparent' is not supported: FLUX.2 makes opaque images, so the "
+                                     "image is opaque.")
+        if self.moderation is not None:
+            reasons["moderation"] = "moderation is not applied: this server runs no moderation model."
+        if self.user is not None:
+            reasons["user"] = "user is not used by this server."
+        if self.style is not None:
+            reasons["style"] = "style is not used by FLUX.2: describe the style in the prompt."
+        if self.safety_tolerance is not None:
+            reasons["safety_tolerance"] = "safety_tolerance has no effect: no safety checker runs on this server."
+        if self.enable_safety_checker:
+            reasons["enable_safety_checker"] = "enable_safety_checker: no safety checker runs on this server."
+        return reasons
+
+    @property
+    def ignored_parameters(self) -> list[str]:
+        """Every parameter sent but not acted on: unknown fields and known ones this server does not honour."""
+        return sorted([*self.unknown_parameters, *self.unhonoured_parameters])
+
+    @property
+    def ignored_warnings(self) -> list[str]:
+        """The ignored parameters, in words, for the response's `warnings`."""
+        warnings = list(self.unhonoured_parameters.values())
+        if self.unknown_parameters:
+            names = ", ".join(repr(name) for name in self.unknown_parameters)
+            warnings.append(f"Unknown parameters were ignored: {names[:500]}.")
+        return warnings
 
 
 class ImageGenerationRequest(ImageParameters):

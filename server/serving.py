@@ -85,7 +85,7 @@ class ImageService:
         result = await self._wait(self._submit(job), disconnected)
         data = await asyncio.to_thread(self._deliver, job, result, options, base_url)
         return images_response(job, data, params, options, account(job, result.prompt.text_tokens),
-                               _warnings(result))
+                               params.ignored_warnings + _warnings(result))
 
     def _prepare(self, params: ImageParameters, references: tuple[Image.Image, ...],
                  mask: Image.Image | None) -> tuple[GenerationJob, OutputOptions]:

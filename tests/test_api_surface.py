@@ -134,7 +134,30 @@ def test_unknown_parameters_are_ignored_and_reported(server):
         "style": "vivid", "moderation": "low", "user": "u1", "background": "auto", "safety_tolerance": "3",
         "enable_safety_checker": True, "prompt_enhancement": "off"})
     assert response.status_code == 200, response.text
-    assert response.headers["x-flux2-ignored-params"] == "foo, lora"
+    # Unknown fields, and known ones that were set but are not acted on here (background "auto" is honoured).
+    assert response.headers["x-flux2-ignored-params"] == ("enable_safety_checker, foo, lora, moderation, "
+                                                          "safety_tolerance, style, user")
+    warnings = response.json()["warnings"]
+    assert any("'foo', 'lora'" in w for w in warnings)
+    for name in ("moderation", "user", "style", "safety_tolerance", "enable_safety_checker"):
+        assert sum(name in w for w in warnings) == 1, (name, warnings)
+
+
+def test_transparent_background_is_reported_as_not_honoured(client):
+    raw = client.images.with_raw_response.generate(prompt="x", size="32x32", background="transparent",
+                                                   response_format="b64_json", extra_body=ONE_STEP)
+    assert raw.headers["x-flux2-ignored-params"] == "background"
+    result = raw.parse()
+    assert decode_b64(result.data[0].b64_json).mode == "RGB"  # opaque, as said
+    assert result.background == "opaque"
+    assert any("transparent" in w for w in result.model_extra["warnings"])
+
+
+def test_a_plain_request_has_no_warnings_and_no_ignored_header(client):
+    raw = client.images.with_raw_response.generate(prompt="x", size="32x32", background="opaque",
+                                                   response_format="b64_json", extra_body=ONE_STEP)
+    assert "x-flux2-ignored-params" not in raw.headers
+    assert raw.parse().model_extra.get("warnings") is None
 
 
 def test_prompt_enhancement_on_is_refused_clearly(client):
