@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ class SavedImage:
 def run_request(server: str, api_key: str | None, endpoint: str, fields: dict, images: list[Path],
                 mask: Path | None, output: Path | None, show_progress: bool = True) -> list[SavedImage]:
     """POST to /v1/images/{endpoint} with stream=true and save each completed image."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    headers = auth_headers(api_key)
     url = f"{server.rstrip('/')}/v1/images/{endpoint}"
     body = {key: value for key, value in fields.items() if value is not None}
     body["stream"] = True
@@ -38,8 +40,10 @@ def run_request(server: str, api_key: str | None, endpoint: str, fields: dict, i
             files.append(("mask", (mask.name, mask.read_bytes())))
         body = {key: str(value).lower() if isinstance(value, bool) else str(value) for key, value in body.items()}
     saved: list[SavedImage] = []
+    interactive = show_progress and sys.stdout.isatty()
+    lines = _LineProgress(enabled=show_progress and not interactive)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  disable=not show_progress, transient=True) as bar:
+                  disable=not interactive, transient=True) as bar:
         task = bar.add_task("queued", total=None)
         try:
             request = (dict(data=body, files=files) if files is not None else dict(json=body))
@@ -48,19 +52,50 @@ def run_request(server: str, api_key: str | None, endpoint: str, fields: dict, i
                 if response.status_code != 200:
                     response.read()
                     raise ClientError(_error_text(response))
+                lines.started()
                 for event, data in _events(response.iter_lines()):
                     if event == "progress":
                         done, total = data
                         bar.update(task, description="denoising", completed=done, total=total)
+                        lines.step(done, total)
                     elif event == "error":
                         raise ClientError(data.get("error", {}).get("message", "the server reported an error"))
                     elif event.endswith(".completed"):
                         saved.append(_save(data, output, len(saved), fields.get("n") or 1))
+                        lines.completed(len(saved), fields.get("n") or 1)
         except httpx.HTTPError as exc:
             raise ClientError(f"could not reach {server}: {exc}") from exc
     if not saved:
         raise ClientError("the server sent no image")
     return saved
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The Authorization header for a key; none at all for a missing, empty or blank one."""
+    key = (api_key or "").strip()
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+class _LineProgress:
+    """Progress as plain lines on stderr, for when stdout is no terminal (a pipe, a log file, CI): one line when the
+    server starts answering, one per denoising step, one per image received."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.started_at = time.monotonic()
+
+    def _say(self, text: str) -> None:
+        if self.enabled:
+            print(f"[{time.monotonic() - self.started_at:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def started(self) -> None:
+        self._say("request accepted, waiting for the model")
+
+    def step(self, done: int, total: int) -> None:
+        self._say(f"step {done}/{total}")
+
+    def completed(self, received: int, count: int) -> None:
+        self._say(f"image {received}/{count} received")
 
 
 def _events(lines: Iterator[str]) -> Iterator[tuple[str, object]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+
+import pytest
 import sys
 
 import httpx
@@ -106,3 +108,73 @@ def test_a_broken_tiny_folder_is_rebuilt(tmp_path):
     with RunningServer([], tmp_path) as server:
         assert httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"] == "tiny-flux2-klein"
         assert "replacing" in server.log()
+
+
+def test_without_a_terminal_the_client_prints_its_progress_as_lines(server, tmp_path):
+    run = _cli("generate", "a kite", "-o", str(tmp_path / "k.png"), "--size", "32x32", "--steps", "3",
+               "--server", server.base_url)  # captured: stdout is a pipe, not a terminal
+    assert run.returncode == 0, run.stderr
+    lines = run.stderr.splitlines()
+    assert any("request accepted" in line for line in lines)
+    assert [line.split("] ", 1)[1] for line in lines if "step " in line] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert any("image 1/1 received" in line for line in lines)
+    assert f"{tmp_path / 'k.png'}  (32x32, seed" in run.stdout
+
+
+class _HeaderRecorder:
+    """A local HTTP server that records the request headers and answers one completed image event."""
+
+    def __init__(self):
+        import base64
+        import io
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="PNG")
+        event = ('event: image_generation.completed\ndata: {"b64_json": "%s", "size": "8x8", "seed": 1}\n\n'
+                 % base64.b64encode(buffer.getvalue()).decode()).encode()
+        self.headers: list[dict] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                recorder.headers.append(dict(self.headers))
+                self.rfile.read(int(self.headers.get("content-length", 0)))
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("content-length", str(len(event)))
+                self.end_headers()
+                self.wfile.write(event)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.mark.parametrize("key", [None, "", "   "])
+def test_no_authorization_header_without_a_key(tmp_path, key):
+    recorder = _HeaderRecorder()
+    env = {"FLUX2_API_KEY": key} if key is not None else {}
+    import os
+
+    environment = {k: v for k, v in os.environ.items() if k != "FLUX2_API_KEY"}
+    run = subprocess.run([sys.executable, "-m", "server.cli", "generate", "x", "-o", str(tmp_path / "o.png"),
+                          "--server", recorder.url], capture_output=True, text=True, timeout=120,
+                         env={**environment, **env})
+    recorder.httpd.shutdown()
+    assert run.returncode == 0, run.stderr
+    assert recorder.headers and not any(k.lower() == "authorization" for k in recorder.headers[0])
+
+
+def test_a_key_is_sent_as_a_bearer_token(tmp_path):
+    recorder = _HeaderRecorder()
+    run = _cli("generate", "x", "-o", str(tmp_path / "o.png"), "--server", recorder.url, "--api-key", " sk-1 ")
+    recorder.httpd.shutdown()
+    assert run.returncode == 0, run.stderr
+    assert recorder.headers[0]["Authorization"] == "Bearer sk-1"
