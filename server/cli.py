@@ -246,7 +246,7 @@ def tiny_weights(
     variant: Annotated[str, typer.Option(help="klein (Flux2KleinPipeline, Qwen3 encoder) or dev (Flux2Pipeline, "
                                          "Mistral3 encoder + PixtralProcessor).")] = "klein",
 ) -> None:
-    """Build tiny random-weight FLUX.2 weights (real classes, a few MB) offline, for tests and trying the API."""
+    """Build tiny random-weight FLUX.2 weights (real classes, about 860 KB) offline, for tests and trying the API."""
     from pipeline.tiny_weights import VARIANTS, build_tiny_weights
 
     _choice(variant, VARIANTS, "--variant")

@@ -52,25 +52,27 @@ def test_curl_example(server, tmp_path):
         assert (image.format, image.size) == ("PNG", (1024, 768))
 
 
-def _source_png(folder):
-    from PIL import Image
-
-    Image.new("RGB", (320, 240), (40, 90, 160)).save(folder / "source.png")
+EXAMPLES = README.parent / "examples"
 
 
-def test_seed_python_edit_example(server, tmp_path):
-    _source_png(tmp_path)
+def test_the_examples_folder_holds_what_the_examples_read():
+    image = decode_bytes((EXAMPLES / "source.png").read_bytes())
+    assert image.format == "PNG" and image.size == (512, 384)
+    # examples/edit.mjs is the README's JavaScript example, as written there.
+    assert (EXAMPLES / "edit.mjs").read_text() == example("node-edit")
+
+
+def test_seed_python_edit_example(server):
     code = example("python-edit").replace("http://localhost:8000", server.base_url)
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", code], cwd=EXAMPLES, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     image = decode_bytes(httpx.get(run.stdout.strip()).content)
     assert (image.format, image.size) == ("PNG", (1024, 1024))
 
 
-def test_seed_curl_edit_example(server, tmp_path):
-    _source_png(tmp_path)
+def test_seed_curl_edit_example(server):
     command = example("curl-edit").replace("http://localhost:8000", server.base_url)
-    run = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    run = subprocess.run(["bash", "-c", command], cwd=EXAMPLES, capture_output=True, text=True, timeout=300,
                          env={"PATH": "/usr/bin:/bin:/usr/local/bin", "FLUX2_API_KEY": "any"})
     assert run.returncode == 0, run.stderr
     body = json.loads(run.stdout)
@@ -84,3 +86,36 @@ def test_python_stream_example(server, tmp_path):
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["image_generation.partial_image"] * 2 + ["image_generation.completed"]
+
+
+def test_node_edit_example_as_an_mjs_file(server, tmp_path):
+    """The product page's JavaScript, saved as a .mjs file as the README says, runs with the Node SDK."""
+    node_dir = README.parent / "tests" / "node"
+    if not shutil.which("node") or not (node_dir / "node_modules" / "openai").is_dir():
+        import pytest
+
+        pytest.skip("needs node and tests/node's npm packages (.ci/run installs them)")
+    script = node_dir / f"readme-edit-{tmp_path.name}.mjs"  # beside node_modules, so 'openai' resolves
+    script.write_text(example("node-edit").replace("http://localhost:8000", server.base_url))
+    try:
+        run = subprocess.run(["node", str(script)], cwd=EXAMPLES, capture_output=True, text=True, timeout=300)
+    finally:
+        script.unlink()
+    assert run.returncode == 0, run.stderr
+    image = decode_bytes(httpx.get(run.stdout.strip()).content)
+    assert (image.format, image.size) == ("PNG", (1024, 1024))
+
+
+def test_readme_states_the_measured_figures():
+    text = README.read_text()
+    assert "TEST_MINUTES" not in text
+    size_kb = sum(f.stat().st_size for f in _tiny_folder().rglob("*") if f.is_file()) / 1024
+    assert f"{round(size_kb, -1):.0f} KB" in text or f"{size_kb:.0f} KB" in text, size_kb
+
+
+def _tiny_folder():
+    import tempfile
+
+    from pipeline.tiny_weights import build_tiny_weights
+
+    return build_tiny_weights(Path(tempfile.mkdtemp()) / "tiny", "klein")
