@@ -90,6 +90,22 @@ def test_edit_with_two_uploaded_references(server, page, tmp_path):
     page.screenshot(path=str(tmp_path / "playground-edit.png"), full_page=True)
 
 
+def test_a_banner_says_the_test_model_draws_noise(server, page, tmp_path):
+    model = httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"]
+    assert model in httpx.get(f"{server.base_url}/health").json()["test_models"]  # the CLI saw tiny weights
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#testbanner", state="visible")
+    banner = page.inner_text("#testbanner")
+    assert "noise" in banner and model in banner
+    assert "flux2-local serve --model /models/FLUX.2-klein-4B" in banner
+    page.screenshot(path=str(tmp_path / "playground-banner.png"), full_page=True)
+
+    # What the page does when /health says what a server with real weights says: no banner.
+    page.route("**/health", lambda route: route.fulfill(json={**route.fetch().json(), "test_models": []}))
+    page.evaluate("() => loadHealth()")
+    assert not page.is_visible("#testbanner")
+
+
 def test_api_errors_are_shown_in_plain_words(server, page):
     page.goto(server.base_url + "/")
     page.fill("#prompt", "x")
