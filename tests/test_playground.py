@@ -46,6 +46,22 @@ def natural_size(page, selector):
                                "return [i.naturalWidth, i.naturalHeight]; }"))
 
 
+def test_generate_works_at_once_with_the_prefilled_prompt(server, page):
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#model option:nth-child(2)", state="attached")
+    assert page.input_value("#prompt").strip()  # real, editable text, not a placeholder
+    page.click("#go")
+    page.wait_for_selector("figure.result img", timeout=120_000)
+    assert page.inner_text("#status").startswith("Done: 1 image")
+    assert not page.is_visible("#error")
+    # A really empty box still gets a plain answer instead of a request.
+    page.fill("#prompt", "  ")
+    page.click("#go")
+    assert page.inner_text("#error") == "Write a prompt first."
+    assert page.locator("figure.result").count() == 1
+    assert page.console_errors == []
+
+
 def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page, tmp_path):
     page.goto(server.base_url + "/")
     assert page.title() == "flux2-local · Playground"
