@@ -122,6 +122,24 @@ def test_a_banner_says_the_test_model_draws_noise(server, page, tmp_path):
     assert not page.is_visible("#testbanner")
 
 
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 860}, {"width": 375, "height": 800}])
+def test_placeholders_fit_their_boxes(server, browser, viewport):
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    page.goto(server.base_url + "/")
+    measured = page.evaluate("""() => {
+        const context = document.createElement("canvas").getContext("2d");
+        const shown = [...document.querySelectorAll("input[placeholder]")].filter((input) => input.offsetParent);
+        return shown.map((input) => {
+          const style = getComputedStyle(input);
+          context.font = style.font;
+          const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+          return [input.id, context.measureText(input.placeholder).width, room]; }); }""")
+    context.close()
+    assert {"size", "steps", "guidance", "seed"} <= {name for name, _, _ in measured}
+    assert [(name, width, room) for name, width, room in measured if width > room] == []
+
+
 def test_api_errors_are_shown_in_plain_words(server, page):
     page.goto(server.base_url + "/")
     page.fill("#prompt", "x")
