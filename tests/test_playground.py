@@ -87,22 +87,27 @@ def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page,
     assert page.console_errors == []
 
 
-def test_edit_with_two_uploaded_references(server, page, tmp_path):
-    for name, size in (("first.png", (80, 48)), ("second.png", (64, 64))):
+def test_edit_with_three_uploaded_references(server, page, tmp_path):
+    names = []
+    for name, size in (("first.png", (80, 48)), ("second.png", (64, 64)), ("third.png", (32, 48))):
         (tmp_path / name).write_bytes(png(*size))
+        names.append(str(tmp_path / name))
     page.goto(server.base_url + "/playground")
     page.fill("#prompt", "put them together")
     page.fill("#steps", "3")
-    page.set_input_files("#files", [str(tmp_path / "first.png"), str(tmp_path / "second.png")])
-    assert page.locator("#thumbs .thumb").count() == 2
-    assert page.inner_text("#go") == "Edit 2 images"
+    page.set_input_files("#files", names)
+    assert page.locator("#thumbs .thumb").count() == 3
+    assert page.inner_text("#go") == "Edit with 3 references"  # one image comes back, made from three
     page.click("summary")
     assert "image[]=@first.png" in page.inner_text("#curl")
     page.keyboard.press("Control+Enter")  # the shortcut
     page.wait_for_selector("figure.result img")
+    assert page.locator("figure.result").count() == 1
     assert natural_size(page, "figure.result img") == (80, 48)  # auto size: the first image
     page.locator("#thumbs .thumb button").first.click()
+    page.locator("#thumbs .thumb button").first.click()
     assert page.locator("#thumbs .thumb").count() == 1
+    assert page.inner_text("#go") == "Edit with 1 reference"
     page.screenshot(path=str(tmp_path / "playground-edit.png"), full_page=True)
 
 
