@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import RunningServer
 from hostile_images import png
+from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -85,6 +88,29 @@ def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page,
     assert "client.images.generate(" in page.inner_text("#python")
     page.screenshot(path=str(tmp_path / "playground-generate.png"), full_page=True)
     assert page.console_errors == []
+
+
+def test_the_python_snippet_saves_the_image(server, page, tmp_path):
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#model option:nth-child(2)", state="attached")
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#size", "48x32")
+    page.fill("#steps", "2")
+    page.fill("#seed", "7")
+    page.select_option("#format", "webp")
+    snippet = page.text_content("#python")
+    assert 'open("image.webp", "wb").write(base64.b64decode(result.data[0].b64_json))' in snippet
+    # Run as a user would: the OpenAI SDK, this server, a file written where it runs.
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "image.webp") as image:
+        assert (image.format, image.size) == ("WEBP", (48, 32))
+    # Several images are saved one file each, and JPEG files end in .jpg.
+    page.fill("#n", "2")
+    page.select_option("#format", "jpeg")
+    snippet = page.text_content("#python")
+    assert 'open(f"image-{i + 1}.jpg", "wb").write(base64.b64decode(image.b64_json))' in snippet
+    compile(snippet, "snippet", "exec")
 
 
 def test_edit_with_three_uploaded_references(server, page, tmp_path):
