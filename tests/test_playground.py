@@ -1,5 +1,7 @@
-"""The Playground page in a real browser (Debian's Chromium driven by Playwright): generate with live previews,
-edit with two uploaded references, see an API error in plain words, keys and the open mode."""
+"""The Playground page in a real browser (Debian's Chromium driven by Playwright): generate at once with the
+prefilled prompt, live previews that give way to the image, the Python snippet run for real, edit with three
+uploaded references, the test-model banner, placeholders that fit, an API error in plain words, keys and the open
+mode."""
 
 from __future__ import annotations
 
@@ -49,6 +51,14 @@ def natural_size(page, selector):
                                "return [i.naturalWidth, i.naturalHeight]; }"))
 
 
+def count_previews_shown(page):
+    """From now on, window.previewsShown counts the preview images the page adds (they are gone by the end)."""
+    page.evaluate("""() => { window.previewsShown = 0;
+        new MutationObserver((records) => records.forEach((r) => r.addedNodes.forEach((node) => {
+          if (node.matches && node.matches("img.preview")) window.previewsShown += 1; })))
+        .observe(document.getElementById("previews"), {childList: true}); }""")
+
+
 def test_generate_works_at_once_with_the_prefilled_prompt(server, page):
     page.goto(server.base_url + "/")
     page.wait_for_selector("#model option:nth-child(2)", state="attached")
@@ -75,9 +85,11 @@ def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page,
     page.click("#dice")
     seed = page.input_value("#seed")
     assert seed.isdigit()
+    count_previews_shown(page)
     page.click("#go")
     page.wait_for_selector("figure.result img")
-    assert page.locator("#previews img.preview").count() == 3
+    assert page.evaluate("window.previewsShown") == 3  # shown while it ran...
+    assert page.locator("#previews img").count() == 0  # ...and gone once the image is there
     assert natural_size(page, "figure.result img") == (96, 64)
     caption = page.inner_text("figure.result figcaption")
     assert "96x64" in caption and f"seed {seed}" in caption
