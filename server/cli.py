@@ -159,8 +159,9 @@ def serve(
         log.warning("\n%s\n  NO API KEY, and listening on %s: anyone who can reach this address can use the GPU "
                     "and read the images.\n  Set --api-key (or FLUX2_API_KEYS / --api-key-file), or bind "
                     "127.0.0.1.\n%s", "*" * 96, host, "*" * 96)
-    configs = _model_configs(model or [], model_name, weights_dir, device, dtype, offload)
-    settings = Settings(model_ids=model_ids_for([(c.name, c.spec.aliases) for c in configs]), output_dir=output_dir,
+    configs, test_models = _model_configs(model or [], model_name, weights_dir, device, dtype, offload)
+    settings = Settings(model_ids=model_ids_for([(c.name, c.spec.aliases) for c in configs]),
+                        test_models=test_models, output_dir=output_dir,
                         public_url=public_url, retention_seconds=retention_hours * 3600,
                         max_stored_images=max_stored_images, max_steps=max_steps, request_timeout=request_timeout,
                         metrics=metrics, api_keys=keys, public_files=public_files, open_metrics=open_metrics,
@@ -180,13 +181,14 @@ def serve(
 
 def _model_configs(models: list[str], first_name: str | None, weights_dir: Path, device: str, dtype: str,
                    offload: str):
-    """One ModelConfig per --model (or the default weights), each inspected and placed; exits 2 on a bad one."""
+    """One ModelConfig per --model (or the default weights), each inspected and placed, and the names of those that
+    are tiny test models; exits 2 on a bad one."""
     from pipeline.placement import PlacementError, count_weight_params, decide_placement
     from pipeline.pool import ModelConfig
     from pipeline.weights import WeightsError, inspect_model, resolve_weights
 
     entries = [_split_name(value) for value in models] or [(None, None)]
-    configs = []
+    configs, test_models = [], []
     for index, (name, source) in enumerate(entries):
         try:
             folder = resolve_weights(source) if source else _default_weights(weights_dir)
@@ -203,13 +205,14 @@ def _model_configs(models: list[str], first_name: str | None, weights_dir: Path,
             raise typer.Exit(code=2)
         if params < _TEST_MODEL_PARAMS:
             log.warning(_TINY_WARNING.format(path=spec.path, weights_dir=weights_dir))
+            test_models.append(name)
         log.info("model %s: %s (%s, %s, %.1fM parameters), aliases %s", name, spec.path, spec.pipeline_class,
                  spec.family, params / 1e6, ", ".join(spec.aliases))
         for reason in placement.reasons:
             log.info("model %s: %s", name, reason)
         configs.append(ModelConfig(name=name, spec=spec, placement=placement,
                                    weight_bytes=params * placement.dtype.itemsize))
-    return configs
+    return configs, tuple(test_models)
 
 
 def _split_name(value: str) -> tuple[str | None, str]:

@@ -10,6 +10,7 @@ from pathlib import Path
 class Settings:
     # Every id /v1/models lists, in order, mapped to the served model it names (aliases included).
     model_ids: dict[str, str] = field(default_factory=dict)
+    test_models: tuple[str, ...] = ()  # served models with tiny random test weights: their images are noise
     output_dir: Path = Path("outputs")
     public_url: str | None = None  # base of the URLs we hand out, e.g. "https://images.studio.lan"
     retention_seconds: float = 24 * 3600  # generated files older than this are deleted
@@ -35,6 +36,11 @@ class Settings:
     @property
     def default_model(self) -> str:
         return next(iter(self.model_ids.values()))
+
+    @property
+    def test_model_ids(self) -> list[str]:
+        """The ids (aliases included) that name a tiny test model."""
+        return [i for i, name in self.model_ids.items() if name in self.test_models]
 
 
 def model_ids_for(models: list[tuple[str, tuple[str, ...]]]) -> dict[str, str]:

@@ -19,6 +19,11 @@ def _app(tmp_path, folder, load):
     return create_app(Settings(model_ids={"tiny": "tiny"}, output_dir=tmp_path), engine)
 
 
+def test_health_names_test_models_by_every_id():
+    settings = Settings(model_ids={"tiny": "tiny", "flux.2-klein-4b": "tiny", "real": "real"}, test_models=("tiny",))
+    assert settings.test_model_ids == ["tiny", "flux.2-klein-4b"]
+
+
 def test_health_is_503_while_loading_then_200(tmp_path, tiny_klein):
     release = threading.Event()
 
@@ -35,6 +40,7 @@ def test_health_is_503_while_loading_then_200(tmp_path, tiny_klein):
         release.set()
         client.app.state.engine.wait_ready(30)
         assert client.get("/health").status_code == 200
+        assert client.get("/health").json()["test_models"] == []  # not marked as test weights: no Playground banner
         assert client.post("/v1/images/generations", json={"prompt": "x", "size": "16x16"}).status_code == 200
 
 

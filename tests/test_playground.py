@@ -1,16 +1,21 @@
-"""The Playground page in a real browser (Debian's Chromium driven by Playwright): generate with live previews,
-edit with two uploaded references, see an API error in plain words, keys and the open mode."""
+"""The Playground page in a real browser (Debian's Chromium driven by Playwright): generate at once with the
+prefilled prompt, live previews that give way to the image, the Python snippet run for real, edit with three
+uploaded references, the test-model banner, placeholders that fit, an API error in plain words, keys and the open
+mode."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 from conftest import RunningServer
 from hostile_images import png
+from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -46,6 +51,30 @@ def natural_size(page, selector):
                                "return [i.naturalWidth, i.naturalHeight]; }"))
 
 
+def count_previews_shown(page):
+    """From now on, window.previewsShown counts the preview images the page adds (they are gone by the end)."""
+    page.evaluate("""() => { window.previewsShown = 0;
+        new MutationObserver((records) => records.forEach((r) => r.addedNodes.forEach((node) => {
+          if (node.matches && node.matches("img.preview")) window.previewsShown += 1; })))
+        .observe(document.getElementById("previews"), {childList: true}); }""")
+
+
+def test_generate_works_at_once_with_the_prefilled_prompt(server, page):
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#model option:nth-child(2)", state="attached")
+    assert page.input_value("#prompt").strip()  # real, editable text, not a placeholder
+    page.click("#go")
+    page.wait_for_selector("figure.result img", timeout=120_000)
+    assert page.inner_text("#status").startswith("Done: 1 image")
+    assert not page.is_visible("#error")
+    # A really empty box still gets a plain answer instead of a request.
+    page.fill("#prompt", "  ")
+    page.click("#go")
+    assert page.inner_text("#error") == "Write a prompt first."
+    assert page.locator("figure.result").count() == 1
+    assert page.console_errors == []
+
+
 def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page, tmp_path):
     page.goto(server.base_url + "/")
     assert page.title() == "flux2-local · Playground"
@@ -56,9 +85,11 @@ def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page,
     page.click("#dice")
     seed = page.input_value("#seed")
     assert seed.isdigit()
+    count_previews_shown(page)
     page.click("#go")
     page.wait_for_selector("figure.result img")
-    assert page.locator("#previews img.preview").count() == 3
+    assert page.evaluate("window.previewsShown") == 3  # shown while it ran...
+    assert page.locator("#previews img").count() == 0  # ...and gone once the image is there
     assert natural_size(page, "figure.result img") == (96, 64)
     caption = page.inner_text("figure.result figcaption")
     assert "96x64" in caption and f"seed {seed}" in caption
@@ -71,23 +102,85 @@ def test_generate_shows_previews_then_the_image_at_the_chosen_size(server, page,
     assert page.console_errors == []
 
 
-def test_edit_with_two_uploaded_references(server, page, tmp_path):
-    for name, size in (("first.png", (80, 48)), ("second.png", (64, 64))):
+def test_the_python_snippet_saves_the_image(server, page, tmp_path):
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#model option:nth-child(2)", state="attached")
+    page.fill("#prompt", "a lighthouse at dusk")
+    page.fill("#size", "48x32")
+    page.fill("#steps", "2")
+    page.fill("#seed", "7")
+    page.select_option("#format", "webp")
+    snippet = page.text_content("#python")
+    assert 'open("image.webp", "wb").write(base64.b64decode(result.data[0].b64_json))' in snippet
+    # Run as a user would: the OpenAI SDK, this server, a file written where it runs.
+    run = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    with Image.open(tmp_path / "image.webp") as image:
+        assert (image.format, image.size) == ("WEBP", (48, 32))
+    # Several images are saved one file each, and JPEG files end in .jpg.
+    page.fill("#n", "2")
+    page.select_option("#format", "jpeg")
+    snippet = page.text_content("#python")
+    assert 'open(f"image-{i + 1}.jpg", "wb").write(base64.b64decode(image.b64_json))' in snippet
+    compile(snippet, "snippet", "exec")
+
+
+def test_edit_with_three_uploaded_references(server, page, tmp_path):
+    names = []
+    for name, size in (("first.png", (80, 48)), ("second.png", (64, 64)), ("third.png", (32, 48))):
         (tmp_path / name).write_bytes(png(*size))
+        names.append(str(tmp_path / name))
     page.goto(server.base_url + "/playground")
     page.fill("#prompt", "put them together")
     page.fill("#steps", "3")
-    page.set_input_files("#files", [str(tmp_path / "first.png"), str(tmp_path / "second.png")])
-    assert page.locator("#thumbs .thumb").count() == 2
-    assert page.inner_text("#go") == "Edit 2 images"
+    page.set_input_files("#files", names)
+    assert page.locator("#thumbs .thumb").count() == 3
+    assert page.inner_text("#go") == "Edit with 3 references"  # one image comes back, made from three
     page.click("summary")
     assert "image[]=@first.png" in page.inner_text("#curl")
     page.keyboard.press("Control+Enter")  # the shortcut
     page.wait_for_selector("figure.result img")
+    assert page.locator("figure.result").count() == 1
     assert natural_size(page, "figure.result img") == (80, 48)  # auto size: the first image
     page.locator("#thumbs .thumb button").first.click()
+    page.locator("#thumbs .thumb button").first.click()
     assert page.locator("#thumbs .thumb").count() == 1
+    assert page.inner_text("#go") == "Edit with 1 reference"
     page.screenshot(path=str(tmp_path / "playground-edit.png"), full_page=True)
+
+
+def test_a_banner_says_the_test_model_draws_noise(server, page, tmp_path):
+    model = httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"]
+    assert model in httpx.get(f"{server.base_url}/health").json()["test_models"]  # the CLI saw tiny weights
+    page.goto(server.base_url + "/")
+    page.wait_for_selector("#testbanner", state="visible")
+    banner = page.inner_text("#testbanner")
+    assert "noise" in banner and model in banner
+    assert "flux2-local serve --model /models/FLUX.2-klein-4B" in banner
+    page.screenshot(path=str(tmp_path / "playground-banner.png"), full_page=True)
+
+    # What the page does when /health says what a server with real weights says: no banner.
+    page.route("**/health", lambda route: route.fulfill(json={**route.fetch().json(), "test_models": []}))
+    page.evaluate("() => loadHealth()")
+    assert not page.is_visible("#testbanner")
+
+
+@pytest.mark.parametrize("viewport", [{"width": 1280, "height": 860}, {"width": 375, "height": 800}])
+def test_placeholders_fit_their_boxes(server, browser, viewport):
+    context = browser.new_context(viewport=viewport)
+    page = context.new_page()
+    page.goto(server.base_url + "/")
+    measured = page.evaluate("""() => {
+        const context = document.createElement("canvas").getContext("2d");
+        const shown = [...document.querySelectorAll("input[placeholder]")].filter((input) => input.offsetParent);
+        return shown.map((input) => {
+          const style = getComputedStyle(input);
+          context.font = style.font;
+          const room = input.clientWidth - parseFloat(style.paddingLeft) - parseFloat(style.paddingRight);
+          return [input.id, context.measureText(input.placeholder).width, room]; }); }""")
+    context.close()
+    assert {"size", "steps", "guidance", "seed"} <= {name for name, _, _ in measured}
+    assert [(name, width, room) for name, width, room in measured if width > room] == []
 
 
 def test_api_errors_are_shown_in_plain_words(server, page):
