@@ -50,7 +50,7 @@ class Architecture:
 
     @property
     def tiny(self) -> bool:
-        return self.name == "tiny"
+        return self.name.startswith("tiny")
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -62,7 +62,9 @@ ARCHITECTURES: dict[str, Architecture] = {
                                   joint_attention_dim=12288, guidance_embeds=False), _QWEN3_8B, size_label="9b"),
     # dev is Flux2Transformer2DModel's default config. One run per figure: a dev image costs ~10x a klein one.
     "dev": Architecture("dev", "dev", dict(guidance_embeds=True), _MISTRAL_SMALL_TEXT, repeats=1),
+    # The tiny builder's pipelines, for running the benchmark's code on a CPU.
     "tiny": Architecture("tiny", "klein", size=128, repeats=1),
+    "tiny-dev": Architecture("tiny-dev", "dev", size=128, repeats=1),
 }
 
 
@@ -123,12 +125,12 @@ def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype):
     """The whole diffusers pipeline with random weights, on `device` in `dtype`, progress bars off."""
     from diffusers import Flux2KleinPipeline, Flux2Pipeline
 
-    from .tiny_weights import build_tiny_pipeline, dev_processor, flow_match_scheduler, klein_tokenizer
+    from .tiny_weights import build_tiny_pipeline, flow_match_scheduler, klein_tokenizer
 
     if arch.tiny:
-        pipe = build_tiny_pipeline("klein").to(device)
-        if dtype != torch.float32:
-            pipe.to(dtype=dtype)
+        pipe = build_tiny_pipeline(arch.family)
+        if device != "cpu" or dtype != torch.float32:  # built on the CPU in float32 (`to` would only warn)
+            pipe.to(device, dtype)
     elif arch.family == "klein":
         tokenizer = klein_tokenizer()
         with _building_on(device, dtype):
@@ -136,9 +138,7 @@ def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype):
         pipe = Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=vae, text_encoder=text_encoder,
                                   tokenizer=tokenizer, transformer=transformer, is_distilled=True)
     else:
-        # The tiny processor's image settings do not match the real vision tower: fine for text prompts, which is
-        # all the benchmark sends (caption upsampling, which feeds images to the encoder, is not benchmarked).
-        processor = dev_processor()
+        processor = dev_text_processor()
         image_token = processor.tokenizer.convert_tokens_to_ids("[IMG]")
         with _building_on(device, dtype):
             transformer, vae, text_encoder = _transformer(arch), _vae(), _text_encoder(arch, image_token)
@@ -148,6 +148,33 @@ def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype):
         module.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class TextOnlyProcessor:
+    """Stands in for dev's PixtralProcessor where transformers cannot build one (it needs torchvision): the
+    pipeline and the server only use its chat template and its `.tokenizer` for text prompts."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer(*args, **kwargs)
+
+
+def dev_text_processor():
+    """The tiny builder's PixtralProcessor, or the same tokenizer in a `TextOnlyProcessor` without torchvision.
+    Its image settings do not match the real vision tower: fine for text prompts, all the benchmark sends
+    (caption upsampling, which feeds images to the encoder, is not benchmarked)."""
+    from .tiny_weights import dev_processor, dev_tokenizer
+
+    try:
+        return dev_processor()
+    except ImportError:
+        return TextOnlyProcessor(dev_tokenizer())
 
 
 def build_transformer(arch: Architecture, device: str, dtype: torch.dtype):

@@ -120,9 +120,9 @@ def _build_klein():
                               tokenizer=tokenizer, transformer=_transformer(guidance_embeds=False), is_distilled=True)
 
 
-def dev_processor():
-    """A small PixtralProcessor with dev's special tokens and chat template (its ids index any Mistral vocab)."""
-    from transformers import PixtralImageProcessor, PixtralProcessor, PreTrainedTokenizerFast
+def dev_tokenizer():
+    """A small tokenizer with dev's special tokens and chat template (its ids index any Mistral vocab)."""
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]",
                 "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
@@ -139,6 +139,14 @@ def dev_processor():
         "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]"
         "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
     )
+    return tokenizer
+
+
+def dev_processor():
+    """`dev_tokenizer` in a small PixtralProcessor, as dev's tokenizer folder holds one (needs torchvision)."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    tokenizer = dev_tokenizer()
     processor = PixtralProcessor(
         image_processor=PixtralImageProcessor(patch_size=16, size={"longest_edge": 64}), tokenizer=tokenizer,
         patch_size=16, spatial_merge_size=1, image_token="[IMG]", image_break_token="[IMG_BREAK]",
