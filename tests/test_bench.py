@@ -217,3 +217,13 @@ def test_every_architecture_is_listed_in_the_command_help():
     for name in ("klein-4b", "klein-9b", "dev", "--json", "--update-docs", "--device"):
         assert name in result.output
     assert set(ARCHITECTURES) >= {"klein-4b", "klein-9b", "dev", "tiny"}
+
+
+def test_architectures_import_without_the_http_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
+            "import pipeline.architectures\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
