@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import statistics
 import tempfile
 import time
@@ -121,11 +122,9 @@ def _transformer_only(arch: Architecture, device: str, dtype: torch.dtype, weigh
     results["build_s"] = time.perf_counter() - started
     clock.say(f"built the transformer alone in {results['build_s']:.1f} s")
     for side in (arch.size, 2 * arch.size):
-        seconds, peak = timed(device, lambda side=side: transformer_step(transformer, side))
-        results["figures"].append(_figure_result(
-            Figure(f"transformer_step_{side}", f"s/step, transformer alone, {side}x{side}", None, None,
-                   "direct transformer call"), [], [seconds], [], [peak]))
-        clock.say(f"transformer step at {side}x{side}: {seconds:.3f} s, peak {peak / _GIB:.1f} GiB")
+        figure = Figure(f"transformer_step_{side}", f"s/step, transformer alone, {side}x{side}", None,
+                        lambda side=side: transformer_step(transformer, side), "direct transformer call")
+        results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, 1, device, clock), clock))
         save()
     results["skipped"] = [f.label for f in _figures(arch, None, None, None, steps=0, device=device)
                           if f.served is not None]
@@ -177,10 +176,12 @@ def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: 
                             action()
             clock.say("warm-up done")
             for figure in figures:
-                results["figures"].append(_measure(figure, repeats, device, clock))
+                results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, repeats, device, clock),
+                                                   clock))
                 save()
         finally:
             client.close()
+            shutil.rmtree(workdir, ignore_errors=True)
     if arch.family == "dev":
         _estimate_full_length(results, spec.defaults.steps, steps)
 
@@ -275,6 +276,18 @@ def _figures(arch: Architecture, pipe, client: ImageClient | None, direct: Direc
                lambda: transformer_step(pipe.transformer, size), "direct transformer call"),
     ]
     return figures
+
+
+def _guarded(figure: Figure, measure: Callable[[], dict], clock: _Clock) -> dict:
+    """A figure's results, or its error: one failing figure (out of memory at 10 references, say) must not cost
+    the others of a GPU run."""
+    try:
+        return measure()
+    except Exception as exc:  # reported in the table and the JSON; the run goes on
+        clock.say(f"{figure.label}: FAILED: {type(exc).__name__}: {exc}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {**_figure_result(figure, [], [], [], []), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
 def _measure(figure: Figure, repeats: int, device: str, clock: _Clock) -> dict:

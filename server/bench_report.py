@@ -79,6 +79,9 @@ def _rows(results: dict) -> list[list[str]]:
         peaks = " / ".join("—" if peak is None else f"{peak:.1f}"
                            for peak in (figure["served_peak_gib"], figure["direct_peak_gib"]))
         ratio = "—" if figure["ratio"] is None else f"{figure['ratio']:.2f}x"
+        if figure.get("error"):
+            rows.append([figure["label"], "failed", figure["error"][:80].replace("|", "/"), "—", "—", "0"])
+            continue
         rows.append([figure["label"], _seconds(figure["served_s"]), direct, ratio, peaks, str(figure["runs"])])
     for label in results["skipped"]:
         rows.append([label, "not measured", "not measured", "—", "—", "0"])

@@ -94,6 +94,7 @@ def _check_figures(results, expected_keys, no_direct=()):
     figures = {figure["key"]: figure for figure in results["figures"]}
     assert sorted(figures) == sorted(expected_keys)
     for key, figure in figures.items():
+        assert "error" not in figure, figure
         assert figure["runs"] == 1
         if key == "transformer_step":
             assert figure["served_s"] is None and figure["direct_s"] > 0
@@ -177,6 +178,22 @@ def test_transformer_only_mode_measures_the_transformer_and_lists_the_rest(tmp_p
     assert "one image 128x128" in results["skipped"] and "masked edit" in results["skipped"]
     printed = table(results)
     assert "not measured" in printed and "transformer was built and measured" in printed
+
+
+def test_a_failing_figure_is_reported_and_the_run_goes_on(tiny_run):
+    from server.bench_fullsize import Figure, _Clock, _guarded, _measure
+    from server.bench_report import table
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory")
+
+    lines = []
+    figure = Figure("edit_10", "edit, 10 references", out_of_memory, lambda: None)
+    result = _guarded(figure, lambda: _measure(figure, 1, "cpu", _Clock(lines.append)), _Clock(lines.append))
+    assert result["error"] == "RuntimeError: CUDA out of memory" and result["served_s"] is None
+    assert any("FAILED" in line for line in lines)
+    printed = table({**tiny_run["json"], "figures": [result]})
+    assert "edit, 10 references  failed" in printed and "CUDA out of memory" in printed
 
 
 def test_dev_without_torchvision_gets_a_text_only_processor(monkeypatch):
