@@ -38,11 +38,17 @@ def build_tiny_weights(out_dir: str | Path, variant: Variant = "klein") -> Path:
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     out = Path(out_dir)
+    build_tiny_pipeline(variant).save_pretrained(out)
+    return out
+
+
+def build_tiny_pipeline(variant: Variant = "klein"):
+    """The tiny `variant` pipeline in memory (on the CPU, float32), the same one `build_tiny_weights` writes."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)
-        pipe = _build_klein() if variant == "klein" else _build_dev()
-    pipe.save_pretrained(out)
-    return out
+        return _build_klein() if variant == "klein" else _build_dev()
 
 
 def _transformer(guidance_embeds: bool):
@@ -63,7 +69,8 @@ def _vae():
                               norm_num_groups=4)
 
 
-def _scheduler():
+def flow_match_scheduler():
+    """The scheduler as the real FLUX.2 models configure it."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return FlowMatchEulerDiscreteScheduler(
@@ -85,9 +92,9 @@ def _byte_level_bpe(special_tokens: list[str], unk_token: str | None):
     return bpe
 
 
-def _build_klein():
-    from diffusers import Flux2KleinPipeline
-    from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM
+def klein_tokenizer():
+    """A small Qwen2 tokenizer with klein's special tokens and chat template (its ids index any Qwen3 vocab)."""
+    from transformers import Qwen2TokenizerFast
 
     bpe = _byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], unk_token=None)
     tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
@@ -96,19 +103,26 @@ def _build_klein():
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
     )
+    return tokenizer
+
+
+def _build_klein():
+    from diffusers import Flux2KleinPipeline
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = klein_tokenizer()
     text_encoder = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=_ENCODER_HIDDEN, intermediate_size=32, num_hidden_layers=27,
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
         tie_word_embeddings=True,
     ))
-    return Flux2KleinPipeline(scheduler=_scheduler(), vae=_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=_transformer(guidance_embeds=False), is_distilled=True)
+    return Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=_vae(), text_encoder=text_encoder,
+                              tokenizer=tokenizer, transformer=_transformer(guidance_embeds=False), is_distilled=True)
 
 
-def _build_dev():
-    from diffusers import Flux2Pipeline
-    from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig,
-                              PixtralImageProcessor, PixtralProcessor, PixtralVisionConfig, PreTrainedTokenizerFast)
+def dev_tokenizer():
+    """A small tokenizer with dev's special tokens and chat template (its ids index any Mistral vocab)."""
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]",
                 "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
@@ -125,11 +139,28 @@ def _build_dev():
         "{% if m['role'] == 'system' %}[/SYSTEM_PROMPT]{% elif m['role'] == 'user' %}[/INST]"
         "{% else %}{{ eos_token }}{% endif %}{% endfor %}"
     )
+    return tokenizer
+
+
+def dev_processor():
+    """`dev_tokenizer` in a small PixtralProcessor, as dev's tokenizer folder holds one (needs torchvision)."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    tokenizer = dev_tokenizer()
     processor = PixtralProcessor(
         image_processor=PixtralImageProcessor(patch_size=16, size={"longest_edge": 64}), tokenizer=tokenizer,
         patch_size=16, spatial_merge_size=1, image_token="[IMG]", image_break_token="[IMG_BREAK]",
         image_end_token="[IMG_END]", chat_template=tokenizer.chat_template,
     )
+    return processor
+
+
+def _build_dev():
+    from diffusers import Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    processor = dev_processor()
+    tokenizer = processor.tokenizer
     text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
         text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=_ENCODER_HIDDEN, intermediate_size=32,
                                   num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
@@ -138,5 +169,5 @@ def _build_dev():
                                           num_attention_heads=2, head_dim=8, image_size=64, patch_size=16),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1, vision_feature_layer=-1,
     ))
-    return Flux2Pipeline(scheduler=_scheduler(), vae=_vae(), text_encoder=text_encoder, tokenizer=processor,
+    return Flux2Pipeline(scheduler=flow_match_scheduler(), vae=_vae(), text_encoder=text_encoder, tokenizer=processor,
                          transformer=_transformer(guidance_embeds=True))

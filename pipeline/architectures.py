@@ -1,0 +1,196 @@
+"""FLUX.2 architectures at their real sizes, built in memory with random weights, for benchmarks.
+
+Random weights give noise images but the real shapes, memory and time. Nothing is downloaded or written: the
+modules are constructed directly on the target device in the target dtype (their own initialisation runs there,
+so 8 billion parameters take seconds on a GPU instead of minutes of CPU work). The tokenizers are the tiny
+builder's: their ids index into the real-size embedding tables, and klein pads every prompt to 512 tokens, so the
+text encoder sees real-length input.
+
+Real configs: the transformers as `Flux2Transformer2DModel`'s defaults describe dev (8 double + 48 single blocks,
+48 heads x 128, joint attention dim 15360, guidance embeddings) and klein as the released configs (4B: 5 + 20
+blocks, 24 heads, joint dim 7680; 9B: 8 + 24 blocks, 32 heads, joint dim 12288), the text encoders as Qwen3-4B,
+Qwen3-8B and Mistral-Small-3.1-24B (with its Pixtral vision tower), the VAE as `AutoencoderKLFlux2`'s defaults.
+`tiny` is the tiny builder's klein pipeline, for running the benchmark code on a CPU."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .weights import _DEV_DEFAULTS, _KLEIN_DISTILLED_DEFAULTS, ModelSpec
+
+# Qwen3-4B and Qwen3-8B (klein's text encoders): transformers' Qwen3Config keywords.
+_QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 tie_word_embeddings=True)
+_QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+                 tie_word_embeddings=False)
+# Mistral-Small-3.1-24B (dev's text encoder): the language model and the Pixtral vision tower.
+_MISTRAL_SMALL_TEXT = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                           num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                           max_position_embeddings=131072, sliding_window=None, tie_word_embeddings=False)
+_PIXTRAL_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                       head_dim=64, image_size=1540, patch_size=14)
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str
+    family: str  # "klein" | "dev"
+    transformer: dict[str, Any] = field(default_factory=dict)  # Flux2Transformer2DModel keywords over defaults
+    encoder: dict[str, Any] = field(default_factory=dict)  # the text encoder's (language model's) config keywords
+    size_label: str | None = None  # served as flux.2-klein-4b / -9b
+    size: int = 1024  # the side of the benchmark's base image (the tiny one runs smaller images)
+    repeats: int = 3  # default runs per benchmark figure
+
+    @property
+    def tiny(self) -> bool:
+        return self.name.startswith("tiny")
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "klein-4b": Architecture(
+        "klein-4b", "klein", dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
+                                  joint_attention_dim=7680, guidance_embeds=False), _QWEN3_4B, size_label="4b"),
+    "klein-9b": Architecture(
+        "klein-9b", "klein", dict(num_layers=8, num_single_layers=24, num_attention_heads=32,
+                                  joint_attention_dim=12288, guidance_embeds=False), _QWEN3_8B, size_label="9b"),
+    # dev is Flux2Transformer2DModel's default config. One run per figure: a dev image costs ~10x a klein one.
+    "dev": Architecture("dev", "dev", dict(guidance_embeds=True), _MISTRAL_SMALL_TEXT, repeats=1),
+    # The tiny builder's pipelines, for running the benchmark's code on a CPU.
+    "tiny": Architecture("tiny", "klein", size=128, repeats=1),
+    "tiny-dev": Architecture("tiny-dev", "dev", size=128, repeats=1),
+}
+
+
+def get_architecture(name: str) -> Architecture:
+    if name not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {name!r}")
+    return ARCHITECTURES[name]
+
+
+def model_spec(arch: Architecture) -> ModelSpec:
+    """What the server needs to know of the in-memory pipeline (it never reads `path`, only names things by it)."""
+    is_dev = arch.family == "dev"
+    return ModelSpec(path=Path(f"in-memory-{arch.name}"),
+                     pipeline_class="Flux2Pipeline" if is_dev else "Flux2KleinPipeline", family=arch.family,
+                     is_distilled=not is_dev, size_label=arch.size_label,
+                     defaults=_DEV_DEFAULTS if is_dev else _KLEIN_DISTILLED_DEFAULTS)
+
+
+@contextlib.contextmanager
+def _building_on(device: str | torch.device, dtype: torch.dtype):
+    """Modules constructed inside are created (and initialised) on `device` in `dtype`, from a fixed seed."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(0)
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _transformer(arch: Architecture):
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(**arch.transformer)
+
+
+def _vae():
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2()
+
+
+def _text_encoder(arch: Architecture, image_token_index: int = 10):
+    if arch.family == "klein":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3ForCausalLM(Qwen3Config(**arch.encoder))
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
+
+    return Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=MistralConfig(**arch.encoder), vision_config=PixtralVisionConfig(**_PIXTRAL_VISION),
+        image_token_index=image_token_index, spatial_merge_size=2, projector_hidden_act="gelu",
+        multimodal_projector_bias=False, vision_feature_layer=-1, tie_word_embeddings=False))
+
+
+def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype):
+    """The whole diffusers pipeline with random weights, on `device` in `dtype`, progress bars off."""
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+
+    from .tiny_weights import build_tiny_pipeline, flow_match_scheduler, klein_tokenizer
+
+    if arch.tiny:
+        pipe = build_tiny_pipeline(arch.family)
+        if device != "cpu" or dtype != torch.float32:  # built on the CPU in float32 (`to` would only warn)
+            pipe.to(device, dtype)
+    elif arch.family == "klein":
+        tokenizer = klein_tokenizer()
+        with _building_on(device, dtype):
+            transformer, vae, text_encoder = _transformer(arch), _vae(), _text_encoder(arch)
+        pipe = Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=vae, text_encoder=text_encoder,
+                                  tokenizer=tokenizer, transformer=transformer, is_distilled=True)
+    else:
+        processor = dev_text_processor()
+        image_token = processor.tokenizer.convert_tokens_to_ids("[IMG]")
+        with _building_on(device, dtype):
+            transformer, vae, text_encoder = _transformer(arch), _vae(), _text_encoder(arch, image_token)
+        pipe = Flux2Pipeline(scheduler=flow_match_scheduler(), vae=vae, text_encoder=text_encoder,
+                             tokenizer=processor, transformer=transformer)
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+        module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class TextOnlyProcessor:
+    """Stands in for dev's PixtralProcessor where transformers cannot build one (it needs torchvision): the
+    pipeline and the server only use its chat template and its `.tokenizer` for text prompts."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.chat_template = tokenizer.chat_template
+
+    def apply_chat_template(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer.apply_chat_template(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.tokenizer(*args, **kwargs)
+
+
+def dev_text_processor():
+    """The tiny builder's PixtralProcessor, or the same tokenizer in a `TextOnlyProcessor` without torchvision.
+    Its image settings do not match the real vision tower: fine for text prompts, all the benchmark sends
+    (caption upsampling, which feeds images to the encoder, is not benchmarked)."""
+    from .tiny_weights import dev_processor, dev_tokenizer
+
+    try:
+        return dev_processor()
+    except ImportError:
+        return TextOnlyProcessor(dev_tokenizer())
+
+
+def build_transformer(arch: Architecture, device: str, dtype: torch.dtype):
+    """The transformer alone with random weights, on `device` in `dtype`."""
+    if arch.tiny:
+        return build_pipeline(arch, device, dtype).transformer
+    with _building_on(device, dtype):
+        return _transformer(arch).eval()
+
+
+def parameter_counts(arch: Architecture) -> dict[str, int]:
+    """Parameters per component, counted on the meta device (no memory, no initialisation)."""
+    if arch.tiny:
+        pipe = build_pipeline(arch, "cpu", torch.float32)
+        parts = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+    else:
+        with torch.device("meta"):
+            parts = {"transformer": _transformer(arch), "text_encoder": _text_encoder(arch), "vae": _vae()}
+    return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}

@@ -1,0 +1,360 @@
+"""`flux2-local bench --architecture NAME`: the served path against plain diffusers on the same full-size random
+weights, in one process, one run.
+
+The pipeline is built once in memory on the device (`pipeline.architectures`: real configs, random weights, no
+download, no disk). An `Engine` serves that very object through the real app under uvicorn on a loopback port,
+and every figure is measured both ways, one after the other, while the other side is idle: through HTTP
+(b64_json PNG, each answer read whole) and as a plain `pipe(prompt=...)` call on the same pipeline with the same
+seeds and sizes plus the PNG encode (zlib level 1, as the server encodes). Each prompt is new, so no prompt
+cache flatters the server. Every figure is the median of `repeats` runs after a warm-up. A dev pipeline that
+does not fit the card (~112 GB in bf16) is replaced by its transformer alone, and the table says so."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.architectures import Architecture, build_pipeline, build_transformer, model_spec, parameter_counts
+
+from .bench_harness import (DirectDiffusers, ImageClient, InProcessServer, StepTimer, mask_images,
+                            reference_images, timed, transformer_step)
+from .bench_report import count_label, environment, write_json
+
+_GIB = 1024**3
+# Room beyond the weights for activations, the VAE at 2048² and the CUDA context, when deciding whether a whole
+# pipeline fits the card.
+_HEADROOM_BYTES = 16 * _GIB
+_BATCH = 4
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Figure:
+    key: str
+    label: str
+    served: Callable[[], float | None] | None
+    direct: Callable[[], float | None] | None
+    direct_label: str = "the same call"
+
+
+class _Clock:
+    """Progress lines stamped with the seconds since the start, so that a run cut short still tells something."""
+
+    def __init__(self, echo: Echo):
+        self.started = time.perf_counter()
+        self.echo = echo
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def say(self, message: str) -> None:
+        self.echo(f"[{self.elapsed:7.1f} s] {message}")
+
+
+def fits_card(weight_bytes: int, card_bytes: float) -> bool:
+    """Whether a whole pipeline of `weight_bytes` runs on a card of `card_bytes` (dev in bf16, ~105 GiB: only on a
+    141 GB H200, not on an 80 GB H100)."""
+    return weight_bytes + _HEADROOM_BYTES <= card_bytes
+
+
+def run_fullsize_bench(arch: Architecture, device: str = "auto", repeats: int | None = None, steps: int = 4,
+                       json_path: Path | None = None, transformer_only: bool | None = None,
+                       echo: Echo = print) -> dict:
+    """Measure every figure and return the results (also written to `json_path` after each figure)."""
+    clock = _Clock(echo)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    repeats = repeats or arch.repeats
+    counts = parameter_counts(arch)
+    weight_bytes = sum(counts.values()) * dtype.itemsize
+    env = environment(device)
+    asked_transformer_only = bool(transformer_only)
+    if transformer_only is None:
+        transformer_only = device == "cuda" and not fits_card(weight_bytes, env["device_memory_gib"] * _GIB)
+    results = {"architecture": arch.name, **env, "dtype": str(dtype).removeprefix("torch."), "steps": steps,
+               "repeats": repeats, "size": arch.size, "parameters": counts, "weights_gib": weight_bytes / _GIB,
+               "mode": "transformer-only" if transformer_only else "pipeline", "notes": [], "figures": [],
+               "skipped": [], "complete": False}
+    if device == "cpu":
+        results["notes"].append("On the CPU, peak memory is the whole process's resident size.")
+    clock.say(f"{arch.name}: {count_label(sum(counts.values()))} parameters ({weight_bytes / _GIB:.1f} GiB in "
+              f"{results['dtype']}) on {env['device']}; {steps} steps, {repeats} run(s) per figure")
+
+    def save() -> None:
+        results["total_s"] = clock.elapsed
+        if json_path is not None:
+            write_json(results, json_path)
+
+    if transformer_only:
+        _transformer_only(arch, device, dtype, weight_bytes, asked_transformer_only, results, clock, save)
+    else:
+        _whole_pipeline(arch, device, dtype, steps, repeats, results, clock, save)
+    results["complete"] = True
+    save()
+    clock.say("done")
+    return results
+
+
+def _transformer_only(arch: Architecture, device: str, dtype: torch.dtype, weight_bytes: int, asked: bool,
+                      results: dict, clock: _Clock, save: Callable[[], None]) -> None:
+    if asked:
+        results["notes"].append("Only the transformer was built and measured (--transformer-only).")
+    else:
+        results["notes"].append(
+            f"The whole {arch.name} pipeline needs {weight_bytes / _GIB:.0f} GiB of {results['dtype']} weights plus "
+            f"room to run; this card has {results['device_memory_gib']:.0f} GiB. Only the transformer was built and "
+            f"measured; the served figures need a card of ~{(weight_bytes + _HEADROOM_BYTES) / _GIB:.0f} GiB or "
+            "more (a 141 GB H200).")
+    started = time.perf_counter()
+    transformer = build_transformer(arch, device, dtype)
+    results["build_s"] = time.perf_counter() - started
+    clock.say(f"built the transformer alone in {results['build_s']:.1f} s")
+    for side in (arch.size, 2 * arch.size):
+        figure = Figure(f"transformer_step_{side}", f"s/step, transformer alone, {side}x{side}", None,
+                        lambda side=side: transformer_step(transformer, side), "direct transformer call")
+        results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, 1, device, clock), clock))
+        save()
+    results["skipped"] = [f.label for f in _figures(arch, None, None, None, steps=0, device=device)
+                          if f.served is not None]
+
+
+def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: int, repeats: int, results: dict,
+                    clock: _Clock, save: Callable[[], None]) -> None:
+    from pipeline.engine import Engine
+    from pipeline.loader import LoadedModel
+    from pipeline.placement import Placement
+    from pipeline.pool import ModelConfig, ModelPool
+
+    from .app import create_app
+    from .settings import Settings, model_ids_for
+
+    started = time.perf_counter()
+    pipe = build_pipeline(arch, device, dtype)
+    results["build_s"] = time.perf_counter() - started
+    if device == "cuda":
+        torch.cuda.synchronize()
+        results["weights_resident_gib"] = torch.cuda.memory_allocated() / _GIB
+    clock.say(f"built the pipeline in memory in {results['build_s']:.1f} s")
+
+    spec = model_spec(arch)
+    placement = Placement(device=device, dtype=dtype, offload="none", reasons=("built in memory by the bench",))
+    config = ModelConfig(name=arch.name, spec=spec, placement=placement,
+                         weight_bytes=int(results["weights_gib"] * _GIB))
+    engine = Engine(ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe)),
+                    max_batch_images=_BATCH)
+    workdir = Path(tempfile.mkdtemp(prefix="flux2-bench-"))
+    settings = Settings(model_ids=model_ids_for([(arch.name, spec.aliases)]), output_dir=workdir / "outputs",
+                        request_timeout=3600.0, playground=False)
+    direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
+    if arch.family == "dev" and steps < spec.defaults.steps:
+        results["notes"].append(f"dev runs {steps} steps here (its default is {spec.defaults.steps}).")
+    logging.getLogger("flux2").setLevel(logging.WARNING)
+    with InProcessServer(create_app(settings, engine)) as server:
+        client = ImageClient(server.url, steps)
+        try:
+            if not engine.wait_ready(300):
+                raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
+            clock.say(f"serving at {server.url}")
+            figures = _figures(arch, pipe, client, direct, steps, device)
+            clock.say("warm-up: one image and a one-reference edit, served and direct; a transformer call")
+            for figure in figures:
+                if figure.key in ("one_image", "edit_1", "transformer_step"):
+                    for action in (figure.served, figure.direct):
+                        if action is not None:
+                            action()
+            clock.say("warm-up done")
+            for figure in figures:
+                results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, repeats, device, clock),
+                                                   clock))
+                save()
+        finally:
+            client.close()
+            shutil.rmtree(workdir, ignore_errors=True)
+    if arch.family == "dev":
+        _estimate_full_length(results, spec.defaults.steps, steps)
+
+
+def _figures(arch: Architecture, pipe, client: ImageClient | None, direct: DirectDiffusers | None, steps: int,
+             device: str) -> list[Figure]:
+    size, small, large = arch.size, arch.size // 2, arch.size * 2
+    tags = itertools.count()
+
+    def prompts(count: int = 1) -> list[str]:
+        tag = next(tags)  # a new prompt every call: nothing comes from the server's prompt cache
+        return [f"bench {tag}.{i}: a lighthouse on a cliff at dusk, waves, oil painting" for i in range(count)]
+
+    references, reference_pils = reference_images(10, size) if client else ([], [])
+    mask, plain_mask = mask_images(size) if client else (b"", None)
+
+    def sequential() -> None:
+        for prompt in prompts(_BATCH):
+            client.generate(prompt, size)
+
+    def singles() -> None:
+        for prompt in prompts(_BATCH):
+            direct.images([prompt], size)
+
+    def concurrent() -> None:
+        with ThreadPoolExecutor(_BATCH) as pool:
+            list(pool.map(lambda p: client.generate(p, size), prompts(_BATCH)))
+
+    def steps_served() -> float:
+        timer = StepTimer(pipe.transformer, device)
+        try:
+            client.generate(prompts()[0], size)
+        finally:
+            seconds = timer.detach()
+        return seconds
+
+    def steps_direct() -> float:
+        timer = StepTimer(pipe.transformer, device)
+        try:
+            direct.images(prompts(), size)
+        finally:
+            seconds = timer.detach()
+        return seconds
+
+    inpaint = None
+    if arch.family == "klein" and pipe is not None:
+        from diffusers import Flux2KleinInpaintPipeline
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # from_pipe's `to()` warns of float32 modules there are none of
+        try:
+            inpaint = Flux2KleinInpaintPipeline.from_pipe(pipe)  # shares the weights
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        inpaint.set_progress_bar_config(disable=True)
+
+    def masked_direct() -> None:
+        direct.images(prompts(), size, pipe=inpaint, image=reference_pils[0], mask_image=plain_mask, strength=1.0)
+
+    figures = [
+        Figure("one_image", f"one image {size}x{size}", lambda: client.generate(prompts()[0], size),
+               lambda: direct.images(prompts(), size)),
+    ]
+    if arch.family == "klein":
+        figures.append(Figure(f"one_image_{small}", f"one image {small}x{small}",
+                              lambda: client.generate(prompts()[0], small), lambda: direct.images(prompts(), small)))
+    figures += [
+        Figure("sequential_4", f"{_BATCH} requests one after another",
+               sequential, singles, f"{_BATCH} single calls"),
+        Figure("concurrent_4", f"{_BATCH} concurrent requests", concurrent,
+               lambda: direct.images(prompts(_BATCH), size), f"one batch of {_BATCH} prompts"),
+        Figure("n_4", f"n={_BATCH} in one request", lambda: client.generate(prompts()[0], size, n=_BATCH),
+               lambda: direct.images(prompts(), size, per_prompt=_BATCH), f"num_images_per_prompt={_BATCH}"),
+        Figure("stream_2", "stream, partial_images=2", lambda: client.stream(prompts()[0], size, 2),
+               lambda: direct.images(prompts(), size), "one image, no previews"),
+    ]
+    for count in (1, 4, 10):
+        figures.append(Figure(
+            f"edit_{count}", f"edit, {count} reference{'s' if count > 1 else ''} {size}x{size}",
+            lambda count=count: client.edit(prompts()[0], size, references[:count]),
+            lambda count=count: direct.images(prompts(), size, image=reference_pils[:count])))
+    figures += [
+        Figure("masked_edit", "masked edit", lambda: client.edit(prompts()[0], size, references[:1], mask),
+               masked_direct if inpaint is not None else None,
+               "Flux2KleinInpaintPipeline, strength 1" if inpaint is not None else "no plain equivalent"),
+        Figure(f"one_image_{large}", f"one image {large}x{large}", lambda: client.generate(prompts()[0], large),
+               lambda: direct.images(prompts(), large)),
+        Figure("pipeline_step", f"s/step in the pipeline, {size}x{size}", steps_served, steps_direct,
+               "the same, timed by a hook"),
+        Figure("transformer_step", f"s/step, transformer alone, {size}x{size}", None,
+               lambda: transformer_step(pipe.transformer, size), "direct transformer call"),
+    ]
+    return figures
+
+
+def _guarded(figure: Figure, measure: Callable[[], dict], clock: _Clock) -> dict:
+    """A figure's results, or its error: one failing figure (out of memory at 10 references, say) must not cost
+    the others of a GPU run."""
+    try:
+        return measure()
+    except Exception as exc:  # reported in the table and the JSON; the run goes on
+        clock.say(f"{figure.label}: FAILED: {type(exc).__name__}: {exc}")
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {**_figure_result(figure, [], [], [], []), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def _measure(figure: Figure, repeats: int, device: str, clock: _Clock) -> dict:
+    served, direct, served_peaks, direct_peaks = [], [], [], []
+    for run in range(repeats):
+        line = []
+        if figure.served is not None:
+            seconds, peak = timed(device, figure.served)
+            served.append(seconds)
+            served_peaks.append(peak)
+            line.append(f"served {seconds:.3f} s")
+        if figure.direct is not None:
+            seconds, peak = timed(device, figure.direct)
+            direct.append(seconds)
+            direct_peaks.append(peak)
+            line.append(f"direct {seconds:.3f} s")
+        clock.say(f"{figure.label} ({run + 1}/{repeats}): {', '.join(line)}")
+    return _figure_result(figure, served, direct, served_peaks, direct_peaks)
+
+
+def _figure_result(figure: Figure, served: list[float], direct: list[float], served_peaks: list[int],
+                   direct_peaks: list[int]) -> dict:
+    served_s = statistics.median(served) if served else None
+    direct_s = statistics.median(direct) if direct else None
+    return {"key": figure.key, "label": figure.label, "served_s": served_s, "direct_s": direct_s,
+            "ratio": served_s / direct_s if served_s and direct_s else None, "direct_label": figure.direct_label,
+            "served_peak_gib": max(served_peaks) / _GIB if served_peaks else None,
+            "direct_peak_gib": max(direct_peaks) / _GIB if direct_peaks else None,
+            "runs": max(len(served), len(direct)), "served_runs": served, "direct_runs": direct}
+
+
+def _estimate_full_length(results: dict, default_steps: int, steps: int) -> None:
+    by_key = {f["key"]: f for f in results["figures"]}
+    one, step = by_key.get("one_image"), by_key.get("pipeline_step")
+    if one and step and one["served_s"] and step["served_s"]:
+        extra = (default_steps - steps) * step["served_s"]
+        results["estimates"] = {f"one_image_{default_steps}_steps_s": one["served_s"] + extra}
+        results["notes"].append(f"A {default_steps}-step image: about {one['served_s'] + extra:.1f} s served (one "
+                                f"image + {default_steps - steps} more steps at the measured s/step).")
+
+
+def bench_command(name: str, device: str, repeats: int | None, steps: int, json_path: Path | None,
+                  update_docs: bool, docs: Path, transformer_only: bool | None) -> dict:
+    """`flux2-local bench --architecture NAME ...`: run, print the table, write the JSON and the docs section."""
+    import typer
+
+    from pipeline.architectures import get_architecture
+
+    from .bench_report import table, update_performance_doc
+
+    try:
+        arch = get_architecture(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--architecture") from exc
+    if device not in ("auto", "cuda", "cpu"):
+        raise typer.BadParameter("must be one of auto, cuda, cpu", param_hint="--device")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("torch sees no CUDA device", param_hint="--device")
+    results = run_fullsize_bench(arch, device, repeats, steps, json_path, transformer_only,
+                                 echo=lambda line: typer.echo(line))
+    typer.echo("")
+    typer.echo(table(results))
+    if json_path is not None:
+        typer.echo(f"\nresults written to {json_path}")
+    if update_docs:
+        command = f"flux2-local bench --architecture {name}" + (f" --steps {steps}" if steps != 4 else "") + (
+            f" --repeats {repeats}" if repeats else "") + (" --transformer-only" if transformer_only else "")
+        update_performance_doc(results, docs, command)
+        typer.echo(f"{docs} updated")
+    return results

@@ -1,0 +1,244 @@
+"""The instruments of the full-size benchmark: the real app served in-process on a loopback port, a client that
+speaks the image API, plain diffusers calls on the same pipeline, and meters for memory and denoising steps."""
+
+from __future__ import annotations
+
+import io
+import socket
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import torch
+from PIL import Image
+
+from pipeline.codecs import encode_image
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class InProcessServer:
+    """uvicorn serving `app` from a thread of this process on a free loopback port (no signal handlers: those
+    belong to the main thread), so the engine it starts shares the benchmark's pipeline object."""
+
+    def __init__(self, app: Any):
+        import uvicorn
+
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="on")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="bench-uvicorn", daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        self._thread.start()
+        deadline = time.monotonic() + 300
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError("the in-process server stopped while starting (see the log above)")
+            if time.monotonic() > deadline:
+                raise TimeoutError("the in-process server did not start within 300 s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(120)
+        self._socket.close()
+
+
+class ImageClient:
+    """Requests as an application sends them: one pooled connection set, b64_json PNG, each answer read whole
+    and checked (200, the number of images)."""
+
+    def __init__(self, url: str, steps: int):
+        self.steps = steps
+        self.http = httpx.Client(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=16))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _fields(self, prompt: str, size: int, seed: int, n: int) -> dict:
+        return {"prompt": prompt, "size": f"{size}x{size}", "seed": seed, "n": n, "num_inference_steps": self.steps,
+                "response_format": "b64_json", "output_format": "png"}
+
+    def generate(self, prompt: str, size: int, seed: int = 0, n: int = 1) -> None:
+        response = self.http.post("/v1/images/generations", json=self._fields(prompt, size, seed, n))
+        _check(response, n)
+
+    def stream(self, prompt: str, size: int, partial_images: int, seed: int = 0) -> None:
+        body = {**self._fields(prompt, size, seed, 1), "stream": True, "partial_images": partial_images}
+        with self.http.stream("POST", "/v1/images/generations", json=body) as response:
+            data = b"".join(response.iter_bytes())
+        if response.status_code != 200 or b"event: image_generation.completed" not in data:
+            raise RuntimeError(f"the stream failed ({response.status_code}): {data[-500:]!r}")
+        if data.count(b"event: image_generation.partial_image") != partial_images:
+            raise RuntimeError(f"the stream did not carry {partial_images} previews")
+
+    def edit(self, prompt: str, size: int, references: list[bytes], mask: bytes | None = None,
+             seed: int = 0) -> None:
+        files = [("image[]", (f"ref{i}.png", data, "image/png")) for i, data in enumerate(references)]
+        if mask is not None:
+            files.append(("mask", ("mask.png", mask, "image/png")))
+        fields = {key: str(value) for key, value in self._fields(prompt, size, seed, 1).items()}
+        _check(self.http.post("/v1/images/edits", data=fields, files=files), 1)
+
+
+def _check(response: httpx.Response, n: int) -> None:
+    if response.status_code != 200:
+        raise RuntimeError(f"the server answered {response.status_code}: {response.text[:500]}")
+    data = response.json()["data"]
+    if len(data) != n or not all(item.get("b64_json") for item in data):
+        raise RuntimeError(f"expected {n} b64_json images, got {len(data)}")
+
+
+class DirectDiffusers:
+    """Plain diffusers on the same pipeline object: `pipe(prompt=..., ...)` as a user calls it, the same seeds
+    (CPU generators, as the server draws its noise), then every image saved as PNG the way the server encodes it."""
+
+    def __init__(self, pipe: Any, steps: int, guidance_scale: float):
+        self.pipe = pipe
+        self.steps = steps
+        self.guidance_scale = guidance_scale
+
+    def images(self, prompts: list[str], size: int, seed: int = 0, per_prompt: int = 1, pipe: Any = None,
+               **extra: Any) -> None:
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
+        output = (pipe or self.pipe)(prompt=prompts, height=size, width=size, num_inference_steps=self.steps,
+                                     guidance_scale=self.guidance_scale, num_images_per_prompt=per_prompt,
+                                     generator=generators, **extra)
+        for image in output.images:
+            encode_image(image, "png")
+
+
+def transformer_step(transformer: Any, size: int, calls: int = 3, text_tokens: int = 512) -> float:
+    """Median seconds of one transformer forward at `size`x`size` (batch 1, `text_tokens` of text), called
+    directly with the inputs a pipeline step gives it."""
+    from diffusers import Flux2KleinPipeline
+
+    device, dtype = transformer.device, transformer.dtype
+    config = transformer.config
+    side = size // 16  # 8x VAE downsampling, then 2x2 latent patches
+    latents = torch.randn(1, config.in_channels, side, side, device=device, dtype=dtype)
+    text = torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=dtype)
+    inputs = dict(hidden_states=latents.flatten(2).transpose(1, 2), encoder_hidden_states=text,
+                  timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+                  img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(device),
+                  txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(device),
+                  guidance=torch.full((1,), 4.0, device=device, dtype=dtype) if config.guidance_embeds else None,
+                  return_dict=False)
+    seconds = []
+    with torch.inference_mode():
+        transformer(**inputs)  # warm-up
+        for _ in range(calls):
+            synchronize(device.type)
+            started = time.perf_counter()
+            transformer(**inputs)
+            synchronize(device.type)
+            seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
+class StepTimer:
+    """Times every forward of `module` (synchronizing around it on CUDA, so only while attached): the seconds
+    per denoising step inside a real pipeline run, served or direct."""
+
+    def __init__(self, module: torch.nn.Module, device: str):
+        self.seconds: list[float] = []
+        self._device = device
+        self._started = 0.0
+        self._hooks = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
+
+    def _before(self, *_: object) -> None:
+        synchronize(self._device)
+        self._started = time.perf_counter()
+
+    def _after(self, *_: object) -> None:
+        synchronize(self._device)
+        self.seconds.append(time.perf_counter() - self._started)
+
+    def detach(self) -> float:
+        for hook in self._hooks:
+            hook.remove()
+        return statistics.median(self.seconds)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: CUDA's peak allocation, or on the CPU the process's resident size
+    sampled every 5 ms (the CPU figure includes everything the process holds)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self.peak_bytes = process.memory_info().rss
+
+            def sample() -> None:
+                while not self._stop.wait(0.005):
+                    self.peak_bytes = max(self.peak_bytes, process.memory_info().rss)
+
+            self._sampler = threading.Thread(target=sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._sampler.join()
+
+
+def timed(device: str, action: Callable[[], float | None]) -> tuple[float, int]:
+    """(seconds, peak bytes) of one call of `action`; an action that returns a number reports that instead of
+    its wall time (a per-step figure)."""
+    with PeakMemory(device) as memory:
+        synchronize(device)
+        started = time.perf_counter()
+        value = action()
+        synchronize(device)
+        seconds = time.perf_counter() - started
+    return (seconds if value is None else value), memory.peak_bytes
+
+
+def reference_images(count: int, size: int) -> tuple[list[bytes], list[Image.Image]]:
+    """`count` smooth, photo-like `size`x`size` images (upscaled random colour fields), as PNG bytes and PIL."""
+    import numpy as np
+
+    images = []
+    for index in range(count):
+        field = np.random.default_rng(index).integers(0, 256, (12, 12, 3), dtype=np.uint8)
+        images.append(Image.fromarray(field).resize((size, size), Image.Resampling.BICUBIC))
+    return [encode_image(image, "png") for image in images], images
+
+
+def mask_images(size: int) -> tuple[bytes, Image.Image]:
+    """A mask repainting the central quarter: as the API takes it (PNG, transparent = repaint) and as diffusers'
+    inpaint pipeline takes it ("L", white = repaint)."""
+    box = (size // 4, size // 4, 3 * size // 4, 3 * size // 4)
+    api = Image.new("RGBA", (size, size), (0, 0, 0, 255))
+    api.paste((0, 0, 0, 0), box)
+    plain = Image.new("L", (size, size), 0)
+    plain.paste(255, box)
+    buffer = io.BytesIO()
+    api.save(buffer, format="PNG")
+    return buffer.getvalue(), plain

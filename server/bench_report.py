@@ -1,0 +1,150 @@
+"""What the full-size benchmark reports: the machine and software it ran on, a table for the terminal, the JSON,
+and its section of `docs/PERFORMANCE.md` (one section per architecture, replaced by the latest run)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+_GIB = 1024**3
+
+DOC_INTRO = """# Performance
+
+Measured by `flux2-local bench --architecture NAME --update-docs`: the full-size architecture with random weights
+(real configs; noise images, but the real shapes, memory and time), built in memory on the device, served by the
+real app in the same process (HTTP over loopback, b64_json PNG, each answer read whole) against plain diffusers
+on the same pipeline object with the same seeds and sizes (+ PNG encode at zlib level 1, as the server encodes).
+Every prompt is new (no prompt cache). Each figure is the median of its runs after a warm-up; peak memory is the
+largest CUDA allocation during a run. Each architecture's section is replaced by its latest run.
+"""
+
+
+def environment(device: str) -> dict:
+    """The card (or CPU) and the software versions a run used."""
+    import diffusers
+    import transformers
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name(0)
+        memory = torch.cuda.get_device_properties(0).total_memory
+    else:
+        import psutil
+
+        name = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+        memory = psutil.virtual_memory().total
+    return {"device": name, "device_memory_gib": memory / _GIB, "date": datetime.date.today().isoformat(),
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()}}
+
+
+def write_json(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(results, indent=2) + "\n")
+    partial.replace(path)  # a reader never sees half a file, even if the run is cut off mid-write
+
+
+def count_label(count: int) -> str:
+    """3875544576 -> "3.876 B", 84046115 -> "84.0 M", 82560 -> "82.6 k"."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.3f} B" if unit == "B" else f"{count / scale:.1f} {unit}"
+    return str(count)
+
+
+def _parameters(results: dict) -> str:
+    counts = results["parameters"]
+    return (f"transformer {count_label(counts['transformer'])}, text encoder {count_label(counts['text_encoder'])}, "
+            f"VAE {count_label(counts['vae'])} ({results['weights_gib']:.2f} GiB in {results['dtype']})")
+
+
+def _seconds(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f} s"
+
+
+def _rows(results: dict) -> list[list[str]]:
+    rows = []
+    for figure in results["figures"]:
+        direct = _seconds(figure["direct_s"])
+        if figure["direct_s"] is not None and figure["direct_label"] != "the same call":
+            direct += f" ({figure['direct_label']})"
+        elif figure["direct_s"] is None and figure["direct_label"] != "the same call":
+            direct = f"— ({figure['direct_label']})"
+        peaks = " / ".join("—" if peak is None else f"{peak:.1f}"
+                           for peak in (figure["served_peak_gib"], figure["direct_peak_gib"]))
+        ratio = "—" if figure["ratio"] is None else f"{figure['ratio']:.2f}x"
+        if figure.get("error"):
+            rows.append([figure["label"], "failed", figure["error"][:80].replace("|", "/"), "—", "—", "0"])
+            continue
+        rows.append([figure["label"], _seconds(figure["served_s"]), direct, ratio, peaks, str(figure["runs"])])
+    for label in results["skipped"]:
+        rows.append([label, "not measured", "not measured", "—", "—", "0"])
+    return rows
+
+
+_HEADERS = ["figure", "served", "plain diffusers", "served / plain", "peak GiB served / plain", "runs"]
+
+
+def _summary(results: dict) -> list[str]:
+    versions = results["versions"]
+    lines = [
+        f"{results['architecture']} on {results['device']} ({results['device_memory_gib']:.1f} GiB), "
+        f"{results['date']}; torch {versions['torch']} (CUDA {versions['cuda']}), diffusers {versions['diffusers']}, "
+        f"transformers {versions['transformers']}, Python {versions['python']}",
+        f"parameters: {_parameters(results)}; {results['steps']} steps; {results['mode']}; built in "
+        f"{results.get('build_s', 0):.1f} s; whole run {results.get('total_s', 0):.0f} s",
+    ]
+    return lines + [f"note: {note}" for note in results["notes"]]
+
+
+def table(results: dict) -> str:
+    """The results as a plain-text table with the machine and versions above it."""
+    rows = [_HEADERS] + _rows(results)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
+    lines = _summary(results) + [""]
+    for index, row in enumerate(rows):
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        if index == 0:
+            lines.append("  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def markdown_section(results: dict, command: str) -> str:
+    name = results["architecture"]
+    versions = results["versions"]
+    lines = [
+        f"<!-- bench:{name} -->",
+        f"## {name} on {results['device']} ({results['device_memory_gib']:.1f} GiB)",
+        "",
+        f"- Measured {results['date']} with `{command}`.",
+        f"- torch {versions['torch']} (CUDA {versions['cuda']}), diffusers {versions['diffusers']}, transformers "
+        f"{versions['transformers']}, Python {versions['python']}.",
+        f"- Parameters: {_parameters(results)}.",
+        f"- {results['steps']} steps, up to {results['repeats']} run(s) per figure; built in memory in "
+        f"{results.get('build_s', 0):.1f} s; the whole run took {results.get('total_s', 0):.0f} s.",
+    ]
+    lines += [f"- {note}" for note in results["notes"]]
+    lines += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
+    lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
+    lines.append(f"<!-- /bench:{name} -->")
+    return "\n".join(lines) + "\n"
+
+
+def update_performance_doc(results: dict, path: Path, command: str) -> None:
+    """Replace (or add) this architecture's section of `path`, keeping the others."""
+    section = markdown_section(results, command)
+    name = re.escape(results["architecture"])
+    text = path.read_text() if path.is_file() else DOC_INTRO
+    pattern = re.compile(rf"<!-- bench:{name} -->\n.*?<!-- /bench:{name} -->\n", re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

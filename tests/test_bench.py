@@ -1,0 +1,246 @@
+"""The full-size benchmark (`flux2-local bench --architecture`): real configs checked on the meta device, and the
+whole bench run on the CPU with the scaled-down architectures. Timings on a shared CI machine prove nothing, so
+only the shape of the results is checked: every figure present, positive, with its ratio."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.architectures import ARCHITECTURES, get_architecture, parameter_counts
+
+_GIB = 1024**3
+
+# The released models' sizes (GPU.md: klein-4B transformer 3.876 B, Qwen3-4B 4.022 B, VAE 84 M; Qwen3-8B 8.19 B;
+# FLUX.2 dev 32.2 B; Mistral-Small-3.1-24B 24.0 B).
+_REAL_COUNTS = {
+    "klein-4b": (3.876e9, 4.022e9),
+    "klein-9b": (9.079e9, 8.191e9),
+    "dev": (32.223e9, 24.011e9),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_REAL_COUNTS))
+def test_full_size_configs_have_the_real_parameter_counts(name):
+    counts = parameter_counts(get_architecture(name))
+    transformer, text_encoder = _REAL_COUNTS[name]
+    assert counts["transformer"] == pytest.approx(transformer, rel=2e-4)
+    assert counts["text_encoder"] == pytest.approx(text_encoder, rel=2e-4)
+    assert counts["vae"] == pytest.approx(84.05e6, rel=1e-3)
+
+
+@pytest.mark.parametrize("name", ["klein-4b", "klein-9b", "dev"])
+def test_full_size_configs_keep_what_the_pipelines_rely_on(name):
+    import inspect
+
+    from diffusers import Flux2Transformer2DModel
+
+    arch = get_architecture(name)
+    defaults = {key: parameter.default
+                for key, parameter in inspect.signature(Flux2Transformer2DModel.__init__).parameters.items()}
+    merged = {**defaults, **arch.transformer}
+    assert merged["in_channels"] == 128 and merged["attention_head_dim"] == 128
+    assert merged["joint_attention_dim"] == 3 * arch.encoder["hidden_size"]  # three stacked hidden states
+    assert merged["attention_head_dim"] == sum(merged["axes_dims_rope"])
+    layers_read = 30 if arch.family == "dev" else 27
+    assert arch.encoder["num_hidden_layers"] >= layers_read
+    assert merged["guidance_embeds"] == (arch.family == "dev")
+
+
+def test_an_unknown_architecture_is_refused_by_name():
+    with pytest.raises(ValueError, match="klein-4b"):
+        get_architecture("klein-2b")
+
+
+def test_dev_pipeline_fits_an_h200_not_an_h100():
+    from server.bench_fullsize import fits_card
+
+    def weights(name):
+        return sum(parameter_counts(get_architecture(name)).values()) * 2  # bf16
+
+    h200, h100 = 143_771 * 1024**2, 81_559 * 1024**2
+    assert weights("dev") / 1e9 == pytest.approx(112.6, abs=0.5)
+    assert fits_card(weights("dev"), h200)
+    assert not fits_card(weights("dev"), h100)
+    assert fits_card(weights("klein-9b"), h100)
+
+
+def _expected_keys(arch):
+    keys = ["one_image", "sequential_4", "concurrent_4", "n_4", "stream_2", "edit_1", "edit_4", "edit_10",
+            "masked_edit", f"one_image_{2 * arch.size}", "pipeline_step", "transformer_step"]
+    if arch.family == "klein":
+        keys.append(f"one_image_{arch.size // 2}")
+    return keys
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One CPU run of the whole bench through the command line, as the GPU run invokes it."""
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    folder = tmp_path_factory.mktemp("bench")
+    docs = folder / "docs" / "PERFORMANCE.md"
+    result = CliRunner().invoke(app, ["bench", "--architecture", "tiny", "--device", "cpu", "--repeats", "1",
+                                      "--json", str(folder / "bench.json"), "--update-docs", "--docs", str(docs)],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return {"output": result.output, "json": json.loads((folder / "bench.json").read_text()), "docs": docs}
+
+
+def _check_figures(results, expected_keys, no_direct=()):
+    figures = {figure["key"]: figure for figure in results["figures"]}
+    assert sorted(figures) == sorted(expected_keys)
+    for key, figure in figures.items():
+        assert "error" not in figure, figure
+        assert figure["runs"] == 1
+        if key == "transformer_step":
+            assert figure["served_s"] is None and figure["direct_s"] > 0
+            continue
+        assert figure["served_s"] > 0 and figure["served_peak_gib"] > 0, key
+        if key in no_direct:
+            assert figure["direct_s"] is None and figure["ratio"] is None
+        else:
+            assert figure["direct_s"] > 0 and figure["direct_peak_gib"] > 0, key
+            assert figure["ratio"] == pytest.approx(figure["served_s"] / figure["direct_s"])
+    return figures
+
+
+def test_tiny_bench_json_has_every_figure_with_positive_numbers_and_ratios(tiny_run):
+    results = tiny_run["json"]
+    assert results["complete"] and results["mode"] == "pipeline" and results["architecture"] == "tiny"
+    _check_figures(results, _expected_keys(get_architecture("tiny")))
+    assert results["build_s"] >= 0 and results["total_s"] > 0
+    assert set(results["versions"]) >= {"torch", "diffusers", "transformers", "python"}
+    assert results["device"].startswith("CPU")
+    assert all(count > 0 for count in results["parameters"].values())
+
+
+def test_tiny_bench_table_prints_every_row(tiny_run):
+    output = tiny_run["output"]
+    for figure in tiny_run["json"]["figures"]:
+        assert figure["label"] in output
+    assert "served / plain" in output and "peak GiB" in output
+    assert "one image 128x128" in output and "edit, 10 references 128x128" in output
+    assert "[" in output and "s] built the pipeline in memory" in output  # progress lines with elapsed time
+
+
+def test_update_docs_writes_the_device_versions_and_the_table(tiny_run):
+    import diffusers
+    import torch
+    import transformers
+
+    text = tiny_run["docs"].read_text()
+    assert text.startswith("# Performance")
+    assert "## tiny on CPU" in text
+    for version in (torch.__version__, diffusers.__version__, transformers.__version__):
+        assert version in text
+    for figure in tiny_run["json"]["figures"]:
+        assert f"| {figure['label']} |" in text
+
+
+def test_update_docs_replaces_only_its_own_architecture_section(tiny_run, tmp_path):
+    from server.bench_report import update_performance_doc
+
+    docs = tmp_path / "PERFORMANCE.md"
+    docs.write_text(tiny_run["docs"].read_text())
+    other = {**tiny_run["json"], "architecture": "klein-4b", "device": "NVIDIA H200"}
+    update_performance_doc(other, docs, "flux2-local bench --architecture klein-4b")
+    update_performance_doc({**tiny_run["json"], "device": "CPU again"}, docs, "flux2-local bench --architecture tiny")
+    text = docs.read_text()
+    assert text.count("<!-- bench:tiny -->") == 1 and "## tiny on CPU again" in text
+    assert "## klein-4b on NVIDIA H200" in text
+    assert text.count("# Performance") == 1
+
+
+def test_tiny_dev_bench_runs_the_dev_pipeline_path(tmp_path):
+    from server.bench_fullsize import run_fullsize_bench
+
+    lines = []
+    results = run_fullsize_bench(get_architecture("tiny-dev"), "cpu", 1, 4, tmp_path / "dev.json", echo=lines.append)
+    assert json.loads((tmp_path / "dev.json").read_text())["complete"]
+    _check_figures(results, _expected_keys(get_architecture("tiny-dev")), no_direct=("masked_edit",))
+    assert results["estimates"]["one_image_50_steps_s"] > 0
+    assert any("default is 50" in note for note in results["notes"])
+
+
+def test_transformer_only_mode_measures_the_transformer_and_lists_the_rest(tmp_path):
+    from server.bench_fullsize import run_fullsize_bench
+    from server.bench_report import table
+
+    arch = get_architecture("tiny")
+    results = run_fullsize_bench(arch, "cpu", 1, 4, None, transformer_only=True, echo=lambda line: None)
+    assert results["mode"] == "transformer-only"
+    assert [f["key"] for f in results["figures"]] == ["transformer_step_128", "transformer_step_256"]
+    assert all(f["direct_s"] > 0 for f in results["figures"])
+    assert "one image 128x128" in results["skipped"] and "masked edit" in results["skipped"]
+    printed = table(results)
+    assert "not measured" in printed and "transformer was built and measured" in printed
+
+
+def test_a_failing_figure_is_reported_and_the_run_goes_on(tiny_run):
+    from server.bench_fullsize import Figure, _Clock, _guarded, _measure
+    from server.bench_report import table
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory")
+
+    lines = []
+    figure = Figure("edit_10", "edit, 10 references", out_of_memory, lambda: None)
+    result = _guarded(figure, lambda: _measure(figure, 1, "cpu", _Clock(lines.append)), _Clock(lines.append))
+    assert result["error"] == "RuntimeError: CUDA out of memory" and result["served_s"] is None
+    assert any("FAILED" in line for line in lines)
+    printed = table({**tiny_run["json"], "figures": [result]})
+    assert "edit, 10 references  failed" in printed and "CUDA out of memory" in printed
+
+
+def test_dev_without_torchvision_gets_a_text_only_processor(monkeypatch):
+    import pipeline.tiny_weights as tiny_weights
+    from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
+
+    from pipeline.architectures import TextOnlyProcessor, dev_text_processor
+    from pipeline.prompts import measure_prompt
+
+    real = dev_text_processor()
+
+    def no_torchvision():
+        raise ImportError("PixtralProcessor requires the Torchvision library")
+
+    monkeypatch.setattr(tiny_weights, "dev_processor", no_torchvision)
+    fallback = dev_text_processor()
+    assert isinstance(fallback, TextOnlyProcessor)
+    messages = format_input(prompts=["a red kite", "a cat"], system_message=SYSTEM_MESSAGE)
+    options = dict(add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
+                   padding="max_length", truncation=True, max_length=512)
+    assert fallback.apply_chat_template(messages, **options)["input_ids"].tolist() == \
+        real.apply_chat_template(messages, **options)["input_ids"].tolist()
+
+    class Pipe:
+        tokenizer = fallback
+        system_message = SYSTEM_MESSAGE
+
+    assert measure_prompt(Pipe(), "dev", "a red kite").text_tokens > 0
+
+
+def test_every_architecture_is_listed_in_the_command_help():
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    for name in ("klein-4b", "klein-9b", "dev", "--json", "--update-docs", "--device"):
+        assert name in result.output
+    assert set(ARCHITECTURES) >= {"klein-4b", "klein-9b", "dev", "tiny"}
+
+
+def test_architectures_import_without_the_http_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
+            "import pipeline.architectures\n")
+    subprocess.run([sys.executable, "-c", code], check=True)
