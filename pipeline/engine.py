@@ -3,8 +3,10 @@
 It knows nothing of HTTP. `submit` returns a `JobHandle` whose `future` (a `concurrent.futures.Future`, awaited
 by an asyncio server with `asyncio.wrap_future`) carries the result, and whose `cancel` stops the job at the next
 denoising step. Jobs that can share a pipeline call (same model, size, steps, guidance and references) are
-coalesced up to `max_batch_images` within `batch_window` seconds; each image keeps its own prompt and seed.
-A CUDA out-of-memory error frees the cache and retries the batch in halves before failing the job."""
+coalesced up to `max_batch_images`; each image keeps its own prompt and seed. A batch waits up to `batch_window`
+seconds for companions only while the server announces requests still on their way (`arriving`): a lone request
+starts at once. A CUDA out-of-memory error frees the cache and retries the batch in halves before failing the
+job."""
 
 from __future__ import annotations
 
@@ -73,6 +75,13 @@ class JobHandle:
     cancel_reason: str | None = None
     steps_run: int = 0
     listener: JobListener | None = None
+    submitted_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None  # when its batch began to run
+
+    @property
+    def queue_seconds(self) -> float:
+        """How long the job waited before its batch ran (so far, if it still waits)."""
+        return (self.started_at or time.perf_counter()) - self.submitted_at
 
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop this job: dropped if still queued, interrupted at the next denoising step if running."""
@@ -97,6 +106,24 @@ class BatchReport:
     outcome: str  # "ok" | "cancelled" | "oom" | "error"
 
 
+class Arrival:
+    """A request on its way to `Engine.submit`; release it once (idempotent), or use it as a context manager."""
+
+    def __init__(self, engine: Engine):
+        self._engine: Engine | None = engine
+
+    def release(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            engine._arrived()
+
+    def __enter__(self) -> Arrival:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
 class Engine:
     def __init__(self, pool: ModelPool, *, max_batch_images: int = 4, batch_window: float = 0.02,
                  max_queue_images: int = 64, prompt_cache_bytes: int = 512 * 1024**2,
@@ -117,6 +144,7 @@ class Engine:
         self._stopping = False
         self._running: list[JobHandle] = []
         self._seconds_per_image = 1.0  # measured: exponential average over finished batches
+        self._arriving = 0  # requests the server has begun to receive and not yet submitted
         self.load_error: str | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
@@ -164,6 +192,19 @@ class Engine:
             return sum(h.job.n for h in self._running)
 
     # -- submitting ----------------------------------------------------------------------------------------------
+    def arriving(self) -> Arrival:
+        """Announce a request the server has begun to receive: until the returned `Arrival` is released (once it
+        is submitted, or refused), a batch about to start waits up to `batch_window` for it. With none announced,
+        a job starts at once."""
+        with self._cond:
+            self._arriving += 1
+        return Arrival(self)
+
+    def _arrived(self) -> None:
+        with self._cond:
+            self._arriving -= 1
+            self._cond.notify_all()
+
     def submit(self, job: GenerationJob, listener: JobListener | None = None) -> JobHandle:
         """Queue `job`. `listener`, if given, hears its progress after every step and its previews (when the job
         asks for partial images), on the worker thread: it must return quickly."""
@@ -219,7 +260,7 @@ class Engine:
                         batch.append(handle)
                         images += handle.job.n
                 remaining = window_ends - time.monotonic()
-                if images >= self.max_batch_images or remaining <= 0 or self._stopping:
+                if images >= self.max_batch_images or remaining <= 0 or self._stopping or not self._arriving:
                     break
                 self._cond.wait(remaining)
             self._running = batch
@@ -231,7 +272,9 @@ class Engine:
             handle.future.set_exception(JobCancelled(handle.cancel_reason))
 
     def _run(self, batch: list[JobHandle]) -> None:
+        started = time.perf_counter()
         for handle in batch:
+            handle.started_at = started
             handle.future.set_running_or_notify_cancel()
         job = batch[0].job
         try:
@@ -326,9 +369,11 @@ def _merge(job: GenerationJob, parts: list[GenerationResult]) -> GenerationResul
     if len(parts) == 1:
         return parts[0]
     by_seed = {seed: image for part in parts for seed, image in zip(part.seeds, part.images, strict=True)}
-    return GenerationResult(images=[by_seed[seed] for seed in job.seeds], seeds=job.seeds,
-                            seconds=sum(p.seconds for p in parts), prompt=parts[0].prompt,
-                            batch_images=max(p.batch_images for p in parts))
+    stages = parts[0].stages
+    for part in parts[1:]:
+        stages = stages + part.stages
+    return GenerationResult(images=[by_seed[seed] for seed in job.seeds], seeds=job.seeds, prompt=parts[0].prompt,
+                            batch_images=max(p.batch_images for p in parts), stages=stages)
 
 
 class _Progress:

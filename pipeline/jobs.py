@@ -50,9 +50,23 @@ class GenerationJob:
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """Where one pipeline call's time went, in seconds (device work included: the stages are synchronized)."""
+
+    text_encode: float = 0.0
+    prompt_cached: bool = False  # every prompt of the call came from the embedding cache
+    denoise: float = 0.0
+    decode: float = 0.0
+
+    def __add__(self, other: StageTimes) -> StageTimes:
+        return StageTimes(self.text_encode + other.text_encode, self.prompt_cached and other.prompt_cached,
+                          self.denoise + other.denoise, self.decode + other.decode)
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     images: list[Image.Image] = field(repr=False)
     seeds: tuple[int, ...]
-    seconds: float
     prompt: PromptTokens  # what the text encoder saw of the prompt
     batch_images: int = 1  # images in the pipeline call(s) this job ran in
+    stages: StageTimes = StageTimes()

@@ -16,7 +16,7 @@ from PIL import Image
 from .batching import Slice, images_in
 from .decoding import decode, latents_for_vae
 from .internals import execution_device, pack_latents, stop_after_this_step
-from .jobs import GenerationResult
+from .jobs import GenerationResult, StageTimes
 from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
 from .previews import decode_preview, predict_clean, preview_steps
@@ -37,19 +37,22 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
               wanted: Wanted | None = None) -> list[GenerationResult | None]:
     """One result per slice, None for a slice no longer wanted (nothing of it is decoded). A batch stopped by
     `on_step` returns None for every slice without decoding anything."""
-    started = time.perf_counter()
     pipe = model.pipe
     first = slices[0].job
+    device = execution_device(pipe)
+    clock = _StageClock(device)
 
     # 1. Text: the distinct prompts not in the cache encoded in one call, then one row per image.
+    misses = cache.misses
     encoded = _encode(model, cache, [s.job.prompt for s in slices])
-    device = execution_device(pipe)
     dtype = pipe.transformer.dtype
     prompt_embeds = torch.cat([encoded[s.job.prompt].embeds for s in slices for _ in s.seeds]).to(device, dtype)
     extra: dict[str, Any] = {}
     if model.spec.family == "klein" and not model.spec.is_distilled and first.guidance_scale > 1:
         empty = _encode(model, cache, [""])[""].embeds  # the klein base model's CFG runs against the empty prompt
         extra["negative_prompt_embeds"] = empty.repeat(images_in(slices), 1, 1).to(device, dtype)
+    text_encode = clock.lap()
+    prompt_cached = cache.misses == misses
 
     # 2. Noise: one CPU generator per image, so image i depends on its seed alone (and is the same on any device).
     generators = [torch.Generator(device="cpu").manual_seed(seed) for s in slices for seed in s.seeds]
@@ -83,6 +86,7 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
             output_type="latent",
             **extra,
         ).images
+    denoise = clock.lap()
     if step_callback.stopped:  # every job of the batch was cancelled: nothing to decode
         return [None] * len(slices)
 
@@ -93,7 +97,7 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
     rows = [row for piece, kept, start in zip(slices, keep, _starts(slices), strict=True) if kept
             for row in range(start, start + len(piece.seeds))]
     images = iter(decode(pipe, latents[rows]) if rows else [])
-    seconds = time.perf_counter() - started
+    stages = StageTimes(text_encode=text_encode, prompt_cached=prompt_cached, denoise=denoise, decode=clock.lap())
     results: list[GenerationResult | None] = []
     for piece, kept in zip(slices, keep, strict=True):
         if not kept:
@@ -103,9 +107,24 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
         mine = [_to_size(next(images), job.width, job.height) for _ in piece.seeds]
         if job.mask is not None:
             mine = [composite(image, job.references[0], job.mask) for image in mine]
-        results.append(GenerationResult(images=mine, seeds=piece.seeds, seconds=seconds,
-                                        prompt=encoded[job.prompt].tokens, batch_images=images_in(slices)))
+        results.append(GenerationResult(images=mine, seeds=piece.seeds, prompt=encoded[job.prompt].tokens,
+                                        batch_images=images_in(slices), stages=stages))
     return results
+
+
+class _StageClock:
+    """Seconds between laps, with the device's queued work finished at each lap (CUDA runs asynchronously)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
 
 
 def _starts(slices: list[Slice]) -> list[int]:

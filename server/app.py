@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from pipeline.engine import Engine
 
+from .arrivals import ArrivalsMiddleware
 from .auth import APIKeyMiddleware
 from .draining import DrainingMiddleware
 from .limits import BodySizeLimitMiddleware
@@ -47,6 +48,7 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     app.state.remote_fetcher = remote_fetcher if settings.allow_remote_images else None
     app.state.metrics = Metrics(engine)
     engine.on_batch = app.state.metrics.observe_batch
+    app.state.service.on_timing = app.state.metrics.observe_timing
     install_error_handlers(app)
     for module in (health, models, images, files, metrics):
         app.include_router(module.router)
@@ -65,7 +67,9 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
 
         app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["authorization", "content-type", "x-request-id"],
-                           expose_headers=["x-request-id", "x-flux2-ignored-params", "retry-after"])
+                           expose_headers=["x-request-id", "x-flux2-ignored-params", "retry-after",
+                                           "server-timing"])
+    app.add_middleware(ArrivalsMiddleware, engine=engine)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(RequestIdMiddleware)
     return app

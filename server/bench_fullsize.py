@@ -176,8 +176,8 @@ def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: 
                             action()
             clock.say("warm-up done")
             for figure in figures:
-                results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, repeats, device, clock),
-                                                   clock))
+                results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, repeats, device, clock,
+                                                                                     client), clock))
                 save()
         finally:
             client.close()
@@ -290,8 +290,9 @@ def _guarded(figure: Figure, measure: Callable[[], dict], clock: _Clock) -> dict
         return {**_figure_result(figure, [], [], [], []), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
-def _measure(figure: Figure, repeats: int, device: str, clock: _Clock) -> dict:
+def _measure(figure: Figure, repeats: int, device: str, clock: _Clock, client: ImageClient | None = None) -> dict:
     served, direct, served_peaks, direct_peaks = [], [], [], []
+    first_timing = len(client.timings) if client is not None else 0
     for run in range(repeats):
         line = []
         if figure.served is not None:
@@ -305,7 +306,14 @@ def _measure(figure: Figure, repeats: int, device: str, clock: _Clock) -> dict:
             direct_peaks.append(peak)
             line.append(f"direct {seconds:.3f} s")
         clock.say(f"{figure.label} ({run + 1}/{repeats}): {', '.join(line)}")
-    return _figure_result(figure, served, direct, served_peaks, direct_peaks)
+    result = _figure_result(figure, served, direct, served_peaks, direct_peaks)
+    timings = client.timings[first_timing:] if client is not None else []
+    if timings:  # the served answers' Server-Timing stages: median milliseconds per stage
+        stages = sorted({name for timing in timings for name in timing})
+        result["served_stages_ms"] = {name: statistics.median(t.get(name, 0.0) for t in timings) for name in stages}
+        clock.say(f"{figure.label}: served stages (median ms) " + ", ".join(
+            f"{name} {ms:.1f}" for name, ms in result["served_stages_ms"].items()))
+    return result
 
 
 def _figure_result(figure: Figure, served: list[float], direct: list[float], served_peaks: list[int],

@@ -17,6 +17,8 @@ from PIL import Image
 
 from pipeline.codecs import encode_image
 
+from .timing import parse_server_timing
+
 
 def synchronize(device: str) -> None:
     if device == "cuda":
@@ -62,6 +64,12 @@ class ImageClient:
     def __init__(self, url: str, steps: int):
         self.steps = steps
         self.http = httpx.Client(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=16))
+        self.timings: list[dict[str, float]] = []  # each JSON answer's Server-Timing stages, in milliseconds
+
+    def _check(self, response: httpx.Response, n: int) -> None:
+        _check(response, n)
+        stages = parse_server_timing(response.headers.get("server-timing", ""))
+        self.timings.append({name: milliseconds for name, (milliseconds, _) in stages.items()})
 
     def close(self) -> None:
         self.http.close()
@@ -72,7 +80,7 @@ class ImageClient:
 
     def generate(self, prompt: str, size: int, seed: int = 0, n: int = 1) -> None:
         response = self.http.post("/v1/images/generations", json=self._fields(prompt, size, seed, n))
-        _check(response, n)
+        self._check(response, n)
 
     def stream(self, prompt: str, size: int, partial_images: int, seed: int = 0) -> None:
         body = {**self._fields(prompt, size, seed, 1), "stream": True, "partial_images": partial_images}
@@ -89,7 +97,7 @@ class ImageClient:
         if mask is not None:
             files.append(("mask", ("mask.png", mask, "image/png")))
         fields = {key: str(value) for key, value in self._fields(prompt, size, seed, 1).items()}
-        _check(self.http.post("/v1/images/edits", data=fields, files=files), 1)
+        self._check(self.http.post("/v1/images/edits", data=fields, files=files), 1)
 
 
 def _check(response: httpx.Response, n: int) -> None:

@@ -103,6 +103,15 @@ def _summary(results: dict) -> list[str]:
     return lines + [f"note: {note}" for note in results["notes"]]
 
 
+def _stage_lines(results: dict) -> list[str]:
+    lines = []
+    for figure in results["figures"]:
+        stages = figure.get("served_stages_ms")
+        if stages:
+            lines.append(f"- {figure['label']}: " + ", ".join(f"{name} {ms:.1f}" for name, ms in stages.items()))
+    return lines
+
+
 def table(results: dict) -> str:
     """The results as a plain-text table with the machine and versions above it."""
     rows = [_HEADERS] + _rows(results)
@@ -112,6 +121,9 @@ def table(results: dict) -> str:
         lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
+    stage_lines = _stage_lines(results)
+    if stage_lines:
+        lines += ["", "served stages (Server-Timing, median ms per request):"] + stage_lines
     return "\n".join(lines)
 
 
@@ -132,6 +144,7 @@ def markdown_section(results: dict, command: str) -> str:
     lines += [f"- {note}" for note in results["notes"]]
     lines += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
+    lines += ["", "Where the served time goes (Server-Timing, median ms per request):", ""] + _stage_lines(results)
     lines.append(f"<!-- /bench:{name} -->")
     return "\n".join(lines) + "\n"
 

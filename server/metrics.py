@@ -11,6 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.engine import BatchReport, Engine
 
+from .timing import RequestTiming
+
 
 class Metrics:
     def __init__(self, engine: Engine):
@@ -29,6 +31,11 @@ class Metrics:
                                       registry=registry, buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
         self.image_seconds = Histogram("flux2_image_seconds", "Seconds per image (batch time / images)",
                                        registry=registry, buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
+        self.stage_seconds = Histogram("flux2_stage_seconds", "Seconds per request in each stage (inputs, queue, "
+                                       "text_encode, denoise, decode, encode, total), as in Server-Timing",
+                                       ["stage"], registry=registry,
+                                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
+                                                60, 120))
         self.images = Counter("flux2_images", "Images produced", ["model"], registry=registry)
         self.megapixels = Counter("flux2_megapixels", "Megapixels produced", ["model"], registry=registry)
         self.batches = Counter("flux2_batches", "Pipeline calls by outcome", ["outcome"], registry=registry)
@@ -40,6 +47,11 @@ class Metrics:
             lambda: engine.prompt_cache.hits)
         Gauge("flux2_prompt_cache_misses", "Prompt embedding cache misses", registry=registry).set_function(
             lambda: engine.prompt_cache.misses)
+
+    def observe_timing(self, timing: RequestTiming) -> None:
+        for stage, seconds in timing.seconds().items():
+            if stage != "inputs" or seconds:
+                self.stage_seconds.labels(stage).observe(seconds)
 
     def observe_batch(self, report: BatchReport) -> None:
         self.batches.labels(report.outcome).inc()

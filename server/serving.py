@@ -9,7 +9,7 @@ import base64
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 
 from PIL import Image
 
@@ -19,12 +19,15 @@ from pipeline.engine import Engine, EngineUnavailable, JobCancelled, JobHandle, 
 from pipeline.jobs import GenerationJob, GenerationResult
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
 
+from .arrivals import submitted
 from .errors import APIError, ClientGone, invalid_param, job_error
 from .protocol import MAX_REFERENCE_IMAGES, ImageData, ImageParameters, ImagesResponse
 from .request_ids import current_request_id
 from .settings import Settings
 from .storage import ImageStore
 from .streaming import EventStream
+from .timing import HEADER as SERVER_TIMING
+from .timing import RequestTiming
 from .translate import (OutputOptions, build_job, check_supported, images_response, output_options, quality_label,
                         usage as images_usage)
 
@@ -41,10 +44,12 @@ async def _never() -> bool:
 
 
 class ImageService:
-    def __init__(self, settings: Settings, engine: Engine, store: ImageStore):
+    def __init__(self, settings: Settings, engine: Engine, store: ImageStore,
+                 on_timing: Callable[[RequestTiming], None] | None = None):
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.on_timing = on_timing  # hears each finished request's stage timing (metrics)
 
     def resolve_model(self, requested: str | None) -> str:
         """The served model's name for a requested id or alias (None: the default model)."""
@@ -56,13 +61,16 @@ class ImageService:
         raise APIError(404, f"The model '{requested}' does not exist. This server serves: {served}.",
                        param="model", code="model_not_found")
 
-    async def generate(self, params: ImageParameters, base_url: str,
-                       disconnected: Disconnected = _never) -> ImagesResponse | EventStream:
-        return await self._produce(params, (), None, base_url, disconnected)
+    async def generate(self, params: ImageParameters, base_url: str, disconnected: Disconnected = _never,
+                       headers: MutableMapping[str, str] | None = None) -> ImagesResponse | EventStream:
+        timing = RequestTiming()
+        started = self._start(params, (), None)
+        return await self._answer(started, params, base_url, disconnected, timing, headers)
 
     async def edit(self, params: ImageParameters, images: list[bytes], mask: bytes | None, base_url: str,
-                   image_param: str = "image",
-                   disconnected: Disconnected = _never) -> ImagesResponse | EventStream:
+                   image_param: str = "image", disconnected: Disconnected = _never,
+                   headers: MutableMapping[str, str] | None = None) -> ImagesResponse | EventStream:
+        timing = RequestTiming()
         if not images:
             raise APIError(400, "Missing required parameter: 'image' (1 to 10 images to edit).", param=image_param,
                            code="missing_required_parameter")
@@ -72,18 +80,43 @@ class ImageService:
         self.resolve_model(params.model)  # before the costly decoding
         references, mask_image = await asyncio.to_thread(_decode_inputs, images, mask, image_param,
                                                          self.settings.max_input_pixels)
-        return await self._produce(params, references, mask_image, base_url, disconnected)
+        timing.inputs = time.perf_counter() - timing.started
+        started = self._start(params, references, mask_image)
+        return await self._answer(started, params, base_url, disconnected, timing, headers)
 
-    async def _produce(self, params: ImageParameters, references: tuple[Image.Image, ...],
-                       mask: Image.Image | None, base_url: str,
-                       disconnected: Disconnected) -> ImagesResponse | EventStream:
-        """The JSON answer, or (stream=true) the event stream; either way the job is submitted before returning,
-        so a full queue or an unready model is a plain JSON error."""
+    def _start(self, params: ImageParameters, references: tuple[Image.Image, ...],
+               mask: Image.Image | None) -> tuple[GenerationJob, OutputOptions, JobHandle | EventStream]:
+        """Build and submit the job (a stream submits it too), so that a full queue or an unready model is a plain
+        JSON error."""
         job, options = self._prepare(params, references, mask)
         if params.stream:
-            return self._stream(job, params, options, "image_edit" if references else "image_generation")
-        result = await self._wait(self._submit(job), disconnected)
+            stream = self._stream(job, params, options, "image_edit" if references else "image_generation")
+            submitted()
+            return job, options, stream
+        handle = self._submit(job)
+        submitted()  # a batch about to start need not wait for this request any more
+        return job, options, handle
+
+    async def _answer(self, started: tuple[GenerationJob, OutputOptions, JobHandle | EventStream],
+                      params: ImageParameters, base_url: str, disconnected: Disconnected, timing: RequestTiming,
+                      headers: MutableMapping[str, str] | None) -> ImagesResponse | EventStream:
+        """The JSON answer, or (stream=true) the event stream. A JSON answer's stage timing goes into `headers`
+        (Server-Timing), the log and the metrics."""
+        job, options, handle = started
+        if isinstance(handle, EventStream):
+            return handle
+        result = await self._wait(handle, disconnected)
+        timing.queue, timing.stages = handle.queue_seconds, result.stages
+        encode_started = time.perf_counter()
         data = await asyncio.to_thread(self._deliver, job, result, options, base_url)
+        timing.encode = time.perf_counter() - encode_started
+        timing.finish()
+        if headers is not None:
+            headers[SERVER_TIMING] = timing.header()
+        log.info("done: %d image%s %dx%d, %s", job.n, "s" if job.n > 1 else "", job.width, job.height,
+                 timing.log_text())
+        if self.on_timing is not None:
+            self.on_timing(timing)
         return images_response(job, data, params, options, account(job, result.prompt.text_tokens),
                                params.ignored_warnings + _warnings(result))
 

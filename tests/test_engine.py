@@ -228,3 +228,18 @@ def test_only_the_wanted_jobs_of_a_batch_are_decoded(tiny_klein, monkeypatch):
         assert decoded == [2]  # the cancelled job's row was not decoded
     finally:
         engine.stop(10)
+
+
+def test_a_lone_job_starts_at_once_and_arriving_requests_are_waited_for(tiny_klein):
+    engine = make_engine(tiny_klein, max_batch_images=4, batch_window=1.0)
+    try:
+        alone = engine.submit(job())
+        alone.future.result(60)
+        assert alone.queue_seconds < 0.5  # no request on its way: the 1 s window is not waited
+        with engine.arriving():  # the server is reading a second request (released once submitted)
+            first = engine.submit(job(prompt="first"))
+            time.sleep(0.2)
+            second = engine.submit(job(prompt="second"))
+        assert first.future.result(60).batch_images == 2 == second.future.result(60).batch_images
+    finally:
+        engine.stop(10)

@@ -95,7 +95,8 @@ def _note_ignored(response: Response, params: ImageParameters) -> None:
 async def create_images(body: ImageGenerationRequest, request: Request, response: Response):
     service = request.app.state.service
     _note_ignored(response, body)
-    result = await service.generate(body, public_base_url(request, service.settings), request.is_disconnected)
+    result = await service.generate(body, public_base_url(request, service.settings), request.is_disconnected,
+                                    headers=response.headers)
     return _answer(result, response)
 
 
@@ -116,7 +117,7 @@ async def edit_images(request: Request, response: Response):
         image_param = "images"
     _note_ignored(response, params)
     result = await service.edit(params, images, mask, public_base_url(request, service.settings), image_param,
-                                request.is_disconnected)
+                                request.is_disconnected, headers=response.headers)
     return _answer(result, response)
 
 
