@@ -26,7 +26,7 @@ import torch
 
 from pipeline.architectures import Architecture, build_pipeline, build_transformer, model_spec, parameter_counts
 
-from .bench_harness import (DirectDiffusers, ImageClient, InProcessServer, StepTimer, mask_images,
+from .bench_harness import (DirectDiffusers, ImageClient, InProcessServer, StepTimer, mask_images, synchronize,
                             reference_images, timed, transformer_step)
 from .bench_report import count_label, environment, write_json
 
@@ -119,6 +119,7 @@ def _transformer_only(arch: Architecture, device: str, dtype: torch.dtype, weigh
             "more (a 141 GB H200).")
     started = time.perf_counter()
     transformer = build_transformer(arch, device, dtype)
+    synchronize(device)
     results["build_s"] = time.perf_counter() - started
     clock.say(f"built the transformer alone in {results['build_s']:.1f} s")
     for side in (arch.size, 2 * arch.size):
@@ -142,10 +143,10 @@ def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: 
 
     started = time.perf_counter()
     pipe = build_pipeline(arch, device, dtype)
-    results["build_s"] = time.perf_counter() - started
     if device == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize()  # the random initialisation runs on the device: wait for it before timing
         results["weights_resident_gib"] = torch.cuda.memory_allocated() / _GIB
+    results["build_s"] = time.perf_counter() - started
     clock.say(f"built the pipeline in memory in {results['build_s']:.1f} s")
 
     spec = model_spec(arch)
@@ -232,9 +233,11 @@ def _figures(arch: Architecture, pipe, client: ImageClient | None, direct: Direc
         from diffusers.utils import logging as diffusers_logging
 
         verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # from_pipe's `to()` warns of float32 modules there are none of
+        diffusers_logging.set_verbosity_error()  # from_pipe's `to()` warns about modules it does not move
         try:
-            inpaint = Flux2KleinInpaintPipeline.from_pipe(pipe)  # shares the weights
+            # Shares the weights. from_pipe casts the shared modules to float32 unless told the dtype: that once
+            # made every later figure of a GPU run ~5x slower.
+            inpaint = Flux2KleinInpaintPipeline.from_pipe(pipe, dtype=pipe.transformer.dtype)
         finally:
             diffusers_logging.set_verbosity(verbosity)
         inpaint.set_progress_bar_config(disable=True)
