@@ -17,13 +17,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .batching import Slice, images_in, split_in_half
-from .jobs import GenerationJob, GenerationResult
+from .jobs import (BatchOutcome, BatchReport, EngineHealth, EngineState, EngineStats, EngineUnavailable,
+                   GenerationJob, GenerationResult, JobCancelled, JobListener, OutOfDeviceMemory, Preview, Progress,
+                   QueueFull)
 from .pool import ModelPool, release_device_memory
+from .weights import ModelSpec
 from .runner import run_batch
 from .text_cache import PromptCache
 
@@ -32,40 +35,6 @@ log = logging.getLogger("flux2.engine")
 # The request ids of the batch the worker is running ("a,b,c"), for log lines written meanwhile (the engine's own,
 # diffusers' warnings): a logging filter can read it.
 running_request_ids: contextvars.ContextVar[str] = contextvars.ContextVar("running_request_ids", default="")
-
-
-class EngineUnavailable(Exception):
-    """The engine cannot take or run jobs: the model failed to load, or it is shutting down."""
-
-
-class QueueFull(Exception):
-    def __init__(self, queued_images: int, retry_after: float):
-        super().__init__(f"{queued_images} images are already queued")
-        self.queued_images = queued_images
-        self.retry_after = retry_after
-
-
-class JobCancelled(Exception):
-    """The job was cancelled (client gone, timeout, shutdown) before it finished."""
-
-
-class OutOfDeviceMemory(Exception):
-    """Even a single image did not fit in device memory."""
-
-
-@dataclass(frozen=True)
-class Progress:
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Preview:
-    index: int  # 0-based, in the order the previews were taken
-    images: list  # PIL images, one per image of the job
-
-
-JobListener = Callable[[Progress | Preview], None]  # called from the worker thread
 
 
 @dataclass
@@ -93,19 +62,6 @@ class JobHandle:
         return self.cancel_reason is not None
 
 
-@dataclass(frozen=True)
-class BatchReport:
-    """What one pipeline call did, for metrics."""
-
-    model: str
-    images: int
-    steps_asked: int
-    steps_run: int
-    seconds: float
-    megapixels: float
-    outcome: str  # "ok" | "cancelled" | "oom" | "error"
-
-
 class Arrival:
     """A request on its way to `Engine.submit`; release it once (idempotent), or use it as a context manager."""
 
@@ -124,18 +80,32 @@ class Arrival:
         self.release()
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine batches and queues; the command line's defaults come from here."""
+
+    max_batch_images: int = 4  # images compatible jobs may share in one pipeline call
+    batch_window: float = 0.02  # seconds a batch waits for companions still arriving
+    max_queue_images: int = 64  # images allowed to wait; beyond, QueueFull
+    prompt_cache_bytes: int = 512 * 1024**2  # CPU memory for cached prompt embeddings
+    progress_log_seconds: float = 10.0  # a running batch logs its progress at most this often
+
+
 class Engine:
-    def __init__(self, pool: ModelPool, *, max_batch_images: int = 4, batch_window: float = 0.02,
-                 max_queue_images: int = 64, prompt_cache_bytes: int = 512 * 1024**2,
-                 progress_log_seconds: float = 10.0,
-                 on_batch: Callable[[BatchReport], None] | None = None):
+    """The public surface: `start`, `stop`, `submit` -> `JobHandle` (`cancel`), `arriving`, `state`, `health()`,
+    `stats()`, `model_specs()`, `wait_ready`; `on_batch` hears a `BatchReport` after every pipeline call."""
+
+    def __init__(self, pool: ModelPool, options: EngineOptions = EngineOptions(), *,
+                 on_batch: Callable[[BatchReport], None] | None = None, **overrides: float):
+        options = replace(options, **overrides) if overrides else options
         self.pool = pool
-        self.max_batch_images = max_batch_images
-        self.batch_window = batch_window
-        self.max_queue_images = max_queue_images
-        self.progress_log_seconds = progress_log_seconds
+        self.options = options
+        self.max_batch_images = options.max_batch_images
+        self.batch_window = options.batch_window
+        self.max_queue_images = options.max_queue_images
+        self.progress_log_seconds = options.progress_log_seconds
         self.on_batch = on_batch
-        self.prompt_cache = PromptCache(prompt_cache_bytes)
+        self.prompt_cache = PromptCache(options.prompt_cache_bytes)
         pool.on_evict = lambda name: self.prompt_cache.drop_model(str(pool.configs[name].spec.path))
         self._queue: deque[JobHandle] = deque()
         self._cond = threading.Condition()
@@ -170,16 +140,25 @@ class Engine:
         return self._ready.wait(timeout) and self.load_error is None
 
     @property
-    def state(self) -> str:
+    def state(self) -> EngineState:
         if self._stopping:
             return "stopping"
         if self.load_error is not None:
             return "failed"
         return "ready" if self._ready.is_set() else "loading"
 
-    @property
-    def default_model(self):
-        return self.pool.peek(self.pool.default)
+    def health(self) -> EngineHealth:
+        return EngineHealth(state=self.state, models_loaded=tuple(self.pool.loaded), queued_images=self.queued_images,
+                            running_images=self.running_images, load_error=self.load_error)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(queued_images=self.queued_images, running_images=self.running_images,
+                           prompt_cache_hits=self.prompt_cache.hits, prompt_cache_misses=self.prompt_cache.misses,
+                           device_memory_bytes=torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """What each served model is (family, defaults), by name; the first is the default model."""
+        return {name: config.spec for name, config in self.pool.configs.items()}
 
     @property
     def queued_images(self) -> int:
@@ -301,7 +280,7 @@ class Engine:
         mine = [handles[id(s.job)] for s in slices]
         progress = _Progress(mine, slices, self.progress_log_seconds)
         started = time.perf_counter()
-        outcome = "ok"
+        outcome: BatchOutcome = "ok"
         sink = _preview_sink(handles) if any(h.listener and h.job.partial_images for h in mine) else None
         try:
             outputs = run_batch(model, slices, self.prompt_cache, progress, sink,
@@ -337,7 +316,7 @@ class Engine:
         if self.on_batch is not None:
             first = slices[0].job
             self.on_batch(BatchReport(model=first.model or self.pool.default, images=images_in(slices),
-                                      steps_asked=first.steps, steps_run=progress.steps_done, seconds=seconds,
+                                      steps_run=progress.steps_done, seconds=seconds,
                                       megapixels=sum(len(s.seeds) * s.job.width * s.job.height
                                                      for s in slices) / 1024**2, outcome=outcome))
 

@@ -1,10 +1,13 @@
-"""The engine's unit of work and its result: plain frozen data, no HTTP in them."""
+"""The engine's contract in types: its unit of work and result, the events a job's listener hears, the reports
+and snapshots it gives, and the exceptions it raises. Plain data, no HTTP in them."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Literal
 
 from PIL import Image
 
@@ -70,3 +73,76 @@ class GenerationResult:
     prompt: PromptTokens  # what the text encoder saw of the prompt
     batch_images: int = 1  # images in the pipeline call(s) this job ran in
     stages: StageTimes = StageTimes()
+
+
+# -- what a job's listener hears (on the engine's worker thread: it must return quickly) ------------------------
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Preview:
+    index: int  # 0-based, in the order the previews were taken
+    images: list[Image.Image]  # one per image of the job
+
+
+JobListener = Callable[[Progress | Preview], None]
+
+
+# -- what the engine reports -----------------------------------------------------------------------------------
+EngineState = Literal["loading", "ready", "failed", "stopping"]
+BatchOutcome = Literal["ok", "cancelled", "oom", "error"]
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    """What one pipeline call did, for metrics."""
+
+    model: str
+    images: int
+    steps_run: int
+    seconds: float
+    megapixels: float
+    outcome: BatchOutcome
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    state: EngineState
+    models_loaded: tuple[str, ...]
+    queued_images: int
+    running_images: int
+    load_error: str | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Counters for metrics."""
+
+    queued_images: int
+    running_images: int
+    prompt_cache_hits: int
+    prompt_cache_misses: int
+    device_memory_bytes: int  # allocated on the CUDA device, 0 without one
+
+
+# -- what the engine raises ------------------------------------------------------------------------------------
+class EngineUnavailable(Exception):
+    """The engine cannot take or run jobs: the model failed to load, or it is shutting down."""
+
+
+class QueueFull(Exception):
+    def __init__(self, queued_images: int, retry_after: float):
+        super().__init__(f"{queued_images} images are already queued")
+        self.queued_images = queued_images
+        self.retry_after = retry_after
+
+
+class JobCancelled(Exception):
+    """The job was cancelled (client gone, timeout, shutdown) before it finished."""
+
+
+class OutOfDeviceMemory(Exception):
+    """Even a single image did not fit in device memory."""

@@ -62,9 +62,6 @@ class ModelPool:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
-    def peek(self, name: str) -> LoadedModel | None:
-        return self._loaded.get(name)
-
     def get(self, name: str | None = None) -> LoadedModel:
         name = name or self.default
         if name in self._loaded:

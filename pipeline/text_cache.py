@@ -58,9 +58,6 @@ class PromptCache:
             for key in [k for k in self._entries if k[0] == model]:
                 self._bytes -= _nbytes(self._entries.pop(key))
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
 
 def _nbytes(entry: EncodedPrompt) -> int:
     return entry.embeds.numel() * entry.embeds.element_size()

@@ -17,14 +17,16 @@ from .errors import install_error_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
 from .remote_images import RemoteImageFetcher
 from .request_ids import RequestIdMiddleware
-from .routes import files, health, images, metrics, models, playground
+from .routes import files, health, images, models, playground
+from .routes import metrics as metrics_routes
 from .serving import FILES_ROUTE, ImageService
 from .settings import Settings
 from .storage import ImageStore
 
 
 def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 30.0,
-               remote_fetcher: RemoteImageFetcher | None = None) -> FastAPI:
+               remote_fetcher: RemoteImageFetcher | None = None, metrics: Metrics | None = None) -> FastAPI:
+    """`metrics`, when given, was made before the engine so that its `observe_batch` is the engine's `on_batch`."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -46,11 +48,11 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
         remote_fetcher = RemoteImageFetcher(max_bytes=settings.max_image_bytes,
                                             timeout=settings.remote_image_timeout)
     app.state.remote_fetcher = remote_fetcher if settings.allow_remote_images else None
-    app.state.metrics = Metrics(engine)
-    engine.on_batch = app.state.metrics.observe_batch
+    app.state.metrics = metrics or Metrics()
+    app.state.metrics.watch(engine.stats)
     app.state.service.on_timing = app.state.metrics.observe_timing
     install_error_handlers(app)
-    for module in (health, models, images, files, metrics):
+    for module in (health, models, images, files, metrics_routes):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)

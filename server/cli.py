@@ -137,11 +137,12 @@ def serve(
                          ] = "info",
 ) -> None:
     """Serve the OpenAI image API (/v1/images/generations, /v1/images/edits, /v1/models, /health, /metrics)."""
-    from pipeline.engine import Engine
+    from pipeline.engine import Engine, EngineOptions
     from pipeline.loader import quiet_progress_bars
     from pipeline.pool import ModelPool
 
     from .app import create_app
+    from .metrics import Metrics
     from .request_ids import configure_logging
     from .runtime import serve_app
     from .settings import Settings, model_ids_for
@@ -172,11 +173,13 @@ def serve(
                         playground=playground, playground_open=playground_open,
                         remote_image_timeout=remote_image_timeout)
     log.info("serving ids: %s", ", ".join(f"{i} -> {n}" if i != n else i for i, n in settings.model_ids.items()))
-    engine = Engine(ModelPool(configs, max_loaded=max_loaded_models), max_batch_images=max_batch_images,
-                    batch_window=batch_window_ms / 1000, max_queue_images=max_queue_images,
-                    prompt_cache_bytes=prompt_cache_mb * 1024**2)
-    serve_app(create_app(settings, engine, shutdown_timeout=shutdown_timeout), host, port, log_level,
-              shutdown_timeout)
+    metrics = Metrics()
+    engine = Engine(ModelPool(configs, max_loaded=max_loaded_models),
+                    EngineOptions(max_batch_images=max_batch_images, batch_window=batch_window_ms / 1000,
+                                  max_queue_images=max_queue_images, prompt_cache_bytes=prompt_cache_mb * 1024**2),
+                    on_batch=metrics.observe_batch)
+    serve_app(create_app(settings, engine, shutdown_timeout=shutdown_timeout, metrics=metrics), host, port,
+              log_level, shutdown_timeout)
 
 
 def _model_configs(models: list[str], first_name: str | None, weights_dir: Path, device: str, dtype: str,

@@ -33,7 +33,7 @@ class APIError(Exception):
 
 def job_error(exc: BaseException) -> APIError:
     """How a job that failed in the engine is answered, as JSON or as a stream's error event."""
-    from pipeline.engine import JobCancelled, OutOfDeviceMemory
+    from pipeline.jobs import JobCancelled, OutOfDeviceMemory
 
     if isinstance(exc, OutOfDeviceMemory):
         return APIError(503, "The GPU ran out of memory for this request, even one image at a time. Try a smaller "

@@ -4,27 +4,34 @@ device memory, prompt cache."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.engine import BatchReport, Engine
+from pipeline.jobs import BatchReport, EngineStats
 
 from .timing import RequestTiming
 
 
 class Metrics:
-    def __init__(self, engine: Engine):
+    """Made before the engine (its `observe_batch` is the engine's `on_batch`), then `watch`es the engine's stats."""
+
+    def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
+        self._stats: Callable[[], EngineStats] | None = None
         self.requests = Counter("flux2_requests", "HTTP requests by route and status", ["route", "method", "status"],
                                 registry=registry)
         self.request_seconds = Histogram("flux2_request_seconds", "HTTP request duration", ["route"],
                                          registry=registry, buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
-        Gauge("flux2_queue_images", "Images waiting in the queue", registry=registry).set_function(
-            lambda: engine.queued_images)
-        Gauge("flux2_running_images", "Images in the batch now running", registry=registry).set_function(
-            lambda: engine.running_images)
+        for name, text, field in (
+                ("flux2_queue_images", "Images waiting in the queue", "queued_images"),
+                ("flux2_running_images", "Images in the batch now running", "running_images"),
+                ("flux2_device_memory_bytes", "Memory allocated on the CUDA device (0 without one)",
+                 "device_memory_bytes"),
+                ("flux2_prompt_cache_hits", "Prompt embedding cache hits", "prompt_cache_hits"),
+                ("flux2_prompt_cache_misses", "Prompt embedding cache misses", "prompt_cache_misses")):
+            Gauge(name, text, registry=registry).set_function(lambda field=field: self._stat(field))
         self.batch_images = Histogram("flux2_batch_images", "Images per pipeline call", registry=registry,
                                       buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
         self.step_seconds = Histogram("flux2_step_seconds", "Seconds per denoising step of a batch",
@@ -40,13 +47,13 @@ class Metrics:
         self.megapixels = Counter("flux2_megapixels", "Megapixels produced", ["model"], registry=registry)
         self.batches = Counter("flux2_batches", "Pipeline calls by outcome", ["outcome"], registry=registry)
         self.steps = Counter("flux2_steps", "Denoising steps run", registry=registry)
-        Gauge("flux2_device_memory_bytes", "Memory allocated on the CUDA device (0 without one)",
-              registry=registry).set_function(lambda: torch.cuda.memory_allocated() if torch.cuda.is_available()
-                                              else 0)
-        Gauge("flux2_prompt_cache_hits", "Prompt embedding cache hits", registry=registry).set_function(
-            lambda: engine.prompt_cache.hits)
-        Gauge("flux2_prompt_cache_misses", "Prompt embedding cache misses", registry=registry).set_function(
-            lambda: engine.prompt_cache.misses)
+
+    def watch(self, stats: Callable[[], EngineStats]) -> None:
+        """Read the gauges from `stats` (the engine's) at each scrape."""
+        self._stats = stats
+
+    def _stat(self, field: str) -> float:
+        return float(getattr(self._stats(), field)) if self._stats is not None else 0.0
 
     def observe_timing(self, timing: RequestTiming) -> None:
         for stage, seconds in timing.seconds().items():

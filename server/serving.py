@@ -15,8 +15,8 @@ from PIL import Image
 
 from pipeline.accounting import account
 from pipeline.codecs import FILE_EXTENSIONS, ImageDecodeError, data_uri, decode_image, decode_mask, encode_image
-from pipeline.engine import Engine, EngineUnavailable, JobCancelled, JobHandle, OutOfDeviceMemory, QueueFull
-from pipeline.jobs import GenerationJob, GenerationResult
+from pipeline.engine import Engine, JobHandle
+from pipeline.jobs import EngineUnavailable, GenerationJob, GenerationResult, JobCancelled, OutOfDeviceMemory, QueueFull
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
 
 from .arrivals import submitted
@@ -128,7 +128,7 @@ class ImageService:
         if self.engine.state != "ready":
             raise APIError(503, f"The model is not ready ({self.engine.state}); retry shortly.",
                            code="model_not_ready")
-        spec = self.engine.pool.configs[name].spec
+        spec = self.engine.model_specs()[name]
         job = build_job(params, spec, self.settings, references, mask, model=name,
                         request_id=current_request_id.get())
         return job, options

@@ -11,7 +11,8 @@ import time
 from collections.abc import AsyncIterator
 
 from pipeline.codecs import encode_image
-from pipeline.engine import JobHandle, Preview, Progress
+from pipeline.engine import JobHandle
+from pipeline.jobs import Preview, Progress
 from pipeline.jobs import GenerationJob
 
 from .errors import APIError, error_body, job_error

@@ -11,7 +11,8 @@ import torch
 from engine_helpers import job, make_engine, model_config
 
 import pipeline.engine as engine_module
-from pipeline.engine import Engine, JobCancelled, OutOfDeviceMemory, QueueFull
+from pipeline.engine import Engine
+from pipeline.jobs import JobCancelled, OutOfDeviceMemory, QueueFull
 from pipeline.pool import ModelPool
 
 
