@@ -121,11 +121,15 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking jobs; let queued and running ones finish for up to `timeout` seconds, then cancel them."""
+    def begin_stop(self) -> None:
+        """Take no more jobs (state "stopping"); queued and running ones go on."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking jobs; let queued and running ones finish for up to `timeout` seconds, then cancel them."""
+        self.begin_stop()
         if not self._thread.is_alive():
             return
         self._thread.join(timeout)
@@ -192,6 +196,8 @@ class Engine:
                 raise EngineUnavailable("the server is shutting down")
             if self.load_error is not None:
                 raise EngineUnavailable(f"the model failed to load: {self.load_error}")
+            if not self._ready.is_set():
+                raise EngineUnavailable("loading")
             queued = sum(h.job.n for h in self._queue if not h.cancelled)
             if queued and queued + job.n > self.max_queue_images:
                 ahead = queued + sum(h.job.n for h in self._running)

@@ -63,3 +63,9 @@ def composite(generated: Image.Image, source: Image.Image, mask: Image.Image) ->
     if mask.size != size:
         mask = mask.resize(size, Image.Resampling.BILINEAR)
     return Image.composite(generated.convert("RGB"), source.convert("RGB"), mask)
+
+
+def fit_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
+    """The uploaded mask at the delivered size: its one resize (nearest, so it stays black and white). The mask
+    blend reduces it to the latent grid and the final composite uses it as it is."""
+    return mask if mask.size == (width, height) else mask.resize((width, height), Image.Resampling.NEAREST)

@@ -63,11 +63,17 @@ def parse_wxh(value: str, param: str = "size") -> tuple[int, int]:
 
 
 def cap_pixels(width: int, height: int, max_pixels: int = MAX_OUTPUT_PIXELS) -> tuple[int, int]:
-    """Scale (width, height) down, keeping the aspect ratio, until it has at most `max_pixels` pixels."""
+    """The largest size of the same aspect (sides floored, at least 1) with at most `max_pixels` pixels: the one
+    pixel-cap rule, for outputs (4 MP, or the operator's lower cap) and for input images alike."""
     if width * height <= max_pixels:
         return width, height
     scale = math.sqrt(max_pixels / (width * height))
     new_w, new_h = max(1, math.floor(width * scale)), max(1, math.floor(height * scale))
+    if new_w * new_h > max_pixels:  # a side clamped to 1, or float rounding
+        if new_w >= new_h:
+            new_w = max(1, max_pixels // new_h)
+        else:
+            new_h = max(1, max_pixels // new_w)
     return new_w, new_h
 
 
@@ -92,8 +98,9 @@ def billable_megapixels(width: int, height: int, minimum: int = 1) -> int:
 
 def resolve_output_size(*, size: str | None = None, aspect_ratio: str | None = None, resolution: str | None = None,
                         width: int | None = None, height: int | None = None,
-                        reference_size: tuple[int, int] | None = None) -> tuple[int, int]:
-    """The delivered (width, height) of an output image.
+                        reference_size: tuple[int, int] | None = None,
+                        max_pixels: int = MAX_OUTPUT_PIXELS) -> tuple[int, int]:
+    """The delivered (width, height) of an output image, at most `max_pixels` (4 MP, or the operator's lower cap).
 
     Precedence: `size` "WxH" (exact, capped at 4 MP); else `size` "W:H" or `aspect_ratio` (nearest supported ratio)
     at the `resolution` tier; else `width`/`height` (multiples of 16); else `resolution` alone; else the default
@@ -112,7 +119,7 @@ def resolve_output_size(*, size: str | None = None, aspect_ratio: str | None = N
             if not _WXH.match(text):
                 raise SizeError(f"Invalid size {size!r}: expected 'WIDTHxHEIGHT' such as '1024x1024', "
                                 "an aspect ratio 'W:H' such as '16:9', or 'auto'.", "size")
-            return _fit(*parse_wxh(text, "size"))
+            return _fit(*parse_wxh(text, "size"), max_pixels)
     custom = False
     if ratio is not None:
         if not isinstance(ratio, str):
@@ -129,17 +136,17 @@ def resolve_output_size(*, size: str | None = None, aspect_ratio: str | None = N
                 area = min(reference[0] * reference[1], MAX_OUTPUT_PIXELS)
             else:
                 area = MEGAPIXEL
-            return _fit(*_scale_shape(shape, area))
+            return _fit(*_scale_shape(shape, area), max_pixels)
     if custom or width is not None or height is not None:
-        return _fit(_round_side(width, "width"), _round_side(height, "height"))
+        return _fit(_round_side(width, "width"), _round_side(height, "height"), max_pixels)
     tier = _parse_resolution(resolution)
     if tier is not None:
         if reference is None:
-            return _fit(*_scale_shape(_SHAPES_1MP["1:1"], int(tier * MEGAPIXEL)))
-        return _fit(*_shape_for_ratio(reference, int(tier * MEGAPIXEL)))
+            return _fit(*_scale_shape(_SHAPES_1MP["1:1"], int(tier * MEGAPIXEL)), max_pixels)
+        return _fit(*_shape_for_ratio(reference, int(tier * MEGAPIXEL)), max_pixels)
     if reference is None:
-        return 1024, 1024
-    return _fit(*reference)
+        return _fit(1024, 1024, max_pixels)
+    return _fit(*reference, max_pixels)
 
 
 def _check_reference(reference_size: tuple[int, int] | None) -> tuple[int, int] | None:
@@ -215,11 +222,11 @@ def _round_side(value: int | None, param: str) -> int:
     return min(_MAX_ROUNDED_SIDE, max(MODEL_MULTIPLE, rounded))
 
 
-def _fit(width: int, height: int) -> tuple[int, int]:
-    """Keep a size deliverable: no side above 14142 px (aspect kept), then at most 4 MP (cap_pixels)."""
+def _fit(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """Keep a size deliverable: no side above 14142 px (aspect kept), then at most `max_pixels` (cap_pixels)."""
     if width > MAX_SIDE or height > MAX_SIDE:
         if width >= height:
             width, height = MAX_SIDE, max(1, height * MAX_SIDE // width)
         else:
             width, height = max(1, width * MAX_SIDE // height), MAX_SIDE
-    return cap_pixels(width, height)
+    return cap_pixels(width, height, max_pixels)

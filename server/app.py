@@ -13,8 +13,9 @@ from .arrivals import ArrivalsMiddleware
 from .auth import APIKeyMiddleware
 from .draining import DrainingMiddleware
 from .limits import BodySizeLimitMiddleware
-from .errors import install_error_handlers
+from .errors import UnexpectedErrorMiddleware, install_error_handlers
 from .metrics import Metrics, RequestMetricsMiddleware
+from .openapi import document_errors_as_served
 from .remote_images import RemoteImageFetcher
 from .request_ids import RequestIdMiddleware
 from .routes import files, health, images, models, playground
@@ -33,7 +34,6 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
         try:
             yield
         finally:
-            app.state.draining = True
             engine.stop(timeout=shutdown_timeout)
 
     app = FastAPI(title="flux2-local", summary="OpenAI-compatible image API for FLUX.2", version="0.1.0",
@@ -43,7 +43,6 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
     app.state.engine = engine
     app.state.service = ImageService(settings, engine, store)
     app.state.started_at = int(time.time())
-    app.state.draining = False
     if settings.allow_remote_images and remote_fetcher is None:
         remote_fetcher = RemoteImageFetcher(max_bytes=settings.max_image_bytes,
                                             timeout=settings.remote_image_timeout)
@@ -56,7 +55,7 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)
-    _document_errors_as_served(app)
+    document_errors_as_served(app)
     # Added innermost first: request ids wrap everything (every log line and response carries one), CORS answers
     # preflights before auth, auth runs before any body is read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -73,24 +72,6 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
                                            "server-timing"])
     app.add_middleware(ArrivalsMiddleware, engine=engine)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(UnexpectedErrorMiddleware)  # inside the request ids: a 500 carries and logs its id
     app.add_middleware(RequestIdMiddleware)
     return app
-
-
-def _document_errors_as_served(app: FastAPI) -> None:
-    """FastAPI documents a 422 with its own error shape for every validated body; this server answers 400 with
-    OpenAI's envelope instead (and lists it), so the published schema drops the 422s."""
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = build()
-            for operations in schema.get("paths", {}).values():
-                for operation in operations.values():
-                    operation.get("responses", {}).pop("422", None)
-            for name in ("HTTPValidationError", "ValidationError"):
-                schema.get("components", {}).get("schemas", {}).pop(name, None)
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi

@@ -1,4 +1,5 @@
-"""While the server shuts down, new requests get a 503 in OpenAI's envelope; in-flight ones finish."""
+"""While the server shuts down (the engine is stopping: the one place that state lives), new requests get a 503 in
+OpenAI's envelope; in-flight ones finish."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ class DrainingMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = scope.get("app")
-        if scope["type"] == "http" and app is not None and getattr(app.state, "draining", False):
+        if scope["type"] == "http" and app is not None and app.state.engine.state == "stopping":
             response = error_response(APIError(503, "The server is shutting down; retry on another instance.",
                                                code="shutting_down", headers={"Retry-After": "5"}))
             await response(scope, receive, send)

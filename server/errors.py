@@ -6,11 +6,15 @@
 from __future__ import annotations
 
 import logging
+import math
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from pipeline.jobs import EngineUnavailable, JobCancelled, OutOfDeviceMemory, QueueFull
 
 log = logging.getLogger("flux2.server")
 
@@ -31,10 +35,28 @@ class APIError(Exception):
         self.headers = headers
 
 
-def job_error(exc: BaseException) -> APIError:
-    """How a job that failed in the engine is answered, as JSON or as a stream's error event."""
-    from pipeline.jobs import JobCancelled, OutOfDeviceMemory
+class RequestTimeout(Exception):
+    """A request ran past --request-timeout; its job was cancelled."""
 
+    def __init__(self, limit: float):
+        super().__init__(f"request timeout after {limit:g} s")
+        self.limit = limit
+
+
+def engine_error(exc: BaseException) -> APIError:
+    """How every failure of the engine (or of waiting for it) is answered, as JSON or as a stream's error event:
+    the one place engine exceptions become HTTP."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, QueueFull):
+        retry = math.ceil(exc.retry_after)
+        return APIError(429, f"The server is busy: {exc}. Retry in about {retry} s.", type="rate_limit_exceeded",
+                        code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+    if isinstance(exc, EngineUnavailable):
+        return APIError(503, f"The model is not ready ({exc}); retry shortly.", code="model_not_ready")
+    if isinstance(exc, RequestTimeout):
+        return APIError(504, f"The request took longer than the server's limit of {exc.limit:g} s and was "
+                        "cancelled.", code="timeout", headers={"x-should-retry": "false"})
     if isinstance(exc, OutOfDeviceMemory):
         return APIError(503, "The GPU ran out of memory for this request, even one image at a time. Try a smaller "
                         "size or fewer reference images.", code="out_of_memory")
@@ -63,9 +85,15 @@ class ClientGone(Exception):
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ClientGone, _on_client_gone)
     app.add_exception_handler(APIError, _on_api_error)
+    for engine_exception in (QueueFull, EngineUnavailable, RequestTimeout, OutOfDeviceMemory, JobCancelled):
+        app.add_exception_handler(engine_exception, _on_engine_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
-    app.add_exception_handler(Exception, _on_unexpected_error)
+    # Anything else is caught by UnexpectedErrorMiddleware, inside the request-id middleware.
+
+
+async def _on_engine_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(engine_error(exc))
 
 
 async def _on_client_gone(request: Request, exc: Exception) -> Response:
@@ -111,7 +139,32 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
-async def _on_unexpected_error(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("unexpected error on %s %s", request.method, request.url.path)
-    return error_response(APIError(500, "The server had an error while processing your request.",
-                                   code="internal_error"))
+class UnexpectedErrorMiddleware:
+    """The last resort: an exception nothing else handled becomes a 500 in OpenAI's envelope, logged with a trace.
+    It sits inside the request-id middleware, so the answer carries `x-request-id` and the log line names it
+    (Starlette's own catch-all runs outside every middleware)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # a streamed answer already began: nothing more can be said in HTTP
+                raise
+            response = error_response(APIError(500, "The server had an error while processing your request.",
+                                               code="internal_error"))
+            await response(scope, receive, send)

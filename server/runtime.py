@@ -16,7 +16,7 @@ class GracefulServer(uvicorn.Server):
         self.flux_app = app
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.flux_app.state.draining = True
+        self.flux_app.state.engine.begin_stop()  # new requests get 503 at once; in-flight ones finish
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:
             # uvicorn re-raises captured signals after its shutdown so the exit status shows them; a SIGTERM that

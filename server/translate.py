@@ -11,14 +11,15 @@ from PIL import Image
 from pipeline.accounting import Accounting
 from pipeline.codecs import normalize_output_format
 from pipeline.jobs import GenerationJob
-from pipeline.sizes import SizeError, cap_pixels, model_size, resolve_output_size
+from pipeline.masking import fit_mask
+from pipeline.sizes import SizeError, model_size, resolve_output_size
 from pipeline.weights import ModelSpec
 
 from .errors import APIError, invalid_param
 from .protocol import ImageData, ImageParameters, ImagesResponse, InputTokensDetails, Usage
 from .settings import Settings
 
-# OpenAI's quality levels as shares of the model's default step count, and the level each reports as.
+# `quality` (the API's step preset) as shares of the model's default step count, and the tier each reports as.
 _QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.25, "xhigh": 1.25,
                   "max": 1.5}
 _QUALITY_LABEL = {"low": "low", "medium": "medium"}
@@ -30,7 +31,7 @@ class OutputOptions:
 
     response_format: str  # "url" | "b64_json"
     output_format: str  # "png" | "jpeg" | "webp" | "gif" | "avif"
-    quality: int | None  # lossy quality 0-100, None = the codec's default
+    codec_quality: int | None  # a lossy format's quality 0-100 (output_compression), None = the codec's default
     sync_mode: bool  # url is a data: URI, nothing stored
 
 
@@ -44,27 +45,26 @@ def check_supported(params: ImageParameters) -> None:
 def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
               references: tuple[Image.Image, ...] = (), mask: Image.Image | None = None, *, model: str = "",
               request_id: str = "") -> GenerationJob:
-    if not params.prompt.strip():
-        raise invalid_param("The prompt must not be empty.", "prompt", code="empty_prompt")
     if len(params.prompt) > settings.max_prompt_chars:
         raise invalid_param(f"The prompt has {len(params.prompt)} characters; this server accepts at most "
                             f"{settings.max_prompt_chars}.", "prompt", code="prompt_too_long")
-    width, height = cap_pixels(*_output_size(params, references), settings.max_output_pixels)
+    width, height = _output_size(params, references, settings.max_output_pixels)
     run_width, run_height = model_size(width, height)
     n = params.n or 1
     first_seed = secrets.randbelow(2**32) if params.seed is None else params.seed
     return GenerationJob(prompt=params.prompt, width=width, height=height, run_width=run_width,
                          run_height=run_height, seeds=tuple(first_seed + i for i in range(n)),
                          steps=_steps(params, spec, settings), guidance_scale=_guidance(params, spec),
-                         references=references, mask=mask, model=model, request_id=request_id,
+                         references=references, mask=fit_mask(mask, width, height) if mask is not None else None,
+                         model=model, request_id=request_id,
                          partial_images=(params.partial_images or 0) if params.stream else 0)
 
 
-def _output_size(params: ImageParameters, references: tuple[Image.Image, ...]) -> tuple[int, int]:
+def _output_size(params: ImageParameters, references: tuple[Image.Image, ...], max_pixels: int) -> tuple[int, int]:
     try:
         return resolve_output_size(size=params.size, aspect_ratio=params.aspect_ratio, resolution=params.resolution,
                                    width=params.width, height=params.height,
-                                   reference_size=references[0].size if references else None)
+                                   reference_size=references[0].size if references else None, max_pixels=max_pixels)
     except SizeError as exc:
         raise invalid_param(str(exc), exc.param) from exc
 
@@ -95,10 +95,11 @@ def output_options(params: ImageParameters) -> OutputOptions:
         raise invalid_param(str(exc), "output_format") from exc
     quality = params.output_compression if params.output_compression is not None else params.output_quality
     return OutputOptions(response_format=params.response_format or "url", output_format=output_format,
-                         quality=quality, sync_mode=bool(params.sync_mode))
+                         codec_quality=quality, sync_mode=bool(params.sync_mode))
 
 
-def quality_label(params: ImageParameters) -> str:
+def quality_tier(params: ImageParameters) -> str:
+    """The quality the response reports (OpenAI's low / medium / high) for the step preset asked for."""
     return _QUALITY_LABEL.get(params.quality or "auto", "high")
 
 
@@ -119,4 +120,4 @@ def images_response(job: GenerationJob, data: list[ImageData], params: ImagePara
                     accounting: Accounting, warnings: list[str]) -> ImagesResponse:
     return ImagesResponse(created=int(time.time()), data=data, background="opaque",
                           output_format=options.output_format, size=f"{job.width}x{job.height}",
-                          quality=quality_label(params), usage=usage(accounting), warnings=warnings or None)
+                          quality=quality_tier(params), usage=usage(accounting), warnings=warnings or None)

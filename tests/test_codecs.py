@@ -18,19 +18,21 @@ from PIL import Image
 from pipeline.codecs import (
     DEFAULT_QUALITY,
     FILE_EXTENSIONS,
-    MEDIA_TYPES,
     OUTPUT_FORMATS,
     ImageDecodeError,
-    data_uri,
     decode_image,
     decode_mask,
     encode_image,
-    fit_size,
-    media_type_for_extension,
     normalize_output_format,
-    parse_data_uri,
     to_rgb,
 )
+from pipeline.sizes import cap_pixels
+from server.media import MEDIA_TYPES, data_uri, media_type_for_extension, parse_data_uri
+
+
+def fit_size(size, limit):
+    """The pixel cap applied to an input image's size (one rule for inputs and outputs: sizes.cap_pixels)."""
+    return cap_pixels(*size, limit)
 
 PILLOW_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
 LOSSY = ["jpeg", "webp", "avif"]
@@ -596,7 +598,9 @@ def test_mask_exif_orientation_is_applied():
 
 
 def test_mask_resize_to_the_decoded_image():
-    mask = decode_mask(save(half_transparent_rgba((20, 10)), "PNG"), (20, 10), resize_to=(10, 5))
+    from pipeline.masking import fit_mask  # the mask's one resize, when the job is built
+
+    mask = fit_mask(decode_mask(save(half_transparent_rgba((20, 10)), "PNG"), (20, 10)), 10, 5)
     assert mask.size == (10, 5)
     assert set(np.unique(np.asarray(mask))) <= {0, 255}
     assert mask.getpixel((1, 2)) == 255 and mask.getpixel((8, 2)) == 0

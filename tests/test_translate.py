@@ -11,7 +11,7 @@ from pipeline.weights import ModelDefaults, ModelSpec
 from server.errors import APIError
 from server.protocol import ImageEditRequest, ImageGenerationRequest
 from server.settings import Settings
-from server.translate import build_job, output_options, quality_label
+from server.translate import build_job, output_options, quality_tier
 
 DEV = ModelSpec(path=Path("dev"), pipeline_class="Flux2Pipeline", family="dev", is_distilled=False, size_label=None,
                 defaults=ModelDefaults(steps=50, guidance_scale=4.0))
@@ -62,6 +62,6 @@ def test_edit_default_size_is_the_first_reference():
 
 def test_output_options_and_quality_label():
     options = output_options(ImageGenerationRequest(prompt="p", output_format=" JPG ", output_quality=70))
-    assert (options.output_format, options.quality, options.response_format) == ("jpeg", 70, "url")
-    assert quality_label(ImageGenerationRequest(prompt="p", quality="medium")) == "medium"
-    assert quality_label(ImageGenerationRequest(prompt="p", quality="max")) == "high"
+    assert (options.output_format, options.codec_quality, options.response_format) == ("jpeg", 70, "url")
+    assert quality_tier(ImageGenerationRequest(prompt="p", quality="medium")) == "medium"
+    assert quality_tier(ImageGenerationRequest(prompt="p", quality="max")) == "high"

@@ -1,7 +1,7 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from pipeline.codecs import media_type_for_extension
+from ..media import media_type_for_extension
 
 from ..errors import APIError
 from ..protocol import ErrorResponse

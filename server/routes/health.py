@@ -8,7 +8,7 @@ router = APIRouter()
                                 "or while shutting down")
 async def health(request: Request) -> JSONResponse:
     health = request.app.state.engine.health()
-    state = "stopping" if request.app.state.draining else health.state
+    state = health.state
     body = {"status": "ok" if state == "ready" else state, "models_loaded": list(health.models_loaded),
             "queued_images": health.queued_images, "running_images": health.running_images,
             "test_models": request.app.state.settings.test_model_ids}
