@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,19 +13,6 @@ from pipeline.placement import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_CHOICES
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A local OpenAI-compatible image API server for FLUX.2 weights (diffusers).")
 log = logging.getLogger("flux2")
-
-# Below this many parameters a model can only be a test model (real FLUX.2 klein 4B has ~8 billion with its encoder).
-_TEST_MODEL_PARAMS = 50_000_000
-
-_TINY_WARNING = """
-************************************************************************************************
-  Serving TINY RANDOM-WEIGHT test model: {path}
-  It exercises the whole API, but its images are NOISE. To serve real FLUX.2 weights:
-    flux2-local serve --model black-forest-labs/FLUX.2-klein-4B        (hub id, needs internet once)
-    flux2-local serve --model /models/FLUX.2-dev                       (a local diffusers folder)
-  or put a diffusers folder under {weights_dir}/ and start again without --model.
-************************************************************************************************"""
-
 
 def _env(name: str) -> str:
     return f"FLUX2_{name}"
@@ -139,6 +125,7 @@ def serve(
     """Serve the OpenAI image API (/v1/images/generations, /v1/images/edits, /v1/models, /health, /metrics)."""
     from pipeline.engine import Engine, EngineOptions
     from pipeline.loader import quiet_progress_bars
+    from pipeline.model_choice import ModelChoice, ModelChoiceError, resolve_models
     from pipeline.pool import ModelPool
 
     from .app import create_app
@@ -160,9 +147,15 @@ def serve(
         log.warning("\n%s\n  NO API KEY, and listening on %s: anyone who can reach this address can use the GPU "
                     "and read the images.\n  Set --api-key (or FLUX2_API_KEYS / --api-key-file), or bind "
                     "127.0.0.1.\n%s", "*" * 96, host, "*" * 96)
-    configs, test_models = _model_configs(model or [], model_name, weights_dir, device, dtype, offload)
-    settings = Settings(model_ids=model_ids_for([(c.name, c.spec.aliases) for c in configs]),
-                        test_models=test_models, output_dir=output_dir,
+    choice = ModelChoice(sources=tuple(model or ()), first_name=model_name, weights_dir=weights_dir, device=device,
+                         dtype=dtype, offload=offload, max_loaded=max_loaded_models)
+    try:
+        served = resolve_models(choice)
+    except ModelChoiceError as exc:
+        log.error("%s", exc)
+        raise typer.Exit(code=2) from exc
+    settings = Settings(model_ids=model_ids_for([(c.name, c.spec.aliases) for c in served.configs]),
+                        test_models=served.test_models, output_dir=output_dir,
                         public_url=public_url, retention_seconds=retention_hours * 3600,
                         max_stored_images=max_stored_images, max_steps=max_steps, request_timeout=request_timeout,
                         metrics=metrics, api_keys=keys, public_files=public_files, open_metrics=open_metrics,
@@ -174,76 +167,12 @@ def serve(
                         remote_image_timeout=remote_image_timeout)
     log.info("serving ids: %s", ", ".join(f"{i} -> {n}" if i != n else i for i, n in settings.model_ids.items()))
     metrics = Metrics()
-    engine = Engine(ModelPool(configs, max_loaded=max_loaded_models),
+    engine = Engine(ModelPool(served.configs, max_loaded=choice.max_loaded),
                     EngineOptions(max_batch_images=max_batch_images, batch_window=batch_window_ms / 1000,
                                   max_queue_images=max_queue_images, prompt_cache_bytes=prompt_cache_mb * 1024**2),
                     on_batch=metrics.observe_batch)
     serve_app(create_app(settings, engine, shutdown_timeout=shutdown_timeout, metrics=metrics), host, port,
               log_level, shutdown_timeout)
-
-
-def _model_configs(models: list[str], first_name: str | None, weights_dir: Path, device: str, dtype: str,
-                   offload: str):
-    """One ModelConfig per --model (or the default weights), each inspected and placed, and the names of those that
-    are tiny test models; exits 2 on a bad one."""
-    from pipeline.placement import PlacementError, count_weight_params, decide_placement
-    from pipeline.pool import ModelConfig
-    from pipeline.weights import WeightsError, inspect_model, resolve_weights
-
-    entries = [_split_name(value) for value in models] or [(None, None)]
-    configs, test_models = [], []
-    for index, (name, source) in enumerate(entries):
-        try:
-            folder = resolve_weights(source) if source else _default_weights(weights_dir)
-            spec = inspect_model(folder)
-            params = count_weight_params(spec.path)
-            placement = decide_placement(device, dtype, offload, weight_params=params)
-        except (WeightsError, PlacementError) as exc:
-            log.error("%s", exc)
-            raise typer.Exit(code=2) from exc
-        name = name or (first_name if index == 0 else None) or (
-            source if source and not Path(source).expanduser().is_dir() else spec.path.name)
-        if any(c.name == name for c in configs):
-            log.error("two models are named %r: name them with --model NAME=PATH", name)
-            raise typer.Exit(code=2)
-        if params < _TEST_MODEL_PARAMS:
-            log.warning(_TINY_WARNING.format(path=spec.path, weights_dir=weights_dir))
-            test_models.append(name)
-        log.info("model %s: %s (%s, %s, %.1fM parameters), aliases %s", name, spec.path, spec.pipeline_class,
-                 spec.family, params / 1e6, ", ".join(spec.aliases))
-        for reason in placement.reasons:
-            log.info("model %s: %s", name, reason)
-        configs.append(ModelConfig(name=name, spec=spec, placement=placement,
-                                   weight_bytes=params * placement.dtype.itemsize))
-    return configs, tuple(test_models)
-
-
-def _split_name(value: str) -> tuple[str | None, str]:
-    """"NAME=PATH_OR_ID" -> (NAME, PATH_OR_ID); a plain path or hub id -> (None, value)."""
-    name, sep, source = value.partition("=")
-    if sep and name and "/" not in name and not Path(value).exists():
-        return name, source
-    return None, value
-
-
-def _default_weights(weights_dir: Path) -> Path:
-    from pipeline.tiny_weights import build_tiny_weights
-    from pipeline.weights import TINY_DEFAULT_DIRNAME, find_local_weights
-
-    found = find_local_weights(weights_dir)
-    if found is not None:
-        log.info("model: no --model given; serving %s found in %s", found, weights_dir)
-        return found
-    target = weights_dir / TINY_DEFAULT_DIRNAME
-    log.warning("model: no --model given and no diffusers folder in %s: building tiny random test weights in %s",
-                weights_dir, target)
-    # Build beside the target and rename, so an interrupted first start never leaves a half-written folder.
-    partial = build_tiny_weights(weights_dir / f".{TINY_DEFAULT_DIRNAME}.partial", "klein")
-    if target.exists():  # not a loadable model (find_local_weights passed it over): replace it
-        log.warning("model: replacing %s, which is not a loadable diffusers folder", target)
-        shutil.rmtree(target)
-    partial.rename(target)
-    return target
 
 
 @app.command("tiny-weights")

@@ -13,7 +13,7 @@ def test_pipeline_imports_without_fastapi():
             "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
             "import pipeline.engine, pipeline.runner, pipeline.loader, pipeline.weights, pipeline.placement, "
             "pipeline.sizes, pipeline.codecs, pipeline.jobs, pipeline.tiny_weights, pipeline.accounting, "
-            "pipeline.masking, pipeline.prompts, pipeline.references\n")
+            "pipeline.masking, pipeline.prompts, pipeline.references, pipeline.model_choice\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
