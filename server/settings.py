@@ -1,4 +1,5 @@
-"""Everything the HTTP side is configured with, in one frozen object built once at start."""
+"""Everything the HTTP side is configured with, in one frozen object built once at start. Its field defaults are
+the command line's (server/options.py reads them from here)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    shutdown_timeout: float = 30.0  # on SIGTERM, seconds in-flight work may take before it is cancelled
     # Every id /v1/models lists, in order, mapped to the served model it names (aliases included).
     model_ids: dict[str, str] = field(default_factory=dict)
     test_models: tuple[str, ...] = ()  # served models with tiny random test weights: their images are noise
