@@ -45,14 +45,13 @@ OUTPUT_MEGAPIXELS = Unit(lambda mp: min(MAX_OUTPUT_PIXELS, int(mp * MEGAPIXEL)),
 @dataclass(frozen=True)
 class Option:
     name: str  # the parameter's name: --max-steps on the command line, FLUX2_MAX_STEPS in the environment
-    type: Any  # what the command line parses
+    value_type: Any  # what the command line parses
     help: str
     feeds: type | None  # the dataclass whose field it sets; None: read apart (the API keys)
     field: str = ""  # that field's name, when not `name`
     unit: Unit = AS_IS
     choices: tuple[str, ...] = ()
     env_name: str = ""  # the environment variable after FLUX2_, when not NAME
-    unfed_default: Any = None  # the default of an option that feeds no field
 
     @property
     def flag(self) -> str:
@@ -65,7 +64,7 @@ class Option:
     @property
     def default(self) -> Any:
         if self.feeds is None:
-            return self.unfed_default
+            return None
         return self.unit.back(field_default(self.feeds, self.field or self.name))
 
 
@@ -203,4 +202,4 @@ def serve_command(run: Callable[[ServeConfig], None]) -> Callable[..., None]:
 def _parameter(option: Option) -> inspect.Parameter:
     info = typer.Option(envvar=option.envvar, help=option.help, show_default=option.default is not None)
     return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default,
-                             annotation=Annotated[option.type, info])
+                             annotation=Annotated[option.value_type, info])
