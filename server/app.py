@@ -25,8 +25,8 @@ from .settings import Settings
 from .storage import ImageStore
 
 
-def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 30.0,
-               remote_fetcher: RemoteImageFetcher | None = None, metrics: Metrics | None = None) -> FastAPI:
+def create_app(settings: Settings, engine: Engine, *, remote_fetcher: RemoteImageFetcher | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
     """`metrics`, when given, was made before the engine so that its `observe_batch` is the engine's `on_batch`."""
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -34,7 +34,7 @@ def create_app(settings: Settings, engine: Engine, *, shutdown_timeout: float = 
         try:
             yield
         finally:
-            engine.stop(timeout=shutdown_timeout)
+            engine.stop(timeout=settings.shutdown_timeout)
 
     app = FastAPI(title="flux2-local", summary="OpenAI-compatible image API for FLUX.2", version="0.1.0",
                   lifespan=lifespan)

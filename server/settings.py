@@ -1,13 +1,21 @@
-"""Everything the HTTP side is configured with, in one frozen object built once at start."""
+"""Everything the HTTP side is configured with, in one frozen object built once at start. Its field defaults are
+the command line's (server/options.py reads them from here)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.codecs import DEFAULT_MAX_INPUT_PIXELS
+from pipeline.sizes import MAX_OUTPUT_PIXELS
+
 
 @dataclass(frozen=True)
 class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "info"
+    shutdown_timeout: float = 30.0  # on SIGTERM, seconds in-flight work may take before it is cancelled
     # Every id /v1/models lists, in order, mapped to the served model it names (aliases included).
     model_ids: dict[str, str] = field(default_factory=dict)
     test_models: tuple[str, ...] = ()  # served models with tiny random test weights: their images are noise
@@ -25,8 +33,8 @@ class Settings:
     cors_origins: tuple[str, ...] = ()
     max_body_bytes: int = 256 * 1024**2
     max_image_bytes: int = 50 * 1024**2
-    max_input_pixels: int = 50_000_000
-    max_output_pixels: int = 4 * 1024**2
+    max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS
+    max_output_pixels: int = MAX_OUTPUT_PIXELS
     max_prompt_chars: int = 20_000
     playground: bool = True  # serve the Playground page at / and /playground
     playground_open: bool = False  # with keys set, let the same-origin Playground page call the API without one

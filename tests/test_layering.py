@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -13,21 +14,41 @@ def test_pipeline_imports_without_fastapi():
             "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
             "import pipeline.engine, pipeline.runner, pipeline.loader, pipeline.weights, pipeline.placement, "
             "pipeline.sizes, pipeline.codecs, pipeline.jobs, pipeline.tiny_weights, pipeline.accounting, "
-            "pipeline.masking, pipeline.prompts, pipeline.references\n")
+            "pipeline.masking, pipeline.prompts, pipeline.references, pipeline.model_choice\n")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("option", ["--model", "--host", "--port", "--device", "--dtype", "--offload",
-                                    "--model-name", "--output-dir", "--public-url", "--weights-dir"])
-def test_serve_help_documents_each_option_and_its_env_var(option):
+@pytest.fixture(scope="module")
+def serve_help() -> str:
     from typer.testing import CliRunner
 
     from server.cli import app
 
     result = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
     assert result.exit_code == 0
-    assert option in result.output
-    assert "FLUX2_" + option.removeprefix("--").replace("-", "_").upper() in result.output
+    return result.output
+
+
+@pytest.mark.parametrize("option", ["--model", "--host", "--port", "--device", "--dtype", "--offload",
+                                    "--model-name", "--output-dir", "--public-url", "--weights-dir"])
+def test_serve_help_documents_each_option_and_its_env_var(option, serve_help):
+    assert option in serve_help
+    assert "FLUX2_" + option.removeprefix("--").replace("-", "_").upper() in serve_help
+
+
+def test_serve_help_documents_every_option_of_the_table(serve_help):
+    from server.options import OPTIONS
+
+    lines = serve_help.splitlines()
+    for option in OPTIONS:
+        # The option's row, then its help (wrapped over the rows that follow) with the env var at its end.
+        (start,) = [i for i, line in enumerate(lines) if re.match(rf"\W*{option.flag}\s", line)]
+        end = next(i for i in range(start + 1, len(lines)) if re.match(r"\W*--|╰", lines[i]))
+        text = " ".join(" ".join(line.strip("│ ").split()) for line in lines[start:end])
+        assert " ".join(option.help.split()[:4]) in text, option.flag
+        assert f"[env var: {option.envvar}]" in text, option.flag
+        if option.default is not None and not isinstance(option.default, bool):
+            assert f"[default: {option.default}]" in text, option.flag
 
 
 def test_console_script_is_installed():

@@ -1,0 +1,110 @@
+"""Which models to serve: what was asked for (`ModelChoice`: --model values, a name, a weights folder, the
+placement) resolved into placed, named `ModelConfig`s, and which of them are tiny random-weight test models.
+
+Without a --model the folder found in the weights folder is served, else tiny test weights are built there."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .placement import PlacementError, count_weight_params, decide_placement
+from .pool import ModelConfig
+from .tiny_weights import build_tiny_weights
+from .weights import TINY_DEFAULT_DIRNAME, WeightsError, find_local_weights, inspect_model, resolve_weights
+
+# The start-up log's logger since before these lines moved out of the command line.
+log = logging.getLogger("flux2")
+
+# Below this many parameters a model can only be a test model (real FLUX.2 klein 4B has ~8 billion with its encoder).
+TEST_MODEL_PARAMS = 50_000_000
+
+TINY_WARNING = """
+************************************************************************************************
+  Serving TINY RANDOM-WEIGHT test model: {path}
+  It exercises the whole API, but its images are NOISE. To serve real FLUX.2 weights:
+    flux2-local serve --model black-forest-labs/FLUX.2-klein-4B        (hub id, needs internet once)
+    flux2-local serve --model /models/FLUX.2-dev                       (a local diffusers folder)
+  or put a diffusers folder under {weights_dir}/ and start again without --model.
+************************************************************************************************"""
+
+
+class ModelChoiceError(Exception):
+    """A model asked for cannot be served: not found, not FLUX.2, not placeable, or its name is taken."""
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The models asked for and where they run; the command line's defaults come from here."""
+
+    sources: tuple[str, ...] = ()  # "PATH_OR_ID" or "NAME=PATH_OR_ID"; none: the folder in weights_dir
+    first_name: str | None = None  # the id of the first model (default: its folder name or hub id)
+    weights_dir: Path = Path("weights")  # searched when no source is given; tiny weights are built here
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: str = "auto"
+    max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
+
+
+@dataclass(frozen=True)
+class ServedModels:
+    configs: list[ModelConfig]  # the first is the default model
+    test_models: tuple[str, ...]  # the names of those with tiny random test weights: their images are noise
+
+
+def resolve_models(choice: ModelChoice) -> ServedModels:
+    """One ModelConfig per source (or the default weights), each inspected, placed and named; logs what it
+    decided. Raises ModelChoiceError for a model that cannot be served."""
+    entries = [split_name(value) for value in choice.sources] or [(None, None)]
+    configs: list[ModelConfig] = []
+    test_models: list[str] = []
+    for index, (name, source) in enumerate(entries):
+        try:
+            folder = resolve_weights(source) if source else default_weights(choice.weights_dir)
+            spec = inspect_model(folder)
+            params = count_weight_params(spec.path)
+            placement = decide_placement(choice.device, choice.dtype, choice.offload, weight_params=params)
+        except (WeightsError, PlacementError) as exc:
+            raise ModelChoiceError(str(exc)) from exc
+        name = name or (choice.first_name if index == 0 else None) or (
+            source if source and not Path(source).expanduser().is_dir() else spec.path.name)
+        if any(c.name == name for c in configs):
+            raise ModelChoiceError(f"two models are named {name!r}: name them with --model NAME=PATH")
+        if params < TEST_MODEL_PARAMS:
+            log.warning(TINY_WARNING.format(path=spec.path, weights_dir=choice.weights_dir))
+            test_models.append(name)
+        log.info("model %s: %s (%s, %s, %.1fM parameters), aliases %s", name, spec.path, spec.pipeline_class,
+                 spec.family, params / 1e6, ", ".join(spec.aliases))
+        for reason in placement.reasons:
+            log.info("model %s: %s", name, reason)
+        configs.append(ModelConfig(name=name, spec=spec, placement=placement,
+                                   weight_bytes=params * placement.dtype.itemsize))
+    return ServedModels(configs=configs, test_models=tuple(test_models))
+
+
+def split_name(value: str) -> tuple[str | None, str]:
+    """"NAME=PATH_OR_ID" -> (NAME, PATH_OR_ID); a plain path or hub id -> (None, value)."""
+    name, sep, source = value.partition("=")
+    if sep and name and "/" not in name and not Path(value).exists():
+        return name, source
+    return None, value
+
+
+def default_weights(weights_dir: Path) -> Path:
+    """The diffusers folder found in `weights_dir`, else tiny random test weights built there."""
+    found = find_local_weights(weights_dir)
+    if found is not None:
+        log.info("model: no --model given; serving %s found in %s", found, weights_dir)
+        return found
+    target = weights_dir / TINY_DEFAULT_DIRNAME
+    log.warning("model: no --model given and no diffusers folder in %s: building tiny random test weights in %s",
+                weights_dir, target)
+    # Build beside the target and rename, so an interrupted first start never leaves a half-written folder.
+    partial = build_tiny_weights(weights_dir / f".{TINY_DEFAULT_DIRNAME}.partial", "klein")
+    if target.exists():  # not a loadable model (find_local_weights passed it over): replace it
+        log.warning("model: replacing %s, which is not a loadable diffusers folder", target)
+        shutil.rmtree(target)
+    partial.rename(target)
+    return target
