@@ -57,7 +57,8 @@ def decide_placement(device: str = "auto", dtype: str = "auto", offload: str = "
 
     if dtype == "auto":
         chosen_dtype = torch.bfloat16 if chosen_device == "cuda" else torch.float32
-        reasons.append(f"dtype: {_dtype_name(chosen_dtype)} (auto: {'bf16 on CUDA' if chosen_device == 'cuda' else 'fp32 on CPU'})")
+        why = "bf16 on CUDA" if chosen_device == "cuda" else "fp32 on CPU"
+        reasons.append(f"dtype: {_dtype_name(chosen_dtype)} (auto: {why})")
     else:
         chosen_dtype = getattr(torch, dtype)
         reasons.append(f"dtype: {dtype} (asked)")
@@ -91,7 +92,7 @@ def count_weight_params(folder: Path) -> int:
     total = 0
     for file in sorted(folder.glob("*/*.safetensors")):
         with safe_open(file, framework="pt") as tensors:
-            for name in tensors.keys():
+            for name in tensors.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 numel = 1
                 for dim in tensors.get_slice(name).get_shape():
                     numel *= dim
