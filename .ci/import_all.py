@@ -17,7 +17,7 @@ for package_name in ("pipeline", "server"):
     for info in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}."):
         try:
             module = importlib.import_module(info.name)
-        except Exception:  # noqa: BLE001 - report every failure, not the first
+        except Exception:  # report every failure, not the first
             failed.append(f"{info.name}:\n{traceback.format_exc()}")
             continue
         source = Path(module.__file__ or "")
@@ -31,7 +31,7 @@ for package_name in ("pipeline", "server"):
 for name in sorted(lazy):
     try:
         importlib.import_module(name)
-    except Exception:  # noqa: BLE001
+    except Exception:
         failed.append(f"{name} (imported inside a function):\n{traceback.format_exc()}")
 if failed:
     print("\nFAILED to import:\n" + "\n".join(failed), file=sys.stderr)

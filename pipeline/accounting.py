@@ -10,7 +10,6 @@ from .references import PATCH, encoded_size
 from .sizes import billable_megapixels
 
 
-
 @dataclass(frozen=True)
 class Accounting:
     text_tokens: int

@@ -15,13 +15,21 @@ Qwen3-8B and Mistral-Small-3.1-24B (with its Pixtral vision tower), the VAE as `
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .internals import Flux2Pipe
+from .tiny_weights import Variant
 from .weights import _DEV_DEFAULTS, _KLEIN_DISTILLED_DEFAULTS, ModelSpec
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+    from transformers import Mistral3ForConditionalGeneration, PixtralProcessor, PreTrainedModel, Qwen3ForCausalLM
 
 # Qwen3-4B and Qwen3-8B (klein's text encoders): transformers' Qwen3Config keywords.
 _QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
@@ -34,14 +42,14 @@ _QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, n
 _MISTRAL_SMALL_TEXT = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
                            num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                            max_position_embeddings=131072, sliding_window=None, tie_word_embeddings=False)
-_PIXTRAL_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                       head_dim=64, image_size=1540, patch_size=14)
+_PIXTRAL_VISION: dict[str, Any] = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                       num_attention_heads=16, head_dim=64, image_size=1540, patch_size=14)
 
 
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    family: str  # "klein" | "dev"
+    family: Variant  # "klein" | "dev"
     transformer: dict[str, Any] = field(default_factory=dict)  # Flux2Transformer2DModel keywords over defaults
     encoder: dict[str, Any] = field(default_factory=dict)  # the text encoder's (language model's) config keywords
     size_label: str | None = None  # served as flux.2-klein-4b / -9b
@@ -84,7 +92,7 @@ def model_spec(arch: Architecture) -> ModelSpec:
 
 
 @contextlib.contextmanager
-def _building_on(device: str | torch.device, dtype: torch.dtype):
+def _building_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[None]:
     """Modules constructed inside are created (and initialised) on `device` in `dtype`, from a fixed seed."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -96,23 +104,32 @@ def _building_on(device: str | torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def _transformer(arch: Architecture):
-    from diffusers import Flux2Transformer2DModel
+def _transformer(arch: Architecture) -> Flux2Transformer2DModel:
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
-    return Flux2Transformer2DModel(**arch.transformer)
-
-
-def _vae():
-    from diffusers import AutoencoderKLFlux2
-
-    return AutoencoderKLFlux2()
+    # (diffusers' @register_to_config leaves its models' constructors untyped: the annotation types the result.)
+    transformer: Flux2Transformer2DModel = Flux2Transformer2DModel(**arch.transformer)
+    return transformer
 
 
-def _text_encoder(arch: Architecture, image_token_index: int = 10):
-    if arch.family == "klein":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
+def _vae() -> AutoencoderKLFlux2:
+    from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
 
-        return Qwen3ForCausalLM(Qwen3Config(**arch.encoder))
+    vae: AutoencoderKLFlux2 = AutoencoderKLFlux2()
+    return vae
+
+
+def _text_encoder(arch: Architecture, image_token_index: int = 10) -> PreTrainedModel:
+    return _qwen3(arch) if arch.family == "klein" else _mistral3(arch, image_token_index)
+
+
+def _qwen3(arch: Architecture) -> Qwen3ForCausalLM:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**arch.encoder))
+
+
+def _mistral3(arch: Architecture, image_token_index: int) -> Mistral3ForConditionalGeneration:
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
     return Mistral3ForConditionalGeneration(Mistral3Config(
@@ -121,12 +138,14 @@ def _text_encoder(arch: Architecture, image_token_index: int = 10):
         multimodal_projector_bias=False, vision_feature_layer=-1, tie_word_embeddings=False))
 
 
-def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype):
+def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype) -> Flux2Pipe:
     """The whole diffusers pipeline with random weights, on `device` in `dtype`, progress bars off."""
-    from diffusers import Flux2KleinPipeline, Flux2Pipeline
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 
     from .tiny_weights import build_tiny_pipeline, flow_match_scheduler, klein_tokenizer
 
+    pipe: Flux2Pipe
     if arch.tiny:
         pipe = build_tiny_pipeline(arch.family)
         if device != "cpu" or dtype != torch.float32:  # built on the CPU in float32 (`to` would only warn)
@@ -134,19 +153,25 @@ def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype):
     elif arch.family == "klein":
         tokenizer = klein_tokenizer()
         with _building_on(device, dtype):
-            transformer, vae, text_encoder = _transformer(arch), _vae(), _text_encoder(arch)
-        pipe = Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=vae, text_encoder=text_encoder,
-                                  tokenizer=tokenizer, transformer=transformer, is_distilled=True)
+            transformer, vae, qwen = _transformer(arch), _vae(), _qwen3(arch)
+        # (diffusers annotates `scheduler` and dev's `tokenizer` with types its real arguments do not match: see
+        # tiny_weights._build_klein.)
+        pipe = Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=vae,  # type: ignore[arg-type]
+                                  text_encoder=qwen, tokenizer=tokenizer, transformer=transformer,
+                                  is_distilled=True)
     else:
         processor = dev_text_processor()
         image_token = processor.tokenizer.convert_tokens_to_ids("[IMG]")
         with _building_on(device, dtype):
-            transformer, vae, text_encoder = _transformer(arch), _vae(), _text_encoder(arch, image_token)
-        pipe = Flux2Pipeline(scheduler=flow_match_scheduler(), vae=vae, text_encoder=text_encoder,
-                             tokenizer=processor, transformer=transformer)
+            transformer, vae, mistral = _transformer(arch), _vae(), _mistral3(arch, image_token)
+        pipe = Flux2Pipeline(scheduler=flow_match_scheduler(), vae=vae,  # type: ignore[arg-type]
+                             text_encoder=mistral, tokenizer=processor,  # type: ignore[arg-type]
+                             transformer=transformer)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.eval()
-    pipe.set_progress_bar_config(disable=True)
+    # (Ignored: mypy checks this call on the diffusers classes `pipe` was narrowed to, as a union, and its
+    # untyped_calls_exclude setting does not reach calls on a union.)
+    pipe.set_progress_bar_config(disable=True)  # type: ignore[no-untyped-call]
     return pipe
 
 
@@ -165,7 +190,7 @@ class TextOnlyProcessor:
         return self.tokenizer(*args, **kwargs)
 
 
-def dev_text_processor():
+def dev_text_processor() -> PixtralProcessor | TextOnlyProcessor:
     """The tiny builder's PixtralProcessor, or the same tokenizer in a `TextOnlyProcessor` without torchvision.
     Its image settings do not match the real vision tower: fine for text prompts, all the benchmark sends
     (caption upsampling, which feeds images to the encoder, is not benchmarked)."""
@@ -177,7 +202,7 @@ def dev_text_processor():
         return TextOnlyProcessor(dev_tokenizer())
 
 
-def build_transformer(arch: Architecture, device: str, dtype: torch.dtype):
+def build_transformer(arch: Architecture, device: str, dtype: torch.dtype) -> Flux2Transformer2DModel:
     """The transformer alone with random weights, on `device` in `dtype`."""
     if arch.tiny:
         return build_pipeline(arch, device, dtype).transformer
@@ -189,7 +214,8 @@ def parameter_counts(arch: Architecture) -> dict[str, int]:
     """Parameters per component, counted on the meta device (no memory, no initialisation)."""
     if arch.tiny:
         pipe = build_pipeline(arch, "cpu", torch.float32)
-        parts = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder, "vae": pipe.vae}
+        parts: dict[str, torch.nn.Module] = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
+                                             "vae": pipe.vae}
     else:
         with torch.device("meta"):
             parts = {"transformer": _transformer(arch), "text_encoder": _text_encoder(arch), "vae": _vae()}

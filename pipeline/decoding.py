@@ -5,16 +5,14 @@ the device, so only bytes cross to the CPU."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from PIL import Image
 
-from .internals import vae_latents
+from .internals import Flux2Pipe, vae_latents
 
 
-def latents_for_vae(pipe: Any, output: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def latents_for_vae(pipe: Flux2Pipe, output: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """What a pipeline returns with output_type="latent", made ready for `vae.decode`: klein returns latents already
     unpacked and denormalized (B, 32, H/8, W/8); dev returns its packed tokens (B, tokens, 128)."""
     if output.ndim == 3:
@@ -22,7 +20,7 @@ def latents_for_vae(pipe: Any, output: torch.Tensor, width: int, height: int) ->
     return output
 
 
-def decode(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
+def decode(pipe: Flux2Pipe, latents: torch.Tensor) -> list[Image.Image]:
     """VAE-space latents (B, 32, H/8, W/8) -> RGB images, rounded exactly as diffusers' postprocess rounds them."""
     vae = pipe.vae
     with torch.inference_mode():

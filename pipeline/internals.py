@@ -7,9 +7,49 @@ naming the call, when an upgrade moves one of them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import torch
+
+if TYPE_CHECKING:
+    # The defining modules: the top-level `diffusers` namespace is lazy and type checkers see its dummy objects.
+    from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+
+
+class Flux2Pipe(Protocol):
+    """What this package uses of a FLUX.2 pipeline: diffusers' `Flux2Pipeline` (dev) and `Flux2KleinPipeline`
+    (klein) both match it. The private members are the ones `REQUIRED` lists."""
+
+    vae: AutoencoderKLFlux2
+    transformer: Flux2Transformer2DModel
+    scheduler: FlowMatchEulerDiscreteScheduler
+    image_processor: Flux2ImageProcessor
+    text_encoder: torch.nn.Module  # Qwen3 (klein) or Mistral 3 (dev)
+    tokenizer: Any  # klein: a Qwen2 tokenizer; dev: a PixtralProcessor, whose `.tokenizer` is the tokenizer
+    system_message: str  # dev only
+    _interrupt: bool
+
+    @property
+    def _execution_device(self) -> torch.device: ...
+
+    def _pack_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def _unpatchify_latents(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    # `generator` may be None (diffusers annotates it torch.Generator only).
+    def _encode_vae_image(self, image: torch.Tensor, generator: Any) -> torch.Tensor: ...
+
+    def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None,
+                      num_images_per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None: ...
+
+    def to(self, *args: Any, **kwargs: Any) -> Self: ...
 
 # (pipeline class name, attribute) pairs this module relies on; the test checks each against installed diffusers.
 REQUIRED = tuple((cls, attr) for cls in ("Flux2Pipeline", "Flux2KleinPipeline")
@@ -17,32 +57,34 @@ REQUIRED = tuple((cls, attr) for cls in ("Flux2Pipeline", "Flux2KleinPipeline")
                               "_interrupt", "encode_prompt", "image_processor", "vae", "transformer", "scheduler"))
 
 
-def execution_device(pipe: Any) -> torch.device:
+def execution_device(pipe: Flux2Pipe) -> torch.device:
     return pipe._execution_device
 
 
-def pack_latents(pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+def pack_latents(pipe: Flux2Pipe, latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) latents -> (B, H*W, C) tokens, row-major, as the transformer reads them."""
     return pipe._pack_latents(latents)
 
 
-def encode_image_latents(pipe: Any, pixels: torch.Tensor) -> torch.Tensor:
+def encode_image_latents(pipe: Flux2Pipe, pixels: torch.Tensor) -> torch.Tensor:
     """Pixels in [-1, 1] (B, 3, H, W) -> the normalized, patchified latents the transformer sees."""
     return pipe._encode_vae_image(pixels, generator=None)
 
 
-def stop_after_this_step(pipe: Any) -> None:
+def stop_after_this_step(pipe: Flux2Pipe) -> None:
     """Inside `callback_on_step_end`: the pipeline skips its remaining steps."""
     pipe._interrupt = True
 
 
-def vae_latents(pipe: Any, packed: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def vae_latents(pipe: Flux2Pipe, packed: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """Packed latent tokens (B, tokens, C) of a `width` x `height` image, row-major (as both pipelines lay out the
     generated image's tokens) -> what the VAE decodes: batch-norm statistics undone, 2x2 patches unfolded."""
     vae = pipe.vae
     batch, _, channels = packed.shape
     latents = packed.reshape(batch, height // 16, width // 16, channels).permute(0, 3, 1, 2)
-    mean = vae.bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(latents.device,
-                                                                                           latents.dtype)
+    running_mean, running_var = vae.bn.running_mean, vae.bn.running_var
+    assert running_mean is not None and running_var is not None  # the VAE's batch norm tracks its statistics
+    mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+    std = torch.sqrt(running_var.view(1, -1, 1, 1) + vae.config["batch_norm_eps"]).to(latents.device,
+                                                                                      latents.dtype)
     return pipe._unpatchify_latents(latents * std + mean)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import cast
 
+from .internals import Flux2Pipe
 from .placement import Placement
 from .weights import ModelSpec
 
@@ -18,7 +19,7 @@ class LoadedModel:
 
     spec: ModelSpec
     placement: Placement
-    pipe: Any  # a diffusers Flux2Pipeline or Flux2KleinPipeline
+    pipe: Flux2Pipe  # a diffusers Flux2Pipeline or Flux2KleinPipeline
 
 
 def quiet_progress_bars() -> None:
@@ -47,4 +48,5 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     log.info("model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)", spec.path, spec.pipeline_class,
              "distilled" if spec.is_distilled else "base" if spec.family == "klein" else "guidance-distilled",
              spec.defaults.steps, spec.defaults.guidance_scale)
-    return LoadedModel(spec=spec, placement=placement, pipe=pipe)
+    # The class was checked above: a FLUX.2 pipeline, whatever `from_pretrained` is typed to return.
+    return LoadedModel(spec=spec, placement=placement, pipe=cast(Flux2Pipe, pipe))

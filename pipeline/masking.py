@@ -10,22 +10,20 @@ that it works for dev and klein alike and with every reference image (the inpain
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from PIL import Image
 
-from .internals import encode_image_latents, execution_device, pack_latents
+from .internals import Flux2Pipe, encode_image_latents, execution_device, pack_latents
 from .sizes import MODEL_MULTIPLE
 
 LATENT_PIXELS = MODEL_MULTIPLE  # one packed latent token covers 16 x 16 pixels
 
 
-def initial_noise(pipe: Any, generators: list[torch.Generator], width: int, height: int) -> torch.Tensor:
+def initial_noise(pipe: Flux2Pipe, generators: list[torch.Generator], width: int, height: int) -> torch.Tensor:
     """The starting latents, one per generator, drawn as diffusers' `randn_tensor` draws them for a list of CPU
     generators: (B, C*4, H/16, W/16) on the CPU, in the transformer's dtype."""
-    channels = pipe.transformer.config.in_channels
+    channels = pipe.transformer.config["in_channels"]
     shape = (1, channels, height // LATENT_PIXELS, width // LATENT_PIXELS)
     dtype = pipe.transformer.dtype
     return torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
@@ -34,7 +32,7 @@ def initial_noise(pipe: Any, generators: list[torch.Generator], width: int, heig
 class MaskBlend:
     """A `callback_on_step_end` that keeps the latents outside `mask` on the source image's trajectory."""
 
-    def __init__(self, pipe: Any, source: Image.Image, mask: Image.Image, noise: torch.Tensor, width: int,
+    def __init__(self, pipe: Flux2Pipe, source: Image.Image, mask: Image.Image, noise: torch.Tensor, width: int,
                  height: int):
         device = execution_device(pipe)
         dtype = pipe.transformer.dtype
@@ -48,7 +46,8 @@ class MaskBlend:
         keep = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)
         self.repaint = keep.reshape(1, -1, 1).to(device, dtype)  # 1 = repaint, 0 = keep
 
-    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+    def __call__(self, pipe: Flux2Pipe, step: int, timestep: torch.Tensor,
+                 tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         latents = tensors["latents"]
         sigma = pipe.scheduler.sigmas[step + 1].to(latents.device, latents.dtype)  # the level the step reached
         source_now = sigma * self.noise + (1 - sigma) * self.source

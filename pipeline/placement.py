@@ -5,12 +5,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, TypeGuard, TypeVar, get_args
 
 import torch
 
-DEVICE_CHOICES: tuple[str, ...] = ("auto", "cuda", "cpu")
-DTYPE_CHOICES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
-OFFLOAD_CHOICES: tuple[str, ...] = ("auto", "none", "model", "sequential")
+Device = Literal["cuda", "cpu"]
+Offload = Literal["none", "model", "sequential"]
+DeviceChoice = Literal["auto", Device]
+DtypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
+OffloadChoice = Literal["auto", Offload]
+
+# What the CLI offers, in this order: "auto" first.
+DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
+DTYPE_CHOICES: tuple[DtypeChoice, ...] = get_args(DtypeChoice)
+OFFLOAD_CHOICES: tuple[OffloadChoice, ...] = get_args(OffloadChoice)
 
 _GIB = 1024**3
 # Room left on the GPU beyond the weights for activations, the VAE decode and the CUDA context: the larger of a
@@ -25,9 +33,9 @@ class PlacementError(Exception):
 
 @dataclass(frozen=True)
 class Placement:
-    device: str  # "cuda" | "cpu"
+    device: Device
     dtype: torch.dtype
-    offload: str  # "none" | "model" | "sequential"
+    offload: Offload
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
 
 
@@ -35,17 +43,19 @@ def decide_placement(device: str = "auto", dtype: str = "auto", offload: str = "
                      weight_params: int, cuda_available: bool | None = None,
                      cuda_free_bytes: int | None = None) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
-    to the live machine's and are injectable for tests."""
-    if device not in DEVICE_CHOICES:
+    to the live machine's and are injectable for tests. The three choices are checked here, so any string may
+    be passed (a CLI's or an environment variable's)."""
+    if not _one_of(device, DEVICE_CHOICES):
         raise PlacementError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
-    if dtype not in DTYPE_CHOICES:
+    if not _one_of(dtype, DTYPE_CHOICES):
         raise PlacementError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
-    if offload not in OFFLOAD_CHOICES:
+    if not _one_of(offload, OFFLOAD_CHOICES):
         raise PlacementError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
 
     reasons = []
+    chosen_device: Device
     if device == "auto":
         chosen_device = "cuda" if cuda_available else "cpu"
         reasons.append(f"device: {chosen_device} (auto: CUDA {'found' if cuda_available else 'not found'})")
@@ -57,12 +67,14 @@ def decide_placement(device: str = "auto", dtype: str = "auto", offload: str = "
 
     if dtype == "auto":
         chosen_dtype = torch.bfloat16 if chosen_device == "cuda" else torch.float32
-        reasons.append(f"dtype: {_dtype_name(chosen_dtype)} (auto: {'bf16 on CUDA' if chosen_device == 'cuda' else 'fp32 on CPU'})")
+        why = "bf16 on CUDA" if chosen_device == "cuda" else "fp32 on CPU"
+        reasons.append(f"dtype: {_dtype_name(chosen_dtype)} (auto: {why})")
     else:
         chosen_dtype = getattr(torch, dtype)
         reasons.append(f"dtype: {dtype} (asked)")
 
     weight_bytes = weight_params * _itemsize(chosen_dtype)
+    chosen_offload: Offload
     if chosen_device == "cpu":
         if offload not in ("auto", "none"):
             raise PlacementError(f"offload {offload!r} moves weights to an accelerator; there is none on 'cpu'")
@@ -91,12 +103,19 @@ def count_weight_params(folder: Path) -> int:
     total = 0
     for file in sorted(folder.glob("*/*.safetensors")):
         with safe_open(file, framework="pt") as tensors:
-            for name in tensors.keys():
+            for name in tensors.keys():  # noqa: SIM118 (safe_open has no __iter__)
                 numel = 1
                 for dim in tensors.get_slice(name).get_shape():
                     numel *= dim
                 total += numel
     return total
+
+
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _one_of(value: str, choices: tuple[_Choice, ...]) -> TypeGuard[_Choice]:
+    return value in choices
 
 
 def _itemsize(dtype: torch.dtype) -> int:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .loader import LoadedModel, load_model
-from .placement import Placement
+from .placement import Device, Placement
 from .weights import ModelSpec
 
 log = logging.getLogger("flux2.pool")
@@ -29,7 +29,7 @@ class ModelConfig:
     weight_bytes: int  # in the dtype it will run in
 
 
-def free_memory_bytes(device: str) -> int:
+def free_memory_bytes(device: Device) -> int:
     """What can still be allocated on `device`: free CUDA memory, or available RAM for the CPU."""
     if device == "cuda":
         return torch.cuda.mem_get_info()[0]
@@ -47,7 +47,7 @@ def release_device_memory() -> None:
 class ModelPool:
     def __init__(self, configs: list[ModelConfig], *, max_loaded: int = 0,
                  load: Callable[[ModelSpec, Placement], LoadedModel] = load_model,
-                 free_bytes: Callable[[str], int] = free_memory_bytes):
+                 free_bytes: Callable[[Device], int] = free_memory_bytes):
         if not configs:
             raise ValueError("at least one model must be configured")
         self.configs = {config.name: config for config in configs}

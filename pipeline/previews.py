@@ -8,14 +8,12 @@ side), so a preview costs a fraction of one final decode."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from .decoding import decode
-from .internals import vae_latents
+from .internals import Flux2Pipe, vae_latents
 
 PREVIEW_SIDE = 256  # about the long side of a preview, for images larger than twice that
 
@@ -40,7 +38,7 @@ def preview_reduction(width: int, height: int) -> int:
     return factor
 
 
-def decode_preview(pipe: Any, packed: torch.Tensor, width: int, height: int) -> list[Image.Image]:
+def decode_preview(pipe: Flux2Pipe, packed: torch.Tensor, width: int, height: int) -> list[Image.Image]:
     """Decode packed latents (B, tokens, C) of a `width` x `height` image at reduced resolution."""
     latents = vae_latents(pipe, packed, width, height)
     return decode(pipe, F.avg_pool2d(latents, preview_reduction(width, height)))  # a fraction of the work

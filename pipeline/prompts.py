@@ -7,7 +7,10 @@ when a prompt was cut."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .internals import Flux2Pipe
 
 MAX_SEQUENCE_LENGTH = 512
 
@@ -19,7 +22,7 @@ class PromptTokens:
     used_prompt: str  # the part of the prompt the model actually sees
 
 
-def measure_prompt(pipe: Any, family: str, prompt: str, max_length: int = MAX_SEQUENCE_LENGTH) -> PromptTokens:
+def measure_prompt(pipe: Flux2Pipe, family: str, prompt: str, max_length: int = MAX_SEQUENCE_LENGTH) -> PromptTokens:
     tokenizer = pipe.tokenizer.tokenizer if family == "dev" else pipe.tokenizer
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     templated = _templated_length(pipe, family, prompt)
@@ -30,7 +33,7 @@ def measure_prompt(pipe: Any, family: str, prompt: str, max_length: int = MAX_SE
     return PromptTokens(text_tokens=room, truncated=True, used_prompt=used)
 
 
-def _templated_length(pipe: Any, family: str, prompt: str) -> int:
+def _templated_length(pipe: Flux2Pipe, family: str, prompt: str) -> int:
     """Tokens of the prompt as the pipeline sends it to its encoder, before padding and truncation."""
     if family == "dev":
         from diffusers.pipelines.flux2.pipeline_flux2 import format_input

@@ -15,9 +15,18 @@ Sizes are the real configs scaled down, keeping what the pipelines rely on:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+    from tokenizers import Tokenizer
+    from transformers import PixtralProcessor, PreTrainedTokenizerBase
 
 Variant = Literal["klein", "dev"]
 VARIANTS: tuple[Variant, ...] = ("klein", "dev")
@@ -42,7 +51,7 @@ def build_tiny_weights(out_dir: str | Path, variant: Variant = "klein") -> Path:
     return out
 
 
-def build_tiny_pipeline(variant: Variant = "klein"):
+def build_tiny_pipeline(variant: Variant = "klein") -> Flux2KleinPipeline | Flux2Pipeline:
     """The tiny `variant` pipeline in memory (on the CPU, float32), the same one `build_tiny_weights` writes."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
@@ -51,35 +60,39 @@ def build_tiny_pipeline(variant: Variant = "klein"):
         return _build_klein() if variant == "klein" else _build_dev()
 
 
-def _transformer(guidance_embeds: bool):
-    from diffusers import Flux2Transformer2DModel
+def _transformer(guidance_embeds: bool) -> Flux2Transformer2DModel:
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
-    return Flux2Transformer2DModel(
+    # (diffusers' @register_to_config leaves its models' constructors untyped: the annotation types the result.)
+    transformer: Flux2Transformer2DModel = Flux2Transformer2DModel(
         patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=_JOINT_ATTENTION_DIM, timestep_guidance_channels=32,
         axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
     )
+    return transformer
 
 
-def _vae():
-    from diffusers import AutoencoderKLFlux2
+def _vae() -> AutoencoderKLFlux2:
+    from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
 
     # Four blocks: a VAE scale factor of 8, as in the real model.
-    return AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=32,
-                              norm_num_groups=4)
+    vae: AutoencoderKLFlux2 = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                                 latent_channels=32, norm_num_groups=4)
+    return vae
 
 
-def flow_match_scheduler():
+def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """The scheduler as the real FLUX.2 models configure it."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(
+    scheduler: FlowMatchEulerDiscreteScheduler = FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )
+    return scheduler
 
 
-def _byte_level_bpe(special_tokens: list[str], unk_token: str | None):
+def _byte_level_bpe(special_tokens: list[str], unk_token: str | None) -> Tokenizer:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE(unk_token=unk_token))
@@ -92,13 +105,14 @@ def _byte_level_bpe(special_tokens: list[str], unk_token: str | None):
     return bpe
 
 
-def klein_tokenizer():
+def klein_tokenizer() -> PreTrainedTokenizerBase:
     """A small Qwen2 tokenizer with klein's special tokens and chat template (its ids index any Qwen3 vocab)."""
-    from transformers import Qwen2TokenizerFast
+    # transformers 5 keeps this name as a lazy alias (of Qwen2Tokenizer) that its type stubs do not declare.
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]
 
     bpe = _byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], unk_token=None)
-    tokenizer = Qwen2TokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   unk_token=None, bos_token=None)
+    tokenizer: PreTrainedTokenizerBase = Qwen2TokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None)
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -106,8 +120,8 @@ def klein_tokenizer():
     return tokenizer
 
 
-def _build_klein():
-    from diffusers import Flux2KleinPipeline
+def _build_klein() -> Flux2KleinPipeline:
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = klein_tokenizer()
@@ -116,11 +130,14 @@ def _build_klein():
         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
         tie_word_embeddings=True,
     ))
-    return Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=_vae(), text_encoder=text_encoder,
-                              tokenizer=tokenizer, transformer=_transformer(guidance_embeds=False), is_distilled=True)
+    # The ignored arg-types, here and in _build_dev: diffusers annotates `scheduler` with a name from its lazy
+    # namespace, which type checkers resolve to a dummy placeholder class, and dev's `tokenizer` as AutoProcessor.
+    return Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=_vae(),  # type: ignore[arg-type]
+                              text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=_transformer(guidance_embeds=False), is_distilled=True)
 
 
-def dev_tokenizer():
+def dev_tokenizer() -> PreTrainedTokenizerBase:
     """A small tokenizer with dev's special tokens and chat template (its ids index any Mistral vocab)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -142,7 +159,7 @@ def dev_tokenizer():
     return tokenizer
 
 
-def dev_processor():
+def dev_processor() -> PixtralProcessor:
     """`dev_tokenizer` in a small PixtralProcessor, as dev's tokenizer folder holds one (needs torchvision)."""
     from transformers import PixtralImageProcessor, PixtralProcessor
 
@@ -155,8 +172,8 @@ def dev_processor():
     return processor
 
 
-def _build_dev():
-    from diffusers import Flux2Pipeline
+def _build_dev() -> Flux2Pipeline:
+    from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
     processor = dev_processor()
@@ -165,9 +182,11 @@ def _build_dev():
         text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=_ENCODER_HIDDEN, intermediate_size=32,
                                   num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                   max_position_embeddings=1024),
-        vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        # transformers 4 takes head_dim; 5 derives the same 8 (hidden_size / heads) and its types lack the keyword.
+        vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,  # type: ignore[call-arg]
                                           num_attention_heads=2, head_dim=8, image_size=64, patch_size=16),
         image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1, vision_feature_layer=-1,
     ))
-    return Flux2Pipeline(scheduler=flow_match_scheduler(), vae=_vae(), text_encoder=text_encoder, tokenizer=processor,
+    return Flux2Pipeline(scheduler=flow_match_scheduler(), vae=_vae(),  # type: ignore[arg-type]
+                         text_encoder=text_encoder, tokenizer=processor,  # type: ignore[arg-type]
                          transformer=_transformer(guidance_embeds=True))

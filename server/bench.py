@@ -129,7 +129,7 @@ def _start_server(folder: Path, workdir: Path, port: int | None, count: int) -> 
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-    log = open(workdir / "server.log", "wb")
+    log = open(workdir / "server.log", "wb")  # noqa: SIM115 (the server process writes to it while it runs)
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--port", str(port),
          "--output-dir", str(workdir / "outputs"), "--max-batch-images", str(count), "--log-level", "warning"],

@@ -26,8 +26,17 @@ import torch
 
 from pipeline.architectures import Architecture, build_pipeline, build_transformer, model_spec, parameter_counts
 
-from .bench_harness import (DirectDiffusers, ImageClient, InProcessServer, StepTimer, mask_images, synchronize,
-                            reference_images, timed, transformer_step)
+from .bench_harness import (
+    DirectDiffusers,
+    ImageClient,
+    InProcessServer,
+    StepTimer,
+    mask_images,
+    reference_images,
+    synchronize,
+    timed,
+    transformer_step,
+)
 from .bench_report import count_label, environment, write_json
 
 _GIB = 1024**3

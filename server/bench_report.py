@@ -114,16 +114,16 @@ def _stage_lines(results: dict) -> list[str]:
 
 def table(results: dict) -> str:
     """The results as a plain-text table with the machine and versions above it."""
-    rows = [_HEADERS] + _rows(results)
+    rows = [_HEADERS, *_rows(results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADERS))]
-    lines = _summary(results) + [""]
+    lines = [*_summary(results), ""]
     for index, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        lines.append("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
     stage_lines = _stage_lines(results)
     if stage_lines:
-        lines += ["", "served stages (Server-Timing, median ms per request):"] + stage_lines
+        lines += ["", "served stages (Server-Timing, median ms per request):", *stage_lines]
     return "\n".join(lines)
 
 
@@ -144,7 +144,7 @@ def markdown_section(results: dict, command: str) -> str:
     lines += [f"- {note}" for note in results["notes"]]
     lines += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
-    lines += ["", "Where the served time goes (Server-Timing, median ms per request):", ""] + _stage_lines(results)
+    lines += ["", "Where the served time goes (Server-Timing, median ms per request):", "", *_stage_lines(results)]
     lines.append(f"<!-- /bench:{name} -->")
     return "\n".join(lines) + "\n"
 

@@ -44,7 +44,7 @@ class RunningServer:
         self.base_url = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "server.log"
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 (the server writes to it; closed in stop)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *args],
             cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
@@ -64,7 +64,7 @@ class RunningServer:
             time.sleep(0.2)
         raise TimeoutError(f"server not healthy after {timeout}s:\n{self.log()}")
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         try:
             self.wait_healthy()
         except BaseException:

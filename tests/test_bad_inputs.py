@@ -8,8 +8,17 @@ import json
 
 import httpx
 import pytest
-from hostile_images import (animated_gif, bomb_png, cmyk_jpeg, exif_rotated_jpeg, palette_png_with_transparency, png,
-                            rgba_png, sixteen_bit_png, webp)
+from hostile_images import (
+    animated_gif,
+    bomb_png,
+    cmyk_jpeg,
+    exif_rotated_jpeg,
+    palette_png_with_transparency,
+    png,
+    rgba_png,
+    sixteen_bit_png,
+    webp,
+)
 from imaging import decode_b64
 
 GEN = "/v1/images/generations"

@@ -197,9 +197,9 @@ def test_a_failing_figure_is_reported_and_the_run_goes_on(tiny_run):
 
 
 def test_dev_without_torchvision_gets_a_text_only_processor(monkeypatch):
-    import pipeline.tiny_weights as tiny_weights
     from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE, format_input
 
+    import pipeline.tiny_weights as tiny_weights
     from pipeline.architectures import TextOnlyProcessor, dev_text_processor
     from pipeline.prompts import measure_prompt
 

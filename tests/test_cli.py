@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import subprocess
-
-import pytest
 import sys
 
 import httpx
+import pytest
 from conftest import RunningServer
 
 
@@ -134,8 +133,9 @@ class _HeaderRecorder:
 
         buffer = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buffer, format="PNG")
-        event = ('event: image_generation.completed\ndata: {"b64_json": "%s", "size": "8x8", "seed": 1}\n\n'
-                 % base64.b64encode(buffer.getvalue()).decode()).encode()
+        b64 = base64.b64encode(buffer.getvalue()).decode()
+        event = (f'event: image_generation.completed\ndata: {{"b64_json": "{b64}", "size": "8x8", "seed": 1}}'
+                 "\n\n").encode()
         self.headers: list[dict] = []
         recorder = self
 

@@ -52,7 +52,7 @@ def test_ten_images_work_and_eleven_are_refused(client):
     assert decode_b64(result.data[0].b64_json).size == (64, 64)
     assert result.usage.reference_megapixels == 10  # each reference counts at least 1 MP
     with pytest.raises(openai.BadRequestError) as caught:
-        edit(client, image=images + [png_bytes(32, 32, 11)], prompt="too many", **STEPS)
+        edit(client, image=[*images, png_bytes(32, 32, 11)], prompt="too many", **STEPS)
     assert caught.value.body["param"] == "image"
     assert caught.value.body["code"] == "too_many_images"
 

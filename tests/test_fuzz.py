@@ -8,8 +8,13 @@ import pytest
 import schemathesis
 from conftest import RunningServer
 from hypothesis import HealthCheck, settings
-from schemathesis.checks import (content_type_conformance, not_a_server_error, response_headers_conformance,
-                                 response_schema_conformance, status_code_conformance)
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 # What this test holds the server to: no 5xx, and every answer (status, content type, headers, body) as the
 # published schema says. (Whether the schema states every rule a request must meet is not asserted: some are

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
-import diffusers
 from pipeline import decoding, internals
 
 

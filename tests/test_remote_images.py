@@ -10,6 +10,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import pytest
 from hostile_images import png
@@ -51,9 +52,9 @@ async def fake_resolver(host, port):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    hosts_seen: list[str] = []
+    hosts_seen: ClassVar[list[str]] = []
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):  # http.server's naming
         _Handler.hosts_seen.append(self.headers.get("Host", ""))
         port = self.server.server_address[1]
         routes = {

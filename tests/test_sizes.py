@@ -7,8 +7,17 @@ import math
 import pytest
 
 from pipeline.sizes import (
-    ASPECT_RATIOS, MAX_OUTPUT_PIXELS, MAX_SIDE, MEGAPIXEL, MODEL_MULTIPLE, SizeError, billable_megapixels, cap_pixels,
-    model_size, parse_wxh, resolve_output_size,
+    ASPECT_RATIOS,
+    MAX_OUTPUT_PIXELS,
+    MAX_SIDE,
+    MEGAPIXEL,
+    MODEL_MULTIPLE,
+    SizeError,
+    billable_megapixels,
+    cap_pixels,
+    model_size,
+    parse_wxh,
+    resolve_output_size,
 )
 
 # The product's published 1 MP table, plus the two computed 21:9 / 9:21 entries.
@@ -35,10 +44,11 @@ def _error_param(**kwargs) -> str:
 
 def test_the_module_is_pure():
     import ast
+    from pathlib import Path
 
     import pipeline.sizes
 
-    tree = ast.parse(open(pipeline.sizes.__file__, encoding="utf-8").read())
+    tree = ast.parse(Path(pipeline.sizes.__file__).read_text(encoding="utf-8"))
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -455,7 +465,7 @@ def test_bad_sizes_name_size(size):
 
 @pytest.mark.parametrize("ratio", ["", " ", "16", "1.5", "16x9", "0:1", "1:0", "0:0", "-16:9", "16:-9", "a:b",
                                    "16:9:1", ":9", "16:", "1e3:1", "nan:1", "inf:1", "auto", "16/9", "1 6:9",
-                                   "１６:９", 1.5, 16])
+                                   "１６:９", 1.5, 16])  # noqa: RUF001 (fullwidth digits on purpose)
 def test_bad_aspect_ratios_name_aspect_ratio(ratio):
     assert _error_param(aspect_ratio=ratio) == "aspect_ratio"
     assert _error_param(aspect_ratio=ratio, width=64, height=64, resolution="1K") == "aspect_ratio"

@@ -32,7 +32,8 @@ def test_steps(params, steps):
 
 
 def test_quality_presets_never_exceed_max_steps():
-    capped = build_job(ImageGenerationRequest(prompt="p", quality="max"), DEV, Settings(model_ids={"m": "m"}, max_steps=60))
+    capped = build_job(ImageGenerationRequest(prompt="p", quality="max"), DEV,
+                       Settings(model_ids={"m": "m"}, max_steps=60))
     assert capped.steps == 60
     with pytest.raises(APIError) as caught:
         build_job(ImageGenerationRequest(prompt="p", steps=61), DEV, Settings(model_ids={"m": "m"}, max_steps=60))

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from pipeline.weights import (FLEX_ALIAS, WeightsError, find_local_weights, inspect_model, resolve_weights)
+from pipeline.weights import FLEX_ALIAS, WeightsError, find_local_weights, inspect_model, resolve_weights
 
 
 def _edit_json(path, **changes):
@@ -49,7 +49,7 @@ def test_not_flux2_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(WeightsError, match="StableDiffusionPipeline"):
         inspect_model(tmp_path)
-    with pytest.raises(WeightsError, match="model_index.json"):
+    with pytest.raises(WeightsError, match=r"model_index\.json"):
         inspect_model(tmp_path / "missing")
 
 
@@ -64,7 +64,7 @@ def test_resolve_local_folder_and_bad_names(tiny_klein, tmp_path):
 def test_hub_id_offline_without_cache_fails_cleanly(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    with pytest.raises(WeightsError, match="black-forest-labs/FLUX.2-klein-4B"):
+    with pytest.raises(WeightsError, match=r"black-forest-labs/FLUX\.2-klein-4B"):
         resolve_weights("black-forest-labs/FLUX.2-klein-4B")
 
 

@@ -4,8 +4,9 @@ from fastapi.responses import JSONResponse
 router = APIRouter()
 
 
-@router.get("/health", responses={503: {"description": "Not ready"}}, summary="200 once the default model is loaded; 503 while loading, after a failed load, "
-                                "or while shutting down")
+@router.get("/health", responses={503: {"description": "Not ready"}},
+            summary="200 once the default model is loaded; 503 while loading, after a failed load, "
+                    "or while shutting down")
 async def health(request: Request) -> JSONResponse:
     health = request.app.state.engine.health()
     state = health.state
