@@ -112,7 +112,8 @@ def _repaint_mask(image: Image.Image) -> Image.Image:
     """255 where `image` says repaint: transparent pixels, or white ones when nothing is transparent."""
     if _has_alpha(image):
         alpha = image.convert("RGBA").getchannel("A")
-        if alpha.getextrema()[0] < 255:
+        lowest, _ = alpha.getextrema()
+        if isinstance(lowest, (int, float)) and lowest < 255:
             return alpha.point(lambda a: 255 if a < 128 else 0)
     return to_rgb(image).convert("L").point(lambda v: 255 if v >= 128 else 0)
 

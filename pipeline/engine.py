@@ -18,17 +18,33 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
+from PIL import Image
 
 from .batching import Slice, images_in, split_in_half
-from .jobs import (BatchOutcome, BatchReport, EngineHealth, EngineState, EngineStats, EngineUnavailable,
-                   GenerationJob, GenerationResult, JobCancelled, JobListener, OutOfDeviceMemory, Preview, Progress,
-                   QueueFull)
+from .jobs import (
+    BatchOutcome,
+    BatchReport,
+    EngineHealth,
+    EngineState,
+    EngineStats,
+    EngineUnavailable,
+    GenerationJob,
+    GenerationResult,
+    JobCancelled,
+    JobListener,
+    OutOfDeviceMemory,
+    Preview,
+    Progress,
+    QueueFull,
+)
+from .loader import LoadedModel
 from .pool import ModelPool, release_device_memory
-from .weights import ModelSpec
 from .runner import run_batch
 from .text_cache import PromptCache
+from .weights import ModelSpec
 
 log = logging.getLogger("flux2.engine")
 
@@ -40,7 +56,7 @@ running_request_ids: contextvars.ContextVar[str] = contextvars.ContextVar("runni
 @dataclass
 class JobHandle:
     job: GenerationJob
-    future: Future = field(default_factory=Future)
+    future: Future[GenerationResult] = field(default_factory=Future)
     cancel_reason: str | None = None
     steps_run: int = 0
     listener: JobListener | None = None
@@ -96,7 +112,7 @@ class Engine:
     `stats()`, `model_specs()`, `wait_ready`; `on_batch` hears a `BatchReport` after every pipeline call."""
 
     def __init__(self, pool: ModelPool, options: EngineOptions = EngineOptions(), *,
-                 on_batch: Callable[[BatchReport], None] | None = None, **overrides: float):
+                 on_batch: Callable[[BatchReport], None] | None = None, **overrides: Any):
         options = replace(options, **overrides) if overrides else options
         self.pool = pool
         self.options = options
@@ -278,7 +294,7 @@ class Engine:
             running_request_ids.reset(token)
         self._finish(batch, failures, results)
 
-    def _run_slices(self, model, slices: list[Slice], handles: dict[int, JobHandle],
+    def _run_slices(self, model: LoadedModel, slices: list[Slice], handles: dict[int, JobHandle],
                     results: dict[int, list[GenerationResult]], failures: dict[int, BaseException]) -> None:
         slices = [s for s in slices if id(handles[id(s.job)]) not in failures]
         if not slices:
@@ -339,9 +355,9 @@ class Engine:
                 handle.future.set_result(_merge(handle.job, results[id(handle)]))
 
 
-def _preview_sink(handles: dict[int, JobHandle]) -> Callable[[Slice, int, list], None]:
+def _preview_sink(handles: dict[int, JobHandle]) -> Callable[[Slice, int, list[Image.Image]], None]:
     """Passes a slice's previews to its job's listener."""
-    def sink(piece: Slice, index: int, images: list) -> None:
+    def sink(piece: Slice, index: int, images: list[Image.Image]) -> None:
         handle = handles[id(piece.job)]
         if handle.listener is not None and not handle.cancelled:
             handle.listener(Preview(index, images))

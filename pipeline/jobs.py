@@ -42,7 +42,7 @@ class GenerationJob:
         return len(self.seeds)
 
     @cached_property
-    def batch_key(self) -> tuple:
+    def batch_key(self) -> tuple[object, ...]:
         """Jobs with equal keys can share one pipeline call: same model, model size, steps, guidance and the same
         reference images (by content). Masked edits run alone."""
         if self.mask is not None:

@@ -57,7 +57,7 @@ class ServedModels:
 def resolve_models(choice: ModelChoice) -> ServedModels:
     """One ModelConfig per source (or the default weights), each inspected, placed and named; logs what it
     decided. Raises ModelChoiceError for a model that cannot be served."""
-    entries = [split_name(value) for value in choice.sources] or [(None, None)]
+    entries: list[tuple[str | None, str | None]] = [split_name(value) for value in choice.sources] or [(None, None)]
     configs: list[ModelConfig] = []
     test_models: list[str] = []
     for index, (name, source) in enumerate(entries):

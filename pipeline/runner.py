@@ -151,7 +151,7 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
                                   tokens=measure_prompt(model.pipe, model.spec.family, prompt))
             cache.put(name, prompt, entry)
             encoded[prompt] = entry
-    return encoded
+    return {prompt: entry for prompt, entry in encoded.items() if entry is not None}
 
 
 class _StepCallback:
@@ -165,7 +165,7 @@ class _StepCallback:
         self.on_step = on_step
         self.stopped = False
 
-    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+    def __call__(self, pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         out = self.blend(pipe, step, timestep, tensors) if self.blend is not None else {}
         if self.previews is not None:
             self.previews(step + 1, out.get("latents", tensors["latents"]))

@@ -181,7 +181,7 @@ def _parse_resolution(value: str | None) -> Fraction | None:
         return None
     match = _RESOLUTION.match(value)
     number = Fraction(match[1]) if match else Fraction(0)
-    if number <= 0:
+    if match is None or number <= 0:
         raise SizeError(f"Invalid resolution {value!r}: expected a positive 'NK' such as '1K' or '2K', "
                         "a megapixel count such as '1' or '4MP', or 'auto'.", "resolution")
     megapixels = number * number if match[2] and match[2].lower() == "k" else number

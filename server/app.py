@@ -12,8 +12,8 @@ from pipeline.engine import Engine
 from .arrivals import ArrivalsMiddleware
 from .auth import APIKeyMiddleware
 from .draining import DrainingMiddleware
-from .limits import BodySizeLimitMiddleware
 from .errors import UnexpectedErrorMiddleware, install_error_handlers
+from .limits import BodySizeLimitMiddleware
 from .metrics import Metrics, RequestMetricsMiddleware
 from .openapi import document_errors_as_served
 from .remote_images import RemoteImageFetcher

@@ -4,7 +4,7 @@ and save the images (the work is in client.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -34,20 +34,20 @@ def _run_client(endpoint: str, fields: dict, images: list[Path], mask: Path | No
 
 def generate(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="File to write (numbered when n > 1). "
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write (numbered when n > 1). "
                                                    "Default: flux2-SEED.FORMAT here.", show_default=False)] = None,
-    size: Annotated[Optional[str], typer.Option(help='"WxH", "W:H" or "auto".', show_default=False)] = None,
-    aspect_ratio: Annotated[Optional[str], typer.Option(help='e.g. "16:9".', show_default=False)] = None,
-    resolution: Annotated[Optional[str], typer.Option(help='e.g. "1K", "2K", "0.25".', show_default=False)] = None,
-    n: Annotated[Optional[int], typer.Option("-n", help="Number of images (1-10).", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of the first image.", show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Denoising steps.", show_default=False)] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Guidance scale.", show_default=False)] = None,
-    output_format: Annotated[Optional[str], typer.Option("--format", help="png, jpeg, webp, gif or avif.",
+    size: Annotated[str | None, typer.Option(help='"WxH", "W:H" or "auto".', show_default=False)] = None,
+    aspect_ratio: Annotated[str | None, typer.Option(help='e.g. "16:9".', show_default=False)] = None,
+    resolution: Annotated[str | None, typer.Option(help='e.g. "1K", "2K", "0.25".', show_default=False)] = None,
+    n: Annotated[int | None, typer.Option("-n", help="Number of images (1-10).", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the first image.", show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps.", show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option(help="Guidance scale.", show_default=False)] = None,
+    output_format: Annotated[str | None, typer.Option("--format", help="png, jpeg, webp, gif or avif.",
                                                          show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option(help="Model id or alias.", show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(help="Model id or alias.", show_default=False)] = None,
     server: Annotated[str, _SERVER] = "http://127.0.0.1:8000",
-    api_key: Annotated[Optional[str], _API_KEY] = None,
+    api_key: Annotated[str | None, _API_KEY] = None,
 ) -> None:
     """Generate images on a running flux2-local server, with a progress bar, and save them."""
     fields = _client_fields(size, aspect_ratio, resolution, n, seed, steps, guidance, output_format, model, prompt)
@@ -58,23 +58,23 @@ def edit(
     prompt: Annotated[str, typer.Argument(help="What to change or make from the images.")],
     image: Annotated[list[Path], typer.Option("-i", "--image", exists=True, dir_okay=False,
                                               help="An input image; repeat for several (up to 10).")],
-    mask: Annotated[Optional[Path], typer.Option(exists=True, dir_okay=False, show_default=False,
+    mask: Annotated[Path | None, typer.Option(exists=True, dir_okay=False, show_default=False,
                                                  help="PNG with alpha, the first image's size: transparent = "
                                                       "repaint.")] = None,
-    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="File to write (numbered when n > 1).",
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="File to write (numbered when n > 1).",
                                                    show_default=False)] = None,
-    size: Annotated[Optional[str], typer.Option(help='"WxH", "W:H" or "auto" (default: the first image).',
+    size: Annotated[str | None, typer.Option(help='"WxH", "W:H" or "auto" (default: the first image).',
                                                 show_default=False)] = None,
-    aspect_ratio: Annotated[Optional[str], typer.Option(show_default=False)] = None,
-    resolution: Annotated[Optional[str], typer.Option(show_default=False)] = None,
-    n: Annotated[Optional[int], typer.Option("-n", show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(show_default=False)] = None,
-    steps: Annotated[Optional[int], typer.Option(show_default=False)] = None,
-    guidance: Annotated[Optional[float], typer.Option(show_default=False)] = None,
-    output_format: Annotated[Optional[str], typer.Option("--format", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option(show_default=False)] = None,
+    aspect_ratio: Annotated[str | None, typer.Option(show_default=False)] = None,
+    resolution: Annotated[str | None, typer.Option(show_default=False)] = None,
+    n: Annotated[int | None, typer.Option("-n", show_default=False)] = None,
+    seed: Annotated[int | None, typer.Option(show_default=False)] = None,
+    steps: Annotated[int | None, typer.Option(show_default=False)] = None,
+    guidance: Annotated[float | None, typer.Option(show_default=False)] = None,
+    output_format: Annotated[str | None, typer.Option("--format", show_default=False)] = None,
+    model: Annotated[str | None, typer.Option(show_default=False)] = None,
     server: Annotated[str, _SERVER] = "http://127.0.0.1:8000",
-    api_key: Annotated[Optional[str], _API_KEY] = None,
+    api_key: Annotated[str | None, _API_KEY] = None,
 ) -> None:
     """Edit or combine images on a running flux2-local server, with a progress bar, and save the results."""
     fields = _client_fields(size, aspect_ratio, resolution, n, seed, steps, guidance, output_format, model, prompt)

@@ -118,7 +118,7 @@ def validation_error(errors: list[dict] | tuple) -> APIError:
     kind = first.get("type", "")
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
-    if kind in ("json_invalid", "json_type") or param is None and kind == "model_attributes_type":
+    if kind in ("json_invalid", "json_type") or (param is None and kind == "model_attributes_type"):
         return APIError(400, "The request body is not a valid JSON object.", code="invalid_json")
     message = first.get("msg", "Invalid value")
     return APIError(400, f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param,

@@ -3,8 +3,6 @@ the event stream's frames, the edit endpoint's two bodies (multipart and JSON), 
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI
 
 from .protocol import ErrorResponse, ImageEditRequest, ImageParameters

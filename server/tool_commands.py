@@ -4,7 +4,7 @@ is in pipeline/tiny_weights.py and bench*.py)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -25,19 +25,19 @@ def tiny_weights(
 
 
 def bench(
-    model: Annotated[Optional[Path], typer.Option(help="A diffusers folder (default: tiny klein weights built in "
+    model: Annotated[Path | None, typer.Option(help="A diffusers folder (default: tiny klein weights built in "
                                                   "a temporary folder).")] = None,
     size: Annotated[int, typer.Option(help="Square image side in pixels.")] = 256,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 4,
     count: Annotated[int, typer.Option(help="Images per figure (requests, batch size).")] = 4,
-    repeats: Annotated[Optional[int], typer.Option(help="Runs per figure; the median is shown. Default: 5, or "
+    repeats: Annotated[int | None, typer.Option(help="Runs per figure; the median is shown. Default: 5, or "
                                                    "the architecture's (3 for klein, 1 for dev).",
                                               show_default=False)] = None,
-    architecture: Annotated[Optional[str], typer.Option(
+    architecture: Annotated[str | None, typer.Option(
         help="Instead: the full-size benchmark. klein-4b, klein-9b or dev (tiny: scaled down, for tests) built "
              "with random weights in memory on the device, served vs plain diffusers on the same weights.",
         show_default=False)] = None,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="With --architecture: write the results "
+    json_path: Annotated[Path | None, typer.Option("--json", help="With --architecture: write the results "
                                                       "here (after every figure).", show_default=False)] = None,
     update_docs: Annotated[bool, typer.Option(help="With --architecture: rewrite this architecture's section "
                                               "of --docs.")] = False,

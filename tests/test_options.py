@@ -114,7 +114,7 @@ def test_the_readme_table_lists_every_option_with_its_env_var_and_default():
     rows = _readme_rows()
     assert [row[0] for row in rows] == [f"`{o.flag}/--no-{o.flag[2:]}`" if o.default is True else f"`{o.flag}`"
                                         for o in OPTIONS]
-    for (_, env, default, _meaning), option in zip(rows, OPTIONS):
+    for (_, env, default, _meaning), option in zip(rows, OPTIONS, strict=True):
         assert env == f"`{option.envvar}`"
         if option.default is None:
             assert not default.startswith("`"), f"{option.flag}: the README names a value the code does not have"

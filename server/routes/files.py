@@ -1,9 +1,8 @@
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
-from ..media import media_type_for_extension
-
 from ..errors import APIError
+from ..media import media_type_for_extension
 from ..protocol import ErrorResponse
 from ..serving import FILES_ROUTE
 

@@ -5,6 +5,7 @@ the service, and answers JSON or an event stream. While the service works, the c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 from urllib.parse import quote
@@ -67,10 +68,8 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     if task.done():
         return task.result()
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass
     raise ClientGone()
 
 
