@@ -32,18 +32,50 @@ if TYPE_CHECKING:
     from transformers import Mistral3ForConditionalGeneration, PixtralProcessor, PreTrainedModel, Qwen3ForCausalLM
 
 # Qwen3-4B and Qwen3-8B (klein's text encoders): transformers' Qwen3Config keywords.
-_QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                 tie_word_embeddings=True)
-_QWEN3_8B = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
-                 tie_word_embeddings=False)
+_QWEN3_4B = dict(
+    vocab_size=151936,
+    hidden_size=2560,
+    intermediate_size=9728,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=True,
+)
+_QWEN3_8B = dict(
+    vocab_size=151936,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=40960,
+    tie_word_embeddings=False,
+)
 # Mistral-Small-3.1-24B (dev's text encoder): the language model and the Pixtral vision tower.
-_MISTRAL_SMALL_TEXT = dict(vocab_size=131072, hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
-                           num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                           max_position_embeddings=131072, sliding_window=None, tie_word_embeddings=False)
-_PIXTRAL_VISION: dict[str, Any] = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                       num_attention_heads=16, head_dim=64, image_size=1540, patch_size=14)
+_MISTRAL_SMALL_TEXT = dict(
+    vocab_size=131072,
+    hidden_size=5120,
+    intermediate_size=32768,
+    num_hidden_layers=40,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    max_position_embeddings=131072,
+    sliding_window=None,
+    tie_word_embeddings=False,
+)
+_PIXTRAL_VISION: dict[str, Any] = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    head_dim=64,
+    image_size=1540,
+    patch_size=14,
+)
 
 
 @dataclass(frozen=True)
@@ -63,11 +95,23 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "klein-4b": Architecture(
-        "klein-4b", "klein", dict(num_layers=5, num_single_layers=20, num_attention_heads=24,
-                                  joint_attention_dim=7680, guidance_embeds=False), _QWEN3_4B, size_label="4b"),
+        "klein-4b",
+        "klein",
+        dict(
+            num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680, guidance_embeds=False
+        ),
+        _QWEN3_4B,
+        size_label="4b",
+    ),
     "klein-9b": Architecture(
-        "klein-9b", "klein", dict(num_layers=8, num_single_layers=24, num_attention_heads=32,
-                                  joint_attention_dim=12288, guidance_embeds=False), _QWEN3_8B, size_label="9b"),
+        "klein-9b",
+        "klein",
+        dict(
+            num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288, guidance_embeds=False
+        ),
+        _QWEN3_8B,
+        size_label="9b",
+    ),
     # dev is Flux2Transformer2DModel's default config. One run per figure: a dev image costs ~10x a klein one.
     "dev": Architecture("dev", "dev", dict(guidance_embeds=True), _MISTRAL_SMALL_TEXT, repeats=1),
     # The tiny builder's pipelines, for running the benchmark's code on a CPU.
@@ -85,10 +129,14 @@ def get_architecture(name: str) -> Architecture:
 def model_spec(arch: Architecture) -> ModelSpec:
     """What the server needs to know of the in-memory pipeline (it never reads `path`, only names things by it)."""
     is_dev = arch.family == "dev"
-    return ModelSpec(path=Path(f"in-memory-{arch.name}"),
-                     pipeline_class="Flux2Pipeline" if is_dev else "Flux2KleinPipeline", family=arch.family,
-                     is_distilled=not is_dev, size_label=arch.size_label,
-                     defaults=_DEV_DEFAULTS if is_dev else _KLEIN_DISTILLED_DEFAULTS)
+    return ModelSpec(
+        path=Path(f"in-memory-{arch.name}"),
+        pipeline_class="Flux2Pipeline" if is_dev else "Flux2KleinPipeline",
+        family=arch.family,
+        is_distilled=not is_dev,
+        size_label=arch.size_label,
+        defaults=_DEV_DEFAULTS if is_dev else _KLEIN_DISTILLED_DEFAULTS,
+    )
 
 
 @contextlib.contextmanager
@@ -132,10 +180,18 @@ def _qwen3(arch: Architecture) -> Qwen3ForCausalLM:
 def _mistral3(arch: Architecture, image_token_index: int) -> Mistral3ForConditionalGeneration:
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralVisionConfig
 
-    return Mistral3ForConditionalGeneration(Mistral3Config(
-        text_config=MistralConfig(**arch.encoder), vision_config=PixtralVisionConfig(**_PIXTRAL_VISION),
-        image_token_index=image_token_index, spatial_merge_size=2, projector_hidden_act="gelu",
-        multimodal_projector_bias=False, vision_feature_layer=-1, tie_word_embeddings=False))
+    return Mistral3ForConditionalGeneration(
+        Mistral3Config(
+            text_config=MistralConfig(**arch.encoder),
+            vision_config=PixtralVisionConfig(**_PIXTRAL_VISION),
+            image_token_index=image_token_index,
+            spatial_merge_size=2,
+            projector_hidden_act="gelu",
+            multimodal_projector_bias=False,
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+    )
 
 
 def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype) -> Flux2Pipe:
@@ -156,17 +212,26 @@ def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype) -> Flux2
             transformer, vae, qwen = _transformer(arch), _vae(), _qwen3(arch)
         # (diffusers annotates `scheduler` and dev's `tokenizer` with types its real arguments do not match: see
         # tiny_weights._build_klein.)
-        pipe = Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=vae,  # type: ignore[arg-type]
-                                  text_encoder=qwen, tokenizer=tokenizer, transformer=transformer,
-                                  is_distilled=True)
+        pipe = Flux2KleinPipeline(
+            scheduler=flow_match_scheduler(),  # type: ignore[arg-type]
+            vae=vae,
+            text_encoder=qwen,
+            tokenizer=tokenizer,
+            transformer=transformer,
+            is_distilled=True,
+        )
     else:
         processor = dev_text_processor()
         image_token = processor.tokenizer.convert_tokens_to_ids("[IMG]")
         with _building_on(device, dtype):
             transformer, vae, mistral = _transformer(arch), _vae(), _mistral3(arch, image_token)
-        pipe = Flux2Pipeline(scheduler=flow_match_scheduler(), vae=vae,  # type: ignore[arg-type]
-                             text_encoder=mistral, tokenizer=processor,  # type: ignore[arg-type]
-                             transformer=transformer)
+        pipe = Flux2Pipeline(
+            scheduler=flow_match_scheduler(),  # type: ignore[arg-type]
+            vae=vae,
+            text_encoder=mistral,
+            tokenizer=processor,  # type: ignore[arg-type]
+            transformer=transformer,
+        )
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
         module.eval()
     # (Ignored: mypy checks this call on the diffusers classes `pipe` was narrowed to, as a union, and its
@@ -214,8 +279,11 @@ def parameter_counts(arch: Architecture) -> dict[str, int]:
     """Parameters per component, counted on the meta device (no memory, no initialisation)."""
     if arch.tiny:
         pipe = build_pipeline(arch, "cpu", torch.float32)
-        parts: dict[str, torch.nn.Module] = {"transformer": pipe.transformer, "text_encoder": pipe.text_encoder,
-                                             "vae": pipe.vae}
+        parts: dict[str, torch.nn.Module] = {
+            "transformer": pipe.transformer,
+            "text_encoder": pipe.text_encoder,
+            "vae": pipe.vae,
+        }
     else:
         with torch.device("meta"):
             parts = {"transformer": _transformer(arch), "text_encoder": _text_encoder(arch), "vae": _vae()}

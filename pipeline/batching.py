@@ -32,6 +32,6 @@ def split_in_half(slices: list[Slice]) -> tuple[list[Slice], list[Slice]]:
         cut = target - taken
         if cut:
             left.append(Slice(piece.job, piece.seeds[:cut]))
-        right = [Slice(piece.job, piece.seeds[cut:]), *slices[index + 1:]]
+        right = [Slice(piece.job, piece.seeds[cut:]), *slices[index + 1 :]]
         return left, right
     return left, []

@@ -83,8 +83,9 @@ def _prepare_for_encoding(image: Image.Image, fmt: str) -> Image.Image:
 # --- decoding -------------------------------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS,
-                 max_output_pixels: int = MAX_OUTPUT_PIXELS) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS, max_output_pixels: int = MAX_OUTPUT_PIXELS
+) -> Image.Image:
     """Decode an uploaded reference image to RGB: EXIF orientation applied, alpha composited over white, and
     downscaled (LANCZOS, aspect kept) to at most `max_output_pixels`. `info["source_size"]` keeps the upright size
     before downscaling. Raises ImageDecodeError for anything that is not a usable PNG, JPEG, WebP, GIF or AVIF."""
@@ -95,16 +96,17 @@ def decode_image(data: bytes, *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXEL
     return rgb
 
 
-def decode_mask(data: bytes, size: tuple[int, int], *,
-                max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
+def decode_mask(data: bytes, size: tuple[int, int], *, max_input_pixels: int = DEFAULT_MAX_INPUT_PIXELS) -> Image.Image:
     """Decode an edit mask to an "L" image where 255 = repaint and 0 = keep (OpenAI semantics: alpha < 128 marks
     the region to repaint). A mask without transparency is read as black/white: luminance >= 128 = repaint. The
     upright mask must measure exactly `size` (the first image's, as uploaded); it is resized once, to the output
     size, when the job is built (`masking.fit_mask`)."""
     image = _open_upright(data, max_input_pixels)
     if image.size != tuple(size):
-        raise ImageDecodeError(f"mask must have the same size as the first image: the mask is "
-                               f"{image.size[0]}x{image.size[1]}, the image is {size[0]}x{size[1]}")
+        raise ImageDecodeError(
+            f"mask must have the same size as the first image: the mask is "
+            f"{image.size[0]}x{image.size[1]}, the image is {size[0]}x{size[1]}"
+        )
     return _repaint_mask(image)
 
 
@@ -160,8 +162,8 @@ def _accepted_format(head: bytes) -> str | None:
 def _is_avif_ftyp(head: bytes) -> bool:
     """Whether an ISO-BMFF 'ftyp' box names an AVIF brand (major or compatible)."""
     box_size = int.from_bytes(head[:4], "big")
-    brands = head[8:min(max(box_size, 16), len(head))]
-    return any(brands[i:i + 4] in _AVIF_BRANDS for i in range(0, len(brands) - 3, 4))
+    brands = head[8 : min(max(box_size, 16), len(head))]
+    return any(brands[i : i + 4] in _AVIF_BRANDS for i in range(0, len(brands) - 3, 4))
 
 
 def _refused_format(head: bytes) -> str | None:
@@ -187,8 +189,9 @@ def _open_checked(data: bytes, fmt: str, max_input_pixels: int) -> Image.Image:
         raise ImageDecodeError("corrupt or truncated image") from exc
     width, height = image.size
     if width * height > max_input_pixels:
-        raise ImageDecodeError(f"image is too large: {width}x{height} pixels is more than the limit of "
-                               f"{max_input_pixels} pixels")
+        raise ImageDecodeError(
+            f"image is too large: {width}x{height} pixels is more than the limit of {max_input_pixels} pixels"
+        )
     if width < 1 or height < 1:
         raise ImageDecodeError("corrupt or truncated image")
     return image

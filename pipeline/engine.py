@@ -111,8 +111,14 @@ class Engine:
     """The public surface: `start`, `stop`, `submit` -> `JobHandle` (`cancel`), `arriving`, `state`, `health()`,
     `stats()`, `model_specs()`, `wait_ready`; `on_batch` hears a `BatchReport` after every pipeline call."""
 
-    def __init__(self, pool: ModelPool, options: EngineOptions = EngineOptions(), *,
-                 on_batch: Callable[[BatchReport], None] | None = None, **overrides: Any):
+    def __init__(
+        self,
+        pool: ModelPool,
+        options: EngineOptions = EngineOptions(),
+        *,
+        on_batch: Callable[[BatchReport], None] | None = None,
+        **overrides: Any,
+    ):
         options = replace(options, **overrides) if overrides else options
         self.pool = pool
         self.options = options
@@ -168,13 +174,22 @@ class Engine:
         return "ready" if self._ready.is_set() else "loading"
 
     def health(self) -> EngineHealth:
-        return EngineHealth(state=self.state, models_loaded=tuple(self.pool.loaded), queued_images=self.queued_images,
-                            running_images=self.running_images, load_error=self.load_error)
+        return EngineHealth(
+            state=self.state,
+            models_loaded=tuple(self.pool.loaded),
+            queued_images=self.queued_images,
+            running_images=self.running_images,
+            load_error=self.load_error,
+        )
 
     def stats(self) -> EngineStats:
-        return EngineStats(queued_images=self.queued_images, running_images=self.running_images,
-                           prompt_cache_hits=self.prompt_cache.hits, prompt_cache_misses=self.prompt_cache.misses,
-                           device_memory_bytes=torch.cuda.memory_allocated() if torch.cuda.is_available() else 0)
+        return EngineStats(
+            queued_images=self.queued_images,
+            running_images=self.running_images,
+            prompt_cache_hits=self.prompt_cache.hits,
+            prompt_cache_misses=self.prompt_cache.misses,
+            device_memory_bytes=torch.cuda.memory_allocated() if torch.cuda.is_available() else 0,
+        )
 
     def model_specs(self) -> dict[str, ModelSpec]:
         """What each served model is (family, defaults), by name; the first is the default model."""
@@ -255,8 +270,11 @@ class Engine:
             window_ends = time.monotonic() + self.batch_window
             while images < self.max_batch_images:
                 for handle in list(self._queue):
-                    if not handle.cancelled and handle.job.batch_key == key and \
-                            images + handle.job.n <= self.max_batch_images:
+                    if (
+                        not handle.cancelled
+                        and handle.job.batch_key == key
+                        and images + handle.job.n <= self.max_batch_images
+                    ):
                         self._queue.remove(handle)
                         batch.append(handle)
                         images += handle.job.n
@@ -294,8 +312,14 @@ class Engine:
             running_request_ids.reset(token)
         self._finish(batch, failures, results)
 
-    def _run_slices(self, model: LoadedModel, slices: list[Slice], handles: dict[int, JobHandle],
-                    results: dict[int, list[GenerationResult]], failures: dict[int, BaseException]) -> None:
+    def _run_slices(
+        self,
+        model: LoadedModel,
+        slices: list[Slice],
+        handles: dict[int, JobHandle],
+        results: dict[int, list[GenerationResult]],
+        failures: dict[int, BaseException],
+    ) -> None:
         slices = [s for s in slices if id(handles[id(s.job)]) not in failures]
         if not slices:
             return
@@ -305,8 +329,14 @@ class Engine:
         outcome: BatchOutcome = "ok"
         sink = _preview_sink(handles) if any(h.listener and h.job.partial_images for h in mine) else None
         try:
-            outputs = run_batch(model, slices, self.prompt_cache, progress, sink,
-                                wanted=lambda piece: not handles[id(piece.job)].cancelled)
+            outputs = run_batch(
+                model,
+                slices,
+                self.prompt_cache,
+                progress,
+                sink,
+                wanted=lambda piece: not handles[id(piece.job)].cancelled,
+            )
             for piece, result in zip(slices, outputs, strict=True):
                 if result is not None:  # None: cancelled meanwhile, not decoded
                     results[id(handles[id(piece.job)])].append(result)
@@ -321,8 +351,12 @@ class Engine:
                 failures[id(handle)] = OutOfDeviceMemory("the device ran out of memory for a single image")
             else:
                 left, right = split_in_half(slices)
-                log.warning("out of device memory for %d images: retrying as %d + %d", images_in(slices),
-                            images_in(left), images_in(right))
+                log.warning(
+                    "out of device memory for %d images: retrying as %d + %d",
+                    images_in(slices),
+                    images_in(left),
+                    images_in(right),
+                )
                 self._run_slices(model, left, handles, results, failures)
                 self._run_slices(model, right, handles, results, failures)
                 return
@@ -337,13 +371,20 @@ class Engine:
             self._seconds_per_image = 0.7 * self._seconds_per_image + 0.3 * per_image
         if self.on_batch is not None:
             first = slices[0].job
-            self.on_batch(BatchReport(model=first.model or self.pool.default, images=images_in(slices),
-                                      steps_run=progress.steps_done, seconds=seconds,
-                                      megapixels=sum(len(s.seeds) * s.job.width * s.job.height
-                                                     for s in slices) / 1024**2, outcome=outcome))
+            self.on_batch(
+                BatchReport(
+                    model=first.model or self.pool.default,
+                    images=images_in(slices),
+                    steps_run=progress.steps_done,
+                    seconds=seconds,
+                    megapixels=sum(len(s.seeds) * s.job.width * s.job.height for s in slices) / 1024**2,
+                    outcome=outcome,
+                )
+            )
 
-    def _finish(self, batch: list[JobHandle], failures: dict[int, BaseException],
-                results: dict[int, list[GenerationResult]]) -> None:
+    def _finish(
+        self, batch: list[JobHandle], failures: dict[int, BaseException], results: dict[int, list[GenerationResult]]
+    ) -> None:
         with self._cond:
             self._running = []
         for handle in batch:
@@ -357,6 +398,7 @@ class Engine:
 
 def _preview_sink(handles: dict[int, JobHandle]) -> Callable[[Slice, int, list[Image.Image]], None]:
     """Passes a slice's previews to its job's listener."""
+
     def sink(piece: Slice, index: int, images: list[Image.Image]) -> None:
         handle = handles[id(piece.job)]
         if handle.listener is not None and not handle.cancelled:
@@ -373,8 +415,13 @@ def _merge(job: GenerationJob, parts: list[GenerationResult]) -> GenerationResul
     stages = parts[0].stages
     for part in parts[1:]:
         stages = stages + part.stages
-    return GenerationResult(images=[by_seed[seed] for seed in job.seeds], seeds=job.seeds, prompt=parts[0].prompt,
-                            batch_images=max(p.batch_images for p in parts), stages=stages)
+    return GenerationResult(
+        images=[by_seed[seed] for seed in job.seeds],
+        seeds=job.seeds,
+        prompt=parts[0].prompt,
+        batch_images=max(p.batch_images for p in parts),
+        stages=stages,
+    )
 
 
 class _Progress:

@@ -42,8 +42,9 @@ class Flux2Pipe(Protocol):
     # `generator` may be None (diffusers annotates it torch.Generator only).
     def _encode_vae_image(self, image: torch.Tensor, generator: Any) -> torch.Tensor: ...
 
-    def encode_prompt(self, prompt: str | list[str], device: torch.device | None = None,
-                      num_images_per_prompt: int = 1) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def encode_prompt(
+        self, prompt: str | list[str], device: torch.device | None = None, num_images_per_prompt: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
 
@@ -51,10 +52,24 @@ class Flux2Pipe(Protocol):
 
     def to(self, *args: Any, **kwargs: Any) -> Self: ...
 
+
 # (pipeline class name, attribute) pairs this module relies on; the test checks each against installed diffusers.
-REQUIRED = tuple((cls, attr) for cls in ("Flux2Pipeline", "Flux2KleinPipeline")
-                 for attr in ("_pack_latents", "_unpatchify_latents", "_encode_vae_image", "_execution_device",
-                              "_interrupt", "encode_prompt", "image_processor", "vae", "transformer", "scheduler"))
+REQUIRED = tuple(
+    (cls, attr)
+    for cls in ("Flux2Pipeline", "Flux2KleinPipeline")
+    for attr in (
+        "_pack_latents",
+        "_unpatchify_latents",
+        "_encode_vae_image",
+        "_execution_device",
+        "_interrupt",
+        "encode_prompt",
+        "image_processor",
+        "vae",
+        "transformer",
+        "scheduler",
+    )
+)
 
 
 def execution_device(pipe: Flux2Pipe) -> torch.device:
@@ -85,6 +100,5 @@ def vae_latents(pipe: Flux2Pipe, packed: torch.Tensor, width: int, height: int) 
     running_mean, running_var = vae.bn.running_mean, vae.bn.running_var
     assert running_mean is not None and running_var is not None  # the VAE's batch norm tracks its statistics
     mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
-    std = torch.sqrt(running_var.view(1, -1, 1, 1) + vae.config["batch_norm_eps"]).to(latents.device,
-                                                                                      latents.dtype)
+    std = torch.sqrt(running_var.view(1, -1, 1, 1) + vae.config["batch_norm_eps"]).to(latents.device, latents.dtype)
     return pipe._unpatchify_latents(latents * std + mean)

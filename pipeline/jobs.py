@@ -47,8 +47,9 @@ class GenerationJob:
         reference images (by content). Masked edits run alone."""
         if self.mask is not None:
             return ("alone", id(self))
-        references = tuple((image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
-                           for image in self.references)
+        references = tuple(
+            (image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest()) for image in self.references
+        )
         return (self.model, self.run_width, self.run_height, self.steps, self.guidance_scale, references)
 
 
@@ -62,8 +63,12 @@ class StageTimes:
     decode: float = 0.0
 
     def __add__(self, other: StageTimes) -> StageTimes:
-        return StageTimes(self.text_encode + other.text_encode, self.prompt_cached and other.prompt_cached,
-                          self.denoise + other.denoise, self.decode + other.decode)
+        return StageTimes(
+            self.text_encode + other.text_encode,
+            self.prompt_cached and other.prompt_cached,
+            self.denoise + other.denoise,
+            self.decode + other.decode,
+        )
 
 
 @dataclass(frozen=True)

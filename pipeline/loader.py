@@ -45,8 +45,13 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         else:
             pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    log.info("model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)", spec.path, spec.pipeline_class,
-             "distilled" if spec.is_distilled else "base" if spec.family == "klein" else "guidance-distilled",
-             spec.defaults.steps, spec.defaults.guidance_scale)
+    log.info(
+        "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",
+        spec.path,
+        spec.pipeline_class,
+        "distilled" if spec.is_distilled else "base" if spec.family == "klein" else "guidance-distilled",
+        spec.defaults.steps,
+        spec.defaults.guidance_scale,
+    )
     # The class was checked above: a FLUX.2 pipeline, whatever `from_pretrained` is typed to return.
     return LoadedModel(spec=spec, placement=placement, pipe=cast(Flux2Pipe, pipe))

@@ -32,12 +32,14 @@ def initial_noise(pipe: Flux2Pipe, generators: list[torch.Generator], width: int
 class MaskBlend:
     """A `callback_on_step_end` that keeps the latents outside `mask` on the source image's trajectory."""
 
-    def __init__(self, pipe: Flux2Pipe, source: Image.Image, mask: Image.Image, noise: torch.Tensor, width: int,
-                 height: int):
+    def __init__(
+        self, pipe: Flux2Pipe, source: Image.Image, mask: Image.Image, noise: torch.Tensor, width: int, height: int
+    ):
         device = execution_device(pipe)
         dtype = pipe.transformer.dtype
-        pixels = pipe.image_processor.preprocess(source.resize((width, height), Image.Resampling.LANCZOS),
-                                                 height=height, width=width)
+        pixels = pipe.image_processor.preprocess(
+            source.resize((width, height), Image.Resampling.LANCZOS), height=height, width=width
+        )
         with torch.inference_mode():
             source_latents = encode_image_latents(pipe, pixels.to(device, pipe.vae.dtype))
         self.source = pack_latents(pipe, source_latents.to(dtype))  # (1, tokens, C)
@@ -46,8 +48,9 @@ class MaskBlend:
         keep = torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)
         self.repaint = keep.reshape(1, -1, 1).to(device, dtype)  # 1 = repaint, 0 = keep
 
-    def __call__(self, pipe: Flux2Pipe, step: int, timestep: torch.Tensor,
-                 tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, pipe: Flux2Pipe, step: int, timestep: torch.Tensor, tensors: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
         latents = tensors["latents"]
         sigma = pipe.scheduler.sigmas[step + 1].to(latents.device, latents.dtype)  # the level the step reached
         source_now = sigma * self.noise + (1 - sigma) * self.source

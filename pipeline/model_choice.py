@@ -68,24 +68,35 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             placement = decide_placement(choice.device, choice.dtype, choice.offload, weight_params=params)
         except (WeightsError, PlacementError) as exc:
             raise ModelChoiceError(str(exc)) from exc
-        name = name or (choice.first_name if index == 0 else None) or (
-            source if source and not Path(source).expanduser().is_dir() else spec.path.name)
+        name = (
+            name
+            or (choice.first_name if index == 0 else None)
+            or (source if source and not Path(source).expanduser().is_dir() else spec.path.name)
+        )
         if any(c.name == name for c in configs):
             raise ModelChoiceError(f"two models are named {name!r}: name them with --model NAME=PATH")
         if params < TEST_MODEL_PARAMS:
             log.warning(TINY_WARNING.format(path=spec.path, weights_dir=choice.weights_dir))
             test_models.append(name)
-        log.info("model %s: %s (%s, %s, %.1fM parameters), aliases %s", name, spec.path, spec.pipeline_class,
-                 spec.family, params / 1e6, ", ".join(spec.aliases))
+        log.info(
+            "model %s: %s (%s, %s, %.1fM parameters), aliases %s",
+            name,
+            spec.path,
+            spec.pipeline_class,
+            spec.family,
+            params / 1e6,
+            ", ".join(spec.aliases),
+        )
         for reason in placement.reasons:
             log.info("model %s: %s", name, reason)
-        configs.append(ModelConfig(name=name, spec=spec, placement=placement,
-                                   weight_bytes=params * placement.dtype.itemsize))
+        configs.append(
+            ModelConfig(name=name, spec=spec, placement=placement, weight_bytes=params * placement.dtype.itemsize)
+        )
     return ServedModels(configs=configs, test_models=tuple(test_models))
 
 
 def split_name(value: str) -> tuple[str | None, str]:
-    """"NAME=PATH_OR_ID" -> (NAME, PATH_OR_ID); a plain path or hub id -> (None, value)."""
+    """ "NAME=PATH_OR_ID" -> (NAME, PATH_OR_ID); a plain path or hub id -> (None, value)."""
     name, sep, source = value.partition("=")
     if sep and name and "/" not in name and not Path(value).exists():
         return name, source
@@ -99,8 +110,11 @@ def default_weights(weights_dir: Path) -> Path:
         log.info("model: no --model given; serving %s found in %s", found, weights_dir)
         return found
     target = weights_dir / TINY_DEFAULT_DIRNAME
-    log.warning("model: no --model given and no diffusers folder in %s: building tiny random test weights in %s",
-                weights_dir, target)
+    log.warning(
+        "model: no --model given and no diffusers folder in %s: building tiny random test weights in %s",
+        weights_dir,
+        target,
+    )
     # Build beside the target and rename, so an interrupted first start never leaves a half-written folder.
     partial = build_tiny_weights(weights_dir / f".{TINY_DEFAULT_DIRNAME}.partial", "klein")
     if target.exists():  # not a loadable model (find_local_weights passed it over): replace it

@@ -39,9 +39,15 @@ class Placement:
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
 
 
-def decide_placement(device: str = "auto", dtype: str = "auto", offload: str = "auto", *,
-                     weight_params: int, cuda_available: bool | None = None,
-                     cuda_free_bytes: int | None = None) -> Placement:
+def decide_placement(
+    device: str = "auto",
+    dtype: str = "auto",
+    offload: str = "auto",
+    *,
+    weight_params: int,
+    cuda_available: bool | None = None,
+    cuda_free_bytes: int | None = None,
+) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
     be passed (a CLI's or an environment variable's)."""

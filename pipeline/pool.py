@@ -45,9 +45,14 @@ def release_device_memory() -> None:
 
 
 class ModelPool:
-    def __init__(self, configs: list[ModelConfig], *, max_loaded: int = 0,
-                 load: Callable[[ModelSpec, Placement], LoadedModel] = load_model,
-                 free_bytes: Callable[[Device], int] = free_memory_bytes):
+    def __init__(
+        self,
+        configs: list[ModelConfig],
+        *,
+        max_loaded: int = 0,
+        load: Callable[[ModelSpec, Placement], LoadedModel] = load_model,
+        free_bytes: Callable[[Device], int] = free_memory_bytes,
+    ):
         if not configs:
             raise ValueError("at least one model must be configured")
         self.configs = {config.name: config for config in configs}

@@ -39,9 +39,11 @@ def _templated_length(pipe: Flux2Pipe, family: str, prompt: str) -> int:
         from diffusers.pipelines.flux2.pipeline_flux2 import format_input
 
         messages = format_input(prompts=[prompt], system_message=pipe.system_message)
-        ids = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
-                                                 return_dict=True)["input_ids"]
+        ids = pipe.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=False, tokenize=True, return_dict=True
+        )["input_ids"]
         return len(ids[0])
-    text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                              add_generation_prompt=True, enable_thinking=False)
+    text = pipe.tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
     return len(pipe.tokenizer(text)["input_ids"])

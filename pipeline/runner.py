@@ -32,9 +32,14 @@ PreviewSink = Callable[[Slice, int, list[Image.Image]], None]
 Wanted = Callable[[Slice], bool]
 
 
-def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_step: StepHook | None = None,
-              on_preview: PreviewSink | None = None,
-              wanted: Wanted | None = None) -> list[GenerationResult | None]:
+def run_batch(
+    model: LoadedModel,
+    slices: list[Slice],
+    cache: PromptCache,
+    on_step: StepHook | None = None,
+    on_preview: PreviewSink | None = None,
+    wanted: Wanted | None = None,
+) -> list[GenerationResult | None]:
     """One result per slice, None for a slice no longer wanted (nothing of it is decoded). A batch stopped by
     `on_step` returns None for every slice without decoding anything."""
     pipe = model.pipe
@@ -94,8 +99,12 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
     #    back from the source.
     latents = latents_for_vae(pipe, latents, first.run_width, first.run_height)
     keep = [wanted is None or wanted(piece) for piece in slices]
-    rows = [row for piece, kept, start in zip(slices, keep, _starts(slices), strict=True) if kept
-            for row in range(start, start + len(piece.seeds))]
+    rows = [
+        row
+        for piece, kept, start in zip(slices, keep, _starts(slices), strict=True)
+        if kept
+        for row in range(start, start + len(piece.seeds))
+    ]
     images = iter(decode(pipe, latents[rows]) if rows else [])
     stages = StageTimes(text_encode=text_encode, prompt_cached=prompt_cached, denoise=denoise, decode=clock.lap())
     results: list[GenerationResult | None] = []
@@ -107,8 +116,15 @@ def run_batch(model: LoadedModel, slices: list[Slice], cache: PromptCache, on_st
         mine = [_to_size(next(images), job.width, job.height) for _ in piece.seeds]
         if job.mask is not None:
             mine = [composite(image, job.references[0], job.mask) for image in mine]
-        results.append(GenerationResult(images=mine, seeds=piece.seeds, prompt=encoded[job.prompt].tokens,
-                                        batch_images=images_in(slices), stages=stages))
+        results.append(
+            GenerationResult(
+                images=mine,
+                seeds=piece.seeds,
+                prompt=encoded[job.prompt].tokens,
+                batch_images=images_in(slices),
+                stages=stages,
+            )
+        )
     return results
 
 
@@ -144,11 +160,13 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
     missing = [prompt for prompt, entry in encoded.items() if entry is None]
     if missing:
         with torch.inference_mode():
-            embeds, _ = model.pipe.encode_prompt(prompt=missing, device=execution_device(model.pipe),
-                                                 num_images_per_prompt=1)
+            embeds, _ = model.pipe.encode_prompt(
+                prompt=missing, device=execution_device(model.pipe), num_images_per_prompt=1
+            )
         for row, prompt in enumerate(missing):
-            entry = EncodedPrompt(embeds=embeds[row:row + 1].cpu(),
-                                  tokens=measure_prompt(model.pipe, model.spec.family, prompt))
+            entry = EncodedPrompt(
+                embeds=embeds[row : row + 1].cpu(), tokens=measure_prompt(model.pipe, model.spec.family, prompt)
+            )
             cache.put(name, prompt, entry)
             encoded[prompt] = entry
     return {prompt: entry for prompt, entry in encoded.items() if entry is not None}
@@ -157,8 +175,7 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
 class _StepCallback:
     """diffusers' `callback_on_step_end`: the mask blend, previews, progress and cancellation, after every step."""
 
-    def __init__(self, total_steps: int, blend: MaskBlend | None, previews: _Previews | None,
-                 on_step: StepHook | None):
+    def __init__(self, total_steps: int, blend: MaskBlend | None, previews: _Previews | None, on_step: StepHook | None):
         self.total_steps = total_steps
         self.blend = blend
         self.previews = previews

@@ -37,7 +37,8 @@ _SHAPES_1MP: dict[str, tuple[int, int]] = {
 }
 ASPECT_RATIOS: tuple[str, ...] = tuple(_SHAPES_1MP)
 _RATIO_VALUES: dict[str, Fraction] = {
-    key: Fraction(int(key.split(":")[0]), int(key.split(":")[1])) for key in ASPECT_RATIOS}
+    key: Fraction(int(key.split(":")[0]), int(key.split(":")[1])) for key in ASPECT_RATIOS
+}
 RESOLUTION_TIERS_MP: tuple[Fraction, ...] = (Fraction(1, 4), Fraction(1), Fraction(4))
 # The largest multiple of 16 that is still a valid side: explicit width/height never round past MAX_SIDE.
 _MAX_ROUNDED_SIDE = MAX_SIDE // MODEL_MULTIPLE * MODEL_MULTIPLE
@@ -96,10 +97,16 @@ def billable_megapixels(width: int, height: int, minimum: int = 1) -> int:
     return max(minimum, -(-(width * height) // MEGAPIXEL))
 
 
-def resolve_output_size(*, size: str | None = None, aspect_ratio: str | None = None, resolution: str | None = None,
-                        width: int | None = None, height: int | None = None,
-                        reference_size: tuple[int, int] | None = None,
-                        max_pixels: int = MAX_OUTPUT_PIXELS) -> tuple[int, int]:
+def resolve_output_size(
+    *,
+    size: str | None = None,
+    aspect_ratio: str | None = None,
+    resolution: str | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    reference_size: tuple[int, int] | None = None,
+    max_pixels: int = MAX_OUTPUT_PIXELS,
+) -> tuple[int, int]:
     """The delivered (width, height) of an output image, at most `max_pixels` (4 MP, or the operator's lower cap).
 
     Precedence: `size` "WxH" (exact, capped at 4 MP); else `size` "W:H" or `aspect_ratio` (nearest supported ratio)
@@ -110,21 +117,22 @@ def resolve_output_size(*, size: str | None = None, aspect_ratio: str | None = N
     ratio, ratio_param = aspect_ratio, "aspect_ratio"
     if size is not None:
         if not isinstance(size, str):
-            raise SizeError(f"Invalid size {size!r}: expected a string such as '1024x1024', '16:9' or 'auto'.",
-                            "size")
+            raise SizeError(f"Invalid size {size!r}: expected a string such as '1024x1024', '16:9' or 'auto'.", "size")
         text = size.strip()
         if ":" in text:
             ratio, ratio_param = text, "size"
         elif text.lower() != "auto":
             if not _WXH.match(text):
-                raise SizeError(f"Invalid size {size!r}: expected 'WIDTHxHEIGHT' such as '1024x1024', "
-                                "an aspect ratio 'W:H' such as '16:9', or 'auto'.", "size")
+                raise SizeError(
+                    f"Invalid size {size!r}: expected 'WIDTHxHEIGHT' such as '1024x1024', "
+                    "an aspect ratio 'W:H' such as '16:9', or 'auto'.",
+                    "size",
+                )
             return _fit(*parse_wxh(text, "size"), max_pixels)
     custom = False
     if ratio is not None:
         if not isinstance(ratio, str):
-            raise SizeError(f"Invalid {ratio_param} {ratio!r}: expected 'W:H' such as '16:9' or 'custom'.",
-                            ratio_param)
+            raise SizeError(f"Invalid {ratio_param} {ratio!r}: expected 'W:H' such as '16:9' or 'custom'.", ratio_param)
         if ratio.strip().lower() == "custom":  # only aspect_ratio can say so: a size with ':' is never "custom"
             custom = True
         else:
@@ -153,9 +161,9 @@ def _check_reference(reference_size: tuple[int, int] | None) -> tuple[int, int] 
     """The reference (width, height), checked: two positive integers, or None."""
     if reference_size is None:
         return None
-    if (len(reference_size) != 2
-            or not all(isinstance(side, int) and not isinstance(side, bool) and side >= 1
-                       for side in reference_size)):
+    if len(reference_size) != 2 or not all(
+        isinstance(side, int) and not isinstance(side, bool) and side >= 1 for side in reference_size
+    ):
         raise ValueError(f"reference_size must be two positive integers, got {reference_size!r}.")
     return reference_size[0], reference_size[1]
 
@@ -165,8 +173,11 @@ def _nearest_ratio(value: str, param: str) -> str:
     match = _RATIO.match(value)
     ratio = Fraction(match[1]) / Fraction(match[2]) if match and Fraction(match[2]) else None
     if not ratio:
-        raise SizeError(f"Invalid {param} {value!r}: expected 'W:H' with positive numbers such as '16:9'"
-                        + (" or 'custom'." if param == "aspect_ratio" else "."), param)
+        raise SizeError(
+            f"Invalid {param} {value!r}: expected 'W:H' with positive numbers such as '16:9'"
+            + (" or 'custom'." if param == "aspect_ratio" else "."),
+            param,
+        )
     return min(ASPECT_RATIOS, key=lambda key: (_log_distance(ratio, _RATIO_VALUES[key]), -_RATIO_VALUES[key]))
 
 
@@ -182,8 +193,11 @@ def _parse_resolution(value: str | None) -> Fraction | None:
     match = _RESOLUTION.match(value)
     number = Fraction(match[1]) if match else Fraction(0)
     if match is None or number <= 0:
-        raise SizeError(f"Invalid resolution {value!r}: expected a positive 'NK' such as '1K' or '2K', "
-                        "a megapixel count such as '1' or '4MP', or 'auto'.", "resolution")
+        raise SizeError(
+            f"Invalid resolution {value!r}: expected a positive 'NK' such as '1K' or '2K', "
+            "a megapixel count such as '1' or '4MP', or 'auto'.",
+            "resolution",
+        )
     megapixels = number * number if match[2] and match[2].lower() == "k" else number
     return min(RESOLUTION_TIERS_MP, key=lambda tier: (_log_distance(megapixels, tier), -tier))
 

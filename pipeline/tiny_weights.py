@@ -65,9 +65,16 @@ def _transformer(guidance_embeds: bool) -> Flux2Transformer2DModel:
 
     # (diffusers' @register_to_config leaves its models' constructors untyped: the annotation types the result.)
     transformer: Flux2Transformer2DModel = Flux2Transformer2DModel(
-        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=_JOINT_ATTENTION_DIM, timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+        patch_size=1,
+        in_channels=128,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_JOINT_ATTENTION_DIM,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+        guidance_embeds=guidance_embeds,
     )
     return transformer
 
@@ -76,8 +83,9 @@ def _vae() -> AutoencoderKLFlux2:
     from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
 
     # Four blocks: a VAE scale factor of 8, as in the real model.
-    vae: AutoencoderKLFlux2 = AutoencoderKLFlux2(block_out_channels=(8, 8, 8, 8), layers_per_block=1,
-                                                 latent_channels=32, norm_num_groups=4)
+    vae: AutoencoderKLFlux2 = AutoencoderKLFlux2(
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=32, norm_num_groups=4
+    )
     return vae
 
 
@@ -86,8 +94,13 @@ def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
     from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
     scheduler: FlowMatchEulerDiscreteScheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )
     return scheduler
 
@@ -99,8 +112,12 @@ def _byte_level_bpe(special_tokens: list[str], unk_token: str | None) -> Tokeniz
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     # The byte-level alphabet lets any text (any language, emoji) tokenize, as with the real tokenizers.
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=special_tokens,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=special_tokens,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     bpe.train_from_iterator(_CORPUS, trainer)
     return bpe
 
@@ -112,7 +129,8 @@ def klein_tokenizer() -> PreTrainedTokenizerBase:
 
     bpe = _byte_level_bpe(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], unk_token=None)
     tokenizer: PreTrainedTokenizerBase = Qwen2TokenizerFast(
-        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None)
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token=None, bos_token=None
+    )
     tokenizer.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -125,27 +143,52 @@ def _build_klein() -> Flux2KleinPipeline:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = klein_tokenizer()
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=_ENCODER_HIDDEN, intermediate_size=32, num_hidden_layers=27,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    ))
+    text_encoder = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=len(tokenizer),
+            hidden_size=_ENCODER_HIDDEN,
+            intermediate_size=32,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        )
+    )
     # The ignored arg-types, here and in _build_dev: diffusers annotates `scheduler` with a name from its lazy
     # namespace, which type checkers resolve to a dummy placeholder class, and dev's `tokenizer` as AutoProcessor.
-    return Flux2KleinPipeline(scheduler=flow_match_scheduler(), vae=_vae(),  # type: ignore[arg-type]
-                              text_encoder=text_encoder, tokenizer=tokenizer,
-                              transformer=_transformer(guidance_embeds=False), is_distilled=True)
+    return Flux2KleinPipeline(
+        scheduler=flow_match_scheduler(),  # type: ignore[arg-type]
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=_transformer(guidance_embeds=False),
+        is_distilled=True,
+    )
 
 
 def dev_tokenizer() -> PreTrainedTokenizerBase:
     """A small tokenizer with dev's special tokens and chat template (its ids index any Mistral vocab)."""
     from transformers import PreTrainedTokenizerFast
 
-    specials = ["<unk>", "<s>", "</s>", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]",
-                "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]"]
+    specials = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "<pad>",
+        "[IMG]",
+        "[IMG_BREAK]",
+        "[IMG_END]",
+        "[INST]",
+        "[/INST]",
+        "[SYSTEM_PROMPT]",
+        "[/SYSTEM_PROMPT]",
+    ]
     bpe = _byte_level_bpe(specials, unk_token="<unk>")
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                        pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     # diffusers sends messages as lists of {"type": "text" | "image"} parts.
     tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}"
@@ -165,9 +208,14 @@ def dev_processor() -> PixtralProcessor:
 
     tokenizer = dev_tokenizer()
     processor = PixtralProcessor(
-        image_processor=PixtralImageProcessor(patch_size=16, size={"longest_edge": 64}), tokenizer=tokenizer,
-        patch_size=16, spatial_merge_size=1, image_token="[IMG]", image_break_token="[IMG_BREAK]",
-        image_end_token="[IMG_END]", chat_template=tokenizer.chat_template,
+        image_processor=PixtralImageProcessor(patch_size=16, size={"longest_edge": 64}),
+        tokenizer=tokenizer,
+        patch_size=16,
+        spatial_merge_size=1,
+        image_token="[IMG]",
+        image_break_token="[IMG_BREAK]",
+        image_end_token="[IMG_END]",
+        chat_template=tokenizer.chat_template,
     )
     return processor
 
@@ -178,15 +226,37 @@ def _build_dev() -> Flux2Pipeline:
 
     processor = dev_processor()
     tokenizer = processor.tokenizer
-    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
-        text_config=MistralConfig(vocab_size=len(tokenizer), hidden_size=_ENCODER_HIDDEN, intermediate_size=32,
-                                  num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                  max_position_embeddings=1024),
-        # transformers 4 takes head_dim; 5 derives the same 8 (hidden_size / heads) and its types lack the keyword.
-        vision_config=PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,  # type: ignore[call-arg]
-                                          num_attention_heads=2, head_dim=8, image_size=64, patch_size=16),
-        image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"), spatial_merge_size=1, vision_feature_layer=-1,
-    ))
-    return Flux2Pipeline(scheduler=flow_match_scheduler(), vae=_vae(),  # type: ignore[arg-type]
-                         text_encoder=text_encoder, tokenizer=processor,  # type: ignore[arg-type]
-                         transformer=_transformer(guidance_embeds=True))
+    text_encoder = Mistral3ForConditionalGeneration(
+        Mistral3Config(
+            text_config=MistralConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=_ENCODER_HIDDEN,
+                intermediate_size=32,
+                num_hidden_layers=30,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                head_dim=8,
+                max_position_embeddings=1024,
+            ),
+            # transformers 4 takes head_dim; 5 derives the same 8 (hidden_size / heads) and its types lack the keyword.
+            vision_config=PixtralVisionConfig(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,  # type: ignore[call-arg]
+                num_attention_heads=2,
+                head_dim=8,
+                image_size=64,
+                patch_size=16,
+            ),
+            image_token_index=tokenizer.convert_tokens_to_ids("[IMG]"),
+            spatial_merge_size=1,
+            vision_feature_layer=-1,
+        )
+    )
+    return Flux2Pipeline(
+        scheduler=flow_match_scheduler(),  # type: ignore[arg-type]
+        vae=_vae(),
+        text_encoder=text_encoder,
+        tokenizer=processor,  # type: ignore[arg-type]
+        transformer=_transformer(guidance_embeds=True),
+    )

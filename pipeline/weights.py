@@ -75,8 +75,14 @@ def inspect_model(path: str | Path) -> ModelSpec:
     else:
         defaults = _KLEIN_DISTILLED_DEFAULTS if is_distilled else _KLEIN_BASE_DEFAULTS
     size_label = _klein_size(folder) if family == "klein" else None
-    return ModelSpec(path=folder, pipeline_class=class_name, family=family, is_distilled=is_distilled,
-                     size_label=size_label, defaults=defaults)
+    return ModelSpec(
+        path=folder,
+        pipeline_class=class_name,
+        family=family,
+        is_distilled=is_distilled,
+        size_label=size_label,
+        defaults=defaults,
+    )
 
 
 def _klein_size(folder: Path) -> str | None:

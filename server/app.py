@@ -25,9 +25,15 @@ from .settings import Settings
 from .storage import ImageStore
 
 
-def create_app(settings: Settings, engine: Engine, *, remote_fetcher: RemoteImageFetcher | None = None,
-               metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    settings: Settings,
+    engine: Engine,
+    *,
+    remote_fetcher: RemoteImageFetcher | None = None,
+    metrics: Metrics | None = None,
+) -> FastAPI:
     """`metrics`, when given, was made before the engine so that its `observe_batch` is the engine's `on_batch`."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         engine.start()
@@ -36,16 +42,16 @@ def create_app(settings: Settings, engine: Engine, *, remote_fetcher: RemoteImag
         finally:
             engine.stop(timeout=settings.shutdown_timeout)
 
-    app = FastAPI(title="flux2-local", summary="OpenAI-compatible image API for FLUX.2", version="0.1.0",
-                  lifespan=lifespan)
+    app = FastAPI(
+        title="flux2-local", summary="OpenAI-compatible image API for FLUX.2", version="0.1.0", lifespan=lifespan
+    )
     store = ImageStore(settings.output_dir, settings.retention_seconds, settings.max_stored_images)
     app.state.settings = settings
     app.state.engine = engine
     app.state.service = ImageService(settings, engine, store)
     app.state.started_at = int(time.time())
     if settings.allow_remote_images and remote_fetcher is None:
-        remote_fetcher = RemoteImageFetcher(max_bytes=settings.max_image_bytes,
-                                            timeout=settings.remote_image_timeout)
+        remote_fetcher = RemoteImageFetcher(max_bytes=settings.max_image_bytes, timeout=settings.remote_image_timeout)
     app.state.remote_fetcher = remote_fetcher if settings.allow_remote_images else None
     app.state.metrics = metrics or Metrics()
     app.state.metrics.watch(engine.stats)
@@ -60,16 +66,23 @@ def create_app(settings: Settings, engine: Engine, *, remote_fetcher: RemoteImag
     # preflights before auth, auth runs before any body is read.
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DrainingMiddleware)
-    app.add_middleware(APIKeyMiddleware, keys=settings.api_keys,
-                       public_files_prefix=FILES_ROUTE if settings.public_files else None,
-                       open_metrics=settings.open_metrics, playground_open=settings.playground_open)
+    app.add_middleware(
+        APIKeyMiddleware,
+        keys=settings.api_keys,
+        public_files_prefix=FILES_ROUTE if settings.public_files else None,
+        open_metrics=settings.open_metrics,
+        playground_open=settings.playground_open,
+    )
     if settings.cors_origins:
         from starlette.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type", "x-request-id"],
-                           expose_headers=["x-request-id", "x-flux2-ignored-params", "retry-after",
-                                           "server-timing"])
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "x-flux2-ignored-params", "retry-after", "server-timing"],
+        )
     app.add_middleware(ArrivalsMiddleware, engine=engine)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(UnexpectedErrorMiddleware)  # inside the request ids: a 500 carries and logs its id

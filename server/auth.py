@@ -47,8 +47,14 @@ def _from_own_playground(headers: dict[bytes, bytes]) -> bool:
 
 
 class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: tuple[str, ...], public_files_prefix: str | None = None,
-                 open_metrics: bool = False, playground_open: bool = False):
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: tuple[str, ...],
+        public_files_prefix: str | None = None,
+        open_metrics: bool = False,
+        playground_open: bool = False,
+    ):
         self.app = app
         self.keys = keys
         self.public_files_prefix = public_files_prefix
@@ -75,8 +81,12 @@ class APIKeyMiddleware:
         if scheme.lower() == "bearer" and token.strip() and key_matches(token.strip(), self.keys):
             await self.app(scope, receive, send)
             return
-        message = ("Incorrect API key provided." if header else
-                   "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.")
-        response = error_response(APIError(401, message, code="invalid_api_key",
-                                           headers={"WWW-Authenticate": "Bearer"}))
+        message = (
+            "Incorrect API key provided."
+            if header
+            else "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'."
+        )
+        response = error_response(
+            APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        )
         await response(scope, receive, send)

@@ -58,8 +58,14 @@ def run_bench(model: Path | None, size: int, steps: int, count: int, repeats: in
 
     def direct(prompts: list[str]) -> None:
         generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-        pipe(prompt=prompts, height=size, width=size, num_inference_steps=steps, generator=generators,
-             guidance_scale=1.0 if getattr(pipe.config, "is_distilled", False) else 4.0)
+        pipe(
+            prompt=prompts,
+            height=size,
+            width=size,
+            num_inference_steps=steps,
+            generator=generators,
+            guidance_scale=1.0 if getattr(pipe.config, "is_distilled", False) else 4.0,
+        )
 
     def direct_batch() -> float:
         prompts = unique_prompts()
@@ -76,8 +82,13 @@ def run_bench(model: Path | None, size: int, steps: int, count: int, repeats: in
 
     def streamed(size_: int, steps_: int, partials: int) -> float:
         """One request read to its end: plain JSON (partials = -1) or streamed with `partials` previews."""
-        payload = {**body, "size": f"{size_}x{size_}", "num_inference_steps": steps_,
-                   "prompt": unique_prompts()[0], "seed": 1}
+        payload = {
+            **body,
+            "size": f"{size_}x{size_}",
+            "num_inference_steps": steps_,
+            "prompt": unique_prompts()[0],
+            "seed": 1,
+        }
         if partials >= 0:
             payload.update(stream=True, partial_images=partials)
         started = time.perf_counter()
@@ -100,8 +111,18 @@ def run_bench(model: Path | None, size: int, steps: int, count: int, repeats: in
         request("warm-up", 0)
         concurrent()
         direct_batch()
-        figures = {"sequential": [], "concurrent": [], "direct_batch": [], "direct_singles": [], "cold": [],
-                   "cached": [], "plain": [], "stream3": [], "plain_large": [], "stream3_large": []}
+        figures = {
+            "sequential": [],
+            "concurrent": [],
+            "direct_batch": [],
+            "direct_singles": [],
+            "cold": [],
+            "cached": [],
+            "plain": [],
+            "stream3": [],
+            "plain_large": [],
+            "stream3_large": [],
+        }
         for _ in range(repeats):
             figures["sequential"].append(sequential())
             figures["concurrent"].append(concurrent())
@@ -131,9 +152,25 @@ def _start_server(folder: Path, workdir: Path, port: int | None, count: int) -> 
             port = sock.getsockname()[1]
     log = open(workdir / "server.log", "wb")  # noqa: SIM115 (the server process writes to it while it runs)
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(folder), "--port", str(port),
-         "--output-dir", str(workdir / "outputs"), "--max-batch-images", str(count), "--log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--model",
+            str(folder),
+            "--port",
+            str(port),
+            "--output-dir",
+            str(workdir / "outputs"),
+            "--max-batch-images",
+            str(count),
+            "--log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

@@ -78,9 +78,15 @@ def fits_card(weight_bytes: int, card_bytes: float) -> bool:
     return weight_bytes + _HEADROOM_BYTES <= card_bytes
 
 
-def run_fullsize_bench(arch: Architecture, device: str = "auto", repeats: int | None = None, steps: int = 4,
-                       json_path: Path | None = None, transformer_only: bool | None = None,
-                       echo: Echo = print) -> dict:
+def run_fullsize_bench(
+    arch: Architecture,
+    device: str = "auto",
+    repeats: int | None = None,
+    steps: int = 4,
+    json_path: Path | None = None,
+    transformer_only: bool | None = None,
+    echo: Echo = print,
+) -> dict:
     """Measure every figure and return the results (also written to `json_path` after each figure)."""
     clock = _Clock(echo)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
@@ -92,14 +98,27 @@ def run_fullsize_bench(arch: Architecture, device: str = "auto", repeats: int | 
     asked_transformer_only = bool(transformer_only)
     if transformer_only is None:
         transformer_only = device == "cuda" and not fits_card(weight_bytes, env["device_memory_gib"] * _GIB)
-    results = {"architecture": arch.name, **env, "dtype": str(dtype).removeprefix("torch."), "steps": steps,
-               "repeats": repeats, "size": arch.size, "parameters": counts, "weights_gib": weight_bytes / _GIB,
-               "mode": "transformer-only" if transformer_only else "pipeline", "notes": [], "figures": [],
-               "skipped": [], "complete": False}
+    results = {
+        "architecture": arch.name,
+        **env,
+        "dtype": str(dtype).removeprefix("torch."),
+        "steps": steps,
+        "repeats": repeats,
+        "size": arch.size,
+        "parameters": counts,
+        "weights_gib": weight_bytes / _GIB,
+        "mode": "transformer-only" if transformer_only else "pipeline",
+        "notes": [],
+        "figures": [],
+        "skipped": [],
+        "complete": False,
+    }
     if device == "cpu":
         results["notes"].append("On the CPU, peak memory is the whole process's resident size.")
-    clock.say(f"{arch.name}: {count_label(sum(counts.values()))} parameters ({weight_bytes / _GIB:.1f} GiB in "
-              f"{results['dtype']}) on {env['device']}; {steps} steps, {repeats} run(s) per figure")
+    clock.say(
+        f"{arch.name}: {count_label(sum(counts.values()))} parameters ({weight_bytes / _GIB:.1f} GiB in "
+        f"{results['dtype']}) on {env['device']}; {steps} steps, {repeats} run(s) per figure"
+    )
 
     def save() -> None:
         results["total_s"] = clock.elapsed
@@ -116,8 +135,16 @@ def run_fullsize_bench(arch: Architecture, device: str = "auto", repeats: int | 
     return results
 
 
-def _transformer_only(arch: Architecture, device: str, dtype: torch.dtype, weight_bytes: int, asked: bool,
-                      results: dict, clock: _Clock, save: Callable[[], None]) -> None:
+def _transformer_only(
+    arch: Architecture,
+    device: str,
+    dtype: torch.dtype,
+    weight_bytes: int,
+    asked: bool,
+    results: dict,
+    clock: _Clock,
+    save: Callable[[], None],
+) -> None:
     if asked:
         results["notes"].append("Only the transformer was built and measured (--transformer-only).")
     else:
@@ -125,23 +152,38 @@ def _transformer_only(arch: Architecture, device: str, dtype: torch.dtype, weigh
             f"The whole {arch.name} pipeline needs {weight_bytes / _GIB:.0f} GiB of {results['dtype']} weights plus "
             f"room to run; this card has {results['device_memory_gib']:.0f} GiB. Only the transformer was built and "
             f"measured; the served figures need a card of ~{(weight_bytes + _HEADROOM_BYTES) / _GIB:.0f} GiB or "
-            "more (a 141 GB H200).")
+            "more (a 141 GB H200)."
+        )
     started = time.perf_counter()
     transformer = build_transformer(arch, device, dtype)
     synchronize(device)
     results["build_s"] = time.perf_counter() - started
     clock.say(f"built the transformer alone in {results['build_s']:.1f} s")
     for side in (arch.size, 2 * arch.size):
-        figure = Figure(f"transformer_step_{side}", f"s/step, transformer alone, {side}x{side}", None,
-                        lambda side=side: transformer_step(transformer, side), "direct transformer call")
+        figure = Figure(
+            f"transformer_step_{side}",
+            f"s/step, transformer alone, {side}x{side}",
+            None,
+            lambda side=side: transformer_step(transformer, side),
+            "direct transformer call",
+        )
         results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, 1, device, clock), clock))
         save()
-    results["skipped"] = [f.label for f in _figures(arch, None, None, None, steps=0, device=device)
-                          if f.served is not None]
+    results["skipped"] = [
+        f.label for f in _figures(arch, None, None, None, steps=0, device=device) if f.served is not None
+    ]
 
 
-def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: int, repeats: int, results: dict,
-                    clock: _Clock, save: Callable[[], None]) -> None:
+def _whole_pipeline(
+    arch: Architecture,
+    device: str,
+    dtype: torch.dtype,
+    steps: int,
+    repeats: int,
+    results: dict,
+    clock: _Clock,
+    save: Callable[[], None],
+) -> None:
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel
     from pipeline.placement import Placement
@@ -160,13 +202,20 @@ def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: 
 
     spec = model_spec(arch)
     placement = Placement(device=device, dtype=dtype, offload="none", reasons=("built in memory by the bench",))
-    config = ModelConfig(name=arch.name, spec=spec, placement=placement,
-                         weight_bytes=int(results["weights_gib"] * _GIB))
-    engine = Engine(ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe)),
-                    max_batch_images=_BATCH)
+    config = ModelConfig(
+        name=arch.name, spec=spec, placement=placement, weight_bytes=int(results["weights_gib"] * _GIB)
+    )
+    engine = Engine(
+        ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe)),
+        max_batch_images=_BATCH,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="flux2-bench-"))
-    settings = Settings(model_ids=model_ids_for([(arch.name, spec.aliases)]), output_dir=workdir / "outputs",
-                        request_timeout=3600.0, playground=False)
+    settings = Settings(
+        model_ids=model_ids_for([(arch.name, spec.aliases)]),
+        output_dir=workdir / "outputs",
+        request_timeout=3600.0,
+        playground=False,
+    )
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
     if arch.family == "dev" and steps < spec.defaults.steps:
         results["notes"].append(f"dev runs {steps} steps here (its default is {spec.defaults.steps}).")
@@ -186,8 +235,9 @@ def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: 
                             action()
             clock.say("warm-up done")
             for figure in figures:
-                results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, repeats, device, clock,
-                                                                                     client), clock))
+                results["figures"].append(
+                    _guarded(figure, lambda f=figure: _measure(f, repeats, device, clock, client), clock)
+                )
                 save()
         finally:
             client.close()
@@ -196,8 +246,9 @@ def _whole_pipeline(arch: Architecture, device: str, dtype: torch.dtype, steps: 
         _estimate_full_length(results, spec.defaults.steps, steps)
 
 
-def _figures(arch: Architecture, pipe, client: ImageClient | None, direct: DirectDiffusers | None, steps: int,
-             device: str) -> list[Figure]:
+def _figures(
+    arch: Architecture, pipe, client: ImageClient | None, direct: DirectDiffusers | None, steps: int, device: str
+) -> list[Figure]:
     size, small, large = arch.size, arch.size // 2, arch.size * 2
     tags = itertools.count()
 
@@ -255,37 +306,83 @@ def _figures(arch: Architecture, pipe, client: ImageClient | None, direct: Direc
         direct.images(prompts(), size, pipe=inpaint, image=reference_pils[0], mask_image=plain_mask, strength=1.0)
 
     figures = [
-        Figure("one_image", f"one image {size}x{size}", lambda: client.generate(prompts()[0], size),
-               lambda: direct.images(prompts(), size)),
+        Figure(
+            "one_image",
+            f"one image {size}x{size}",
+            lambda: client.generate(prompts()[0], size),
+            lambda: direct.images(prompts(), size),
+        ),
     ]
     if arch.family == "klein":
-        figures.append(Figure(f"one_image_{small}", f"one image {small}x{small}",
-                              lambda: client.generate(prompts()[0], small), lambda: direct.images(prompts(), small)))
+        figures.append(
+            Figure(
+                f"one_image_{small}",
+                f"one image {small}x{small}",
+                lambda: client.generate(prompts()[0], small),
+                lambda: direct.images(prompts(), small),
+            )
+        )
     figures += [
-        Figure("sequential_4", f"{_BATCH} requests one after another",
-               sequential, singles, f"{_BATCH} single calls"),
-        Figure("concurrent_4", f"{_BATCH} concurrent requests", concurrent,
-               lambda: direct.images(prompts(_BATCH), size), f"one batch of {_BATCH} prompts"),
-        Figure("n_4", f"n={_BATCH} in one request", lambda: client.generate(prompts()[0], size, n=_BATCH),
-               lambda: direct.images(prompts(), size, per_prompt=_BATCH), f"num_images_per_prompt={_BATCH}"),
-        Figure("stream_2", "stream, partial_images=2", lambda: client.stream(prompts()[0], size, 2),
-               lambda: direct.images(prompts(), size), "one image, no previews"),
+        Figure("sequential_4", f"{_BATCH} requests one after another", sequential, singles, f"{_BATCH} single calls"),
+        Figure(
+            "concurrent_4",
+            f"{_BATCH} concurrent requests",
+            concurrent,
+            lambda: direct.images(prompts(_BATCH), size),
+            f"one batch of {_BATCH} prompts",
+        ),
+        Figure(
+            "n_4",
+            f"n={_BATCH} in one request",
+            lambda: client.generate(prompts()[0], size, n=_BATCH),
+            lambda: direct.images(prompts(), size, per_prompt=_BATCH),
+            f"num_images_per_prompt={_BATCH}",
+        ),
+        Figure(
+            "stream_2",
+            "stream, partial_images=2",
+            lambda: client.stream(prompts()[0], size, 2),
+            lambda: direct.images(prompts(), size),
+            "one image, no previews",
+        ),
     ]
     for count in (1, 4, 10):
-        figures.append(Figure(
-            f"edit_{count}", f"edit, {count} reference{'s' if count > 1 else ''} {size}x{size}",
-            lambda count=count: client.edit(prompts()[0], size, references[:count]),
-            lambda count=count: direct.images(prompts(), size, image=reference_pils[:count])))
+        figures.append(
+            Figure(
+                f"edit_{count}",
+                f"edit, {count} reference{'s' if count > 1 else ''} {size}x{size}",
+                lambda count=count: client.edit(prompts()[0], size, references[:count]),
+                lambda count=count: direct.images(prompts(), size, image=reference_pils[:count]),
+            )
+        )
     figures += [
-        Figure("masked_edit", "masked edit", lambda: client.edit(prompts()[0], size, references[:1], mask),
-               masked_direct if inpaint is not None else None,
-               "Flux2KleinInpaintPipeline, strength 1" if inpaint is not None else "no plain equivalent"),
-        Figure(f"one_image_{large}", f"one image {large}x{large}", lambda: client.generate(prompts()[0], large),
-               lambda: direct.images(prompts(), large)),
-        Figure("pipeline_step", f"s/step in the pipeline, {size}x{size}", steps_served, steps_direct,
-               "the same, timed by a hook"),
-        Figure("transformer_step", f"s/step, transformer alone, {size}x{size}", None,
-               lambda: transformer_step(pipe.transformer, size), "direct transformer call"),
+        Figure(
+            "masked_edit",
+            "masked edit",
+            lambda: client.edit(prompts()[0], size, references[:1], mask),
+            masked_direct if inpaint is not None else None,
+            "Flux2KleinInpaintPipeline, strength 1" if inpaint is not None else "no plain equivalent",
+        ),
+        Figure(
+            f"one_image_{large}",
+            f"one image {large}x{large}",
+            lambda: client.generate(prompts()[0], large),
+            lambda: direct.images(prompts(), large),
+        ),
+        Figure(
+            "pipeline_step",
+            f"s/step in the pipeline, {size}x{size}",
+            steps_served,
+            steps_direct,
+            "the same, timed by a hook",
+        ),
+        Figure(
+            "transformer_step",
+            f"s/step, transformer alone, {size}x{size}",
+            None,
+            lambda: transformer_step(pipe.transformer, size),
+            "direct transformer call",
+        ),
     ]
     return figures
 
@@ -323,20 +420,31 @@ def _measure(figure: Figure, repeats: int, device: str, clock: _Clock, client: I
     if timings:  # the served answers' Server-Timing stages: median milliseconds per stage
         stages = sorted({name for timing in timings for name in timing})
         result["served_stages_ms"] = {name: statistics.median(t.get(name, 0.0) for t in timings) for name in stages}
-        clock.say(f"{figure.label}: served stages (median ms) " + ", ".join(
-            f"{name} {ms:.1f}" for name, ms in result["served_stages_ms"].items()))
+        clock.say(
+            f"{figure.label}: served stages (median ms) "
+            + ", ".join(f"{name} {ms:.1f}" for name, ms in result["served_stages_ms"].items())
+        )
     return result
 
 
-def _figure_result(figure: Figure, served: list[float], direct: list[float], served_peaks: list[int],
-                   direct_peaks: list[int]) -> dict:
+def _figure_result(
+    figure: Figure, served: list[float], direct: list[float], served_peaks: list[int], direct_peaks: list[int]
+) -> dict:
     served_s = statistics.median(served) if served else None
     direct_s = statistics.median(direct) if direct else None
-    return {"key": figure.key, "label": figure.label, "served_s": served_s, "direct_s": direct_s,
-            "ratio": served_s / direct_s if served_s and direct_s else None, "direct_label": figure.direct_label,
-            "served_peak_gib": max(served_peaks) / _GIB if served_peaks else None,
-            "direct_peak_gib": max(direct_peaks) / _GIB if direct_peaks else None,
-            "runs": max(len(served), len(direct)), "served_runs": served, "direct_runs": direct}
+    return {
+        "key": figure.key,
+        "label": figure.label,
+        "served_s": served_s,
+        "direct_s": direct_s,
+        "ratio": served_s / direct_s if served_s and direct_s else None,
+        "direct_label": figure.direct_label,
+        "served_peak_gib": max(served_peaks) / _GIB if served_peaks else None,
+        "direct_peak_gib": max(direct_peaks) / _GIB if direct_peaks else None,
+        "runs": max(len(served), len(direct)),
+        "served_runs": served,
+        "direct_runs": direct,
+    }
 
 
 def _estimate_full_length(results: dict, default_steps: int, steps: int) -> None:
@@ -345,12 +453,22 @@ def _estimate_full_length(results: dict, default_steps: int, steps: int) -> None
     if one and step and one["served_s"] and step["served_s"]:
         extra = (default_steps - steps) * step["served_s"]
         results["estimates"] = {f"one_image_{default_steps}_steps_s": one["served_s"] + extra}
-        results["notes"].append(f"A {default_steps}-step image: about {one['served_s'] + extra:.1f} s served (one "
-                                f"image + {default_steps - steps} more steps at the measured s/step).")
+        results["notes"].append(
+            f"A {default_steps}-step image: about {one['served_s'] + extra:.1f} s served (one "
+            f"image + {default_steps - steps} more steps at the measured s/step)."
+        )
 
 
-def bench_command(name: str, device: str, repeats: int | None, steps: int, json_path: Path | None,
-                  update_docs: bool, docs: Path, transformer_only: bool | None) -> dict:
+def bench_command(
+    name: str,
+    device: str,
+    repeats: int | None,
+    steps: int,
+    json_path: Path | None,
+    update_docs: bool,
+    docs: Path,
+    transformer_only: bool | None,
+) -> dict:
     """`flux2-local bench --architecture NAME ...`: run, print the table, write the JSON and the docs section."""
     import typer
 
@@ -366,15 +484,20 @@ def bench_command(name: str, device: str, repeats: int | None, steps: int, json_
         raise typer.BadParameter("must be one of auto, cuda, cpu", param_hint="--device")
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("torch sees no CUDA device", param_hint="--device")
-    results = run_fullsize_bench(arch, device, repeats, steps, json_path, transformer_only,
-                                 echo=lambda line: typer.echo(line))
+    results = run_fullsize_bench(
+        arch, device, repeats, steps, json_path, transformer_only, echo=lambda line: typer.echo(line)
+    )
     typer.echo("")
     typer.echo(table(results))
     if json_path is not None:
         typer.echo(f"\nresults written to {json_path}")
     if update_docs:
-        command = f"flux2-local bench --architecture {name}" + (f" --steps {steps}" if steps != 4 else "") + (
-            f" --repeats {repeats}" if repeats else "") + (" --transformer-only" if transformer_only else "")
+        command = (
+            f"flux2-local bench --architecture {name}"
+            + (f" --steps {steps}" if steps != 4 else "")
+            + (f" --repeats {repeats}" if repeats else "")
+            + (" --transformer-only" if transformer_only else "")
+        )
         update_performance_doc(results, docs, command)
         typer.echo(f"{docs} updated")
     return results

@@ -37,8 +37,9 @@ class InProcessServer:
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
         config = uvicorn.Config(app, log_level="warning", log_config=None, lifespan="on")
         self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
-                                        name="bench-uvicorn", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._socket]}, name="bench-uvicorn", daemon=True
+        )
 
     def __enter__(self) -> InProcessServer:
         self._thread.start()
@@ -75,8 +76,15 @@ class ImageClient:
         self.http.close()
 
     def _fields(self, prompt: str, size: int, seed: int, n: int) -> dict:
-        return {"prompt": prompt, "size": f"{size}x{size}", "seed": seed, "n": n, "num_inference_steps": self.steps,
-                "response_format": "b64_json", "output_format": "png"}
+        return {
+            "prompt": prompt,
+            "size": f"{size}x{size}",
+            "seed": seed,
+            "n": n,
+            "num_inference_steps": self.steps,
+            "response_format": "b64_json",
+            "output_format": "png",
+        }
 
     def generate(self, prompt: str, size: int, seed: int = 0, n: int = 1) -> None:
         response = self.http.post("/v1/images/generations", json=self._fields(prompt, size, seed, n))
@@ -91,8 +99,7 @@ class ImageClient:
         if data.count(b"event: image_generation.partial_image") != partial_images:
             raise RuntimeError(f"the stream did not carry {partial_images} previews")
 
-    def edit(self, prompt: str, size: int, references: list[bytes], mask: bytes | None = None,
-             seed: int = 0) -> None:
+    def edit(self, prompt: str, size: int, references: list[bytes], mask: bytes | None = None, seed: int = 0) -> None:
         files = [("image[]", (f"ref{i}.png", data, "image/png")) for i, data in enumerate(references)]
         if mask is not None:
             files.append(("mask", ("mask.png", mask, "image/png")))
@@ -117,12 +124,20 @@ class DirectDiffusers:
         self.steps = steps
         self.guidance_scale = guidance_scale
 
-    def images(self, prompts: list[str], size: int, seed: int = 0, per_prompt: int = 1, pipe: Any = None,
-               **extra: Any) -> None:
+    def images(
+        self, prompts: list[str], size: int, seed: int = 0, per_prompt: int = 1, pipe: Any = None, **extra: Any
+    ) -> None:
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
-        output = (pipe or self.pipe)(prompt=prompts, height=size, width=size, num_inference_steps=self.steps,
-                                     guidance_scale=self.guidance_scale, num_images_per_prompt=per_prompt,
-                                     generator=generators, **extra)
+        output = (pipe or self.pipe)(
+            prompt=prompts,
+            height=size,
+            width=size,
+            num_inference_steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            num_images_per_prompt=per_prompt,
+            generator=generators,
+            **extra,
+        )
         for image in output.images:
             encode_image(image, "png")
 
@@ -137,12 +152,15 @@ def transformer_step(transformer: Any, size: int, calls: int = 3, text_tokens: i
     side = size // 16  # 8x VAE downsampling, then 2x2 latent patches
     latents = torch.randn(1, config.in_channels, side, side, device=device, dtype=dtype)
     text = torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=dtype)
-    inputs = dict(hidden_states=latents.flatten(2).transpose(1, 2), encoder_hidden_states=text,
-                  timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
-                  img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(device),
-                  txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(device),
-                  guidance=torch.full((1,), 4.0, device=device, dtype=dtype) if config.guidance_embeds else None,
-                  return_dict=False)
+    inputs = dict(
+        hidden_states=latents.flatten(2).transpose(1, 2),
+        encoder_hidden_states=text,
+        timestep=torch.full((1,), 0.5, device=device, dtype=dtype),
+        img_ids=Flux2KleinPipeline._prepare_latent_ids(latents).to(device),
+        txt_ids=Flux2KleinPipeline._prepare_text_ids(text).to(device),
+        guidance=torch.full((1,), 4.0, device=device, dtype=dtype) if config.guidance_embeds else None,
+        return_dict=False,
+    )
     seconds = []
     with torch.inference_mode():
         transformer(**inputs)  # warm-up

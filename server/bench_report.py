@@ -38,9 +38,18 @@ def environment(device: str) -> dict:
 
         name = f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
         memory = psutil.virtual_memory().total
-    return {"device": name, "device_memory_gib": memory / _GIB, "date": datetime.date.today().isoformat(),
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__, "python": platform.python_version()}}
+    return {
+        "device": name,
+        "device_memory_gib": memory / _GIB,
+        "date": datetime.date.today().isoformat(),
+        "versions": {
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
 
 
 def write_json(results: dict, path: Path) -> None:
@@ -60,8 +69,10 @@ def count_label(count: int) -> str:
 
 def _parameters(results: dict) -> str:
     counts = results["parameters"]
-    return (f"transformer {count_label(counts['transformer'])}, text encoder {count_label(counts['text_encoder'])}, "
-            f"VAE {count_label(counts['vae'])} ({results['weights_gib']:.2f} GiB in {results['dtype']})")
+    return (
+        f"transformer {count_label(counts['transformer'])}, text encoder {count_label(counts['text_encoder'])}, "
+        f"VAE {count_label(counts['vae'])} ({results['weights_gib']:.2f} GiB in {results['dtype']})"
+    )
 
 
 def _seconds(value: float | None) -> str:
@@ -76,8 +87,9 @@ def _rows(results: dict) -> list[list[str]]:
             direct += f" ({figure['direct_label']})"
         elif figure["direct_s"] is None and figure["direct_label"] != "the same call":
             direct = f"— ({figure['direct_label']})"
-        peaks = " / ".join("—" if peak is None else f"{peak:.1f}"
-                           for peak in (figure["served_peak_gib"], figure["direct_peak_gib"]))
+        peaks = " / ".join(
+            "—" if peak is None else f"{peak:.1f}" for peak in (figure["served_peak_gib"], figure["direct_peak_gib"])
+        )
         ratio = "—" if figure["ratio"] is None else f"{figure['ratio']:.2f}x"
         if figure.get("error"):
             rows.append([figure["label"], "failed", figure["error"][:80].replace("|", "/"), "—", "—", "0"])

@@ -22,8 +22,11 @@ from .runtime import serve_app
 from .settings import model_ids_for
 from .tool_commands import bench, tiny_weights
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="A local OpenAI-compatible image API server for FLUX.2 weights (diffusers).")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="A local OpenAI-compatible image API server for FLUX.2 weights (diffusers).",
+)
 log = logging.getLogger("flux2")
 
 _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -37,22 +40,36 @@ def serve(config: ServeConfig) -> None:
     configure_logging(settings.log_level)
     quiet_progress_bars()
     if not settings.api_keys and settings.host not in _LOCAL_HOSTS:
-        log.warning("\n%s\n  NO API KEY, and listening on %s: anyone who can reach this address can use the GPU "
-                    "and read the images.\n  Set --api-key (or FLUX2_API_KEYS / --api-key-file), or bind "
-                    "127.0.0.1.\n%s", "*" * 96, settings.host, "*" * 96)
+        log.warning(
+            "\n%s\n  NO API KEY, and listening on %s: anyone who can reach this address can use the GPU "
+            "and read the images.\n  Set --api-key (or FLUX2_API_KEYS / --api-key-file), or bind "
+            "127.0.0.1.\n%s",
+            "*" * 96,
+            settings.host,
+            "*" * 96,
+        )
     try:
         served = resolve_models(config.models)
     except ModelChoiceError as exc:
         log.error("%s", exc)
         raise typer.Exit(code=2) from exc
-    settings = replace(settings, model_ids=model_ids_for([(c.name, c.spec.aliases) for c in served.configs]),
-                       test_models=served.test_models)
+    settings = replace(
+        settings,
+        model_ids=model_ids_for([(c.name, c.spec.aliases) for c in served.configs]),
+        test_models=served.test_models,
+    )
     log.info("serving ids: %s", ", ".join(f"{i} -> {n}" if i != n else i for i, n in settings.model_ids.items()))
     metrics = Metrics()
-    engine = Engine(ModelPool(served.configs, max_loaded=config.models.max_loaded), config.engine,
-                    on_batch=metrics.observe_batch)
-    serve_app(create_app(settings, engine, metrics=metrics), settings.host, settings.port, settings.log_level,
-              settings.shutdown_timeout)
+    engine = Engine(
+        ModelPool(served.configs, max_loaded=config.models.max_loaded), config.engine, on_batch=metrics.observe_batch
+    )
+    serve_app(
+        create_app(settings, engine, metrics=metrics),
+        settings.host,
+        settings.port,
+        settings.log_level,
+        settings.shutdown_timeout,
+    )
 
 
 app.command("tiny-weights")(tiny_weights)

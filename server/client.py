@@ -26,8 +26,16 @@ class SavedImage:
     size: str
 
 
-def run_request(server: str, api_key: str | None, endpoint: str, fields: dict, images: list[Path],
-                mask: Path | None, output: Path | None, show_progress: bool = True) -> list[SavedImage]:
+def run_request(
+    server: str,
+    api_key: str | None,
+    endpoint: str,
+    fields: dict,
+    images: list[Path],
+    mask: Path | None,
+    output: Path | None,
+    show_progress: bool = True,
+) -> list[SavedImage]:
     """POST to /v1/images/{endpoint} with stream=true and save each completed image."""
     headers = auth_headers(api_key)
     url = f"{server.rstrip('/')}/v1/images/{endpoint}"
@@ -42,13 +50,20 @@ def run_request(server: str, api_key: str | None, endpoint: str, fields: dict, i
     saved: list[SavedImage] = []
     interactive = show_progress and sys.stdout.isatty()
     lines = _LineProgress(enabled=show_progress and not interactive)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
-                  disable=not interactive, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        disable=not interactive,
+        transient=True,
+    ) as bar:
         task = bar.add_task("queued", total=None)
         try:
-            request = (dict(data=body, files=files) if files is not None else dict(json=body))
-            with httpx.stream("POST", url, headers=headers, timeout=httpx.Timeout(30, read=None),
-                              **request) as response:
+            request = dict(data=body, files=files) if files is not None else dict(json=body)
+            with httpx.stream(
+                "POST", url, headers=headers, timeout=httpx.Timeout(30, read=None), **request
+            ) as response:
                 if response.status_code != 200:
                     response.read()
                     raise ClientError(_error_text(response))

@@ -15,8 +15,14 @@ class DrainingMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         app = scope.get("app")
         if scope["type"] == "http" and app is not None and app.state.engine.state == "stopping":
-            response = error_response(APIError(503, "The server is shutting down; retry on another instance.",
-                                               code="shutting_down", headers={"Retry-After": "5"}))
+            response = error_response(
+                APIError(
+                    503,
+                    "The server is shutting down; retry on another instance.",
+                    code="shutting_down",
+                    headers={"Retry-After": "5"},
+                )
+            )
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)

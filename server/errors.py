@@ -24,8 +24,16 @@ _TYPES_BY_STATUS = {401: "invalid_request_error", 404: "invalid_request_error", 
 class APIError(Exception):
     """An error to answer with OpenAI's envelope."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -50,16 +58,29 @@ def engine_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, QueueFull):
         retry = math.ceil(exc.retry_after)
-        return APIError(429, f"The server is busy: {exc}. Retry in about {retry} s.", type="rate_limit_exceeded",
-                        code="rate_limit_exceeded", headers={"Retry-After": str(retry)})
+        return APIError(
+            429,
+            f"The server is busy: {exc}. Retry in about {retry} s.",
+            type="rate_limit_exceeded",
+            code="rate_limit_exceeded",
+            headers={"Retry-After": str(retry)},
+        )
     if isinstance(exc, EngineUnavailable):
         return APIError(503, f"The model is not ready ({exc}); retry shortly.", code="model_not_ready")
     if isinstance(exc, RequestTimeout):
-        return APIError(504, f"The request took longer than the server's limit of {exc.limit:g} s and was "
-                        "cancelled.", code="timeout", headers={"x-should-retry": "false"})
+        return APIError(
+            504,
+            f"The request took longer than the server's limit of {exc.limit:g} s and was cancelled.",
+            code="timeout",
+            headers={"x-should-retry": "false"},
+        )
     if isinstance(exc, OutOfDeviceMemory):
-        return APIError(503, "The GPU ran out of memory for this request, even one image at a time. Try a smaller "
-                        "size or fewer reference images.", code="out_of_memory")
+        return APIError(
+            503,
+            "The GPU ran out of memory for this request, even one image at a time. Try a smaller "
+            "size or fewer reference images.",
+            code="out_of_memory",
+        )
     if isinstance(exc, JobCancelled):
         return APIError(503, f"The job was cancelled: {exc}.", code="cancelled")
     return APIError(500, "The server had an error while processing your request.", code="internal_error")
@@ -74,8 +95,9 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.message, error.type, error.param, error.code), status_code=error.status,
-                        headers=error.headers)
+    return JSONResponse(
+        error_body(error.message, error.type, error.param, error.code), status_code=error.status, headers=error.headers
+    )
 
 
 class ClientGone(Exception):
@@ -121,8 +143,9 @@ def validation_error(errors: list[dict] | tuple) -> APIError:
     if kind in ("json_invalid", "json_type") or (param is None and kind == "model_attributes_type"):
         return APIError(400, "The request body is not a valid JSON object.", code="invalid_json")
     message = first.get("msg", "Invalid value")
-    return APIError(400, f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param,
-                    code="invalid_value")
+    return APIError(
+        400, f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param, code="invalid_value"
+    )
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -165,6 +188,7 @@ class UnexpectedErrorMiddleware:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             if started:  # a streamed answer already began: nothing more can be said in HTTP
                 raise
-            response = error_response(APIError(500, "The server had an error while processing your request.",
-                                               code="internal_error"))
+            response = error_response(
+                APIError(500, "The server had an error while processing your request.", code="internal_error")
+            )
             await response(scope, receive, send)

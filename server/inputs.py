@@ -35,28 +35,34 @@ class EditInputs:
     image_param: str  # how the client named the images ("image" in forms, "images" in JSON), for errors
 
 
-async def read_edit_request(request: Request, max_image_bytes: int,
-                            fetcher: RemoteImageFetcher | None) -> EditInputs:
+async def read_edit_request(request: Request, max_image_bytes: int, fetcher: RemoteImageFetcher | None) -> EditInputs:
     if request.headers.get("content-type", "").lower().startswith(_FORM_TYPES):
         params, images, mask = await _read_form(request, max_image_bytes)
         image_param = "image"
     else:
         params = await _read_json(request)
         images = [await _image_bytes(item, "images", max_image_bytes, fetcher) for item in params.images or []]
-        mask = (await _image_bytes(params.mask, "mask", max_image_bytes, fetcher)
-                if params.mask is not None else None)
+        mask = await _image_bytes(params.mask, "mask", max_image_bytes, fetcher) if params.mask is not None else None
         image_param = "images"
     if not images:
-        raise APIError(400, "Missing required parameter: 'image' (1 to 10 images to edit).", param=image_param,
-                       code="missing_required_parameter")
+        raise APIError(
+            400,
+            "Missing required parameter: 'image' (1 to 10 images to edit).",
+            param=image_param,
+            code="missing_required_parameter",
+        )
     if len(images) > MAX_REFERENCE_IMAGES:
-        raise invalid_param(f"At most {MAX_REFERENCE_IMAGES} images can be edited at once, got {len(images)}.",
-                            image_param, code="too_many_images")
+        raise invalid_param(
+            f"At most {MAX_REFERENCE_IMAGES} images can be edited at once, got {len(images)}.",
+            image_param,
+            code="too_many_images",
+        )
     return EditInputs(params, images, mask, image_param)
 
 
-async def decode_edit_images(inputs: EditInputs,
-                             max_input_pixels: int) -> tuple[tuple[Image.Image, ...], Image.Image | None]:
+async def decode_edit_images(
+    inputs: EditInputs, max_input_pixels: int
+) -> tuple[tuple[Image.Image, ...], Image.Image | None]:
     """The references (RGB, EXIF applied, <= 4 MP) and the mask (255 = repaint, as uploaded: the first image's
     upright size), decoded off the event loop."""
     return await asyncio.to_thread(_decode, inputs, max_input_pixels)
@@ -81,8 +87,7 @@ def _decode(inputs: EditInputs, max_input_pixels: int) -> tuple[tuple[Image.Imag
 
 
 def file_too_large(max_bytes: int, param: str, what: str = "An uploaded file") -> APIError:
-    return APIError(413, f"{what} is larger than {max_bytes // (1024 * 1024)} MB.", param=param,
-                    code="file_too_large")
+    return APIError(413, f"{what} is larger than {max_bytes // (1024 * 1024)} MB.", param=param, code="file_too_large")
 
 
 async def _read_form(request: Request, max_image_bytes: int) -> tuple[ImageEditRequest, list[bytes], bytes | None]:
@@ -131,8 +136,9 @@ async def _read_json(request: Request) -> ImageEditRequest:
     try:
         body = json.loads(await request.body())
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, or nested past Python's recursion limit
-        raise APIError(400, "The request body is not valid JSON (or send multipart/form-data).",
-                       code="invalid_json") from exc
+        raise APIError(
+            400, "The request body is not valid JSON (or send multipart/form-data).", code="invalid_json"
+        ) from exc
     if not isinstance(body, dict):
         raise APIError(400, "The request body must be a JSON object.", code="invalid_json")
     try:
@@ -145,10 +151,13 @@ async def _image_bytes(item: object, param: str, max_bytes: int, fetcher: Remote
     url = item if isinstance(item, str) else item.image_url  # type: ignore[attr-defined]
     if url.lower().startswith(("http://", "https://")):
         if fetcher is None:
-            raise invalid_param("Remote image URLs are not fetched: this server works offline (an operator can "
-                                "allow it with --allow-remote-images). Send the image inline as a data: URI "
-                                "(data:image/png;base64,...) or upload it as multipart/form-data.", param,
-                                code="remote_images_disabled")
+            raise invalid_param(
+                "Remote image URLs are not fetched: this server works offline (an operator can "
+                "allow it with --allow-remote-images). Send the image inline as a data: URI "
+                "(data:image/png;base64,...) or upload it as multipart/form-data.",
+                param,
+                code="remote_images_disabled",
+            )
         try:
             return await fetcher.fetch(url)
         except RemoteImageError as exc:

@@ -52,8 +52,9 @@ class JobWatch:
             if remaining <= 0:
                 raise self._timed_out()
             getter = asyncio.ensure_future(self._events.get())
-            done, _ = await asyncio.wait({getter, self._future}, timeout=min(tick, remaining),
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {getter, self._future}, timeout=min(tick, remaining), return_when=asyncio.FIRST_COMPLETED
+            )
             if getter in done:
                 yield getter.result()
                 continue

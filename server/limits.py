@@ -18,8 +18,11 @@ class BodySizeLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _error(self) -> APIError:
-        return APIError(413, f"The request body is larger than this server accepts "
-                        f"({self.max_bytes // (1024 * 1024)} MB).", code="request_too_large")
+        return APIError(
+            413,
+            f"The request body is larger than this server accepts ({self.max_bytes // (1024 * 1024)} MB).",
+            code="request_too_large",
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -20,29 +20,50 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
         self._stats: Callable[[], EngineStats] | None = None
-        self.requests = Counter("flux2_requests", "HTTP requests by route and status", ["route", "method", "status"],
-                                registry=registry)
-        self.request_seconds = Histogram("flux2_request_seconds", "HTTP request duration", ["route"],
-                                         registry=registry, buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300))
+        self.requests = Counter(
+            "flux2_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=registry
+        )
+        self.request_seconds = Histogram(
+            "flux2_request_seconds",
+            "HTTP request duration",
+            ["route"],
+            registry=registry,
+            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+        )
         for name, text, field in (
-                ("flux2_queue_images", "Images waiting in the queue", "queued_images"),
-                ("flux2_running_images", "Images in the batch now running", "running_images"),
-                ("flux2_device_memory_bytes", "Memory allocated on the CUDA device (0 without one)",
-                 "device_memory_bytes"),
-                ("flux2_prompt_cache_hits", "Prompt embedding cache hits", "prompt_cache_hits"),
-                ("flux2_prompt_cache_misses", "Prompt embedding cache misses", "prompt_cache_misses")):
+            ("flux2_queue_images", "Images waiting in the queue", "queued_images"),
+            ("flux2_running_images", "Images in the batch now running", "running_images"),
+            ("flux2_device_memory_bytes", "Memory allocated on the CUDA device (0 without one)", "device_memory_bytes"),
+            ("flux2_prompt_cache_hits", "Prompt embedding cache hits", "prompt_cache_hits"),
+            ("flux2_prompt_cache_misses", "Prompt embedding cache misses", "prompt_cache_misses"),
+        ):
             Gauge(name, text, registry=registry).set_function(lambda field=field: self._stat(field))
-        self.batch_images = Histogram("flux2_batch_images", "Images per pipeline call", registry=registry,
-                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
-        self.step_seconds = Histogram("flux2_step_seconds", "Seconds per denoising step of a batch",
-                                      registry=registry, buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10))
-        self.image_seconds = Histogram("flux2_image_seconds", "Seconds per image (batch time / images)",
-                                       registry=registry, buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120))
-        self.stage_seconds = Histogram("flux2_stage_seconds", "Seconds per request in each stage (inputs, queue, "
-                                       "text_encode, denoise, decode, encode, total), as in Server-Timing",
-                                       ["stage"], registry=registry,
-                                       buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
-                                                60, 120))
+        self.batch_images = Histogram(
+            "flux2_batch_images",
+            "Images per pipeline call",
+            registry=registry,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32),
+        )
+        self.step_seconds = Histogram(
+            "flux2_step_seconds",
+            "Seconds per denoising step of a batch",
+            registry=registry,
+            buckets=(0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10),
+        )
+        self.image_seconds = Histogram(
+            "flux2_image_seconds",
+            "Seconds per image (batch time / images)",
+            registry=registry,
+            buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120),
+        )
+        self.stage_seconds = Histogram(
+            "flux2_stage_seconds",
+            "Seconds per request in each stage (inputs, queue, "
+            "text_encode, denoise, decode, encode, total), as in Server-Timing",
+            ["stage"],
+            registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
         self.images = Counter("flux2_images", "Images produced", ["model"], registry=registry)
         self.megapixels = Counter("flux2_megapixels", "Megapixels produced", ["model"], registry=registry)
         self.batches = Counter("flux2_batches", "Pipeline calls by outcome", ["outcome"], registry=registry)

@@ -7,29 +7,63 @@ from fastapi import FastAPI
 
 from .protocol import ErrorResponse, ImageEditRequest, ImageParameters
 
-IMAGE_RESPONSES: dict = {status: {"model": ErrorResponse, "description": description} for status, description in {
-    400: "Invalid parameter (named in error.param)", 401: "Missing or wrong API key", 404: "Unknown model",
-    413: "Request body or image file too large", 429: "Queue full (see Retry-After)", 500: "Server error",
-    503: "Model not ready, out of memory, or shutting down", 504: "Request timeout",
-    507: "The generated image could not be stored"}.items()}
+IMAGE_RESPONSES: dict = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in {
+        400: "Invalid parameter (named in error.param)",
+        401: "Missing or wrong API key",
+        404: "Unknown model",
+        413: "Request body or image file too large",
+        429: "Queue full (see Retry-After)",
+        500: "Server error",
+        503: "Model not ready, out of memory, or shutting down",
+        504: "Request timeout",
+        507: "The generated image could not be stored",
+    }.items()
+}
 _STREAM_EVENT = {  # one Server-Sent Event, as OpenAI frames them; `data` holds the event's JSON
-    "type": "object", "required": ["data"],
+    "type": "object",
+    "required": ["data"],
     "properties": {
-        "event": {"type": "string", "enum": ["image_generation.partial_image", "image_generation.completed",
-                                             "image_edit.partial_image", "image_edit.completed", "error"]},
-        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {
-            "type": "object", "required": ["type"],
-            "properties": {"type": {"type": "string"}, "b64_json": {"type": "string"},
-                           "created_at": {"type": "integer"}, "partial_image_index": {"type": "integer"},
-                           "size": {"type": "string"}, "output_format": {"type": "string"},
-                           "quality": {"type": "string"}, "background": {"type": "string"},
-                           "usage": {"type": "object"}}}},
+        "event": {
+            "type": "string",
+            "enum": [
+                "image_generation.partial_image",
+                "image_generation.completed",
+                "image_edit.partial_image",
+                "image_edit.completed",
+                "error",
+            ],
+        },
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {
+                "type": "object",
+                "required": ["type"],
+                "properties": {
+                    "type": {"type": "string"},
+                    "b64_json": {"type": "string"},
+                    "created_at": {"type": "integer"},
+                    "partial_image_index": {"type": "integer"},
+                    "size": {"type": "string"},
+                    "output_format": {"type": "string"},
+                    "quality": {"type": "string"},
+                    "background": {"type": "string"},
+                    "usage": {"type": "object"},
+                },
+            },
+        },
     },
 }
-IMAGE_RESPONSES[200] = {"description": "The images (JSON), or with stream=true Server-Sent Events: "
-                               "image_generation.partial_image / image_generation.completed (edits: image_edit.*), "
-                               "`: progress N/M` comments, and an `error` event if the job fails once started",
-                "content": {"text/event-stream": {"schema": _STREAM_EVENT}}}
+IMAGE_RESPONSES[200] = {
+    "description": "The images (JSON), or with stream=true Server-Sent Events: "
+    "image_generation.partial_image / image_generation.completed (edits: image_edit.*), "
+    "`: progress N/M` comments, and an `error` event if the job fails once started",
+    "content": {"text/event-stream": {"schema": _STREAM_EVENT}},
+}
+
+
 def inline_schema(model) -> dict:
     """A pydantic model's JSON schema with its `$defs` substituted in place, to embed in the OpenAPI document."""
     schema = model.model_json_schema()
@@ -52,20 +86,29 @@ EDIT_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["prompt", "image"],
-                "properties": {
-                    "image": {"oneOf": [{"type": "string", "format": "binary"},
-                                        {"type": "array", "items": {"type": "string", "format": "binary"},
-                                         "maxItems": 10}],
-                              "description": "One file as `image`, several as `image[]` (up to 10): PNG, JPEG, "
-                                             "WebP, GIF or AVIF."},
-                    "mask": {"type": "string", "format": "binary",
-                             "description": "PNG with alpha, the first image's size: transparent = repaint."},
-                    **{name: {"type": "string"} for name in ImageParameters.model_fields if name != "prompt"},
-                    "prompt": {"type": "string"},
-                },
-            }},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["prompt", "image"],
+                    "properties": {
+                        "image": {
+                            "oneOf": [
+                                {"type": "string", "format": "binary"},
+                                {"type": "array", "items": {"type": "string", "format": "binary"}, "maxItems": 10},
+                            ],
+                            "description": "One file as `image`, several as `image[]` (up to 10): PNG, JPEG, "
+                            "WebP, GIF or AVIF.",
+                        },
+                        "mask": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "PNG with alpha, the first image's size: transparent = repaint.",
+                        },
+                        **{name: {"type": "string"} for name in ImageParameters.model_fields if name != "prompt"},
+                        "prompt": {"type": "string"},
+                    },
+                }
+            },
             "application/json": {"schema": inline_schema(ImageEditRequest)},
         },
     },

@@ -76,83 +76,190 @@ def field_default(cls: type, name: str) -> Any:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option("model", Optional[list[str]], feeds=ModelChoice, field="sources", unit=REPEATED,
-           help="A local diffusers folder (e.g. /models/FLUX.2-dev) or a Hugging Face hub id (fetched once, then "
-                "read from the hub cache); NAME=PATH_OR_ID names it. Repeat to serve several models: the first is "
-                "the default and loads at start, the others load on first use and are evicted least-recently-used "
-                "when memory runs short. Default: the diffusers folder found in --weights-dir, else tiny random "
-                "test weights built there on first start."),
-    Option("host", str, feeds=Settings,
-           help="Address to bind. Keep 127.0.0.1 unless you mean to serve your network."),
+    Option(
+        "model",
+        Optional[list[str]],
+        feeds=ModelChoice,
+        field="sources",
+        unit=REPEATED,
+        help="A local diffusers folder (e.g. /models/FLUX.2-dev) or a Hugging Face hub id (fetched once, then "
+        "read from the hub cache); NAME=PATH_OR_ID names it. Repeat to serve several models: the first is "
+        "the default and loads at start, the others load on first use and are evicted least-recently-used "
+        "when memory runs short. Default: the diffusers folder found in --weights-dir, else tiny random "
+        "test weights built there on first start.",
+    ),
+    Option("host", str, feeds=Settings, help="Address to bind. Keep 127.0.0.1 unless you mean to serve your network."),
     Option("port", int, feeds=Settings, help="Port to listen on."),
-    Option("device", str, feeds=ModelChoice, choices=DEVICE_CHOICES,
-           help="auto (CUDA when present, else CPU), cuda or cpu."),
-    Option("dtype", str, feeds=ModelChoice, choices=DTYPE_CHOICES,
-           help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32."),
-    Option("offload", str, feeds=ModelChoice, choices=OFFLOAD_CHOICES,
-           help="CUDA only. auto: keep everything on the GPU when the weights fit in free memory with margin, else "
-                "model CPU offload; none; model (whole sub-models move to the GPU in turn); sequential (layer by "
-                "layer: least memory, slowest)."),
-    Option("model_name", Optional[str], feeds=ModelChoice, field="first_name",
-           help="The id clients use for the (first) model, listed in /v1/models. Default: the folder name or hub "
-                "id. Aliases such as flux.2-flex, flux.2-dev, flux.2-klein-4b are added as fit the model."),
+    Option(
+        "device",
+        str,
+        feeds=ModelChoice,
+        choices=DEVICE_CHOICES,
+        help="auto (CUDA when present, else CPU), cuda or cpu.",
+    ),
+    Option(
+        "dtype",
+        str,
+        feeds=ModelChoice,
+        choices=DTYPE_CHOICES,
+        help="auto (bfloat16 on CUDA, float32 on CPU), bfloat16, float16 or float32.",
+    ),
+    Option(
+        "offload",
+        str,
+        feeds=ModelChoice,
+        choices=OFFLOAD_CHOICES,
+        help="CUDA only. auto: keep everything on the GPU when the weights fit in free memory with margin, else "
+        "model CPU offload; none; model (whole sub-models move to the GPU in turn); sequential (layer by "
+        "layer: least memory, slowest).",
+    ),
+    Option(
+        "model_name",
+        Optional[str],
+        feeds=ModelChoice,
+        field="first_name",
+        help="The id clients use for the (first) model, listed in /v1/models. Default: the folder name or hub "
+        "id. Aliases such as flux.2-flex, flux.2-dev, flux.2-klein-4b are added as fit the model.",
+    ),
     Option("output_dir", Path, feeds=Settings, help="Where generated images are kept for url responses."),
-    Option("weights_dir", Path, feeds=ModelChoice,
-           help="Where to look for a model when --model is not given (and where tiny weights are built)."),
-    Option("public_url", Optional[str], feeds=Settings,
-           help="Base of the image URLs handed out (e.g. https://gpu-box.lan:8000). Default: the address the "
-                "client called, as the Host or X-Forwarded-Host/-Proto headers give it."),
-    Option("retention_hours", float, feeds=Settings, field="retention_seconds", unit=HOURS,
-           help="Generated files older than this are deleted."),
-    Option("max_stored_images", int, feeds=Settings,
-           help="At most this many generated files are kept; the oldest go first."),
+    Option(
+        "weights_dir",
+        Path,
+        feeds=ModelChoice,
+        help="Where to look for a model when --model is not given (and where tiny weights are built).",
+    ),
+    Option(
+        "public_url",
+        Optional[str],
+        feeds=Settings,
+        help="Base of the image URLs handed out (e.g. https://gpu-box.lan:8000). Default: the address the "
+        "client called, as the Host or X-Forwarded-Host/-Proto headers give it.",
+    ),
+    Option(
+        "retention_hours",
+        float,
+        feeds=Settings,
+        field="retention_seconds",
+        unit=HOURS,
+        help="Generated files older than this are deleted.",
+    ),
+    Option(
+        "max_stored_images",
+        int,
+        feeds=Settings,
+        help="At most this many generated files are kept; the oldest go first.",
+    ),
     Option("max_steps", int, feeds=Settings, help="Largest num_inference_steps a request may ask for."),
-    Option("max_batch_images", int, feeds=EngineOptions,
-           help="Images that compatible requests (same model, size, steps, guidance, references) may share in one "
-                "pipeline call."),
-    Option("batch_window_ms", float, feeds=EngineOptions, field="batch_window", unit=MILLISECONDS,
-           help="How long the first job of a batch waits for compatible ones."),
-    Option("max_queue_images", int, feeds=EngineOptions,
-           help="Images allowed to wait; beyond, requests get 429 with a Retry-After estimate."),
-    Option("request_timeout", float, feeds=Settings,
-           help="Seconds a request may wait and run; then it is cancelled (504)."),
-    Option("shutdown_timeout", float, feeds=Settings,
-           help="On SIGTERM, seconds in-flight work may take to finish before it is cancelled."),
-    Option("max_loaded_models", int, feeds=ModelChoice, field="max_loaded",
-           help="With several --model: at most this many in memory at once (0: as many as fit)."),
-    Option("prompt_cache_mb", int, feeds=EngineOptions, field="prompt_cache_bytes", unit=MEBIBYTES,
-           help="CPU memory for cached prompt embeddings (LRU)."),
+    Option(
+        "max_batch_images",
+        int,
+        feeds=EngineOptions,
+        help="Images that compatible requests (same model, size, steps, guidance, references) may share in one "
+        "pipeline call.",
+    ),
+    Option(
+        "batch_window_ms",
+        float,
+        feeds=EngineOptions,
+        field="batch_window",
+        unit=MILLISECONDS,
+        help="How long the first job of a batch waits for compatible ones.",
+    ),
+    Option(
+        "max_queue_images",
+        int,
+        feeds=EngineOptions,
+        help="Images allowed to wait; beyond, requests get 429 with a Retry-After estimate.",
+    ),
+    Option(
+        "request_timeout", float, feeds=Settings, help="Seconds a request may wait and run; then it is cancelled (504)."
+    ),
+    Option(
+        "shutdown_timeout",
+        float,
+        feeds=Settings,
+        help="On SIGTERM, seconds in-flight work may take to finish before it is cancelled.",
+    ),
+    Option(
+        "max_loaded_models",
+        int,
+        feeds=ModelChoice,
+        field="max_loaded",
+        help="With several --model: at most this many in memory at once (0: as many as fit).",
+    ),
+    Option(
+        "prompt_cache_mb",
+        int,
+        feeds=EngineOptions,
+        field="prompt_cache_bytes",
+        unit=MEBIBYTES,
+        help="CPU memory for cached prompt embeddings (LRU).",
+    ),
     Option("metrics", bool, feeds=Settings, help="Serve Prometheus metrics at /metrics."),
-    Option("api_key", Optional[list[str]], feeds=None, env_name="API_KEYS",
-           help="A key clients must send as 'Authorization: Bearer KEY' on every /v1 route (repeat for several; "
-                "the env var takes them comma- or space-separated). Without any key the API is open: keep --host "
-                "127.0.0.1 then."),
+    Option(
+        "api_key",
+        Optional[list[str]],
+        feeds=None,
+        env_name="API_KEYS",
+        help="A key clients must send as 'Authorization: Bearer KEY' on every /v1 route (repeat for several; "
+        "the env var takes them comma- or space-separated). Without any key the API is open: keep --host "
+        "127.0.0.1 then.",
+    ),
     Option("api_key_file", Optional[Path], feeds=None, help="A file of keys, one per line (# comments)."),
-    Option("public_files", bool, feeds=Settings,
-           help="Serve generated image URLs without a key (their names are unguessable)."),
+    Option(
+        "public_files",
+        bool,
+        feeds=Settings,
+        help="Serve generated image URLs without a key (their names are unguessable).",
+    ),
     Option("open_metrics", bool, feeds=Settings, help="Serve /metrics without a key when keys are set."),
-    Option("cors_origin", Optional[list[str]], feeds=Settings, field="cors_origins", unit=REPEATED,
-           env_name="CORS_ORIGINS",
-           help="Allow browser pages from this origin (e.g. https://tools.studio.lan; '*' for any) to call the "
-                "API. Repeat for several. Default: no CORS."),
-    Option("max_body_mb", int, feeds=Settings, field="max_body_bytes", unit=MEBIBYTES,
-           help="Largest request body."),
-    Option("max_image_mb", int, feeds=Settings, field="max_image_bytes", unit=MEBIBYTES,
-           help="Largest input image file."),
-    Option("max_input_megapixels", float, feeds=Settings, field="max_input_pixels", unit=MILLIONS_OF_PIXELS,
-           help="Largest input image, in decoded pixels (decompression bombs)."),
-    Option("max_output_megapixels", float, feeds=Settings, field="max_output_pixels", unit=OUTPUT_MEGAPIXELS,
-           help="Outputs above this are scaled down, aspect kept (1 MP = 1024x1024; the product's ceiling is "
-                f"{MAX_OUTPUT_PIXELS // MEGAPIXEL})."),
+    Option(
+        "cors_origin",
+        Optional[list[str]],
+        feeds=Settings,
+        field="cors_origins",
+        unit=REPEATED,
+        env_name="CORS_ORIGINS",
+        help="Allow browser pages from this origin (e.g. https://tools.studio.lan; '*' for any) to call the "
+        "API. Repeat for several. Default: no CORS.",
+    ),
+    Option("max_body_mb", int, feeds=Settings, field="max_body_bytes", unit=MEBIBYTES, help="Largest request body."),
+    Option(
+        "max_image_mb", int, feeds=Settings, field="max_image_bytes", unit=MEBIBYTES, help="Largest input image file."
+    ),
+    Option(
+        "max_input_megapixels",
+        float,
+        feeds=Settings,
+        field="max_input_pixels",
+        unit=MILLIONS_OF_PIXELS,
+        help="Largest input image, in decoded pixels (decompression bombs).",
+    ),
+    Option(
+        "max_output_megapixels",
+        float,
+        feeds=Settings,
+        field="max_output_pixels",
+        unit=OUTPUT_MEGAPIXELS,
+        help="Outputs above this are scaled down, aspect kept (1 MP = 1024x1024; the product's ceiling is "
+        f"{MAX_OUTPUT_PIXELS // MEGAPIXEL}).",
+    ),
     Option("max_prompt_chars", int, feeds=Settings, help="Longest prompt accepted, in characters."),
-    Option("playground", bool, feeds=Settings,
-           help="Serve the Playground page at / (--no-playground turns it off)."),
-    Option("playground_open", bool, feeds=Settings,
-           help="With API keys set, let the Playground page call the API without one (anyone who can open the "
-                "page can then use the GPU)."),
-    Option("allow_remote_images", bool, feeds=Settings,
-           help="Fetch http(s) image_url inputs (public addresses only, each redirect checked, size and time "
-                "capped). Off: the server never connects out."),
+    Option("playground", bool, feeds=Settings, help="Serve the Playground page at / (--no-playground turns it off)."),
+    Option(
+        "playground_open",
+        bool,
+        feeds=Settings,
+        help="With API keys set, let the Playground page call the API without one (anyone who can open the "
+        "page can then use the GPU).",
+    ),
+    Option(
+        "allow_remote_images",
+        bool,
+        feeds=Settings,
+        help="Fetch http(s) image_url inputs (public addresses only, each redirect checked, size and time "
+        "capped). Off: the server never connects out.",
+    ),
     Option("remote_image_timeout", float, feeds=Settings, help="Seconds a remote image may take to fetch."),
     Option("log_level", str, feeds=Settings, help="debug, info, warning or error."),
 )
@@ -176,8 +283,11 @@ def read_options(values: Mapping[str, Any]) -> ServeConfig:
         if option.feeds is not None:
             by_class[option.feeds][option.field or option.name] = option.unit.into(value)
     keys = load_keys(values["api_key"] or [], values["api_key_file"])
-    return ServeConfig(settings=Settings(**by_class[Settings], api_keys=keys),
-                       engine=EngineOptions(**by_class[EngineOptions]), models=ModelChoice(**by_class[ModelChoice]))
+    return ServeConfig(
+        settings=Settings(**by_class[Settings], api_keys=keys),
+        engine=EngineOptions(**by_class[EngineOptions]),
+        models=ModelChoice(**by_class[ModelChoice]),
+    )
 
 
 def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:
@@ -195,11 +305,16 @@ def serve_command(run: Callable[[ServeConfig], None]) -> Callable[..., None]:
     command.__name__, command.__qualname__ = run.__name__, run.__qualname__
     command.__module__, command.__doc__ = run.__module__, run.__doc__
     command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-        [_parameter(option) for option in OPTIONS], return_annotation=None)
+        [_parameter(option) for option in OPTIONS], return_annotation=None
+    )
     return command
 
 
 def _parameter(option: Option) -> inspect.Parameter:
     info = typer.Option(envvar=option.envvar, help=option.help, show_default=option.default is not None)
-    return inspect.Parameter(option.name, inspect.Parameter.KEYWORD_ONLY, default=option.default,
-                             annotation=Annotated[option.value_type, info])
+    return inspect.Parameter(
+        option.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        default=option.default,
+        annotation=Annotated[option.value_type, info],
+    )

@@ -60,31 +60,52 @@ class ImageParameters(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, pattern=r"\S",
-                        description="Text prompt (not blank). Prompts beyond 512 encoder tokens are truncated "
-                        "(reported).")
+    prompt: str = Field(
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        pattern=r"\S",
+        description="Text prompt (not blank). Prompts beyond 512 encoder tokens are truncated (reported).",
+    )
     model: str | None = Field(None, description="A model id or alias from /v1/models; omitted: the default model.")
     n: Int | None = Field(None, ge=1, le=MAX_IMAGES_PER_REQUEST, description="Number of images, 1-10 (default 1).")
 
-    size: str | None = Field(None, description='"WxH" (1-14142 px a side), "W:H" (same as aspect_ratio) or "auto". '
-                             "Always wins over aspect_ratio, resolution, width and height.")
-    aspect_ratio: str | None = Field(None, description='"W:H", mapped to the nearest of 1:1, 4:3, 3:4, 5:4, 4:5, 3:2, '
-                                     '2:3, 16:9, 9:16, 21:9, 9:21; "custom" uses width and height.')
-    resolution: str | None = Field(None, description='Scale tier: "0.5K", "1K", "2K", "4K", megapixels "0.25", "1", '
-                                   '"4" ("1MP"), or "auto"; mapped to the nearest of 0.25, 1 and 4 MP.')
-    width: Int | None = Field(None, description="Output width in px (rounded to a multiple of 16); with "
-                              'aspect_ratio "custom" or on its own with height.')
+    size: str | None = Field(
+        None,
+        description='"WxH" (1-14142 px a side), "W:H" (same as aspect_ratio) or "auto". '
+        "Always wins over aspect_ratio, resolution, width and height.",
+    )
+    aspect_ratio: str | None = Field(
+        None,
+        description='"W:H", mapped to the nearest of 1:1, 4:3, 3:4, 5:4, 4:5, 3:2, '
+        '2:3, 16:9, 9:16, 21:9, 9:21; "custom" uses width and height.',
+    )
+    resolution: str | None = Field(
+        None,
+        description='Scale tier: "0.5K", "1K", "2K", "4K", megapixels "0.25", "1", '
+        '"4" ("1MP"), or "auto"; mapped to the nearest of 0.25, 1 and 4 MP.',
+    )
+    width: Int | None = Field(
+        None,
+        description="Output width in px (rounded to a multiple of 16); with "
+        'aspect_ratio "custom" or on its own with height.',
+    )
     height: Int | None = Field(None, description="Output height in px (rounded to a multiple of 16).")
 
-    seed: Int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image i uses seed + i. "
-                             "Drawn and reported per image when absent.")
+    seed: Int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first image; image i uses seed + i. Drawn and reported per image when absent.",
+    )
     num_inference_steps: Int | None = Field(None, ge=1, description="Denoising steps (default: the model's).")
     steps: Int | None = Field(None, ge=1, description="Same as num_inference_steps.")
     guidance_scale: Float | None = Field(None, ge=0, le=100, description="Guidance scale (default: the model's).")
     cfg_scale: Float | None = Field(None, ge=0, le=100, description="Same as guidance_scale.")
     quality: Literal["low", "medium", "high", "auto", "standard", "hd", "xhigh", "max"] | None = Field(
-        None, description="Step preset: low = half the model's default steps, medium = 3/4, high/auto/standard = "
-        "the default, hd/xhigh = 1.25x, max = 1.5x. num_inference_steps wins.")
+        None,
+        description="Step preset: low = half the model's default steps, medium = 3/4, high/auto/standard = "
+        "the default, hd/xhigh = 1.25x, max = 1.5x. num_inference_steps wins.",
+    )
 
     response_format: Literal["url", "b64_json"] | None = Field(None, description='"url" (default) or "b64_json".')
     output_format: str | None = Field(None, description="png (default), jpeg (or jpg), webp, gif or avif.")
@@ -92,20 +113,28 @@ class ImageParameters(BaseModel):
     output_quality: Int | None = Field(None, ge=0, le=100, description="Same as output_compression.")
     sync_mode: FormBool | None = Field(None, description="true: the url is a data: URI and nothing is stored.")
 
-    background: Literal["transparent", "opaque", "auto"] | None = Field(None, description="Accepted; FLUX.2 "
-                                                                        "images are opaque ('transparent' is "
-                                                                        "reported as ignored).")
+    background: Literal["transparent", "opaque", "auto"] | None = Field(
+        None, description="Accepted; FLUX.2 images are opaque ('transparent' is reported as ignored)."
+    )
     style: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
     moderation: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
     user: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
     prompt_enhancement: Annotated[Literal["on", "off"] | None, BeforeValidator(_on_off)] = Field(
-        None, description='"off" (default); "on" is not available yet (400).')
-    safety_tolerance: Int | None = Field(None, ge=1, le=5, description="1 (strict) to 5 (permissive); accepted, "
-                                         "reported as ignored: no safety checker runs locally.")
-    enable_safety_checker: FormBool | None = Field(None, description="Accepted; no safety checker runs locally "
-                                                   "(true is reported as ignored).")
-    stream: FormBool | None = Field(None, description="true: Server-Sent Events (partial images, then the "
-                                    "completed images), as OpenAI streams images.")
+        None, description='"off" (default); "on" is not available yet (400).'
+    )
+    safety_tolerance: Int | None = Field(
+        None,
+        ge=1,
+        le=5,
+        description="1 (strict) to 5 (permissive); accepted, reported as ignored: no safety checker runs locally.",
+    )
+    enable_safety_checker: FormBool | None = Field(
+        None, description="Accepted; no safety checker runs locally (true is reported as ignored)."
+    )
+    stream: FormBool | None = Field(
+        None,
+        description="true: Server-Sent Events (partial images, then the completed images), as OpenAI streams images.",
+    )
     partial_images: Int | None = Field(None, ge=0, le=3, description="Used with stream.")
 
     _finite_guidance = field_validator("guidance_scale", "cfg_scale")(_finite)
@@ -120,8 +149,9 @@ class ImageParameters(BaseModel):
         """Known fields that were set but that this server does not act on: {name: why, in words}."""
         reasons = {}
         if self.background == "transparent":
-            reasons["background"] = ("background 'transparent' is not supported: FLUX.2 makes opaque images, so the "
-                                     "image is opaque.")
+            reasons["background"] = (
+                "background 'transparent' is not supported: FLUX.2 makes opaque images, so the image is opaque."
+            )
         if self.moderation is not None:
             reasons["moderation"] = "moderation is not applied: this server runs no moderation model."
         if self.user is not None:
@@ -163,8 +193,10 @@ class ImageEditRequest(ImageParameters):
     multipart: files in `image` / `image[]` and `mask` (the route turns them into the same model)."""
 
     images: list[ImageURL | str] | None = Field(None, description="JSON: 1 to 10 images to edit, as data: URIs.")
-    mask: ImageURL | str | None = Field(None, description="PNG with alpha the size of the first image: transparent "
-                                        "pixels are repainted, the rest is kept.")
+    mask: ImageURL | str | None = Field(
+        None,
+        description="PNG with alpha the size of the first image: transparent pixels are repainted, the rest is kept.",
+    )
 
 
 class ImageData(BaseModel):

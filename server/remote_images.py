@@ -47,8 +47,15 @@ def forbidden_reason(address: str) -> str | None:
 
 
 class RemoteImageFetcher:
-    def __init__(self, *, max_bytes: int, timeout: float = 10.0, max_redirects: int = 3,
-                 resolver: Resolver = system_resolver, dial: Dialer | None = None):
+    def __init__(
+        self,
+        *,
+        max_bytes: int,
+        timeout: float = 10.0,
+        max_redirects: int = 3,
+        resolver: Resolver = system_resolver,
+        dial: Dialer | None = None,
+    ):
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.max_redirects = max_redirects
@@ -100,8 +107,12 @@ class RemoteImageFetcher:
         netloc = f"[{ip}]:{real_port}" if ":" in ip else f"{ip}:{real_port}"
         pinned = urlunsplit((parts.scheme, netloc, parts.path or "/", parts.query, ""))
         host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
-        return client.build_request("GET", pinned, headers={"Host": host_header, "Accept": "image/*"},
-                                    extensions={"sni_hostname": parts.hostname})
+        return client.build_request(
+            "GET",
+            pinned,
+            headers={"Host": host_header, "Accept": "image/*"},
+            extensions={"sni_hostname": parts.hostname},
+        )
 
     async def _read_capped(self, response: httpx.Response) -> bytes:
         declared = response.headers.get("content-length", "")

@@ -25,6 +25,12 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve_app(app: FastAPI, host: str, port: int, log_level: str, shutdown_timeout: float) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(), log_config=None,
-                            timeout_graceful_shutdown=shutdown_timeout)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level.lower(),
+        log_config=None,
+        timeout_graceful_shutdown=shutdown_timeout,
+    )
     GracefulServer(config, app).run()

@@ -40,8 +40,13 @@ Served = ImagesResponse | EventStream
 
 
 class ImageService:
-    def __init__(self, settings: Settings, engine: Engine, store: ImageStore,
-                 on_timing: Callable[[RequestTiming], None] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        store: ImageStore,
+        on_timing: Callable[[RequestTiming], None] | None = None,
+    ):
         self.settings = settings
         self.engine = engine
         self.store = store
@@ -54,11 +59,16 @@ class ImageService:
         if requested in self.settings.model_ids:
             return self.settings.model_ids[requested]
         served = ", ".join(self.settings.model_ids)
-        raise APIError(404, f"The model '{requested}' does not exist. This server serves: {served}.",
-                       param="model", code="model_not_found")
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist. This server serves: {served}.",
+            param="model",
+            code="model_not_found",
+        )
 
-    async def generate(self, params: ImageParameters, base_url: str,
-                       headers: MutableMapping[str, str] | None = None) -> Served:
+    async def generate(
+        self, params: ImageParameters, base_url: str, headers: MutableMapping[str, str] | None = None
+    ) -> Served:
         timing = RequestTiming()
         return await self._serve(params, self.resolve_model(params.model), (), None, base_url, timing, headers)
 
@@ -69,58 +79,117 @@ class ImageService:
         timing.inputs = time.perf_counter() - timing.started
         return await self._serve(inputs.params, model, references, mask, base_url, timing, headers)
 
-    async def _serve(self, params: ImageParameters, model: str, references: tuple[Image.Image, ...],
-                     mask: Image.Image | None, base_url: str, timing: RequestTiming,
-                     headers: MutableMapping[str, str] | None) -> Served:
+    async def _serve(
+        self,
+        params: ImageParameters,
+        model: str,
+        references: tuple[Image.Image, ...],
+        mask: Image.Image | None,
+        base_url: str,
+        timing: RequestTiming,
+        headers: MutableMapping[str, str] | None,
+    ) -> Served:
         """Submit the job (a full queue or an unready model is a plain JSON error, streams included), then the JSON
         answer, or the event stream."""
         check_supported(params)
         options = output_options(params)
-        job = build_job(params, self.engine.model_specs()[model], self.settings, references, mask, model=model,
-                        request_id=current_request_id.get())
+        job = build_job(
+            params,
+            self.engine.model_specs()[model],
+            self.settings,
+            references,
+            mask,
+            model=model,
+            request_id=current_request_id.get(),
+        )
         watch = JobWatch(self.engine, job, self.settings.request_timeout, events=bool(params.stream))
         submitted()  # a batch about to start need not wait for this request any more
         if params.stream:
             kind = "image_edit" if references else "image_generation"
-            common = {"background": "opaque", "output_format": options.output_format, "quality": quality_tier(params),
-                      "size": f"{job.width}x{job.height}"}
+            common = {
+                "background": "opaque",
+                "output_format": options.output_format,
+                "quality": quality_tier(params),
+                "size": f"{job.width}x{job.height}",
+            }
 
             async def finish(result: GenerationResult) -> list[dict]:
                 return await self._completed_events(job, result, options, kind, common, timing, watch)
 
-            return EventStream(watch, kind=kind, common=common, output_format=options.output_format,
-                               codec_quality=options.codec_quality, finish=finish)
+            return EventStream(
+                watch,
+                kind=kind,
+                common=common,
+                output_format=options.output_format,
+                codec_quality=options.codec_quality,
+                finish=finish,
+            )
         result = await watch.result()
         data = await self._render(job, result, options, base_url, timing, watch)
         if headers is not None:
             headers[SERVER_TIMING] = timing.header()
-        return images_response(job, data, params, options, account(job, result.prompt.text_tokens),
-                               params.ignored_warnings + _warnings(result))
+        return images_response(
+            job,
+            data,
+            params,
+            options,
+            account(job, result.prompt.text_tokens),
+            params.ignored_warnings + _warnings(result),
+        )
 
-    async def _render(self, job: GenerationJob, result: GenerationResult, options: OutputOptions, base_url: str,
-                      timing: RequestTiming, watch: JobWatch) -> list[ImageData]:
+    async def _render(
+        self,
+        job: GenerationJob,
+        result: GenerationResult,
+        options: OutputOptions,
+        base_url: str,
+        timing: RequestTiming,
+        watch: JobWatch,
+    ) -> list[ImageData]:
         """The one rendering step: encode, then inline or store each image; the request's timing is recorded."""
         timing.queue, timing.stages = watch.handle.queue_seconds, result.stages
         encode_started = time.perf_counter()
         data = await asyncio.to_thread(self._deliver, result, options, base_url)
         timing.encode = time.perf_counter() - encode_started
         timing.finish()
-        log.info("done: %d image%s %dx%d, %s", job.n, "s" if job.n > 1 else "", job.width, job.height,
-                 timing.log_text())
+        log.info(
+            "done: %d image%s %dx%d, %s", job.n, "s" if job.n > 1 else "", job.width, job.height, timing.log_text()
+        )
         if self.on_timing is not None:
             self.on_timing(timing)
         return data
 
-    async def _completed_events(self, job: GenerationJob, result: GenerationResult, options: OutputOptions,
-                                kind: str, common: dict, timing: RequestTiming, watch: JobWatch) -> list[dict]:
+    async def _completed_events(
+        self,
+        job: GenerationJob,
+        result: GenerationResult,
+        options: OutputOptions,
+        kind: str,
+        common: dict,
+        timing: RequestTiming,
+        watch: JobWatch,
+    ) -> list[dict]:
         """A stream's completed events: the same rendering as JSON, always inline (OpenAI streams b64_json)."""
-        inline = OutputOptions(response_format="b64_json", output_format=options.output_format,
-                               codec_quality=options.codec_quality, sync_mode=False)
+        inline = OutputOptions(
+            response_format="b64_json",
+            output_format=options.output_format,
+            codec_quality=options.codec_quality,
+            sync_mode=False,
+        )
         data = await self._render(job, result, inline, "", timing, watch)
         usage = images_usage(account(job, result.prompt.text_tokens)).model_dump()
-        return [{"type": f"{kind}.completed", "b64_json": item.b64_json, "created_at": int(time.time()),
-                 "usage": usage, "seed": item.seed, "revised_prompt": item.revised_prompt, **common}
-                for item in data]
+        return [
+            {
+                "type": f"{kind}.completed",
+                "b64_json": item.b64_json,
+                "created_at": int(time.time()),
+                "usage": usage,
+                "seed": item.seed,
+                "revised_prompt": item.revised_prompt,
+                **common,
+            }
+            for item in data
+        ]
 
     def _deliver(self, result: GenerationResult, options: OutputOptions, base_url: str) -> list[ImageData]:
         data = []
@@ -136,9 +205,13 @@ class ImageService:
                     name = self.store.save(encoded, FILE_EXTENSIONS[options.output_format])
                 except OSError as exc:
                     log.error("could not store a generated image in %s: %s", self.store.directory, exc)
-                    raise APIError(507, "The server could not store the generated image (its output directory is "
-                                   "full or not writable). Ask for response_format 'b64_json' or sync_mode, or "
-                                   "tell the server's operator.", code="storage_error") from exc
+                    raise APIError(
+                        507,
+                        "The server could not store the generated image (its output directory is "
+                        "full or not writable). Ask for response_format 'b64_json' or sync_mode, or "
+                        "tell the server's operator.",
+                        code="storage_error",
+                    ) from exc
                 item.url = f"{base_url}{FILES_ROUTE}/{name}"
             data.append(item)
         return data
@@ -147,5 +220,7 @@ class ImageService:
 def _warnings(result: GenerationResult) -> list[str]:
     if not result.prompt.truncated:
         return []
-    return [f"The prompt was cut to its first {result.prompt.text_tokens} tokens: the text encoder reads "
-            f"{MAX_SEQUENCE_LENGTH} tokens at most. revised_prompt holds the part used."]
+    return [
+        f"The prompt was cut to its first {result.prompt.text_tokens} tokens: the text encoder reads "
+        f"{MAX_SEQUENCE_LENGTH} tokens at most. revised_prompt holds the part used."
+    ]

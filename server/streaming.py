@@ -27,8 +27,16 @@ def sse(event: str, data: dict) -> bytes:
 class EventStream:
     """One job's events as SSE bytes; `finish` renders the completed events' data from the result."""
 
-    def __init__(self, watch: JobWatch, *, kind: str, common: dict, output_format: str, codec_quality: int | None,
-                 finish: Callable[[GenerationResult], Awaitable[list[dict]]]):
+    def __init__(
+        self,
+        watch: JobWatch,
+        *,
+        kind: str,
+        common: dict,
+        output_format: str,
+        codec_quality: int | None,
+        finish: Callable[[GenerationResult], Awaitable[list[dict]]],
+    ):
         self.watch = watch
         self.kind = kind  # "image_generation" | "image_edit"
         self.common = common  # background, output_format, quality, size
@@ -61,6 +69,13 @@ class EventStream:
         else:
             for image in event.images:
                 encoded = await asyncio.to_thread(encode_image, image, self.output_format, quality=self.codec_quality)
-                yield sse(f"{self.kind}.partial_image", {
-                    "type": f"{self.kind}.partial_image", "b64_json": base64.b64encode(encoded).decode("ascii"),
-                    "created_at": int(time.time()), "partial_image_index": event.index, **self.common})
+                yield sse(
+                    f"{self.kind}.partial_image",
+                    {
+                        "type": f"{self.kind}.partial_image",
+                        "b64_json": base64.b64encode(encoded).decode("ascii"),
+                        "created_at": int(time.time()),
+                        "partial_image_index": event.index,
+                        **self.common,
+                    },
+                )

@@ -28,9 +28,15 @@ class RequestTiming:
         self.total = time.perf_counter() - self.started
 
     def seconds(self) -> dict[str, float]:
-        return {"inputs": self.inputs, "queue": self.queue, "text_encode": self.stages.text_encode,
-                "denoise": self.stages.denoise, "decode": self.stages.decode, "encode": self.encode,
-                "total": self.total}
+        return {
+            "inputs": self.inputs,
+            "queue": self.queue,
+            "text_encode": self.stages.text_encode,
+            "denoise": self.stages.denoise,
+            "decode": self.stages.decode,
+            "encode": self.encode,
+            "total": self.total,
+        }
 
     def header(self) -> str:
         """`queue;dur=1.2, text_encode;dur=35.0;desc="cache hit", ...` in milliseconds (RFC: Server-Timing)."""
@@ -46,8 +52,10 @@ class RequestTiming:
 
     def log_text(self) -> str:
         cached = " (cache hit)" if self.stages.prompt_cached else ""
-        return " ".join(f"{name}={seconds:.3f}s{cached if name == 'text_encode' else ''}"
-                        for name, seconds in self.seconds().items())
+        return " ".join(
+            f"{name}={seconds:.3f}s{cached if name == 'text_encode' else ''}"
+            for name, seconds in self.seconds().items()
+        )
 
 
 def parse_server_timing(value: str) -> dict[str, tuple[float, str | None]]:

@@ -13,8 +13,13 @@ from .options import check_choice
 
 def tiny_weights(
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the diffusers pipeline into.")],
-    variant: Annotated[str, typer.Option(help="klein (Flux2KleinPipeline, Qwen3 encoder) or dev (Flux2Pipeline, "
-                                         "Mistral3 encoder + PixtralProcessor).")] = "klein",
+    variant: Annotated[
+        str,
+        typer.Option(
+            help="klein (Flux2KleinPipeline, Qwen3 encoder) or dev (Flux2Pipeline, "
+            "Mistral3 encoder + PixtralProcessor)."
+        ),
+    ] = "klein",
 ) -> None:
     """Build tiny random-weight FLUX.2 weights (real classes, about 860 KB) offline, for tests and trying the API."""
     from pipeline.tiny_weights import VARIANTS, build_tiny_weights
@@ -25,28 +30,47 @@ def tiny_weights(
 
 
 def bench(
-    model: Annotated[Path | None, typer.Option(help="A diffusers folder (default: tiny klein weights built in "
-                                                  "a temporary folder).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="A diffusers folder (default: tiny klein weights built in a temporary folder).")
+    ] = None,
     size: Annotated[int, typer.Option(help="Square image side in pixels.")] = 256,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 4,
     count: Annotated[int, typer.Option(help="Images per figure (requests, batch size).")] = 4,
-    repeats: Annotated[int | None, typer.Option(help="Runs per figure; the median is shown. Default: 5, or "
-                                                   "the architecture's (3 for klein, 1 for dev).",
-                                              show_default=False)] = None,
-    architecture: Annotated[str | None, typer.Option(
-        help="Instead: the full-size benchmark. klein-4b, klein-9b or dev (tiny: scaled down, for tests) built "
-             "with random weights in memory on the device, served vs plain diffusers on the same weights.",
-        show_default=False)] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="With --architecture: write the results "
-                                                      "here (after every figure).", show_default=False)] = None,
-    update_docs: Annotated[bool, typer.Option(help="With --architecture: rewrite this architecture's section "
-                                              "of --docs.")] = False,
-    docs: Annotated[Path, typer.Option(help="The performance page --update-docs rewrites.")
-                    ] = Path("docs/PERFORMANCE.md"),
+    repeats: Annotated[
+        int | None,
+        typer.Option(
+            help="Runs per figure; the median is shown. Default: 5, or the architecture's (3 for klein, 1 for dev).",
+            show_default=False,
+        ),
+    ] = None,
+    architecture: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead: the full-size benchmark. klein-4b, klein-9b or dev (tiny: scaled down, for tests) built "
+            "with random weights in memory on the device, served vs plain diffusers on the same weights.",
+            show_default=False,
+        ),
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--json", help="With --architecture: write the results here (after every figure).", show_default=False
+        ),
+    ] = None,
+    update_docs: Annotated[
+        bool, typer.Option(help="With --architecture: rewrite this architecture's section of --docs.")
+    ] = False,
+    docs: Annotated[Path, typer.Option(help="The performance page --update-docs rewrites.")] = Path(
+        "docs/PERFORMANCE.md"
+    ),
     device: Annotated[str, typer.Option(help="With --architecture: auto, cuda or cpu.")] = "auto",
-    transformer_only: Annotated[bool, typer.Option(help="With --architecture: measure the transformer alone "
-                                                   "(automatic when the whole pipeline does not fit the card).")
-                                ] = False,
+    transformer_only: Annotated[
+        bool,
+        typer.Option(
+            help="With --architecture: measure the transformer alone "
+            "(automatic when the whole pipeline does not fit the card)."
+        ),
+    ] = False,
 ) -> None:
     """Measure batching: N requests one by one vs N concurrent through a real server vs one direct diffusers
     batch of N, and the prompt cache, in one run. With --architecture: the full-size benchmark."""

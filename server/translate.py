@@ -20,8 +20,16 @@ from .protocol import ImageData, ImageParameters, ImagesResponse, InputTokensDet
 from .settings import Settings
 
 # `quality` (the API's step preset) as shares of the model's default step count, and the tier each reports as.
-_QUALITY_STEPS = {"low": 0.5, "medium": 0.75, "high": 1.0, "auto": 1.0, "standard": 1.0, "hd": 1.25, "xhigh": 1.25,
-                  "max": 1.5}
+_QUALITY_STEPS = {
+    "low": 0.5,
+    "medium": 0.75,
+    "high": 1.0,
+    "auto": 1.0,
+    "standard": 1.0,
+    "hd": 1.25,
+    "xhigh": 1.25,
+    "max": 1.5,
+}
 _QUALITY_LABEL = {"low": "low", "medium": "medium"}
 
 
@@ -38,33 +46,62 @@ class OutputOptions:
 def check_supported(params: ImageParameters) -> None:
     """Refuse, clearly, what is accepted by the API but not available here yet (never a silent ignore)."""
     if params.prompt_enhancement == "on":
-        raise APIError(400, "prompt_enhancement 'on' is not available on this server yet; send 'off' or omit it.",
-                       param="prompt_enhancement", code="unsupported_parameter")
+        raise APIError(
+            400,
+            "prompt_enhancement 'on' is not available on this server yet; send 'off' or omit it.",
+            param="prompt_enhancement",
+            code="unsupported_parameter",
+        )
 
 
-def build_job(params: ImageParameters, spec: ModelSpec, settings: Settings,
-              references: tuple[Image.Image, ...] = (), mask: Image.Image | None = None, *, model: str = "",
-              request_id: str = "") -> GenerationJob:
+def build_job(
+    params: ImageParameters,
+    spec: ModelSpec,
+    settings: Settings,
+    references: tuple[Image.Image, ...] = (),
+    mask: Image.Image | None = None,
+    *,
+    model: str = "",
+    request_id: str = "",
+) -> GenerationJob:
     if len(params.prompt) > settings.max_prompt_chars:
-        raise invalid_param(f"The prompt has {len(params.prompt)} characters; this server accepts at most "
-                            f"{settings.max_prompt_chars}.", "prompt", code="prompt_too_long")
+        raise invalid_param(
+            f"The prompt has {len(params.prompt)} characters; this server accepts at most {settings.max_prompt_chars}.",
+            "prompt",
+            code="prompt_too_long",
+        )
     width, height = _output_size(params, references, settings.max_output_pixels)
     run_width, run_height = model_size(width, height)
     n = params.n or 1
     first_seed = secrets.randbelow(2**32) if params.seed is None else params.seed
-    return GenerationJob(prompt=params.prompt, width=width, height=height, run_width=run_width,
-                         run_height=run_height, seeds=tuple(first_seed + i for i in range(n)),
-                         steps=_steps(params, spec, settings), guidance_scale=_guidance(params, spec),
-                         references=references, mask=fit_mask(mask, width, height) if mask is not None else None,
-                         model=model, request_id=request_id,
-                         partial_images=(params.partial_images or 0) if params.stream else 0)
+    return GenerationJob(
+        prompt=params.prompt,
+        width=width,
+        height=height,
+        run_width=run_width,
+        run_height=run_height,
+        seeds=tuple(first_seed + i for i in range(n)),
+        steps=_steps(params, spec, settings),
+        guidance_scale=_guidance(params, spec),
+        references=references,
+        mask=fit_mask(mask, width, height) if mask is not None else None,
+        model=model,
+        request_id=request_id,
+        partial_images=(params.partial_images or 0) if params.stream else 0,
+    )
 
 
 def _output_size(params: ImageParameters, references: tuple[Image.Image, ...], max_pixels: int) -> tuple[int, int]:
     try:
-        return resolve_output_size(size=params.size, aspect_ratio=params.aspect_ratio, resolution=params.resolution,
-                                   width=params.width, height=params.height,
-                                   reference_size=references[0].size if references else None, max_pixels=max_pixels)
+        return resolve_output_size(
+            size=params.size,
+            aspect_ratio=params.aspect_ratio,
+            resolution=params.resolution,
+            width=params.width,
+            height=params.height,
+            reference_size=references[0].size if references else None,
+            max_pixels=max_pixels,
+        )
     except SizeError as exc:
         raise invalid_param(str(exc), exc.param) from exc
 
@@ -94,8 +131,12 @@ def output_options(params: ImageParameters) -> OutputOptions:
     except ValueError as exc:
         raise invalid_param(str(exc), "output_format") from exc
     quality = params.output_compression if params.output_compression is not None else params.output_quality
-    return OutputOptions(response_format=params.response_format or "url", output_format=output_format,
-                         codec_quality=quality, sync_mode=bool(params.sync_mode))
+    return OutputOptions(
+        response_format=params.response_format or "url",
+        output_format=output_format,
+        codec_quality=quality,
+        sync_mode=bool(params.sync_mode),
+    )
 
 
 def quality_tier(params: ImageParameters) -> str:
@@ -106,8 +147,9 @@ def quality_tier(params: ImageParameters) -> str:
 def usage(accounting: Accounting) -> Usage:
     return Usage(
         input_tokens=accounting.input_tokens,
-        input_tokens_details=InputTokensDetails(text_tokens=accounting.text_tokens,
-                                                image_tokens=accounting.reference_tokens),
+        input_tokens_details=InputTokensDetails(
+            text_tokens=accounting.text_tokens, image_tokens=accounting.reference_tokens
+        ),
         output_tokens=accounting.output_tokens,
         total_tokens=accounting.total_tokens,
         output_megapixels=accounting.output_megapixels,
@@ -116,8 +158,21 @@ def usage(accounting: Accounting) -> Usage:
     )
 
 
-def images_response(job: GenerationJob, data: list[ImageData], params: ImageParameters, options: OutputOptions,
-                    accounting: Accounting, warnings: list[str]) -> ImagesResponse:
-    return ImagesResponse(created=int(time.time()), data=data, background="opaque",
-                          output_format=options.output_format, size=f"{job.width}x{job.height}",
-                          quality=quality_tier(params), usage=usage(accounting), warnings=warnings or None)
+def images_response(
+    job: GenerationJob,
+    data: list[ImageData],
+    params: ImageParameters,
+    options: OutputOptions,
+    accounting: Accounting,
+    warnings: list[str],
+) -> ImagesResponse:
+    return ImagesResponse(
+        created=int(time.time()),
+        data=data,
+        background="opaque",
+        output_format=options.output_format,
+        size=f"{job.width}x{job.height}",
+        quality=quality_tier(params),
+        usage=usage(accounting),
+        warnings=warnings or None,
+    )

@@ -47,7 +47,9 @@ class RunningServer:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (the server writes to it; closed in stop)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *args],
-            cwd=workdir, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
         )
 

@@ -10,8 +10,9 @@ from pipeline.weights import inspect_model
 
 
 def model_config(folder, name="tiny") -> ModelConfig:
-    return ModelConfig(name=name, spec=inspect_model(folder), placement=decide_placement(weight_params=1),
-                       weight_bytes=1)
+    return ModelConfig(
+        name=name, spec=inspect_model(folder), placement=decide_placement(weight_params=1), weight_bytes=1
+    )
 
 
 def make_engine(folder, **options) -> Engine:
@@ -22,5 +23,14 @@ def make_engine(folder, **options) -> Engine:
 
 
 def job(prompt="a cat", size=64, seeds=(1,), steps=2, **fields) -> GenerationJob:
-    return GenerationJob(prompt=prompt, width=size, height=size, run_width=size, run_height=size, seeds=tuple(seeds),
-                         steps=steps, guidance_scale=1.0, **fields)
+    return GenerationJob(
+        prompt=prompt,
+        width=size,
+        height=size,
+        run_width=size,
+        run_height=size,
+        seeds=tuple(seeds),
+        steps=steps,
+        guidance_scale=1.0,
+        **fields,
+    )

@@ -30,9 +30,9 @@ def bomb_png(width=40000, height=40000) -> bytes:
     """A tiny valid PNG whose header claims `width` x `height` pixels."""
     data = bytearray(encode(Image.new("1", (8, 8)), "PNG"))
     ihdr = 8  # after the signature: length (4), b"IHDR" (4), then width and height
-    data[ihdr + 8:ihdr + 16] = struct.pack(">II", width, height)
-    crc = zlib.crc32(bytes(data[ihdr + 4:ihdr + 8 + 13])) & 0xFFFFFFFF
-    data[ihdr + 8 + 13:ihdr + 8 + 17] = struct.pack(">I", crc)
+    data[ihdr + 8 : ihdr + 16] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr + 4 : ihdr + 8 + 13])) & 0xFFFFFFFF
+    data[ihdr + 8 + 13 : ihdr + 8 + 17] = struct.pack(">I", crc)
     return bytes(data)
 
 

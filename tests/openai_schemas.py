@@ -21,11 +21,13 @@ IMAGE_GEN_USAGE = {
         "total_tokens": {"type": "integer"},
         "output_tokens": {"type": "integer"},
         "output_tokens_details": {
-            "type": "object", "required": ["image_tokens", "text_tokens"],
+            "type": "object",
+            "required": ["image_tokens", "text_tokens"],
             "properties": {"image_tokens": {"type": "integer"}, "text_tokens": {"type": "integer"}},
         },
         "input_tokens_details": {
-            "type": "object", "required": ["text_tokens", "image_tokens"],
+            "type": "object",
+            "required": ["text_tokens", "image_tokens"],
             "properties": {"text_tokens": {"type": "integer"}, "image_tokens": {"type": "integer"}},
         },
     },

@@ -15,34 +15,44 @@ from PIL import Image
 
 ONE_STEP = {"num_inference_steps": 1}
 
-SEED_1K_TABLE = {"4:3": (1183, 887), "4:5": (916, 1145), "5:4": (1145, 916), "1:1": (1024, 1024),
-                 "3:4": (887, 1182), "2:3": (836, 1254), "3:2": (1254, 836), "9:16": (768, 1365),
-                 "16:9": (1365, 768)}
+SEED_1K_TABLE = {
+    "4:3": (1183, 887),
+    "4:5": (916, 1145),
+    "5:4": (1145, 916),
+    "1:1": (1024, 1024),
+    "3:4": (887, 1182),
+    "2:3": (836, 1254),
+    "3:2": (1254, 836),
+    "9:16": (768, 1365),
+    "16:9": (1365, 768),
+}
 
 
 @pytest.mark.parametrize("ratio", sorted(SEED_1K_TABLE))
 def test_seed_1k_sizes_via_size_and_via_aspect_ratio_plus_resolution(client, ratio):
     width, height = SEED_1K_TABLE[ratio]
     by_size = generate(client, prompt="x", size=f"{width}x{height}", response_format="b64_json", **ONE_STEP)
-    by_shape = generate(client, prompt="x", aspect_ratio=ratio, resolution="1K", response_format="b64_json",
-                        **ONE_STEP)
+    by_shape = generate(client, prompt="x", aspect_ratio=ratio, resolution="1K", response_format="b64_json", **ONE_STEP)
     for result in (by_size, by_shape):
         assert decode_b64(result.data[0].b64_json).size == (width, height)
         assert result.size == f"{width}x{height}"
 
 
-@pytest.mark.parametrize("params, expected", [
-    ({"aspect_ratio": "7:5"}, (1183, 887)),  # nearest supported ratio in log space: 4:3, not 3:2
-    ({"aspect_ratio": "1.45:1"}, (1254, 836)),  # 3:2
-    ({"aspect_ratio": "2.39:1"}, (1563, 670)),  # 21:9
-    ({"size": "16:9"}, (1365, 768)),  # W:H in size = aspect_ratio
-    ({"aspect_ratio": "1:1", "resolution": "0.5K"}, (512, 512)),
-    ({"aspect_ratio": "1:1", "resolution": "0.25"}, (512, 512)),
-    ({"resolution": "4K"}, (2048, 2048)),  # 16 MP maps to the 4 MP tier
-    ({"aspect_ratio": "custom", "width": 1000, "height": 500}, (1008, 496)),
-    ({"size": "64x48", "aspect_ratio": "16:9", "resolution": "4K"}, (64, 48)),  # size always wins
-    ({"size": "4000x3000"}, (2364, 1773)),  # above 4 MP: scaled to 4 MP, aspect kept
-])
+@pytest.mark.parametrize(
+    "params, expected",
+    [
+        ({"aspect_ratio": "7:5"}, (1183, 887)),  # nearest supported ratio in log space: 4:3, not 3:2
+        ({"aspect_ratio": "1.45:1"}, (1254, 836)),  # 3:2
+        ({"aspect_ratio": "2.39:1"}, (1563, 670)),  # 21:9
+        ({"size": "16:9"}, (1365, 768)),  # W:H in size = aspect_ratio
+        ({"aspect_ratio": "1:1", "resolution": "0.5K"}, (512, 512)),
+        ({"aspect_ratio": "1:1", "resolution": "0.25"}, (512, 512)),
+        ({"resolution": "4K"}, (2048, 2048)),  # 16 MP maps to the 4 MP tier
+        ({"aspect_ratio": "custom", "width": 1000, "height": 500}, (1008, 496)),
+        ({"size": "64x48", "aspect_ratio": "16:9", "resolution": "4K"}, (64, 48)),  # size always wins
+        ({"size": "4000x3000"}, (2364, 1773)),  # above 4 MP: scaled to 4 MP, aspect kept
+    ],
+)
 def test_size_forms(client, params, expected):
     result = generate(client, prompt="x", response_format="b64_json", **params, **ONE_STEP)
     image = decode_b64(result.data[0].b64_json)
@@ -50,26 +60,42 @@ def test_size_forms(client, params, expected):
     assert image.size[0] * image.size[1] <= 4 * 1024 * 1024
 
 
-@pytest.mark.parametrize("params, param", [
-    ({"aspect_ratio": "wide"}, "aspect_ratio"), ({"resolution": "huge"}, "resolution"),
-    ({"aspect_ratio": "custom", "width": 512}, "height"), ({"width": 0, "height": 64}, "width"),
-    ({"size": "15000x10"}, "size"), ({"output_format": "bmp"}, "output_format"),
-    ({"output_compression": 101}, "output_compression"), ({"safety_tolerance": 6}, "safety_tolerance"),
-    ({"enable_safety_checker": "maybe"}, "enable_safety_checker"), ({"quality": "ultra"}, "quality"),
-    ({"guidance_scale": -1}, "guidance_scale"), ({"steps": 0}, "steps"), ({"seed": 2**63}, "seed"),
-])
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        ({"aspect_ratio": "wide"}, "aspect_ratio"),
+        ({"resolution": "huge"}, "resolution"),
+        ({"aspect_ratio": "custom", "width": 512}, "height"),
+        ({"width": 0, "height": 64}, "width"),
+        ({"size": "15000x10"}, "size"),
+        ({"output_format": "bmp"}, "output_format"),
+        ({"output_compression": 101}, "output_compression"),
+        ({"safety_tolerance": 6}, "safety_tolerance"),
+        ({"enable_safety_checker": "maybe"}, "enable_safety_checker"),
+        ({"quality": "ultra"}, "quality"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"steps": 0}, "steps"),
+        ({"seed": 2**63}, "seed"),
+    ],
+)
 def test_out_of_range_values_name_the_parameter(client, params, param):
     with pytest.raises(openai.BadRequestError) as caught:
         generate(client, prompt="x", **params)
     assert caught.value.body["param"] == param
 
 
-@pytest.mark.parametrize("output_format, pil_format, media_type", [
-    ("png", "PNG", "image/png"), ("jpeg", "JPEG", "image/jpeg"), ("jpg", "JPEG", "image/jpeg"),
-    ("webp", "WEBP", "image/webp"), ("gif", "GIF", "image/gif"), ("avif", "AVIF", "image/avif"),
-])
-def test_every_output_format_agrees_in_bytes_content_type_and_response(client, output_format, pil_format,
-                                                                       media_type):
+@pytest.mark.parametrize(
+    "output_format, pil_format, media_type",
+    [
+        ("png", "PNG", "image/png"),
+        ("jpeg", "JPEG", "image/jpeg"),
+        ("jpg", "JPEG", "image/jpeg"),
+        ("webp", "WEBP", "image/webp"),
+        ("gif", "GIF", "image/gif"),
+        ("avif", "AVIF", "image/avif"),
+    ],
+)
+def test_every_output_format_agrees_in_bytes_content_type_and_response(client, output_format, pil_format, media_type):
     result = generate(client, prompt="x", size="72x40", extra_body={"output_format": output_format}, **ONE_STEP)
     assert result.output_format == ("jpeg" if output_format == "jpg" else output_format)
     served = httpx.get(result.data[0].url)
@@ -80,8 +106,16 @@ def test_every_output_format_agrees_in_bytes_content_type_and_response(client, o
 
 def test_output_compression_and_quality_set_the_lossy_quality(client):
     def jpeg_bytes(**quality):
-        result = generate(client, prompt="x", size="256x256", seed=1, output_format="jpeg",
-                          response_format="b64_json", **quality, **ONE_STEP)
+        result = generate(
+            client,
+            prompt="x",
+            size="256x256",
+            seed=1,
+            output_format="jpeg",
+            response_format="b64_json",
+            **quality,
+            **ONE_STEP,
+        )
         return len(base64.b64decode(result.data[0].b64_json))
 
     assert jpeg_bytes(output_compression=10) < jpeg_bytes(output_compression=95)
@@ -89,8 +123,9 @@ def test_output_compression_and_quality_set_the_lossy_quality(client):
 
 
 def test_usage_counts_tokens_and_megapixels(client):
-    result = generate(client, prompt="a cat on a red sofa", size="1040x1040", n=2, response_format="b64_json",
-                      **ONE_STEP)
+    result = generate(
+        client, prompt="a cat on a red sofa", size="1040x1040", n=2, response_format="b64_json", **ONE_STEP
+    )
     usage = result.usage
     assert usage.input_tokens_details.text_tokens > 0
     assert usage.input_tokens_details.image_tokens == 0
@@ -108,8 +143,9 @@ def test_edit_inputs_over_4mp_are_scaled_to_4mp(client):
     big = Image.fromarray(np.random.RandomState(0).randint(0, 255, (2000, 3000, 3), dtype=np.uint8))
     buffer = io.BytesIO()
     big.save(buffer, format="JPEG", quality=80)
-    result = client.images.edit(image=("big.jpg", buffer.getvalue()), prompt="x", response_format="b64_json",
-                                extra_body=ONE_STEP)
+    result = client.images.edit(
+        image=("big.jpg", buffer.getvalue()), prompt="x", response_format="b64_json", extra_body=ONE_STEP
+    )
     width, height = decode_b64(result.data[0].b64_json).size
     assert width * height <= 4 * 1024 * 1024 < (width + 2) * (height + 2)
     assert math.isclose(width / height, 1.5, rel_tol=0.01)
@@ -129,14 +165,29 @@ def test_sync_mode_returns_a_data_uri_and_stores_nothing(client, server):
 
 
 def test_unknown_parameters_are_ignored_and_reported(server):
-    response = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60, json={
-        "prompt": "x", "size": "32x32", "num_inference_steps": 1, "lora": "style.safetensors", "foo": 1,
-        "style": "vivid", "moderation": "low", "user": "u1", "background": "auto", "safety_tolerance": "3",
-        "enable_safety_checker": True, "prompt_enhancement": "off"})
+    response = httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        timeout=60,
+        json={
+            "prompt": "x",
+            "size": "32x32",
+            "num_inference_steps": 1,
+            "lora": "style.safetensors",
+            "foo": 1,
+            "style": "vivid",
+            "moderation": "low",
+            "user": "u1",
+            "background": "auto",
+            "safety_tolerance": "3",
+            "enable_safety_checker": True,
+            "prompt_enhancement": "off",
+        },
+    )
     assert response.status_code == 200, response.text
     # Unknown fields, and known ones that were set but are not acted on here (background "auto" is honoured).
-    assert response.headers["x-flux2-ignored-params"] == ("enable_safety_checker, foo, lora, moderation, "
-                                                          "safety_tolerance, style, user")
+    assert response.headers["x-flux2-ignored-params"] == (
+        "enable_safety_checker, foo, lora, moderation, safety_tolerance, style, user"
+    )
     warnings = response.json()["warnings"]
     assert any("'foo', 'lora'" in w for w in warnings)
     for name in ("moderation", "user", "style", "safety_tolerance", "enable_safety_checker"):
@@ -144,8 +195,9 @@ def test_unknown_parameters_are_ignored_and_reported(server):
 
 
 def test_transparent_background_is_reported_as_not_honoured(client):
-    raw = client.images.with_raw_response.generate(prompt="x", size="32x32", background="transparent",
-                                                   response_format="b64_json", extra_body=ONE_STEP)
+    raw = client.images.with_raw_response.generate(
+        prompt="x", size="32x32", background="transparent", response_format="b64_json", extra_body=ONE_STEP
+    )
     assert raw.headers["x-flux2-ignored-params"] == "background"
     result = raw.parse()
     assert decode_b64(result.data[0].b64_json).mode == "RGB"  # opaque, as said
@@ -154,8 +206,9 @@ def test_transparent_background_is_reported_as_not_honoured(client):
 
 
 def test_a_plain_request_has_no_warnings_and_no_ignored_header(client):
-    raw = client.images.with_raw_response.generate(prompt="x", size="32x32", background="opaque",
-                                                   response_format="b64_json", extra_body=ONE_STEP)
+    raw = client.images.with_raw_response.generate(
+        prompt="x", size="32x32", background="opaque", response_format="b64_json", extra_body=ONE_STEP
+    )
     assert "x-flux2-ignored-params" not in raw.headers
     assert raw.parse().model_extra.get("warnings") is None
 
@@ -178,8 +231,9 @@ def test_long_prompts_are_truncated_and_say_so(client):
 
 def test_quality_and_guidance_aliases_change_the_image(client):
     def image(**params):
-        return decode_b64(generate(client, prompt="x", size="64x64", seed=3, response_format="b64_json",
-                                   **params).data[0].b64_json)
+        return decode_b64(
+            generate(client, prompt="x", size="64x64", seed=3, response_format="b64_json", **params).data[0].b64_json
+        )
 
     base = np.asarray(image(quality="high"), dtype=int)
     assert np.abs(base - np.asarray(image(quality="low"), dtype=int)).max() > 0
@@ -189,8 +243,11 @@ def test_quality_and_guidance_aliases_change_the_image(client):
 
 def test_ignored_parameter_names_are_safe_in_the_header(server):
     # Found by schemathesis: a non-latin-1 field name once broke the header (a 500).
-    response = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60, json={
-        "prompt": "x", "size": "16x16", "num_inference_steps": 1, "Ā": None, "a\r\nb": 1})
+    response = httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        timeout=60,
+        json={"prompt": "x", "size": "16x16", "num_inference_steps": 1, "Ā": None, "a\r\nb": 1},
+    )
     assert response.status_code == 200
     assert response.headers["x-flux2-ignored-params"] == "a%0D%0Ab, %C4%80"  # sorted by name
 

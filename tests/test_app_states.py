@@ -65,9 +65,15 @@ def test_a_failing_job_is_a_500_without_a_trace_and_the_server_keeps_serving(tmp
         def explode(**kwargs):
             raise RuntimeError("secret internal detail")
 
-        return LoadedModel(spec=model.spec, placement=model.placement,
-                           pipe=type("Exploding", (), {"__call__": staticmethod(explode),
-                                                       "__getattr__": lambda self, n: getattr(model.pipe, n)})())
+        return LoadedModel(
+            spec=model.spec,
+            placement=model.placement,
+            pipe=type(
+                "Exploding",
+                (),
+                {"__call__": staticmethod(explode), "__getattr__": lambda self, n: getattr(model.pipe, n)},
+            )(),
+        )
 
     with TestClient(_app(tmp_path, tiny_klein, exploding_load), raise_server_exceptions=False) as client:
         client.app.state.engine.wait_ready(30)

@@ -17,8 +17,9 @@ def keyed_server(tiny_klein, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("keyed")
     key_file = workdir / "keys.txt"
     key_file.write_text("# studio keys\nfile-key-2  # the render farm\n\n")
-    with RunningServer(["--model", str(tiny_klein), "--api-key", "cli-key-1", "--api-key-file", str(key_file)],
-                       workdir) as running:
+    with RunningServer(
+        ["--model", str(tiny_klein), "--api-key", "cli-key-1", "--api-key-file", str(key_file)], workdir
+    ) as running:
         yield running
 
 
@@ -42,8 +43,9 @@ def test_no_key_and_wrong_key_are_401(keyed_server):
 
 def test_right_keys_work_and_files_need_a_key(keyed_server):
     for key in ("cli-key-1", "file-key-2"):
-        result = _client(keyed_server, key).images.generate(prompt="x", size="16x16",
-                                                              extra_body={"num_inference_steps": 1})
+        result = _client(keyed_server, key).images.generate(
+            prompt="x", size="16x16", extra_body={"num_inference_steps": 1}
+        )
         url = result.data[0].url
         assert httpx.get(url).status_code == 401
         served = httpx.get(url, headers={"Authorization": f"Bearer {key}"})
@@ -58,10 +60,15 @@ def test_health_is_open_metrics_is_not(keyed_server):
 
 
 def test_public_files_and_open_metrics(tiny_klein, tmp_path):
-    with RunningServer(["--model", str(tiny_klein), "--api-key", "k", "--public-files", "--open-metrics"],
-                       tmp_path) as running:
-        url = _client(running, "k").images.generate(prompt="x", size="16x16",
-                                                     extra_body={"num_inference_steps": 1}).data[0].url
+    with RunningServer(
+        ["--model", str(tiny_klein), "--api-key", "k", "--public-files", "--open-metrics"], tmp_path
+    ) as running:
+        url = (
+            _client(running, "k")
+            .images.generate(prompt="x", size="16x16", extra_body={"num_inference_steps": 1})
+            .data[0]
+            .url
+        )
         assert httpx.get(url).status_code == 200
         assert httpx.get(f"{running.base_url}/metrics").status_code == 200
         assert httpx.get(f"{running.base_url}/v1/models").status_code == 401
@@ -96,9 +103,27 @@ def test_cli_client_sends_the_key_from_the_environment(keyed_server, tmp_path):
     import sys
 
     def run(key):
-        return subprocess.run([sys.executable, "-m", "server.cli", "generate", "x", "--size", "16x16", "--steps", "1",
-                               "--server", keyed_server.base_url, "-o", str(tmp_path / "k.png")],
-                              capture_output=True, text=True, timeout=120, env={**os.environ, "FLUX2_API_KEY": key})
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "server.cli",
+                "generate",
+                "x",
+                "--size",
+                "16x16",
+                "--steps",
+                "1",
+                "--server",
+                keyed_server.base_url,
+                "-o",
+                str(tmp_path / "k.png"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "FLUX2_API_KEY": key},
+        )
 
     assert run("cli-key-1").returncode == 0
     refused = run("nope")

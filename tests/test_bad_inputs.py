@@ -35,8 +35,10 @@ def raw(content: bytes, content_type="application/json"):
 
 
 def form(data=None, files=None):
-    return {"data": {"prompt": "x", "num_inference_steps": "1", **(data or {})},
-            "files": files if files is not None else [("image", ("a.png", png(), "image/png"))]}
+    return {
+        "data": {"prompt": "x", "num_inference_steps": "1", **(data or {})},
+        "files": files if files is not None else [("image", ("a.png", png(), "image/png"))],
+    }
 
 
 def uri(data: bytes) -> str:
@@ -103,42 +105,90 @@ CASES = [
     ("text/plain body", GEN, raw(b"a cat", "text/plain"), 400, None),
     ("deeply nested JSON", GEN, raw(b"[" * 100_000 + b"]" * 100_000), 400, None),
     ("lone surrogate", GEN, raw(b'{"prompt": "\\ud800"}'), 400, "prompt"),
-    ("non-UTF-8 form field", EDIT, {"files": [("prompt", (None, b"\xff\xfe")), ("size", (None, b"\xffx\xfe")),
-                                              ("image", ("a.png", png(), "image/png"))]}, 400, "size"),
+    (
+        "non-UTF-8 form field",
+        EDIT,
+        {
+            "files": [
+                ("prompt", (None, b"\xff\xfe")),
+                ("size", (None, b"\xffx\xfe")),
+                ("image", ("a.png", png(), "image/png")),
+            ]
+        },
+        400,
+        "size",
+    ),
     # edits: multipart
     ("no image", EDIT, form(files=[]), 400, "image"),
-    ("image as text", EDIT, {"data": {"prompt": "x", "image": "not a file"}, "files": [("x", ("x", b"x"))]}, 400,
-     "image"),
+    (
+        "image as text",
+        EDIT,
+        {"data": {"prompt": "x", "image": "not a file"}, "files": [("x", ("x", b"x"))]},
+        400,
+        "image",
+    ),
     ("zero-byte image", EDIT, form(files=[("image", ("a.png", b"", "image/png"))]), 400, "image"),
-    ("corrupt image", EDIT, form(files=[("image", ("a.png", b"\x89PNG\r\n\x1a\nrubbish", "image/png"))]), 400,
-     "image"),
+    ("corrupt image", EDIT, form(files=[("image", ("a.png", b"\x89PNG\r\n\x1a\nrubbish", "image/png"))]), 400, "image"),
     ("truncated image", EDIT, form(files=[("image", ("a.png", png()[:200], "image/png"))]), 400, "image"),
     ("text file", EDIT, form(files=[("image", ("a.txt", b"hello world", "text/plain"))]), 400, "image"),
     ("decompression bomb", EDIT, form(files=[("image", ("bomb.png", bomb_png(), "image/png"))]), 400, "image"),
-    ("eleven images", EDIT, form(files=[("image[]", (f"{i}.png", png(16, 16), "image/png")) for i in range(11)]),
-     400, "image"),
-    ("mask of another size", EDIT, form(files=[("image", ("a.png", png(), "image/png")),
-                                               ("mask", ("m.png", png(10, 10), "image/png"))]), 400, "mask"),
-    ("garbage mask", EDIT, form(files=[("image", ("a.png", png(), "image/png")), ("mask", ("m.png", b"nope"))]),
-     400, "mask"),
-    ("two masks", EDIT, form(files=[("image", ("a.png", png(), "image/png")), ("mask", ("m.png", png())),
-                                    ("mask", ("n.png", png()))]), 400, "mask"),
-    ("duplicate prompt", EDIT, {"files": [("prompt", (None, "a")), ("prompt", (None, "b")),
-                                          ("image", ("a.png", png(), "image/png"))]}, 400, "prompt"),
-    ("missing prompt", EDIT, {"data": {"n": "1"}, "files": [("image", ("a.png", png(), "image/png"))]}, 400,
-     "prompt"),
+    (
+        "eleven images",
+        EDIT,
+        form(files=[("image[]", (f"{i}.png", png(16, 16), "image/png")) for i in range(11)]),
+        400,
+        "image",
+    ),
+    (
+        "mask of another size",
+        EDIT,
+        form(files=[("image", ("a.png", png(), "image/png")), ("mask", ("m.png", png(10, 10), "image/png"))]),
+        400,
+        "mask",
+    ),
+    (
+        "garbage mask",
+        EDIT,
+        form(files=[("image", ("a.png", png(), "image/png")), ("mask", ("m.png", b"nope"))]),
+        400,
+        "mask",
+    ),
+    (
+        "two masks",
+        EDIT,
+        form(files=[("image", ("a.png", png(), "image/png")), ("mask", ("m.png", png())), ("mask", ("n.png", png()))]),
+        400,
+        "mask",
+    ),
+    (
+        "duplicate prompt",
+        EDIT,
+        {"files": [("prompt", (None, "a")), ("prompt", (None, "b")), ("image", ("a.png", png(), "image/png"))]},
+        400,
+        "prompt",
+    ),
+    ("missing prompt", EDIT, {"data": {"n": "1"}, "files": [("image", ("a.png", png(), "image/png"))]}, 400, "prompt"),
     ("n text in form", EDIT, form(data={"n": "lots"}), 400, "n"),
     ("sync_mode text in form", EDIT, form(data={"sync_mode": "perhaps"}), 400, "sync_mode"),
-    ("broken multipart", EDIT, raw(b"--x\r\nContent-Disposition: form-data\r\n\r\n", "multipart/form-data"), 400,
-     None),
+    ("broken multipart", EDIT, raw(b"--x\r\nContent-Disposition: form-data\r\n\r\n", "multipart/form-data"), 400, None),
     # edits: JSON
     ("no images", EDIT, {"json": {"prompt": "x", "images": []}}, 400, "images"),
     ("images not a list", EDIT, {"json": {"prompt": "x", "images": "data:,"}}, 400, "images"),
-    ("bad base64", EDIT, {"json": {"prompt": "x", "images": [{"image_url": "data:image/png;base64,@@@"}]}}, 400,
-     "images"),
+    (
+        "bad base64",
+        EDIT,
+        {"json": {"prompt": "x", "images": [{"image_url": "data:image/png;base64,@@@"}]}},
+        400,
+        "images",
+    ),
     ("file URL", EDIT, {"json": {"prompt": "x", "images": [{"image_url": "file:///etc/passwd"}]}}, 400, "images"),
-    ("metadata URL", EDIT, {"json": {"prompt": "x", "images": [{"image_url": "http://169.254.169.254/latest"}]}}, 400,
-     "images"),
+    (
+        "metadata URL",
+        EDIT,
+        {"json": {"prompt": "x", "images": [{"image_url": "http://169.254.169.254/latest"}]}},
+        400,
+        "images",
+    ),
     ("image_url missing", EDIT, {"json": {"prompt": "x", "images": [{}]}}, 400, "images"),
     ("deeply nested JSON edit", EDIT, raw(b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400, None),
     ("JSON bomb image", EDIT, {"json": {"prompt": "x", "images": [{"image_url": uri(bomb_png())}]}}, 400, "images"),
@@ -166,14 +216,25 @@ def test_the_battery_is_big_enough():
     assert len(CASES) >= 40
 
 
-@pytest.mark.parametrize("maker, size", [
-    (animated_gif, (64, 64)), (cmyk_jpeg, (64, 64)), (palette_png_with_transparency, (64, 64)),
-    (sixteen_bit_png, (64, 64)), (rgba_png, (64, 64)), (exif_rotated_jpeg, (64, 96)), (webp, (64, 64)),
-])
+@pytest.mark.parametrize(
+    "maker, size",
+    [
+        (animated_gif, (64, 64)),
+        (cmyk_jpeg, (64, 64)),
+        (palette_png_with_transparency, (64, 64)),
+        (sixteen_bit_png, (64, 64)),
+        (rgba_png, (64, 64)),
+        (exif_rotated_jpeg, (64, 96)),
+        (webp, (64, 64)),
+    ],
+)
 def test_hostile_but_valid_images_work(server, maker, size):
-    response = httpx.post(f"{server.base_url}{EDIT}", timeout=60, data={
-        "prompt": "x", "num_inference_steps": "1", "response_format": "b64_json"},
-        files=[("image", ("upload", maker(), "application/octet-stream"))])
+    response = httpx.post(
+        f"{server.base_url}{EDIT}",
+        timeout=60,
+        data={"prompt": "x", "num_inference_steps": "1", "response_format": "b64_json"},
+        files=[("image", ("upload", maker(), "application/octet-stream"))],
+    )
     assert response.status_code == 200, response.text
     assert decode_b64(response.json()["data"][0]["b64_json"]).size == size  # auto size: the (upright) input
 
@@ -187,8 +248,10 @@ def test_body_size_limit_is_a_413(tiny_klein, tmp_path):
     from server.app import create_app
     from server.settings import Settings
 
-    app = create_app(Settings(model_ids={"tiny": "tiny"}, output_dir=tmp_path, max_body_bytes=1000,
-                              max_image_bytes=500), Engine(ModelPool([model_config(tiny_klein)])))
+    app = create_app(
+        Settings(model_ids={"tiny": "tiny"}, output_dir=tmp_path, max_body_bytes=1000, max_image_bytes=500),
+        Engine(ModelPool([model_config(tiny_klein)])),
+    )
     with TestClient(app) as client:
         big = client.post(GEN, content=json.dumps({"prompt": "x" * 2000}), headers={"content-type": "application/json"})
         assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"

@@ -37,8 +37,10 @@ def test_full_size_configs_keep_what_the_pipelines_rely_on(name):
     from diffusers import Flux2Transformer2DModel
 
     arch = get_architecture(name)
-    defaults = {key: parameter.default
-                for key, parameter in inspect.signature(Flux2Transformer2DModel.__init__).parameters.items()}
+    defaults = {
+        key: parameter.default
+        for key, parameter in inspect.signature(Flux2Transformer2DModel.__init__).parameters.items()
+    }
     merged = {**defaults, **arch.transformer}
     assert merged["in_channels"] == 128 and merged["attention_head_dim"] == 128
     assert merged["joint_attention_dim"] == 3 * arch.encoder["hidden_size"]  # three stacked hidden states
@@ -67,8 +69,20 @@ def test_dev_pipeline_fits_an_h200_not_an_h100():
 
 
 def _expected_keys(arch):
-    keys = ["one_image", "sequential_4", "concurrent_4", "n_4", "stream_2", "edit_1", "edit_4", "edit_10",
-            "masked_edit", f"one_image_{2 * arch.size}", "pipeline_step", "transformer_step"]
+    keys = [
+        "one_image",
+        "sequential_4",
+        "concurrent_4",
+        "n_4",
+        "stream_2",
+        "edit_1",
+        "edit_4",
+        "edit_10",
+        "masked_edit",
+        f"one_image_{2 * arch.size}",
+        "pipeline_step",
+        "transformer_step",
+    ]
     if arch.family == "klein":
         keys.append(f"one_image_{arch.size // 2}")
     return keys
@@ -83,9 +97,24 @@ def tiny_run(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("bench")
     docs = folder / "docs" / "PERFORMANCE.md"
-    result = CliRunner().invoke(app, ["bench", "--architecture", "tiny", "--device", "cpu", "--repeats", "1",
-                                      "--json", str(folder / "bench.json"), "--update-docs", "--docs", str(docs)],
-                                env={"COLUMNS": "200"})
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            "--architecture",
+            "tiny",
+            "--device",
+            "cpu",
+            "--repeats",
+            "1",
+            "--json",
+            str(folder / "bench.json"),
+            "--update-docs",
+            "--docs",
+            str(docs),
+        ],
+        env={"COLUMNS": "200"},
+    )
     assert result.exit_code == 0, result.output + repr(result.exception)
     return {"output": result.output, "json": json.loads((folder / "bench.json").read_text()), "docs": docs}
 
@@ -212,10 +241,19 @@ def test_dev_without_torchvision_gets_a_text_only_processor(monkeypatch):
     fallback = dev_text_processor()
     assert isinstance(fallback, TextOnlyProcessor)
     messages = format_input(prompts=["a red kite", "a cat"], system_message=SYSTEM_MESSAGE)
-    options = dict(add_generation_prompt=False, tokenize=True, return_dict=True, return_tensors="pt",
-                   padding="max_length", truncation=True, max_length=512)
-    assert fallback.apply_chat_template(messages, **options)["input_ids"].tolist() == \
-        real.apply_chat_template(messages, **options)["input_ids"].tolist()
+    options = dict(
+        add_generation_prompt=False,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        padding="max_length",
+        truncation=True,
+        max_length=512,
+    )
+    assert (
+        fallback.apply_chat_template(messages, **options)["input_ids"].tolist()
+        == real.apply_chat_template(messages, **options)["input_ids"].tolist()
+    )
 
     class Pipe:
         tokenizer = fallback
@@ -240,7 +278,9 @@ def test_architectures_import_without_the_http_stack():
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
-            "import pipeline.architectures\n")
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
+        "import pipeline.architectures\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

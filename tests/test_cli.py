@@ -11,8 +11,9 @@ from conftest import RunningServer
 
 
 def test_serve_without_model_builds_tiny_weights_and_warns(tmp_path):
-    server = RunningServer(["--public-url", "http://images.studio.example:9000/"], tmp_path,
-                           env={"FLUX2_MODEL_NAME": "from-env"})
+    server = RunningServer(
+        ["--public-url", "http://images.studio.example:9000/"], tmp_path, env={"FLUX2_MODEL_NAME": "from-env"}
+    )
     try:
         server.wait_healthy()
         assert (tmp_path / "weights" / "tiny-flux2-klein" / "model_index.json").is_file()
@@ -22,8 +23,11 @@ def test_serve_without_model_builds_tiny_weights_and_warns(tmp_path):
             assert decision in log
         models = httpx.get(f"{server.base_url}/v1/models").json()
         assert models["data"][0]["id"] == "from-env"
-        body = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60,
-                          json={"prompt": "x", "size": "32x32", "num_inference_steps": 1}).json()
+        body = httpx.post(
+            f"{server.base_url}/v1/images/generations",
+            timeout=60,
+            json={"prompt": "x", "size": "32x32", "num_inference_steps": 1},
+        ).json()
         assert body["data"][0]["url"].startswith("http://images.studio.example:9000/v1/images/files/")
     finally:
         code = server.stop()
@@ -33,44 +37,88 @@ def test_serve_without_model_builds_tiny_weights_and_warns(tmp_path):
 
 
 def test_bad_model_path_exits_with_a_clear_message(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2
     assert "neither a diffusers folder nor a hub id" in run.stderr
 
 
 def test_tiny_weights_command(tmp_path):
-    run = subprocess.run([sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "d"), "--variant", "dev"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "d"), "--variant", "dev"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert '"Flux2Pipeline"' in (tmp_path / "d" / "model_index.json").read_text()
-    bad = subprocess.run([sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "e"), "--variant", "xl"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "e"), "--variant", "xl"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode != 0
 
 
 def test_bench_command_runs_and_reports_every_figure():
     # Ratios are measured by the command, not asserted here: timing on a shared CI machine is no test.
-    run = subprocess.run([sys.executable, "-m", "server.cli", "bench", "--count", "2", "--repeats", "1",
-                          "--size", "64"], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--count", "2", "--repeats", "1", "--size", "64"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    for label in ("(a) 2 requests one by one", "(b) 2 concurrent", "(c) one direct pipeline call",
-                  "(d) 2 direct single", "(a)/(b)", "(b)/(c)", "prompt cache", "streaming 3 partial images"):
+    for label in (
+        "(a) 2 requests one by one",
+        "(b) 2 concurrent",
+        "(c) one direct pipeline call",
+        "(d) 2 direct single",
+        "(a)/(b)",
+        "(b)/(c)",
+        "prompt cache",
+        "streaming 3 partial images",
+    ):
         assert label in run.stdout
 
 
 def _cli(*args, cwd=None, env=None):
     import os
 
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_generate_command_writes_numbered_files_and_reports_seeds(server, tmp_path):
     from PIL import Image
 
-    run = _cli("generate", "a red kite", "-o", str(tmp_path / "kite.png"), "--size", "48x32", "-n", "2",
-               "--seed", "7", "--steps", "3", "--server", server.base_url)
+    run = _cli(
+        "generate",
+        "a red kite",
+        "-o",
+        str(tmp_path / "kite.png"),
+        "--size",
+        "48x32",
+        "-n",
+        "2",
+        "--seed",
+        "7",
+        "--steps",
+        "3",
+        "--server",
+        server.base_url,
+    )
     assert run.returncode == 0, run.stderr
     assert f"{tmp_path / 'kite-1.png'}  (48x32, seed 7)" in run.stdout
     assert f"{tmp_path / 'kite-2.png'}  (48x32, seed 8)" in run.stdout
@@ -84,8 +132,22 @@ def test_edit_command_with_two_images_default_names_and_format(server, tmp_path)
 
     (tmp_path / "a.png").write_bytes(png(64, 48))
     (tmp_path / "b.png").write_bytes(png(32, 32))
-    run = _cli("edit", "combine", "-i", "a.png", "-i", "b.png", "--seed", "3", "--steps", "2", "--format", "jpeg",
-               cwd=tmp_path, env={"FLUX2_SERVER": server.base_url})
+    run = _cli(
+        "edit",
+        "combine",
+        "-i",
+        "a.png",
+        "-i",
+        "b.png",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--format",
+        "jpeg",
+        cwd=tmp_path,
+        env={"FLUX2_SERVER": server.base_url},
+    )
     assert run.returncode == 0, run.stderr
     assert "flux2-3.jpg  (64x48, seed 3)" in run.stdout
     image = Image.open(tmp_path / "flux2-3.jpg")
@@ -110,8 +172,18 @@ def test_a_broken_tiny_folder_is_rebuilt(tmp_path):
 
 
 def test_without_a_terminal_the_client_prints_its_progress_as_lines(server, tmp_path):
-    run = _cli("generate", "a kite", "-o", str(tmp_path / "k.png"), "--size", "32x32", "--steps", "3",
-               "--server", server.base_url)  # captured: stdout is a pipe, not a terminal
+    run = _cli(
+        "generate",
+        "a kite",
+        "-o",
+        str(tmp_path / "k.png"),
+        "--size",
+        "32x32",
+        "--steps",
+        "3",
+        "--server",
+        server.base_url,
+    )  # captured: stdout is a pipe, not a terminal
     assert run.returncode == 0, run.stderr
     lines = run.stderr.splitlines()
     assert any("request accepted" in line for line in lines)
@@ -134,8 +206,9 @@ class _HeaderRecorder:
         buffer = io.BytesIO()
         Image.new("RGB", (8, 8)).save(buffer, format="PNG")
         b64 = base64.b64encode(buffer.getvalue()).decode()
-        event = (f'event: image_generation.completed\ndata: {{"b64_json": "{b64}", "size": "8x8", "seed": 1}}'
-                 "\n\n").encode()
+        event = (
+            f'event: image_generation.completed\ndata: {{"b64_json": "{b64}", "size": "8x8", "seed": 1}}\n\n'
+        ).encode()
         self.headers: list[dict] = []
         recorder = self
 
@@ -164,9 +237,13 @@ def test_no_authorization_header_without_a_key(tmp_path, key):
     import os
 
     environment = {k: v for k, v in os.environ.items() if k != "FLUX2_API_KEY"}
-    run = subprocess.run([sys.executable, "-m", "server.cli", "generate", "x", "-o", str(tmp_path / "o.png"),
-                          "--server", recorder.url], capture_output=True, text=True, timeout=120,
-                         env={**environment, **env})
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "generate", "x", "-o", str(tmp_path / "o.png"), "--server", recorder.url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environment, **env},
+    )
     recorder.httpd.shutdown()
     assert run.returncode == 0, run.stderr
     assert recorder.headers and not any(k.lower() == "authorization" for k in recorder.headers[0])

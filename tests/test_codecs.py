@@ -34,6 +34,7 @@ def fit_size(size, limit):
     """The pixel cap applied to an input image's size (one rule for inputs and outputs: sizes.cap_pixels)."""
     return cap_pixels(*size, limit)
 
+
 PILLOW_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
 LOSSY = ["jpeg", "webp", "avif"]
 ODD_SIZES = [(37, 23), (23, 37), (1, 1), (64, 48)]
@@ -100,9 +101,11 @@ def half_transparent_rgba(size: tuple[int, int] = (20, 10)) -> Image.Image:
 
 
 def test_codecs_import_without_the_http_stack_or_torch():
-    code = ("import sys\n"
-            "for name in ('fastapi', 'starlette', 'uvicorn', 'torch', 'numpy'): sys.modules[name] = None\n"
-            "import pipeline.codecs\n")
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'starlette', 'uvicorn', 'torch', 'numpy'): sys.modules[name] = None\n"
+        "import pipeline.codecs\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -110,8 +113,13 @@ def test_codecs_import_without_the_http_stack_or_torch():
 
 
 def test_media_types_and_extensions_cover_every_output_format():
-    assert MEDIA_TYPES == {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif",
-                           "avif": "image/avif"}
+    assert MEDIA_TYPES == {
+        "png": "image/png",
+        "jpeg": "image/jpeg",
+        "webp": "image/webp",
+        "gif": "image/gif",
+        "avif": "image/avif",
+    }
     assert OUTPUT_FORMATS == ("png", "jpeg", "webp", "gif", "avif")
     assert FILE_EXTENSIONS == {"png": "png", "jpeg": "jpg", "webp": "webp", "gif": "gif", "avif": "avif"}
     assert set(DEFAULT_QUALITY) == set(LOSSY)
@@ -122,19 +130,41 @@ def test_stored_extension_gives_back_the_media_type(fmt):
     assert media_type_for_extension(FILE_EXTENSIONS[fmt]) == MEDIA_TYPES[fmt]
 
 
-@pytest.mark.parametrize(("extension", "expected"), [
-    ("jpg", "image/jpeg"), ("jpeg", "image/jpeg"), (".JPG", "image/jpeg"), ("PNG", "image/png"),
-    ("webp", "image/webp"), ("gif", "image/gif"), ("avif", "image/avif"),
-    ("bmp", None), ("", None), ("txt", None), ("partial", None),
-])
+@pytest.mark.parametrize(
+    ("extension", "expected"),
+    [
+        ("jpg", "image/jpeg"),
+        ("jpeg", "image/jpeg"),
+        (".JPG", "image/jpeg"),
+        ("PNG", "image/png"),
+        ("webp", "image/webp"),
+        ("gif", "image/gif"),
+        ("avif", "image/avif"),
+        ("bmp", None),
+        ("", None),
+        ("txt", None),
+        ("partial", None),
+    ],
+)
 def test_media_type_for_extension(extension, expected):
     assert media_type_for_extension(extension) == expected
 
 
-@pytest.mark.parametrize(("value", "expected"), [
-    ("png", "png"), ("PNG", "png"), (" png ", "png"), ("jpeg", "jpeg"), ("JPG", "jpeg"), ("jpg", "jpeg"),
-    (" Jpeg\n", "jpeg"), ("WEBP", "webp"), ("gif", "gif"), ("Avif", "avif"),
-])
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("png", "png"),
+        ("PNG", "png"),
+        (" png ", "png"),
+        ("jpeg", "jpeg"),
+        ("JPG", "jpeg"),
+        ("jpg", "jpeg"),
+        (" Jpeg\n", "jpeg"),
+        ("WEBP", "webp"),
+        ("gif", "gif"),
+        ("Avif", "avif"),
+    ],
+)
 def test_normalize_output_format(value, expected):
     assert normalize_output_format(value) == expected
 
@@ -366,13 +396,16 @@ def marked_40x20() -> Image.Image:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP"])
-@pytest.mark.parametrize(("orientation", "size", "red_corner"), [
-    (1, (40, 20), (3, 3)),     # as stored
-    (3, (40, 20), (36, 16)),   # rotated 180: top-left -> bottom-right
-    (6, (20, 40), (16, 3)),    # rotate 90 clockwise to view: top-left -> top-right
-    (8, (20, 40), (3, 36)),    # rotate 90 counter-clockwise to view: top-left -> bottom-left
-    (2, (40, 20), (36, 3)),    # mirrored: top-left -> top-right
-])
+@pytest.mark.parametrize(
+    ("orientation", "size", "red_corner"),
+    [
+        (1, (40, 20), (3, 3)),  # as stored
+        (3, (40, 20), (36, 16)),  # rotated 180: top-left -> bottom-right
+        (6, (20, 40), (16, 3)),  # rotate 90 clockwise to view: top-left -> top-right
+        (8, (20, 40), (3, 36)),  # rotate 90 counter-clockwise to view: top-left -> bottom-left
+        (2, (40, 20), (36, 3)),  # mirrored: top-left -> top-right
+    ],
+)
 def test_exif_orientation_is_applied(fmt, orientation, size, red_corner):
     decoded = decode_image(with_exif_orientation(marked_40x20(), orientation, fmt))
     assert decoded.size == size
@@ -398,15 +431,18 @@ def tiff() -> bytes:
     return save(Image.new("RGB", (8, 8), RED), "TIFF")
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"", "empty file"),
-    (bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)), "not a PNG, JPEG, WebP, GIF or AVIF"),
-    (b"hello, this is a text file\nnot an image\n", "not a PNG, JPEG, WebP, GIF or AVIF"),
-    (b'{"image": "cat.png"}', "not a PNG, JPEG, WebP, GIF or AVIF"),
-    (b"\x00", "not a PNG, JPEG, WebP, GIF or AVIF"),
-    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a PNG, JPEG, WebP, GIF or AVIF"),
-    (b"%PDF-1.4\n", "PDF is not supported"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        (bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)), "not a PNG, JPEG, WebP, GIF or AVIF"),
+        (b"hello, this is a text file\nnot an image\n", "not a PNG, JPEG, WebP, GIF or AVIF"),
+        (b'{"image": "cat.png"}', "not a PNG, JPEG, WebP, GIF or AVIF"),
+        (b"\x00", "not a PNG, JPEG, WebP, GIF or AVIF"),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not a PNG, JPEG, WebP, GIF or AVIF"),
+        (b"%PDF-1.4\n", "PDF is not supported"),
+    ],
+)
 def test_unusable_bytes_are_refused_with_a_clear_message(data, message):
     with pytest.raises(ImageDecodeError, match=message):
         decode_image(data)
@@ -428,8 +464,10 @@ def test_truncated_images_are_refused(fmt, keep):
         decode_image(data[: int(len(data) * keep)])
 
 
-@pytest.mark.parametrize("prefix", [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP",
-                                    b"\x00\x00\x00\x1cftypavif"])
+@pytest.mark.parametrize(
+    "prefix",
+    [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"GIF89a", b"RIFF\x00\x00\x00\x00WEBP", b"\x00\x00\x00\x1cftypavif"],
+)
 def test_right_signature_followed_by_garbage_is_corrupt(prefix):
     with pytest.raises(ImageDecodeError, match="corrupt or truncated image"):
         decode_image(prefix + b"\x13\x37" * 40)
@@ -504,15 +542,18 @@ def test_downscale_happens_after_exif_rotation():
     assert decoded.info["source_size"] == (100, 400)
 
 
-@pytest.mark.parametrize(("size", "limit", "expected"), [
-    ((3000, 2000), 4 * 1024 * 1024, (2508, 1672)),
-    ((100, 100), 10_000, (100, 100)),
-    ((101, 100), 10_000, (100, 99)),
-    ((1, 5000), 1000, (1, 1000)),
-    ((5000, 1), 1000, (1000, 1)),
-    ((2, 5000), 1000, (1, 1000)),
-    ((7, 3), 1, (1, 1)),
-])
+@pytest.mark.parametrize(
+    ("size", "limit", "expected"),
+    [
+        ((3000, 2000), 4 * 1024 * 1024, (2508, 1672)),
+        ((100, 100), 10_000, (100, 100)),
+        ((101, 100), 10_000, (100, 99)),
+        ((1, 5000), 1000, (1, 1000)),
+        ((5000, 1), 1000, (1000, 1)),
+        ((2, 5000), 1000, (1, 1000)),
+        ((7, 3), 1, (1, 1)),
+    ],
+)
 def test_fit_size(size, limit, expected):
     result = fit_size(size, limit)
     assert result == expected
@@ -606,9 +647,14 @@ def test_mask_resize_to_the_decoded_image():
     assert mask.getpixel((1, 2)) == 255 and mask.getpixel((8, 2)) == 0
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"", "empty file"), (b"not an image", "not a PNG"), (save(Image.new("RGBA", (8, 8)), "PNG")[:40], "corrupt"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "empty file"),
+        (b"not an image", "not a PNG"),
+        (save(Image.new("RGBA", (8, 8)), "PNG")[:40], "corrupt"),
+    ],
+)
 def test_mask_bad_bytes(data, message):
     with pytest.raises(ImageDecodeError, match=message):
         decode_mask(data, (8, 8))
@@ -630,9 +676,18 @@ def test_data_uri_accepts_the_jpg_alias():
     assert data_uri(b"x", "JPG").startswith("data:image/jpeg;base64,")
 
 
-@pytest.mark.parametrize("header", ["data:image/png;base64", "data:;base64", "data:base64", "DATA:IMAGE/PNG;BASE64",
-                                    "data:image/jpeg;name=cat.jpg;base64", "data:application/octet-stream;base64",
-                                    "data:image/webp;charset=binary;base64"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "data:image/png;base64",
+        "data:;base64",
+        "data:base64",
+        "DATA:IMAGE/PNG;BASE64",
+        "data:image/jpeg;name=cat.jpg;base64",
+        "data:application/octet-stream;base64",
+        "data:image/webp;charset=binary;base64",
+    ],
+)
 def test_parse_data_uri_headers(header):
     payload = b"\x89PNG\x00\x01\x02 arbitrary bytes"
     assert parse_data_uri(f"{header},{base64.b64encode(payload).decode()}") == payload
@@ -641,16 +696,28 @@ def test_parse_data_uri_headers(header):
 def test_parse_data_uri_tolerates_whitespace_and_missing_padding():
     payload = bytes(range(256)) * 3 + b"ab"
     encoded = base64.b64encode(payload).decode()
-    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
     assert parse_data_uri(f"data:image/png;base64,\n {wrapped}\r\n") == payload
     assert parse_data_uri(f"data:image/png;base64,{encoded.rstrip('=')}") == payload
 
 
-@pytest.mark.parametrize("uri", [
-    "https://example.com/cat.png", "cat.png", "", "iVBORw0KGgo=", "data:image/png,rawbytes",
-    "data:image/png;base64", "data:text/plain;base64,aGVsbG8=", "data:image/png;base64,!!!!",
-    "data:image/png;base64,aGVs*G8=", "data:image/png;base64,a", None, b"data:image/png;base64,aGVsbG8=",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "https://example.com/cat.png",
+        "cat.png",
+        "",
+        "iVBORw0KGgo=",
+        "data:image/png,rawbytes",
+        "data:image/png;base64",
+        "data:text/plain;base64,aGVsbG8=",
+        "data:image/png;base64,!!!!",
+        "data:image/png;base64,aGVs*G8=",
+        "data:image/png;base64,a",
+        None,
+        b"data:image/png;base64,aGVsbG8=",
+    ],
+)
 def test_parse_data_uri_refusals(uri):
     with pytest.raises(ImageDecodeError):
         parse_data_uri(uri)

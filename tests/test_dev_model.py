@@ -25,7 +25,8 @@ def dev_client(tiny_dev, tmp_path_factory):
 def _png(width, height, seed):
     buffer = io.BytesIO()
     Image.fromarray(np.random.RandomState(seed).randint(0, 255, (height, width, 3), dtype=np.uint8)).save(
-        buffer, format="PNG")
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
@@ -34,12 +35,18 @@ def test_dev_lists_its_aliases(dev_client):
 
 
 def test_dev_generates_and_edits_with_references_and_a_mask(dev_client):
-    result = dev_client.images.generate(model="flux.2-dev", prompt="a fox", size="80x64", response_format="b64_json",
-                                        extra_body={"seed": 1, **STEPS})
+    result = dev_client.images.generate(
+        model="flux.2-dev", prompt="a fox", size="80x64", response_format="b64_json", extra_body={"seed": 1, **STEPS}
+    )
     assert decode_b64(result.data[0].b64_json).size == (80, 64)
 
-    edited = dev_client.images.edit(model="flux.2-flex", image=[_png(64, 64, 1), _png(96, 64, 2)], prompt="mix",
-                                    response_format="b64_json", extra_body=STEPS)
+    edited = dev_client.images.edit(
+        model="flux.2-flex",
+        image=[_png(64, 64, 1), _png(96, 64, 2)],
+        prompt="mix",
+        response_format="b64_json",
+        extra_body=STEPS,
+    )
     assert decode_b64(edited.data[0].b64_json).size == (64, 64)
 
     source = _png(64, 64, 3)
@@ -47,8 +54,13 @@ def test_dev_generates_and_edits_with_references_and_a_mask(dev_client):
     mask.paste((0, 0, 0, 0), (16, 16, 48, 48))
     buffer = io.BytesIO()
     mask.save(buffer, format="PNG")
-    masked = dev_client.images.edit(image=("s.png", source), mask=("m.png", buffer.getvalue()), prompt="a hole",
-                                    response_format="b64_json", extra_body=STEPS)
+    masked = dev_client.images.edit(
+        image=("s.png", source),
+        mask=("m.png", buffer.getvalue()),
+        prompt="a hole",
+        response_format="b64_json",
+        extra_body=STEPS,
+    )
     out, original = pixels(decode_b64(masked.data[0].b64_json)), pixels(Image.open(io.BytesIO(source)))
     keep = np.ones((64, 64), bool)
     keep[16:48, 16:48] = False

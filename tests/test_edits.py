@@ -24,23 +24,49 @@ def png_bytes(width=64, height=48, seed=0, mode="RGB") -> bytes:
 
 
 def edit(client, **params):
-    accepted = {"image", "prompt", "background", "input_fidelity", "mask", "model", "n", "output_compression",
-                "output_format", "partial_images", "quality", "response_format", "size", "stream", "user"}
+    accepted = {
+        "image",
+        "prompt",
+        "background",
+        "input_fidelity",
+        "mask",
+        "model",
+        "n",
+        "output_compression",
+        "output_format",
+        "partial_images",
+        "quality",
+        "response_format",
+        "size",
+        "stream",
+        "user",
+    }
     extra = {k: params.pop(k) for k in list(params) if k not in accepted}
     return client.images.edit(**params, extra_body=extra or None)
 
 
 def test_one_image_auto_size_keeps_the_input_size(client):
-    result = edit(client, image=("in.png", png_bytes(96, 64), "image/png"), prompt="make it night",
-                  response_format="b64_json", **STEPS)
+    result = edit(
+        client,
+        image=("in.png", png_bytes(96, 64), "image/png"),
+        prompt="make it night",
+        response_format="b64_json",
+        **STEPS,
+    )
     assert decode_b64(result.data[0].b64_json).size == (96, 64)
     assert result.size == "96x64"
     assert result.usage.input_tokens_details.image_tokens == (96 // 16) * (64 // 16)
 
 
 def test_two_images_as_image_list_and_explicit_size(client):
-    result = edit(client, image=[png_bytes(64, 64, 1), png_bytes(80, 48, 2)], prompt="combine them",
-                  size="128x96", response_format="b64_json", **STEPS)
+    result = edit(
+        client,
+        image=[png_bytes(64, 64, 1), png_bytes(80, 48, 2)],
+        prompt="combine them",
+        size="128x96",
+        response_format="b64_json",
+        **STEPS,
+    )
     assert decode_b64(result.data[0].b64_json).size == (128, 96)
     # 64x64 is 4x4 patches; 80x48 is scaled up to 107x64 (pipelines want >= 64 px), encoded at 96x64: 6x4.
     assert result.usage.input_tokens_details.image_tokens == 16 + 24
@@ -59,8 +85,13 @@ def test_ten_images_work_and_eleven_are_refused(client):
 
 def test_format_is_detected_from_the_bytes_not_the_declared_type(client):
     # The Node SDK sends application/octet-stream; a misnamed file must still work.
-    result = edit(client, image=("photo.jpg", png_bytes(48, 48), "application/octet-stream"), prompt="x",
-                  response_format="b64_json", **STEPS)
+    result = edit(
+        client,
+        image=("photo.jpg", png_bytes(48, 48), "application/octet-stream"),
+        prompt="x",
+        response_format="b64_json",
+        **STEPS,
+    )
     assert decode_b64(result.data[0].b64_json).size == (48, 48)
 
 
@@ -78,8 +109,16 @@ def test_mask_keeps_the_unmasked_pixels(client):
     mask_rgba = np.dstack([np.zeros((48, 64, 3), np.uint8), alpha])
     buffer = io.BytesIO()
     Image.fromarray(mask_rgba, "RGBA").save(buffer, format="PNG")
-    result = edit(client, image=("src.png", source), mask=("mask.png", buffer.getvalue()), prompt="a red balloon",
-                  response_format="b64_json", n=2, seed=3, **STEPS)
+    result = edit(
+        client,
+        image=("src.png", source),
+        mask=("mask.png", buffer.getvalue()),
+        prompt="a red balloon",
+        response_format="b64_json",
+        n=2,
+        seed=3,
+        **STEPS,
+    )
     original = pixels(Image.open(io.BytesIO(source)))
     keep = alpha == 255
     for item in result.data:
@@ -100,9 +139,17 @@ def test_mask_of_another_size_is_a_400(client):
 
 def test_json_edit_with_data_uris(server):
     uri = "data:image/png;base64," + base64.b64encode(png_bytes(64, 32)).decode()
-    response = httpx.post(f"{server.base_url}/v1/images/edits", timeout=60, json={
-        "prompt": "x", "images": [{"image_url": uri}, {"image_url": uri}], "response_format": "b64_json",
-        "seed": 9, **STEPS})
+    response = httpx.post(
+        f"{server.base_url}/v1/images/edits",
+        timeout=60,
+        json={
+            "prompt": "x",
+            "images": [{"image_url": uri}, {"image_url": uri}],
+            "response_format": "b64_json",
+            "seed": 9,
+            **STEPS,
+        },
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert decode_b64(body["data"][0]["b64_json"]).size == (64, 32)
@@ -111,8 +158,9 @@ def test_json_edit_with_data_uris(server):
 
 @pytest.mark.parametrize("url", ["http://example.com/cat.png", "https://127.0.0.1/x.png"])
 def test_json_edit_refuses_remote_urls_by_default(server, url):
-    response = httpx.post(f"{server.base_url}/v1/images/edits", timeout=30,
-                          json={"prompt": "x", "images": [{"image_url": url}]})
+    response = httpx.post(
+        f"{server.base_url}/v1/images/edits", timeout=30, json={"prompt": "x", "images": [{"image_url": url}]}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "images"
     assert response.json()["error"]["code"] == "remote_images_disabled"
@@ -126,8 +174,16 @@ def test_json_edit_without_images_is_a_400(server):
 
 def test_multipart_strings_are_coerced(server):
     files = [("image[]", ("a.png", png_bytes(32, 32), "image/png")), ("image[]", ("b.png", png_bytes(48, 32)))]
-    data = {"prompt": "x", "n": "2", "seed": "100", "sync_mode": "true", "guidance_scale": "2.5",
-            "num_inference_steps": "2", "output_format": "jpg", "output_compression": "80"}
+    data = {
+        "prompt": "x",
+        "n": "2",
+        "seed": "100",
+        "sync_mode": "true",
+        "guidance_scale": "2.5",
+        "num_inference_steps": "2",
+        "output_format": "jpg",
+        "output_compression": "80",
+    }
     response = httpx.post(f"{server.base_url}/v1/images/edits", files=files, data=data, timeout=60)
     assert response.status_code == 200, response.text
     body = response.json()

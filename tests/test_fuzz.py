@@ -19,8 +19,13 @@ from schemathesis.checks import (
 # What this test holds the server to: no 5xx, and every answer (status, content type, headers, body) as the
 # published schema says. (Whether the schema states every rule a request must meet is not asserted: some are
 # settings, like --max-steps, that no static schema knows.)
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_headers_conformance,
-          response_schema_conformance]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+]
 
 CASES_PER_OPERATION = {"POST /v1/images/generations": 450, "POST /v1/images/edits": 450}
 seen: dict[str, int] = {}
@@ -29,8 +34,21 @@ seen: dict[str, int] = {}
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_klein, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("fuzz")
-    with RunningServer(["--model", str(tiny_klein), "--max-output-megapixels", "0.01", "--max-steps", "1",
-                        "--max-queue-images", "10000", "--log-level", "warning"], workdir) as running:
+    with RunningServer(
+        [
+            "--model",
+            str(tiny_klein),
+            "--max-output-megapixels",
+            "0.01",
+            "--max-steps",
+            "1",
+            "--max-queue-images",
+            "10000",
+            "--log-level",
+            "warning",
+        ],
+        workdir,
+    ) as running:
         yield running
 
 
@@ -43,8 +61,7 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 @schema.parametrize()
-@settings(max_examples=450, deadline=None, derandomize=True,
-          suppress_health_check=list(HealthCheck))
+@settings(max_examples=450, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_api_conforms_and_never_answers_5xx(case):
     key = f"{case.operation.method.upper()} {case.operation.path}"
     seen[key] = seen.get(key, 0) + 1

@@ -15,8 +15,7 @@ STEPS = {"num_inference_steps": 2}  # tiny weights: 2 steps are enough to test t
 
 
 def test_b64_json_decodes_to_a_png_of_the_requested_size(client):
-    result = generate(client, prompt="a red fox in snow", size="96x64", response_format="b64_json",
-                                    **STEPS)
+    result = generate(client, prompt="a red fox in snow", size="96x64", response_format="b64_json", **STEPS)
     assert len(result.data) == 1
     image = decode_b64(result.data[0].b64_json)
     assert image.format == "PNG"
@@ -42,17 +41,20 @@ def test_url_is_the_default_and_serves_the_png(client, server):
 
 def test_url_follows_the_host_the_client_called(server):
     body = {"prompt": "x", "size": "32x32", **STEPS}
-    url = httpx.post(f"{server.base_url}/v1/images/generations", json=body,
-                     headers={"Host": "gpu-box.lan:9999"}).json()["data"][0]["url"]
+    url = httpx.post(
+        f"{server.base_url}/v1/images/generations", json=body, headers={"Host": "gpu-box.lan:9999"}
+    ).json()["data"][0]["url"]
     assert url.startswith("http://gpu-box.lan:9999/v1/images/files/")
-    forwarded = httpx.post(f"{server.base_url}/v1/images/generations", json=body,
-                           headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.studio.example"})
+    forwarded = httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        json=body,
+        headers={"X-Forwarded-Proto": "https", "X-Forwarded-Host": "images.studio.example"},
+    )
     assert forwarded.json()["data"][0]["url"].startswith("https://images.studio.example/v1/images/files/")
 
 
 def test_n_2_gives_two_different_images_with_consecutive_seeds(client):
-    result = generate(client, prompt="two cats", size="64x64", n=2, seed=41, response_format="b64_json",
-                                    **STEPS)
+    result = generate(client, prompt="two cats", size="64x64", n=2, seed=41, response_format="b64_json", **STEPS)
     assert len(result.data) == 2
     first, second = (pixels(decode_b64(d.b64_json)) for d in result.data)
     assert first.shape == second.shape == (64, 64, 3)
@@ -75,10 +77,8 @@ def test_different_seeds_give_different_images(client):
 
 
 def test_image_i_of_a_batch_equals_that_seed_alone(client):
-    batch = generate(client, prompt="stars", size="64x64", n=3, seed=500, response_format="b64_json",
-                                   **STEPS)
-    alone = generate(client, prompt="stars", size="64x64", seed=502, response_format="b64_json",
-                                   **STEPS)
+    batch = generate(client, prompt="stars", size="64x64", n=3, seed=500, response_format="b64_json", **STEPS)
+    alone = generate(client, prompt="stars", size="64x64", seed=502, response_format="b64_json", **STEPS)
     # fp32 batch matmuls may differ from single ones in the last bit: allow 2/255 per pixel.
     assert abs(pixels(decode_b64(batch.data[2].b64_json)) - pixels(decode_b64(alone.data[0].b64_json))).max() <= 2
 
@@ -87,15 +87,13 @@ def test_without_seed_each_image_reports_the_seed_that_reproduces_it(client):
     drawn = generate(client, prompt="a kite", size="64x64", response_format="b64_json", **STEPS)
     seed = drawn.data[0].model_extra["seed"]
     assert isinstance(seed, int)
-    again = generate(client, prompt="a kite", size="64x64", seed=seed, response_format="b64_json",
-                                   **STEPS)
+    again = generate(client, prompt="a kite", size="64x64", seed=seed, response_format="b64_json", **STEPS)
     assert base64.b64decode(again.data[0].b64_json) == base64.b64decode(drawn.data[0].b64_json)
 
 
 def test_model_ids_and_aliases_are_accepted(client):
     for model in [m.id for m in client.models.list()]:
-        result = generate(client, model=model, prompt="x", size="32x32", response_format="b64_json",
-                                        **STEPS)
+        result = generate(client, model=model, prompt="x", size="32x32", response_format="b64_json", **STEPS)
         assert decode_b64(result.data[0].b64_json).size == (32, 32)
 
 
@@ -136,11 +134,21 @@ def test_unknown_model_is_a_404_naming_the_served_ids(client):
     assert "flux.2-flex" in body["message"] and "tiny-klein" in body["message"]
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"n": 0}, "n"), ({"n": 11}, "n"), ({"size": "big"}, "size"), ({"size": "0x64"}, "size"),
-    ({"size": "20000x64"}, "size"), ({"seed": -1}, "seed"), ({"response_format": "jpeg"}, "response_format"),
-    ({"num_inference_steps": 100000}, "num_inference_steps"), ({"prompt": "   "}, "prompt"), ({"n": "many"}, "n"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"n": 0}, "n"),
+        ({"n": 11}, "n"),
+        ({"size": "big"}, "size"),
+        ({"size": "0x64"}, "size"),
+        ({"size": "20000x64"}, "size"),
+        ({"seed": -1}, "seed"),
+        ({"response_format": "jpeg"}, "response_format"),
+        ({"num_inference_steps": 100000}, "num_inference_steps"),
+        ({"prompt": "   "}, "prompt"),
+        ({"n": "many"}, "n"),
+    ],
+)
 def test_bad_values_are_400s_naming_the_parameter(client, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
         generate(client, **{"prompt": "x", **extra})
@@ -154,8 +162,9 @@ def test_health_answers_while_a_generation_runs(client, server):
 
     def run_slow():
         try:
-            outcome["result"] = generate(client, prompt="slow", size="1024x1024", response_format="b64_json",
-                                                       num_inference_steps=30)
+            outcome["result"] = generate(
+                client, prompt="slow", size="1024x1024", response_format="b64_json", num_inference_steps=30
+            )
         finally:
             done.set()
 

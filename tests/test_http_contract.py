@@ -31,9 +31,17 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 
 def test_images_response_validates_for_url_and_b64(server):
     for response_format in ("url", "b64_json"):
-        response = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60, json={
-            "prompt": "a harbour at dawn", "size": "48x32", "n": 2, "response_format": response_format,
-            "num_inference_steps": 1})
+        response = httpx.post(
+            f"{server.base_url}/v1/images/generations",
+            timeout=60,
+            json={
+                "prompt": "a harbour at dawn",
+                "size": "48x32",
+                "n": 2,
+                "response_format": response_format,
+                "num_inference_steps": 1,
+            },
+        )
         assert response.status_code == 200, response.text
         body = response.json()
         validate(body, IMAGES_RESPONSE)
@@ -54,21 +62,24 @@ def test_schema_check_can_fail():
         validate({"created": 1, "data": [{"url": "not a uri"}]}, IMAGES_RESPONSE)
 
 
-@pytest.mark.parametrize("method, path, body, status, param, code", [
-    ("POST", "/v1/images/generations", {}, 400, "prompt", "missing_required_parameter"),
-    ("POST", "/v1/images/generations", {"prompt": 5}, 400, "prompt", "invalid_value"),
-    ("POST", "/v1/images/generations", {"prompt": "x", "n": 2.5}, 400, "n", "invalid_value"),
-    ("POST", "/v1/images/generations", {"prompt": "x", "size": 1024}, 400, "size", "invalid_value"),
-    ("POST", "/v1/images/generations", {"prompt": "x", "output_format": "bmp"}, 400, "output_format", None),
-    ("POST", "/v1/images/generations", {"prompt": "x", "model": "nope"}, 404, "model", "model_not_found"),
-    ("POST", "/v1/images/generations", [1, 2], 400, None, "invalid_json"),
-    ("POST", "/v1/images/generations", "not json", 400, None, "invalid_json"),
-    ("GET", "/v1/images/generations", None, 405, None, "method_not_allowed"),
-    ("GET", "/v1/nothing-here", None, 404, None, "not_found"),
-    ("GET", "/v1/models/nope", None, 404, "model", "model_not_found"),
-    ("GET", "/v1/images/files/../../etc/passwd", None, 404, None, None),
-    ("GET", "/v1/images/files/AAAAAAAAAAAAAAAAAAAAAA.png", None, 404, "name", "file_not_found"),
-])
+@pytest.mark.parametrize(
+    "method, path, body, status, param, code",
+    [
+        ("POST", "/v1/images/generations", {}, 400, "prompt", "missing_required_parameter"),
+        ("POST", "/v1/images/generations", {"prompt": 5}, 400, "prompt", "invalid_value"),
+        ("POST", "/v1/images/generations", {"prompt": "x", "n": 2.5}, 400, "n", "invalid_value"),
+        ("POST", "/v1/images/generations", {"prompt": "x", "size": 1024}, 400, "size", "invalid_value"),
+        ("POST", "/v1/images/generations", {"prompt": "x", "output_format": "bmp"}, 400, "output_format", None),
+        ("POST", "/v1/images/generations", {"prompt": "x", "model": "nope"}, 404, "model", "model_not_found"),
+        ("POST", "/v1/images/generations", [1, 2], 400, None, "invalid_json"),
+        ("POST", "/v1/images/generations", "not json", 400, None, "invalid_json"),
+        ("GET", "/v1/images/generations", None, 405, None, "method_not_allowed"),
+        ("GET", "/v1/nothing-here", None, 404, None, "not_found"),
+        ("GET", "/v1/models/nope", None, 404, "model", "model_not_found"),
+        ("GET", "/v1/images/files/../../etc/passwd", None, 404, None, None),
+        ("GET", "/v1/images/files/AAAAAAAAAAAAAAAAAAAAAA.png", None, 404, "name", "file_not_found"),
+    ],
+)
 def test_errors_use_the_openai_envelope(server, method, path, body, status, param, code):
     kwargs = {}
     if isinstance(body, str):
@@ -78,8 +89,11 @@ def test_errors_use_the_openai_envelope(server, method, path, body, status, para
     response = httpx.request(method, f"{server.base_url}{path}", timeout=30, **kwargs)
     assert_error(response, status, param, code)
     # and the server keeps serving
-    ok = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60,
-                    json={"prompt": "ok", "size": "16x16", "num_inference_steps": 1})
+    ok = httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        timeout=60,
+        json={"prompt": "ok", "size": "16x16", "num_inference_steps": 1},
+    )
     assert ok.status_code == 200
 
 

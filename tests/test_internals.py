@@ -21,10 +21,12 @@ def test_each_private_diffusers_call_still_exists(cls, attr):
         source = inspect.getsource(pipeline_class)
         parents = "".join(inspect.getsource(base) for base in pipeline_class.__mro__[1:3])
         assert attr in source or hasattr(pipeline_class, attr) or attr in parents, (
-            f"diffusers {diffusers.__version__}: {cls}.{attr} is gone; update pipeline/internals.py")
+            f"diffusers {diffusers.__version__}: {cls}.{attr} is gone; update pipeline/internals.py"
+        )
     else:
         assert callable(getattr(pipeline_class, attr, None)), (
-            f"diffusers {diffusers.__version__}: {cls}.{attr} is gone; update pipeline/internals.py")
+            f"diffusers {diffusers.__version__}: {cls}.{attr} is gone; update pipeline/internals.py"
+        )
 
 
 @pytest.mark.parametrize("family", ["klein", "dev"])

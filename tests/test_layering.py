@@ -10,11 +10,13 @@ import pytest
 
 
 def test_pipeline_imports_without_fastapi():
-    code = ("import sys\n"
-            "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
-            "import pipeline.engine, pipeline.runner, pipeline.loader, pipeline.weights, pipeline.placement, "
-            "pipeline.sizes, pipeline.codecs, pipeline.jobs, pipeline.tiny_weights, pipeline.accounting, "
-            "pipeline.masking, pipeline.prompts, pipeline.references, pipeline.model_choice\n")
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
+        "import pipeline.engine, pipeline.runner, pipeline.loader, pipeline.weights, pipeline.placement, "
+        "pipeline.sizes, pipeline.codecs, pipeline.jobs, pipeline.tiny_weights, pipeline.accounting, "
+        "pipeline.masking, pipeline.prompts, pipeline.references, pipeline.model_choice\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -29,8 +31,21 @@ def serve_help() -> str:
     return result.output
 
 
-@pytest.mark.parametrize("option", ["--model", "--host", "--port", "--device", "--dtype", "--offload",
-                                    "--model-name", "--output-dir", "--public-url", "--weights-dir"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--model",
+        "--host",
+        "--port",
+        "--device",
+        "--dtype",
+        "--offload",
+        "--model-name",
+        "--output-dir",
+        "--public-url",
+        "--weights-dir",
+    ],
+)
 def test_serve_help_documents_each_option_and_its_env_var(option, serve_help):
     assert option in serve_help
     assert "FLUX2_" + option.removeprefix("--").replace("-", "_").upper() in serve_help

@@ -17,8 +17,9 @@ def test_split_name():
 
 def test_tiny_weights_are_a_test_model_named_by_folder_or_first_name(tiny_klein, tiny_dev, caplog):
     with caplog.at_level(logging.WARNING, logger="flux2"):
-        served = resolve_models(ModelChoice(sources=(str(tiny_klein), f"other={tiny_dev}"), first_name="first",
-                                            device="cpu"))
+        served = resolve_models(
+            ModelChoice(sources=(str(tiny_klein), f"other={tiny_dev}"), first_name="first", device="cpu")
+        )
     assert [c.name for c in served.configs] == ["first", "other"]
     assert served.test_models == ("first", "other")
     assert [c.placement.device for c in served.configs] == ["cpu", "cpu"]

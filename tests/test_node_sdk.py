@@ -28,8 +28,13 @@ def node_sdk():
 def test_seed_javascript_edit_example(node_sdk, server, tmp_path):
     source = tmp_path / "source.png"
     Image.fromarray(np.random.RandomState(3).randint(0, 255, (96, 128, 3), dtype=np.uint8)).save(source)
-    run = subprocess.run(["node", "seed_edit_example.mjs", f"{server.base_url}/v1", str(source)], cwd=node_sdk,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        ["node", "seed_edit_example.mjs", f"{server.base_url}/v1", str(source)],
+        cwd=node_sdk,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     url, summary = run.stdout.strip().splitlines()
     assert url.startswith(f"{server.base_url}/v1/images/files/")

@@ -38,8 +38,12 @@ def test_no_field_is_set_by_two_options_and_every_settable_field_has_one():
     fed = [(o.feeds, o.field or o.name) for o in OPTIONS if o.feeds is not None]
     assert len(set(fed)) == len(fed)
     # Filled after the options: the served ids (from the models as resolved) and the keys (--api-key, its file).
-    apart = {(Settings, "model_ids"), (Settings, "test_models"), (Settings, "api_keys"),
-             (EngineOptions, "progress_log_seconds")}
+    apart = {
+        (Settings, "model_ids"),
+        (Settings, "test_models"),
+        (Settings, "api_keys"),
+        (EngineOptions, "progress_log_seconds"),
+    }
     every = {(cls, f.name) for cls in (Settings, EngineOptions, ModelChoice) for f in fields(cls)}
     assert set(fed) == every - apart
 
@@ -69,12 +73,36 @@ def test_the_defaults_make_the_default_objects():
 
 def test_env_vars_and_flags_set_their_fields_in_their_units(tmp_path):
     (tmp_path / "keys").write_text("k3  # a comment\n")
-    env = {"FLUX2_MAX_STEPS": "7", "FLUX2_BATCH_WINDOW_MS": "5", "FLUX2_PROMPT_CACHE_MB": "3",
-           "FLUX2_RETENTION_HOURS": "0.5", "FLUX2_API_KEYS": "k1, k2", "FLUX2_API_KEY_FILE": str(tmp_path / "keys"),
-           "FLUX2_CORS_ORIGINS": "https://a.lan https://b.lan", "FLUX2_MODEL": "one two=/m/two",
-           "FLUX2_METRICS": "false", "FLUX2_DEVICE": "cpu", "FLUX2_MAX_LOADED_MODELS": "2", "FLUX2_PORT": "9100"}
-    config = _capture(["--max-output-megapixels", "9", "--max-input-megapixels", "0.5", "--max-body-mb", "2",
-                       "--host", "0.0.0.0", "--playground-open", "--shutdown-timeout", "4"], env)
+    env = {
+        "FLUX2_MAX_STEPS": "7",
+        "FLUX2_BATCH_WINDOW_MS": "5",
+        "FLUX2_PROMPT_CACHE_MB": "3",
+        "FLUX2_RETENTION_HOURS": "0.5",
+        "FLUX2_API_KEYS": "k1, k2",
+        "FLUX2_API_KEY_FILE": str(tmp_path / "keys"),
+        "FLUX2_CORS_ORIGINS": "https://a.lan https://b.lan",
+        "FLUX2_MODEL": "one two=/m/two",
+        "FLUX2_METRICS": "false",
+        "FLUX2_DEVICE": "cpu",
+        "FLUX2_MAX_LOADED_MODELS": "2",
+        "FLUX2_PORT": "9100",
+    }
+    config = _capture(
+        [
+            "--max-output-megapixels",
+            "9",
+            "--max-input-megapixels",
+            "0.5",
+            "--max-body-mb",
+            "2",
+            "--host",
+            "0.0.0.0",
+            "--playground-open",
+            "--shutdown-timeout",
+            "4",
+        ],
+        env,
+    )
     settings, engine, models = config.settings, config.engine, config.models
     assert (settings.max_steps, settings.retention_seconds, settings.metrics, settings.port) == (7, 1800, False, 9100)
     assert settings.api_keys == ("k1", "k2", "k3")
@@ -98,8 +126,11 @@ def test_a_choice_outside_the_list_is_a_usage_error(option):
 
 def _readme_rows() -> list[list[str]]:
     section = README.read_text().split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
-    return [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("| `--")]
+    return [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| `--")
+    ]
 
 
 def _readme_default(value) -> str:
@@ -112,8 +143,9 @@ def _readme_default(value) -> str:
 
 def test_the_readme_table_lists_every_option_with_its_env_var_and_default():
     rows = _readme_rows()
-    assert [row[0] for row in rows] == [f"`{o.flag}/--no-{o.flag[2:]}`" if o.default is True else f"`{o.flag}`"
-                                        for o in OPTIONS]
+    assert [row[0] for row in rows] == [
+        f"`{o.flag}/--no-{o.flag[2:]}`" if o.default is True else f"`{o.flag}`" for o in OPTIONS
+    ]
     for (_, env, default, _meaning), option in zip(rows, OPTIONS, strict=True):
         assert env == f"`{option.envvar}`"
         if option.default is None:
@@ -126,9 +158,15 @@ def test_a_real_server_takes_its_options_from_the_environment(tiny_klein, tmp_pa
     env = {"FLUX2_MAX_STEPS": "2", "FLUX2_MAX_PROMPT_CHARS": "5", "FLUX2_MODEL": f"env-named={tiny_klein}"}
     with RunningServer([], tmp_path, env=env) as server:
         assert httpx.get(f"{server.base_url}/v1/models").json()["data"][0]["id"] == "env-named"
-        steps = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60,
-                           json={"prompt": "x", "size": "16x16", "num_inference_steps": 3})
+        steps = httpx.post(
+            f"{server.base_url}/v1/images/generations",
+            timeout=60,
+            json={"prompt": "x", "size": "16x16", "num_inference_steps": 3},
+        )
         assert steps.status_code == 400 and steps.json()["error"]["param"] == "num_inference_steps"
-        prompt = httpx.post(f"{server.base_url}/v1/images/generations", timeout=60,
-                            json={"prompt": "a long prompt", "size": "16x16", "num_inference_steps": 1})
+        prompt = httpx.post(
+            f"{server.base_url}/v1/images/generations",
+            timeout=60,
+            json={"prompt": "a long prompt", "size": "16x16", "num_inference_steps": 1},
+        )
         assert prompt.status_code == 400 and prompt.json()["error"]["param"] == "prompt"

@@ -31,28 +31,41 @@ def test_cuda_offloads_when_the_weights_do_not_fit():
 
 def test_the_margin_counts():
     # 8e9 bf16 params = 14.9 GiB: fits in 20 GiB free, not in 16 GiB (needs at least 4 GiB of margin).
-    assert decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True,
-                            cuda_free_bytes=20 * GIB).offload == "none"
-    assert decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True,
-                            cuda_free_bytes=18 * GIB).offload == "model"
+    assert (
+        decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=20 * GIB).offload == "none"
+    )
+    assert (
+        decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=18 * GIB).offload
+        == "model"
+    )
 
 
 def test_fp32_on_cuda_needs_twice_the_room():
-    assert decide_placement(dtype="float32", weight_params=KLEIN_4B_PARAMS, cuda_available=True,
-                            cuda_free_bytes=24 * GIB).offload == "model"
+    assert (
+        decide_placement(
+            dtype="float32", weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=24 * GIB
+        ).offload
+        == "model"
+    )
 
 
 def test_explicit_choices_are_kept():
-    placement = decide_placement("cuda", "float16", "sequential", weight_params=1, cuda_available=True,
-                                 cuda_free_bytes=80 * GIB)
+    placement = decide_placement(
+        "cuda", "float16", "sequential", weight_params=1, cuda_available=True, cuda_free_bytes=80 * GIB
+    )
     assert (placement.dtype, placement.offload) == (torch.float16, "sequential")
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"device": "cuda", "cuda_available": False},
-    {"device": "cpu", "offload": "model", "cuda_available": False},
-    {"device": "tpu"}, {"dtype": "int8"}, {"offload": "disk"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"device": "cuda", "cuda_available": False},
+        {"device": "cpu", "offload": "model", "cuda_available": False},
+        {"device": "tpu"},
+        {"dtype": "int8"},
+        {"offload": "disk"},
+    ],
+)
 def test_impossible_or_unknown_choices_are_refused(kwargs):
     with pytest.raises(PlacementError):
         decide_placement(weight_params=1, **kwargs)
@@ -63,7 +76,10 @@ def test_count_weight_params_reads_safetensors_headers(tiny_klein):
 
     pipe = DiffusionPipeline.from_pretrained(tiny_klein)
     # Every saved tensor (weights and persistent buffers), tied ones (embeddings = lm_head) counted once.
-    unique = {t.data_ptr(): t.numel() for name in ("transformer", "text_encoder", "vae")
-              for t in getattr(pipe, name).state_dict().values()}
+    unique = {
+        t.data_ptr(): t.numel()
+        for name in ("transformer", "text_encoder", "vae")
+        for t in getattr(pipe, name).state_dict().values()
+    }
     expected = sum(unique.values())
     assert count_weight_params(tiny_klein) == expected

@@ -18,8 +18,14 @@ from hostile_images import png
 from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-        "--disable-sync", "--no-first-run"]
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,11 @@ def page(browser):
 
 
 def natural_size(page, selector):
-    return tuple(page.evaluate(f"() => {{ const i = document.querySelector('{selector}'); "
-                               "return [i.naturalWidth, i.naturalHeight]; }"))
+    return tuple(
+        page.evaluate(
+            f"() => {{ const i = document.querySelector('{selector}'); return [i.naturalWidth, i.naturalHeight]; }}"
+        )
+    )
 
 
 def count_previews_shown(page):
@@ -196,8 +205,9 @@ def test_api_errors_are_shown_in_plain_words(server, page):
 
 def test_keys_and_the_open_mode(tiny_klein, tmp_path, browser):
     keyed = RunningServer(["--model", str(tiny_klein), "--api-key", "studio-key"], tmp_path / "keyed")
-    opened = RunningServer(["--model", str(tiny_klein), "--api-key", "studio-key", "--playground-open"],
-                           tmp_path / "open")
+    opened = RunningServer(
+        ["--model", str(tiny_klein), "--api-key", "studio-key", "--playground-open"], tmp_path / "open"
+    )
     try:
         keyed.wait_healthy()
         opened.wait_healthy()
@@ -229,9 +239,13 @@ def test_keys_and_the_open_mode(tiny_klein, tmp_path, browser):
         context.close()
         # The open mode is for the page only: other clients still need the key.
         assert httpx.get(f"{opened.base_url}/v1/models").status_code == 401
-        assert httpx.get(f"{opened.base_url}/v1/models", headers={"x-flux2-playground": "1",
-                                                                 "origin": "https://elsewhere.example"}
-                         ).status_code == 401
+        assert (
+            httpx.get(
+                f"{opened.base_url}/v1/models",
+                headers={"x-flux2-playground": "1", "origin": "https://elsewhere.example"},
+            ).status_code
+            == 401
+        )
     finally:
         keyed.stop()
         opened.stop()
@@ -249,4 +263,4 @@ def test_the_page_loads_nothing_from_elsewhere(server):
     assert "default-src 'self'" in response.headers["content-security-policy"]
     html = response.text
     assert "http://" not in html.replace("http://localhost", "") and "https://" not in html
-    assert "<script src" not in html and "<link rel=\"stylesheet\"" not in html
+    assert "<script src" not in html and '<link rel="stylesheet"' not in html

@@ -72,8 +72,14 @@ def test_seed_python_edit_example(server):
 
 def test_seed_curl_edit_example(server):
     command = example("curl-edit").replace("http://localhost:8000", server.base_url)
-    run = subprocess.run(["bash", "-c", command], cwd=EXAMPLES, capture_output=True, text=True, timeout=300,
-                         env={"PATH": "/usr/bin:/bin:/usr/local/bin", "FLUX2_API_KEY": "any"})
+    run = subprocess.run(
+        ["bash", "-c", command],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "FLUX2_API_KEY": "any"},
+    )
     assert run.returncode == 0, run.stderr
     body = json.loads(run.stdout)
     assert body["size"] == "1024x1024"

@@ -8,10 +8,19 @@ from PIL import Image
 from pipeline.references import encoded_size, prepare_reference
 
 
-@pytest.mark.parametrize("size, prepared", [
-    ((64, 64), (64, 64)), ((32, 32), (64, 64)), ((80, 48), (107, 64)), ((1, 1), (64, 64)),
-    ((900, 100), (900, 113)), ((100, 900), (113, 900)), ((3000, 10), (3000, 375)), ((2048, 1536), (2048, 1536)),
-])
+@pytest.mark.parametrize(
+    "size, prepared",
+    [
+        ((64, 64), (64, 64)),
+        ((32, 32), (64, 64)),
+        ((80, 48), (107, 64)),
+        ((1, 1), (64, 64)),
+        ((900, 100), (900, 113)),
+        ((100, 900), (113, 900)),
+        ((3000, 10), (3000, 375)),
+        ((2048, 1536), (2048, 1536)),
+    ],
+)
 def test_prepare_reference_meets_the_pipeline_rules(size, prepared):
     from diffusers.pipelines.flux2.image_processor import Flux2ImageProcessor
 
@@ -27,9 +36,16 @@ def test_padding_keeps_the_content_and_pads_white():
     assert prepared.getpixel((450, 0)) == (255, 255, 255)
 
 
-@pytest.mark.parametrize("size, encoded", [
-    ((64, 64), (64, 64)), ((1024, 1024), (1024, 1024)), ((2048, 2048), (1024, 1024)), ((100, 70), (96, 64)),
-    ((1183, 887), (1168, 880)), ((32, 32), (64, 64)),
-])
+@pytest.mark.parametrize(
+    "size, encoded",
+    [
+        ((64, 64), (64, 64)),
+        ((1024, 1024), (1024, 1024)),
+        ((2048, 2048), (1024, 1024)),
+        ((100, 70), (96, 64)),
+        ((1183, 887), (1168, 880)),
+        ((32, 32), (64, 64)),
+    ],
+)
 def test_encoded_size(size, encoded):
     assert encoded_size(*size) == encoded

@@ -96,37 +96,62 @@ def local_site():
 
 def fetcher(port, **options):
     """Connections to the (checked) public address really go to the local test site."""
+
     def dial(ip, _port):
         return ("127.0.0.1", port) if ip == PUBLIC_IP else (ip, _port)
 
-    return RemoteImageFetcher(max_bytes=options.pop("max_bytes", 1_000_000), resolver=fake_resolver, dial=dial,
-                              **options)
+    return RemoteImageFetcher(
+        max_bytes=options.pop("max_bytes", 1_000_000), resolver=fake_resolver, dial=dial, **options
+    )
 
 
-@pytest.mark.parametrize("address, refused", [
-    ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("10.0.0.1", True), ("172.16.5.4", True),
-    ("192.168.0.1", True), ("169.254.169.254", True), ("fd00:ec2::254", True), ("100.100.100.200", True),
-    ("0.0.0.0", True), ("::ffff:127.0.0.1", True), ("::ffff:10.0.0.1", True), ("224.0.0.1", True),
-    ("fe80::1", True), ("93.184.216.34", False), ("2606:2800:220:1:248:1893:25c8:1946", False),
-    ("8.8.8.8", False),
-])
+@pytest.mark.parametrize(
+    "address, refused",
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("10.0.0.1", True),
+        ("172.16.5.4", True),
+        ("192.168.0.1", True),
+        ("169.254.169.254", True),
+        ("fd00:ec2::254", True),
+        ("100.100.100.200", True),
+        ("0.0.0.0", True),
+        ("::ffff:127.0.0.1", True),
+        ("::ffff:10.0.0.1", True),
+        ("224.0.0.1", True),
+        ("fe80::1", True),
+        ("93.184.216.34", False),
+        ("2606:2800:220:1:248:1893:25c8:1946", False),
+        ("8.8.8.8", False),
+    ],
+)
 def test_address_check(address, refused):
     assert (forbidden_reason(address) is not None) == refused
 
 
-@pytest.mark.parametrize("host, reason", [
-    ("loopback.test", "loopback"), ("metadata.test", "link-local"), ("private.test", "private"),
-    ("v6-loopback.test", "loopback"), ("mapped.test", "loopback"), ("mixed.test", "private"),
-    ("unknown.test", "could not be resolved"),
-])
+@pytest.mark.parametrize(
+    "host, reason",
+    [
+        ("loopback.test", "loopback"),
+        ("metadata.test", "link-local"),
+        ("private.test", "private"),
+        ("v6-loopback.test", "loopback"),
+        ("mapped.test", "loopback"),
+        ("mixed.test", "private"),
+        ("unknown.test", "could not be resolved"),
+    ],
+)
 def test_hosts_resolving_to_internal_addresses_are_refused_without_connecting(host, reason, loopback_only):
     with pytest.raises(RemoteImageError, match=reason):
         asyncio.run(fetcher(1).fetch(f"http://{host}/x.png"))
     assert loopback_only == []
 
 
-@pytest.mark.parametrize("url", ["ftp://public.test/x.png", "file:///etc/passwd", "http:///nohost",
-                                 "gopher://public.test/"])
+@pytest.mark.parametrize(
+    "url", ["ftp://public.test/x.png", "file:///etc/passwd", "http:///nohost", "gopher://public.test/"]
+)
 def test_other_schemes_are_refused(url):
     with pytest.raises(RemoteImageError):
         asyncio.run(fetcher(1).fetch(url))
@@ -139,10 +164,17 @@ def test_a_public_image_is_fetched_with_its_host_name(local_site):
     assert _Handler.hosts_seen == ["public.test"]
 
 
-@pytest.mark.parametrize("path, reason", [
-    ("/to-loopback", "loopback"), ("/to-metadata", "link-local"), ("/loop", "redirects"),
-    ("/missing", "HTTP 404"), ("/big", "larger than"), ("/slow", "longer than"),
-])
+@pytest.mark.parametrize(
+    "path, reason",
+    [
+        ("/to-loopback", "loopback"),
+        ("/to-metadata", "link-local"),
+        ("/loop", "redirects"),
+        ("/missing", "HTTP 404"),
+        ("/big", "larger than"),
+        ("/slow", "longer than"),
+    ],
+)
 def test_redirects_are_rechecked_and_limits_hold(local_site, path, reason):
     with pytest.raises(RemoteImageError, match=reason):
         asyncio.run(fetcher(local_site, max_bytes=1000, timeout=1.0).fetch(f"http://public.test{path}"))
@@ -163,8 +195,7 @@ def test_edits_fetch_remote_images_only_when_allowed(tiny_klein, tmp_path, local
 
     def app(allow):
         settings = Settings(model_ids={"tiny": "tiny"}, output_dir=tmp_path, allow_remote_images=allow)
-        return create_app(settings, Engine(ModelPool([model_config(tiny_klein)])),
-                          remote_fetcher=fetcher(local_site))
+        return create_app(settings, Engine(ModelPool([model_config(tiny_klein)])), remote_fetcher=fetcher(local_site))
 
     body = {"prompt": "x", "num_inference_steps": 1, "response_format": "b64_json"}
     with TestClient(app(True)) as client:
@@ -172,8 +203,9 @@ def test_edits_fetch_remote_images_only_when_allowed(tiny_klein, tmp_path, local
         ok = client.post("/v1/images/edits", json={**body, "images": [{"image_url": "http://public.test/img.png"}]})
         assert ok.status_code == 200, ok.text
         assert len(base64.b64decode(ok.json()["data"][0]["b64_json"])) > 0
-        refused = client.post("/v1/images/edits",
-                              json={**body, "images": [{"image_url": "http://public.test/to-loopback"}]})
+        refused = client.post(
+            "/v1/images/edits", json={**body, "images": [{"image_url": "http://public.test/to-loopback"}]}
+        )
         assert refused.status_code == 400
         assert refused.json()["error"]["code"] == "remote_image_refused"
         assert refused.json()["error"]["param"] == "images"

@@ -28,11 +28,18 @@ def test_eight_concurrent_sdk_clients_succeed_and_are_batched(server):
     images_before = metric(server.base_url, "flux2_batch_images_sum")
 
     async def main():
-        clients = [openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0)
-                   for _ in range(8)]
-        return await asyncio.gather(*[
-            c.images.generate(prompt=f"concurrent {i}", size="128x128", response_format="b64_json",
-                              extra_body={"seed": i, "num_inference_steps": 4}) for i, c in enumerate(clients)])
+        clients = [openai.AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="x", max_retries=0) for _ in range(8)]
+        return await asyncio.gather(
+            *[
+                c.images.generate(
+                    prompt=f"concurrent {i}",
+                    size="128x128",
+                    response_format="b64_json",
+                    extra_body={"seed": i, "num_inference_steps": 4},
+                )
+                for i, c in enumerate(clients)
+            ]
+        )
 
     results = asyncio.run(main())
     assert [decode_b64(r.data[0].b64_json).size for r in results] == [(128, 128)] * 8
@@ -49,8 +56,11 @@ def test_request_ids_are_echoed_created_and_logged(server):
     assert re.fullmatch(r"[0-9a-f]{32}", created)
     hostile = httpx.get(f"{server.base_url}/health", headers={"x-request-id": "bad id\twith spaces"})
     assert hostile.headers["x-request-id"] != "bad id\twith spaces"
-    httpx.post(f"{server.base_url}/v1/images/generations", headers={"x-request-id": "gen-42"},
-               json={"prompt": "x", "size": "16x16", "num_inference_steps": 1})
+    httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        headers={"x-request-id": "gen-42"},
+        json={"prompt": "x", "size": "16x16", "num_inference_steps": 1},
+    )
     assert "[gen-42]" in server.log()
 
 
@@ -58,9 +68,15 @@ def test_metrics_count_requests_by_route_and_status(server):
     httpx.get(f"{server.base_url}/v1/models/nope")
     text = httpx.get(f"{server.base_url}/metrics").text
     assert 'flux2_requests_total{method="GET",route="/v1/models/{model_id:path}",status="404"}' in text
-    for name in ("flux2_queue_images", "flux2_step_seconds_bucket", "flux2_image_seconds_bucket",
-                 "flux2_images_total", "flux2_megapixels_total", "flux2_device_memory_bytes",
-                 "flux2_prompt_cache_hits"):
+    for name in (
+        "flux2_queue_images",
+        "flux2_step_seconds_bucket",
+        "flux2_image_seconds_bucket",
+        "flux2_images_total",
+        "flux2_megapixels_total",
+        "flux2_device_memory_bytes",
+        "flux2_prompt_cache_hits",
+    ):
         assert name in text
 
 
@@ -68,8 +84,21 @@ def test_metrics_count_requests_by_route_and_status(server):
 def small_server(tiny_klein, tiny_dev, tmp_path_factory):
     """A second server: a queue of 2 images, a 3 s request timeout, and two models (klein default, dev)."""
     workdir = tmp_path_factory.mktemp("small")
-    with RunningServer(["--model", f"kl={tiny_klein}", "--model", f"dv={tiny_dev}", "--max-queue-images", "2",
-                        "--request-timeout", "3", "--max-batch-images", "1"], workdir) as running:
+    with RunningServer(
+        [
+            "--model",
+            f"kl={tiny_klein}",
+            "--model",
+            f"dv={tiny_dev}",
+            "--max-queue-images",
+            "2",
+            "--request-timeout",
+            "3",
+            "--max-batch-images",
+            "1",
+        ],
+        workdir,
+    ) as running:
         yield running
 
 
@@ -99,8 +128,13 @@ def test_queue_full_is_a_429_with_retry_after_then_recovers(small_server):
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
     first, _ = _in_background(lambda: httpx.post(f"{base}/v1/images/generations", json=LONG, timeout=60))
     _wait_until(lambda: httpx.get(f"{base}/health").json()["running_images"] == 1)
-    queued, _ = _in_background(lambda: httpx.post(f"{base}/v1/images/generations", timeout=60, json={
-        "prompt": "q", "size": "32x32", "n": 2, "num_inference_steps": 1}))
+    queued, _ = _in_background(
+        lambda: httpx.post(
+            f"{base}/v1/images/generations",
+            timeout=60,
+            json={"prompt": "q", "size": "32x32", "n": 2, "num_inference_steps": 1},
+        )
+    )
     _wait_until(lambda: httpx.get(f"{base}/health").json()["queued_images"] == 2)
     with pytest.raises(openai.RateLimitError) as caught:
         client.images.generate(prompt="one more", size="32x32")
@@ -124,8 +158,9 @@ def test_timeout_cancels_the_job_and_the_server_stays_healthy(small_server):
     assert re.search(r"stopped after (\d+)/100 steps: request timeout", small_server.log())
     # the worker's own log line carries the request's id too
     assert re.search(r"flux2\.engine \[[0-9a-f]{32}\] stopped after", small_server.log())
-    ok = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x", "size": "16x16",
-                                                           "num_inference_steps": 1}, timeout=30)
+    ok = httpx.post(
+        f"{base}/v1/images/generations", json={"prompt": "x", "size": "16x16", "num_inference_steps": 1}, timeout=30
+    )
     assert ok.status_code == 200
 
 
@@ -134,12 +169,14 @@ def test_a_client_that_disconnects_stops_its_job_and_frees_the_worker(small_serv
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{base}/v1/images/generations", json=LONG, timeout=1.0)
     _wait_until(lambda: "the client disconnected" in small_server.log(), timeout=10)
-    done, asked = map(int, re.findall(r"stopped after (\d+)/(\d+) steps: the client disconnected",
-                                      small_server.log())[-1])
+    done, asked = map(
+        int, re.findall(r"stopped after (\d+)/(\d+) steps: the client disconnected", small_server.log())[-1]
+    )
     assert done < asked
     started = time.monotonic()
-    ok = httpx.post(f"{base}/v1/images/generations", json={"prompt": "next", "size": "16x16",
-                                                           "num_inference_steps": 1}, timeout=30)
+    ok = httpx.post(
+        f"{base}/v1/images/generations", json={"prompt": "next", "size": "16x16", "num_inference_steps": 1}, timeout=30
+    )
     assert ok.status_code == 200
     assert time.monotonic() - started < 3, "the next request starts at once"
 
@@ -150,8 +187,9 @@ def test_several_models_are_listed_and_served(small_server):
     assert ids[:2] == ["kl", "dv"]
     assert {"flux.2-flex", "flux.2-klein", "flux.2-dev"} <= set(ids)
     for model in ("dv", "flux.2-dev", "kl", "flux.2-flex"):
-        result = client.images.generate(model=model, prompt="x", size="32x32", response_format="b64_json",
-                                        extra_body={"num_inference_steps": 1})
+        result = client.images.generate(
+            model=model, prompt="x", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 1}
+        )
         assert decode_b64(result.data[0].b64_json).size == (32, 32)
     assert set(httpx.get(f"{small_server.base_url}/health").json()["models_loaded"]) == {"kl", "dv"}
 
@@ -160,8 +198,13 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_klein, tmp_path
     running = RunningServer(["--model", str(tiny_klein), "--shutdown-timeout", "60"], tmp_path)
     running.wait_healthy()
     base = running.base_url
-    request, outcome = _in_background(lambda: httpx.post(f"{base}/v1/images/generations", timeout=120, json={
-        "prompt": "finish me", "size": "1024x1024", "num_inference_steps": 25, "response_format": "b64_json"}))
+    request, outcome = _in_background(
+        lambda: httpx.post(
+            f"{base}/v1/images/generations",
+            timeout=120,
+            json={"prompt": "finish me", "size": "1024x1024", "num_inference_steps": 25, "response_format": "b64_json"},
+        )
+    )
     _wait_until(lambda: httpx.get(f"{base}/health").json()["running_images"] == 1)
     running.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)

@@ -18,22 +18,28 @@ def test_unwritable_output_dir_is_a_clear_507_and_the_server_keeps_serving(tiny_
         error = failed.json()["error"]
         assert error["code"] == "storage_error" and error["type"] == "server_error"
         assert "b64_json" in error["message"] and "Traceback" not in failed.text
-        inline = httpx.post(f"{running.base_url}/v1/images/generations", timeout=60,
-                            json={**body, "response_format": "b64_json"})
+        inline = httpx.post(
+            f"{running.base_url}/v1/images/generations", timeout=60, json={**body, "response_format": "b64_json"}
+        )
         assert decode_b64(inline.json()["data"][0]["b64_json"]).size == (16, 16)
         assert httpx.get(f"{running.base_url}/health").status_code == 200
 
 
 def test_cors_is_off_by_default_and_configurable(server, tiny_klein, tmp_path):
-    preflight = {"Origin": "https://tools.studio.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+    preflight = {
+        "Origin": "https://tools.studio.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type",
+    }
     closed = httpx.options(f"{server.base_url}/v1/images/generations", headers=preflight)
     assert "access-control-allow-origin" not in closed.headers
-    with RunningServer(["--model", str(tiny_klein), "--cors-origin", "https://tools.studio.example",
-                        "--api-key", "k"], tmp_path) as running:
+    with RunningServer(
+        ["--model", str(tiny_klein), "--cors-origin", "https://tools.studio.example", "--api-key", "k"], tmp_path
+    ) as running:
         opened = httpx.options(f"{running.base_url}/v1/images/generations", headers=preflight)
         assert opened.status_code == 200
         assert opened.headers["access-control-allow-origin"] == "https://tools.studio.example"
-        other = httpx.options(f"{running.base_url}/v1/images/generations",
-                              headers={**preflight, "Origin": "https://evil.example"})
+        other = httpx.options(
+            f"{running.base_url}/v1/images/generations", headers={**preflight, "Origin": "https://evil.example"}
+        )
         assert other.headers.get("access-control-allow-origin") != "https://evil.example"

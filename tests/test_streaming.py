@@ -13,9 +13,18 @@ from imaging import decode_b64, generate
 from pipeline.previews import preview_steps
 
 
-@pytest.mark.parametrize("steps, count, expected", [
-    (20, 3, [5, 10, 15]), (4, 3, [1, 2, 3]), (4, 1, [2]), (2, 3, [1]), (1, 2, []), (30, 0, []), (10, 2, [3, 7]),
-])
+@pytest.mark.parametrize(
+    "steps, count, expected",
+    [
+        (20, 3, [5, 10, 15]),
+        (4, 3, [1, 2, 3]),
+        (4, 1, [2]),
+        (2, 3, [1]),
+        (1, 2, []),
+        (30, 0, []),
+        (10, 2, [3, 7]),
+    ],
+)
 def test_preview_steps_are_spread_before_the_last(steps, count, expected):
     assert preview_steps(steps, count) == expected
 
@@ -41,13 +50,22 @@ def test_generate_stream_yields_typed_events_and_the_same_final_image(client):
 
 
 def test_edit_stream(client):
-    stream = client.images.edit(image=("a.png", png(64, 64)), prompt="night sky", stream=True, partial_images=1,
-                                extra_body={"seed": 5, "num_inference_steps": 4})
+    stream = client.images.edit(
+        image=("a.png", png(64, 64)),
+        prompt="night sky",
+        stream=True,
+        partial_images=1,
+        extra_body={"seed": 5, "num_inference_steps": 4},
+    )
     events = list(stream)
     assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
     assert decode_b64(events[-1].b64_json).size == (64, 64)
-    plain = client.images.edit(image=("a.png", png(64, 64)), prompt="night sky", response_format="b64_json",
-                               extra_body={"seed": 5, "num_inference_steps": 4})
+    plain = client.images.edit(
+        image=("a.png", png(64, 64)),
+        prompt="night sky",
+        response_format="b64_json",
+        extra_body={"seed": 5, "num_inference_steps": 4},
+    )
     assert base64.b64decode(events[-1].b64_json) == base64.b64decode(plain.data[0].b64_json)
 
 
@@ -58,28 +76,37 @@ def test_stream_without_partials_and_with_n_2(client):
 
 
 def test_raw_sse_framing_progress_comments_and_multipart_stream(server):
-    with httpx.stream("POST", f"{server.base_url}/v1/images/edits", timeout=60,
-                      data={"prompt": "x", "stream": "true", "partial_images": "3", "num_inference_steps": "6"},
-                      files=[("image", ("a.png", png(48, 48), "image/png"))]) as response:
+    with httpx.stream(
+        "POST",
+        f"{server.base_url}/v1/images/edits",
+        timeout=60,
+        data={"prompt": "x", "stream": "true", "partial_images": "3", "num_inference_steps": "6"},
+        files=[("image", ("a.png", png(48, 48), "image/png"))],
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         text = "".join(response.iter_text())
     assert ": progress 1/6" in text and ": progress 6/6" in text
     blocks = [b for b in text.split("\n\n") if b.startswith("event:")]
-    assert [b.split("\n")[0] for b in blocks] == ["event: image_edit.partial_image"] * 3 + \
-        ["event: image_edit.completed"]
+    assert [b.split("\n")[0] for b in blocks] == ["event: image_edit.partial_image"] * 3 + [
+        "event: image_edit.completed"
+    ]
 
 
 def test_stream_errors_before_the_stream_are_plain_json(server):
-    response = httpx.post(f"{server.base_url}/v1/images/generations", json={"prompt": "x", "stream": True,
-                                                                             "partial_images": 4})
+    response = httpx.post(
+        f"{server.base_url}/v1/images/generations", json={"prompt": "x", "stream": True, "partial_images": 4}
+    )
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "partial_images"
 
 
 def test_output_format_applies_to_partials(client):
-    events = list(generate(client, prompt="x", size="64x64", stream=True, partial_images=1, output_format="webp",
-                           num_inference_steps=4))
+    events = list(
+        generate(
+            client, prompt="x", size="64x64", stream=True, partial_images=1, output_format="webp", num_inference_steps=4
+        )
+    )
     assert all(decode_b64(e.b64_json).format == "WEBP" for e in events)
     assert io.BytesIO(base64.b64decode(events[-1].b64_json)).getbuffer().nbytes > 0
 
@@ -95,7 +122,8 @@ def test_a_closed_stream_cancels_its_job(server):
                 break  # leave mid-generation
     deadline = time.monotonic() + 10
     while "stopped after" not in server.log() or not re.search(
-            r"stopped after (\d+)/100 steps: the client disconnected", server.log()):
+        r"stopped after (\d+)/100 steps: the client disconnected", server.log()
+    ):
         assert time.monotonic() < deadline, "the job was not stopped"
         time.sleep(0.1)
     done = int(re.findall(r"stopped after (\d+)/100 steps: the client disconnected", server.log())[-1])

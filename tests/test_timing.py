@@ -15,8 +15,9 @@ STAGES = ("queue", "text_encode", "denoise", "decode", "encode", "total")
 
 
 def _timed(client, prompt: str, **extra):
-    raw = client.images.with_raw_response.generate(prompt=prompt, size="256x256", response_format="b64_json",
-                                                   extra_body={"num_inference_steps": 3, **extra})
+    raw = client.images.with_raw_response.generate(
+        prompt=prompt, size="256x256", response_format="b64_json", extra_body={"num_inference_steps": 3, **extra}
+    )
     return raw.headers["server-timing"], raw.parse()
 
 
@@ -42,17 +43,24 @@ def test_every_image_response_names_its_stages_and_they_add_up(client):
 def test_edits_also_time_their_input_decoding(client):
     buffer = io.BytesIO()
     Image.new("RGB", (128, 96), (20, 120, 200)).save(buffer, format="PNG")
-    raw = client.images.with_raw_response.edit(image=("a.png", buffer.getvalue()), prompt="x",
-                                               response_format="b64_json", extra_body={"num_inference_steps": 2})
+    raw = client.images.with_raw_response.edit(
+        image=("a.png", buffer.getvalue()),
+        prompt="x",
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 2},
+    )
     stages = parse_server_timing(raw.headers["server-timing"])
     assert stages["inputs"][0] > 0 and set(STAGES) <= set(stages)
 
 
 def test_stages_are_logged_once_per_request_and_exported_as_histograms(server, client):
     request_id = f"timing-{uuid.uuid4().hex[:8]}"
-    response = httpx.post(f"{server.base_url}/v1/images/generations", timeout=120, headers={"x-request-id": request_id},
-                          json={"prompt": "log me", "size": "64x64", "num_inference_steps": 1,
-                                "response_format": "b64_json"})
+    response = httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        timeout=120,
+        headers={"x-request-id": request_id},
+        json={"prompt": "log me", "size": "64x64", "num_inference_steps": 1, "response_format": "b64_json"},
+    )
     assert response.status_code == 200
     lines = [line for line in server.log().splitlines() if request_id in line and "done:" in line]
     assert len(lines) == 1, lines
@@ -66,6 +74,6 @@ def test_stages_are_logged_once_per_request_and_exported_as_histograms(server, c
 def test_the_header_format():
     timing = RequestTiming(queue=0.0012, encode=0.05, total=0.5)
     header = timing.header()
-    assert header.startswith("queue;dur=1.2, text_encode;dur=0.0;desc=\"encoded\"")
+    assert header.startswith('queue;dur=1.2, text_encode;dur=0.0;desc="encoded"')
     assert "inputs" not in header
     assert parse_server_timing(header)["total"] == (500.0, None)

@@ -17,12 +17,16 @@ def _digest(folder):
     return h.hexdigest()
 
 
-@pytest.mark.parametrize("variant, pipeline_class, encoder_class, tokenizer_class", [
-    ("klein", "Flux2KleinPipeline", "Qwen3ForCausalLM", "Qwen2TokenizerFast"),
-    ("dev", "Flux2Pipeline", "Mistral3ForConditionalGeneration", "PixtralProcessor"),
-])
-def test_variant_loads_with_real_classes_and_generates(tmp_path, variant, pipeline_class, encoder_class,
-                                                       tokenizer_class):
+@pytest.mark.parametrize(
+    "variant, pipeline_class, encoder_class, tokenizer_class",
+    [
+        ("klein", "Flux2KleinPipeline", "Qwen3ForCausalLM", "Qwen2TokenizerFast"),
+        ("dev", "Flux2Pipeline", "Mistral3ForConditionalGeneration", "PixtralProcessor"),
+    ],
+)
+def test_variant_loads_with_real_classes_and_generates(
+    tmp_path, variant, pipeline_class, encoder_class, tokenizer_class
+):
     from diffusers import DiffusionPipeline
 
     from pipeline.tiny_weights import build_tiny_weights
@@ -44,8 +48,9 @@ def test_variant_loads_with_real_classes_and_generates(tmp_path, variant, pipeli
     assert pipe.scheduler.config.use_dynamic_shifting
     assert pipe.tokenizer.chat_template if variant == "klein" else pipe.tokenizer.tokenizer.chat_template
 
-    image = pipe(prompt="a cat", height=64, width=96, num_inference_steps=2,
-                 generator=torch.Generator().manual_seed(0)).images[0]
+    image = pipe(
+        prompt="a cat", height=64, width=96, num_inference_steps=2, generator=torch.Generator().manual_seed(0)
+    ).images[0]
     assert image.size == (96, 64)
 
 

@@ -13,8 +13,14 @@ from server.protocol import ImageEditRequest, ImageGenerationRequest
 from server.settings import Settings
 from server.translate import build_job, output_options, quality_tier
 
-DEV = ModelSpec(path=Path("dev"), pipeline_class="Flux2Pipeline", family="dev", is_distilled=False, size_label=None,
-                defaults=ModelDefaults(steps=50, guidance_scale=4.0))
+DEV = ModelSpec(
+    path=Path("dev"),
+    pipeline_class="Flux2Pipeline",
+    family="dev",
+    is_distilled=False,
+    size_label=None,
+    defaults=ModelDefaults(steps=50, guidance_scale=4.0),
+)
 SETTINGS = Settings(model_ids={"m": "m"}, max_steps=100)
 
 
@@ -22,27 +28,44 @@ def job(**params):
     return build_job(ImageGenerationRequest(prompt="p", **params), DEV, SETTINGS)
 
 
-@pytest.mark.parametrize("params, steps", [
-    ({}, 50), ({"quality": "low"}, 25), ({"quality": "medium"}, 38), ({"quality": "high"}, 50),
-    ({"quality": "hd"}, 62), ({"quality": "max"}, 75), ({"steps": 7}, 7), ({"num_inference_steps": 9}, 9),
-    ({"num_inference_steps": 9, "steps": 3}, 9), ({"num_inference_steps": 9, "quality": "low"}, 9),
-])
+@pytest.mark.parametrize(
+    "params, steps",
+    [
+        ({}, 50),
+        ({"quality": "low"}, 25),
+        ({"quality": "medium"}, 38),
+        ({"quality": "high"}, 50),
+        ({"quality": "hd"}, 62),
+        ({"quality": "max"}, 75),
+        ({"steps": 7}, 7),
+        ({"num_inference_steps": 9}, 9),
+        ({"num_inference_steps": 9, "steps": 3}, 9),
+        ({"num_inference_steps": 9, "quality": "low"}, 9),
+    ],
+)
 def test_steps(params, steps):
     assert job(**params).steps == steps
 
 
 def test_quality_presets_never_exceed_max_steps():
-    capped = build_job(ImageGenerationRequest(prompt="p", quality="max"), DEV,
-                       Settings(model_ids={"m": "m"}, max_steps=60))
+    capped = build_job(
+        ImageGenerationRequest(prompt="p", quality="max"), DEV, Settings(model_ids={"m": "m"}, max_steps=60)
+    )
     assert capped.steps == 60
     with pytest.raises(APIError) as caught:
         build_job(ImageGenerationRequest(prompt="p", steps=61), DEV, Settings(model_ids={"m": "m"}, max_steps=60))
     assert caught.value.param == "steps"
 
 
-@pytest.mark.parametrize("params, guidance", [
-    ({}, 4.0), ({"guidance_scale": 2.5}, 2.5), ({"cfg_scale": 3.0}, 3.0), ({"guidance_scale": 0, "cfg_scale": 3}, 0),
-])
+@pytest.mark.parametrize(
+    "params, guidance",
+    [
+        ({}, 4.0),
+        ({"guidance_scale": 2.5}, 2.5),
+        ({"cfg_scale": 3.0}, 3.0),
+        ({"guidance_scale": 0, "cfg_scale": 3}, 0),
+    ],
+)
 def test_guidance(params, guidance):
     assert job(**params).guidance_scale == guidance
 

@@ -36,8 +36,14 @@ def test_a_500_carries_its_request_id_and_is_logged_with_it(failing_server, capl
         response = httpx.get(f"{failing_server.url}/v1/boom", headers={"x-request-id": "req-500-test"}, timeout=30)
     assert response.status_code == 500
     assert response.headers["x-request-id"] == "req-500-test"
-    assert response.json() == {"error": {"message": "The server had an error while processing your request.",
-                                         "type": "server_error", "param": None, "code": "internal_error"}}
+    assert response.json() == {
+        "error": {
+            "message": "The server had an error while processing your request.",
+            "type": "server_error",
+            "param": None,
+            "code": "internal_error",
+        }
+    }
     assert "kaboom" not in response.text  # no trace leaked
     records = [r for r in caplog.records if "unexpected error" in r.getMessage()]
     assert records and records[0].request_id == "req-500-test"

@@ -9,10 +9,18 @@ from ..serving import FILES_ROUTE
 router = APIRouter(prefix=FILES_ROUTE)
 
 
-@router.get("/{name}", summary="A generated image, by the name in its url", response_class=FileResponse,
-            responses={200: {"content": {t: {} for t in ("image/png", "image/jpeg", "image/webp", "image/gif",
-                                                         "image/avif")}, "description": "The image"},
-                       404: {"model": ErrorResponse, "description": "No such image (or expired)"}})
+@router.get(
+    "/{name}",
+    summary="A generated image, by the name in its url",
+    response_class=FileResponse,
+    responses={
+        200: {
+            "content": {t: {} for t in ("image/png", "image/jpeg", "image/webp", "image/gif", "image/avif")},
+            "description": "The image",
+        },
+        404: {"model": ErrorResponse, "description": "No such image (or expired)"},
+    },
+)
 async def get_file(name: str, request: Request) -> FileResponse:
     path = request.app.state.service.store.path_of(name)
     if path is None:

@@ -35,24 +35,37 @@ def _note_ignored(response: Response, params: ImageParameters) -> None:
         response.headers[IGNORED_HEADER] = names if len(names) <= 1000 else names[:997] + "..."
 
 
-@router.post("/generations", response_model=ImagesResponse, response_model_exclude_none=True,
-             responses=IMAGE_RESPONSES, summary="Create images from a prompt")
+@router.post(
+    "/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=IMAGE_RESPONSES,
+    summary="Create images from a prompt",
+)
 async def create_images(body: ImageGenerationRequest, request: Request, response: Response):
     service = request.app.state.service
     _note_ignored(response, body)
-    served = await until_disconnected(request, service.generate(body, public_base_url(request, service.settings),
-                                                                headers=response.headers))
+    served = await until_disconnected(
+        request, service.generate(body, public_base_url(request, service.settings), headers=response.headers)
+    )
     return _answer(served, response)
 
 
-@router.post("/edits", response_model=ImagesResponse, response_model_exclude_none=True, responses=IMAGE_RESPONSES,
-             openapi_extra=EDIT_BODY, summary="Edit or combine up to 10 images from a prompt (optional mask)")
+@router.post(
+    "/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=IMAGE_RESPONSES,
+    openapi_extra=EDIT_BODY,
+    summary="Edit or combine up to 10 images from a prompt (optional mask)",
+)
 async def edit_images(request: Request, response: Response):
     service = request.app.state.service
     inputs = await read_edit_request(request, service.settings.max_image_bytes, request.app.state.remote_fetcher)
     _note_ignored(response, inputs.params)
-    served = await until_disconnected(request, service.edit(inputs, public_base_url(request, service.settings),
-                                                            headers=response.headers))
+    served = await until_disconnected(
+        request, service.edit(inputs, public_base_url(request, service.settings), headers=response.headers)
+    )
     return _answer(served, response)
 
 

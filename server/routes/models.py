@@ -17,8 +17,12 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(data=_cards(request))
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard, summary="One served model",
-            responses={404: {"model": ErrorResponse, "description": "Unknown model"}})
+@router.get(
+    "/models/{model_id:path}",
+    response_model=ModelCard,
+    summary="One served model",
+    responses={404: {"model": ErrorResponse, "description": "Unknown model"}},
+)
 async def get_model(model_id: str, request: Request) -> ModelCard:
     for card in _cards(request):
         if card.id == model_id:

@@ -7,8 +7,10 @@ router = APIRouter()
 
 # Everything the page needs is in this one file: no script, style or font from anywhere else (air-gapped), and
 # the policy below makes the browser hold it to that.
-_POLICY = ("default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
-           "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'")
+_POLICY = (
+    "default-src 'self'; img-src 'self' data: blob:; style-src 'unsafe-inline'; "
+    "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'"
+)
 
 
 @router.get("/", include_in_schema=False)
