@@ -11,28 +11,23 @@ does not fit the card (~112 GB in bf16) is replaced by its transformer alone, an
 
 from __future__ import annotations
 
-import itertools
 import logging
 import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pipeline.architectures import Architecture, build_pipeline, build_transformer, model_spec, parameter_counts
 
+from .bench_figures import BATCH, Figure, figures_for
 from .bench_harness import (
     DirectDiffusers,
     ImageClient,
     InProcessServer,
-    StepTimer,
-    mask_images,
-    reference_images,
     synchronize,
     timed,
     transformer_step,
@@ -43,18 +38,8 @@ _GIB = 1024**3
 # Room beyond the weights for activations, the VAE at 2048² and the CUDA context, when deciding whether a whole
 # pipeline fits the card.
 _HEADROOM_BYTES = 16 * _GIB
-_BATCH = 4
 
 Echo = Callable[[str], None]
-
-
-@dataclass
-class Figure:
-    key: str
-    label: str
-    served: Callable[[], float | None] | None
-    direct: Callable[[], float | None] | None
-    direct_label: str = "the same call"
 
 
 class _Clock:
@@ -170,7 +155,7 @@ def _transformer_only(
         results["figures"].append(_guarded(figure, lambda f=figure: _measure(f, 1, device, clock), clock))
         save()
     results["skipped"] = [
-        f.label for f in _figures(arch, None, None, None, steps=0, device=device) if f.served is not None
+        f.label for f in figures_for(arch, None, None, None, steps=0, device=device) if f.served is not None
     ]
 
 
@@ -207,7 +192,7 @@ def _whole_pipeline(
     )
     engine = Engine(
         ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe)),
-        max_batch_images=_BATCH,
+        max_batch_images=BATCH,
     )
     workdir = Path(tempfile.mkdtemp(prefix="flux2-bench-"))
     settings = Settings(
@@ -226,7 +211,7 @@ def _whole_pipeline(
             if not engine.wait_ready(300):
                 raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
             clock.say(f"serving at {server.url}")
-            figures = _figures(arch, pipe, client, direct, steps, device)
+            figures = figures_for(arch, pipe, client, direct, steps, device)
             clock.say("warm-up: one image and a one-reference edit, served and direct; a transformer call")
             for figure in figures:
                 if figure.key in ("one_image", "edit_1", "transformer_step"):
@@ -244,147 +229,6 @@ def _whole_pipeline(
             shutil.rmtree(workdir, ignore_errors=True)
     if arch.family == "dev":
         _estimate_full_length(results, spec.defaults.steps, steps)
-
-
-def _figures(
-    arch: Architecture, pipe, client: ImageClient | None, direct: DirectDiffusers | None, steps: int, device: str
-) -> list[Figure]:
-    size, small, large = arch.size, arch.size // 2, arch.size * 2
-    tags = itertools.count()
-
-    def prompts(count: int = 1) -> list[str]:
-        tag = next(tags)  # a new prompt every call: nothing comes from the server's prompt cache
-        return [f"bench {tag}.{i}: a lighthouse on a cliff at dusk, waves, oil painting" for i in range(count)]
-
-    references, reference_pils = reference_images(10, size) if client else ([], [])
-    mask, plain_mask = mask_images(size) if client else (b"", None)
-
-    def sequential() -> None:
-        for prompt in prompts(_BATCH):
-            client.generate(prompt, size)
-
-    def singles() -> None:
-        for prompt in prompts(_BATCH):
-            direct.images([prompt], size)
-
-    def concurrent() -> None:
-        with ThreadPoolExecutor(_BATCH) as pool:
-            list(pool.map(lambda p: client.generate(p, size), prompts(_BATCH)))
-
-    def steps_served() -> float:
-        timer = StepTimer(pipe.transformer, device)
-        try:
-            client.generate(prompts()[0], size)
-        finally:
-            seconds = timer.detach()
-        return seconds
-
-    def steps_direct() -> float:
-        timer = StepTimer(pipe.transformer, device)
-        try:
-            direct.images(prompts(), size)
-        finally:
-            seconds = timer.detach()
-        return seconds
-
-    inpaint = None
-    if arch.family == "klein" and pipe is not None:
-        from diffusers import Flux2KleinInpaintPipeline
-        from diffusers.utils import logging as diffusers_logging
-
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # from_pipe's `to()` warns about modules it does not move
-        try:
-            # Shares the weights. from_pipe casts the shared modules to float32 unless told the dtype: that once
-            # made every later figure of a GPU run ~5x slower.
-            inpaint = Flux2KleinInpaintPipeline.from_pipe(pipe, dtype=pipe.transformer.dtype)
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-        inpaint.set_progress_bar_config(disable=True)
-
-    def masked_direct() -> None:
-        direct.images(prompts(), size, pipe=inpaint, image=reference_pils[0], mask_image=plain_mask, strength=1.0)
-
-    figures = [
-        Figure(
-            "one_image",
-            f"one image {size}x{size}",
-            lambda: client.generate(prompts()[0], size),
-            lambda: direct.images(prompts(), size),
-        ),
-    ]
-    if arch.family == "klein":
-        figures.append(
-            Figure(
-                f"one_image_{small}",
-                f"one image {small}x{small}",
-                lambda: client.generate(prompts()[0], small),
-                lambda: direct.images(prompts(), small),
-            )
-        )
-    figures += [
-        Figure("sequential_4", f"{_BATCH} requests one after another", sequential, singles, f"{_BATCH} single calls"),
-        Figure(
-            "concurrent_4",
-            f"{_BATCH} concurrent requests",
-            concurrent,
-            lambda: direct.images(prompts(_BATCH), size),
-            f"one batch of {_BATCH} prompts",
-        ),
-        Figure(
-            "n_4",
-            f"n={_BATCH} in one request",
-            lambda: client.generate(prompts()[0], size, n=_BATCH),
-            lambda: direct.images(prompts(), size, per_prompt=_BATCH),
-            f"num_images_per_prompt={_BATCH}",
-        ),
-        Figure(
-            "stream_2",
-            "stream, partial_images=2",
-            lambda: client.stream(prompts()[0], size, 2),
-            lambda: direct.images(prompts(), size),
-            "one image, no previews",
-        ),
-    ]
-    for count in (1, 4, 10):
-        figures.append(
-            Figure(
-                f"edit_{count}",
-                f"edit, {count} reference{'s' if count > 1 else ''} {size}x{size}",
-                lambda count=count: client.edit(prompts()[0], size, references[:count]),
-                lambda count=count: direct.images(prompts(), size, image=reference_pils[:count]),
-            )
-        )
-    figures += [
-        Figure(
-            "masked_edit",
-            "masked edit",
-            lambda: client.edit(prompts()[0], size, references[:1], mask),
-            masked_direct if inpaint is not None else None,
-            "Flux2KleinInpaintPipeline, strength 1" if inpaint is not None else "no plain equivalent",
-        ),
-        Figure(
-            f"one_image_{large}",
-            f"one image {large}x{large}",
-            lambda: client.generate(prompts()[0], large),
-            lambda: direct.images(prompts(), large),
-        ),
-        Figure(
-            "pipeline_step",
-            f"s/step in the pipeline, {size}x{size}",
-            steps_served,
-            steps_direct,
-            "the same, timed by a hook",
-        ),
-        Figure(
-            "transformer_step",
-            f"s/step, transformer alone, {size}x{size}",
-            None,
-            lambda: transformer_step(pipe.transformer, size),
-            "direct transformer call",
-        ),
-    ]
-    return figures
 
 
 def _guarded(figure: Figure, measure: Callable[[], dict], clock: _Clock) -> dict:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from pipeline.engine import Engine, JobHandle
+from pipeline.engine import Engine
+from pipeline.handles import JobHandle
 from pipeline.jobs import GenerationJob, GenerationResult, Preview, Progress
 
 from .errors import RequestTimeout
