@@ -73,3 +73,61 @@ def test_console_script_is_installed():
     assert exe, "pip install -e . puts flux2-local on PATH"
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True).stdout
     assert "serve" in out and "tiny-weights" in out
+
+
+def _modules(package: str) -> list[str]:
+    import importlib
+    import pkgutil
+
+    return [info.name for info in pkgutil.walk_packages(importlib.import_module(package).__path__, f"{package}.")]
+
+
+def test_every_pipeline_module_imports_without_the_http_stack():
+    """pipeline/ never imports server/, FastAPI, Starlette or uvicorn: every module of it (walked, so none is left
+    out) imports with those blocked."""
+    modules = _modules("pipeline")
+    expected = {
+        "pipeline.engine",
+        "pipeline.handles",
+        "pipeline.batching",
+        "pipeline.previews",
+        "pipeline.text_cache",
+        "pipeline.pool",
+        "pipeline.runner",
+        "pipeline.model_choice",
+        "pipeline.internals",
+    }
+    assert expected <= set(modules)
+    code = (
+        "import importlib, sys\n"
+        "for name in ('fastapi', 'starlette', 'uvicorn', 'server'): sys.modules[name] = None\n"
+        f"for name in {modules!r}: importlib.import_module(name)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_pipeline_source_never_names_the_web_stack():
+    """What may import what, read from the source (imports inside functions too): pipeline/ imports neither
+    server/ nor FastAPI, Starlette or uvicorn."""
+    import ast
+    from pathlib import Path
+
+    web = {"fastapi", "starlette", "uvicorn", "server"}
+    offenders = []
+    for path in sorted((Path(__file__).resolve().parent.parent / "pipeline").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            offenders += [f"{path.name}: {name}" for name in names if name.split(".")[0] in web]
+    assert not offenders
+
+
+def test_every_server_module_imports():
+    import importlib
+
+    for name in _modules("server"):
+        importlib.import_module(name)
