@@ -162,6 +162,19 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
+class SendTracker:
+    """An ASGI `send` that remembers whether the response has started (after that, no error answer can be sent)."""
+
+    def __init__(self, send: Send):
+        self._send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+
 class UnexpectedErrorMiddleware:
     """The last resort: an exception nothing else handled becomes a 500 in OpenAI's envelope, logged with a trace.
     It sits inside the request-id middleware, so the answer carries `x-request-id` and the log line names it
@@ -174,19 +187,12 @@ class UnexpectedErrorMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = SendTracker(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception:
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
-            if started:  # a streamed answer already began: nothing more can be said in HTTP
+            if tracked.started:  # a streamed answer already began: nothing more can be said in HTTP
                 raise
             response = error_response(
                 APIError(500, "The server had an error while processing your request.", code="internal_error")

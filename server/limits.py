@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import APIError, error_response
+from .errors import APIError, SendTracker, error_response
 
 
 class _BodyTooLarge(BaseException):
@@ -33,7 +33,6 @@ class BodySizeLimitMiddleware:
             await error_response(self._error())(scope, receive, send)
             return
         received = 0
-        started = False
 
         async def counting_receive() -> Message:
             nonlocal received
@@ -44,14 +43,9 @@ class BodySizeLimitMiddleware:
                     raise _BodyTooLarge()
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = SendTracker(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, tracked)
         except _BodyTooLarge:
-            if not started:
+            if not tracked.started:
                 await error_response(self._error())(scope, receive, send)
