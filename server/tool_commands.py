@@ -21,7 +21,7 @@ def tiny_weights(
         ),
     ] = "klein",
 ) -> None:
-    """Build tiny random-weight FLUX.2 weights (real classes, about 860 KB) offline, for tests and trying the API."""
+    """Build tiny random-weight FLUX.2 weights (real classes, about 800 KB) offline, for tests and trying the API."""
     from pipeline.tiny_weights import VARIANTS, build_tiny_weights
 
     check_choice(variant, VARIANTS, "--variant")
