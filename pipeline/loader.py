@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import cast
 
+from .compilation import compile_transformer, warm_up
 from .internals import Flux2Pipe
 from .placement import Placement
 from .weights import ModelSpec
@@ -45,6 +46,9 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         else:
             pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
+    if placement.compile:
+        compile_transformer(pipe)
+        warm_up(pipe)
     log.info(
         "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",
         spec.path,

@@ -45,6 +45,7 @@ class ModelChoice:
     device: str = "auto"
     dtype: str = "auto"
     offload: str = "auto"
+    compile: bool = False  # regional compilation of the transformer (torch.compile), warmed up at load
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
 
 
@@ -65,7 +66,9 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             folder = resolve_weights(source) if source else default_weights(choice.weights_dir)
             spec = inspect_model(folder)
             params = count_weight_params(spec.path)
-            placement = decide_placement(choice.device, choice.dtype, choice.offload, weight_params=params)
+            placement = decide_placement(
+                choice.device, choice.dtype, choice.offload, weight_params=params, compile=choice.compile
+            )
         except (WeightsError, PlacementError) as exc:
             raise ModelChoiceError(str(exc)) from exc
         name = (

@@ -37,6 +37,7 @@ class Placement:
     dtype: torch.dtype
     offload: Offload
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
+    compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
 
 
 def decide_placement(
@@ -47,6 +48,7 @@ def decide_placement(
     weight_params: int,
     cuda_available: bool | None = None,
     cuda_free_bytes: int | None = None,
+    compile: bool = False,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
@@ -99,7 +101,11 @@ def decide_placement(
             f"offload: {chosen_offload} (auto: weights {weight_bytes / _GIB:.2f} GiB + margin = "
             f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
         )
-    return Placement(device=chosen_device, dtype=chosen_dtype, offload=chosen_offload, reasons=tuple(reasons))
+    if compile:
+        reasons.append("compile: the transformer's repeated blocks (asked; compiled and warmed up at load)")
+    return Placement(
+        device=chosen_device, dtype=chosen_dtype, offload=chosen_offload, reasons=tuple(reasons), compile=compile
+    )
 
 
 def count_weight_params(folder: Path) -> int:

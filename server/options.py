@@ -114,6 +114,14 @@ OPTIONS: tuple[Option, ...] = (
         "layer: least memory, slowest).",
     ),
     Option(
+        "compile",
+        bool,
+        feeds=ModelChoice,
+        help="Compile the transformer's repeated blocks with torch.compile (regional compilation) when a model "
+        "loads, and warm it up at 1024x1024, so /health turns ready only once it is compiled. Other sizes "
+        "compile once more each, up to a bound. Off by default until GPU figures prove it.",
+    ),
+    Option(
         "model_name",
         Optional[str],
         feeds=ModelChoice,
