@@ -171,7 +171,8 @@ OPTIONS: tuple[Option, ...] = (
         feeds=EngineOptions,
         field="batch_window",
         unit=MILLISECONDS,
-        help="How long the first job of a batch waits for compatible ones.",
+        help="How long a batch about to start waits for compatible requests still arriving (a lone request "
+        "starts at once).",
     ),
     Option(
         "max_queue_images",

@@ -50,8 +50,6 @@ class EventStream:
                 async for chunk in self._render(event):
                     yield chunk
             completed = await self.finish(await self.watch.result())
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # the job failed (or timed out) after the stream began: say so in the stream
             error = engine_error(exc)
             yield sse("error", error_body(error.message, error.type, error.param, error.code))
