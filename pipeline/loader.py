@@ -9,6 +9,7 @@ from typing import cast
 from .compilation import compile_transformer, warm_up
 from .internals import Flux2Pipe
 from .placement import Placement
+from .step_cache import apply_cache
 from .weights import ModelSpec
 
 log = logging.getLogger("flux2.loader")
@@ -46,6 +47,7 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         else:
             pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
+    apply_cache(pipe.transformer, placement.cache)
     if placement.compile:
         compile_transformer(pipe)
         warm_up(pipe)

@@ -46,6 +46,7 @@ class ModelChoice:
     dtype: str = "auto"
     offload: str = "auto"
     compile: bool = False  # regional compilation of the transformer (torch.compile), warmed up at load
+    cache: str = "off"  # step caching: off, first-block[:THRESHOLD], taylorseer[:INTERVAL]
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
 
 
@@ -67,7 +68,12 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             spec = inspect_model(folder)
             params = count_weight_params(spec.path)
             placement = decide_placement(
-                choice.device, choice.dtype, choice.offload, weight_params=params, compile=choice.compile
+                choice.device,
+                choice.dtype,
+                choice.offload,
+                weight_params=params,
+                compile=choice.compile,
+                cache=choice.cache,
             )
         except (WeightsError, PlacementError) as exc:
             raise ModelChoiceError(str(exc)) from exc

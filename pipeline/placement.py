@@ -9,6 +9,8 @@ from typing import Literal, TypeGuard, TypeVar, get_args
 
 import torch
 
+from .step_cache import CacheSpecError, StepCache, parse_cache
+
 Device = Literal["cuda", "cpu"]
 Offload = Literal["none", "model", "sequential"]
 DeviceChoice = Literal["auto", Device]
@@ -38,6 +40,7 @@ class Placement:
     offload: Offload
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
+    cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
 
 
 def decide_placement(
@@ -49,6 +52,7 @@ def decide_placement(
     cuda_available: bool | None = None,
     cuda_free_bytes: int | None = None,
     compile: bool = False,
+    cache: str = "off",
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
@@ -103,8 +107,19 @@ def decide_placement(
         )
     if compile:
         reasons.append("compile: the transformer's repeated blocks (asked; compiled and warmed up at load)")
+    try:
+        step_cache = parse_cache(cache)
+    except CacheSpecError as exc:
+        raise PlacementError(str(exc)) from exc
+    if step_cache.kind != "off":
+        reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
     return Placement(
-        device=chosen_device, dtype=chosen_dtype, offload=chosen_offload, reasons=tuple(reasons), compile=compile
+        device=chosen_device,
+        dtype=chosen_dtype,
+        offload=chosen_offload,
+        reasons=tuple(reasons),
+        compile=compile,
+        cache=step_cache,
     )
 
 
