@@ -127,7 +127,7 @@ OPTIONS: tuple[Option, ...] = (
         feeds=ModelChoice,
         help="Step caching on the transformer: off, or taylorseer[:INTERVAL] (the attention layers run fully every "
         "INTERVAL steps, default 5, Taylor-series predictions between). Faster, most for dev's 50 steps; images "
-        "differ slightly from uncached ones. (diffusers' first-block cache fails on FLUX.2 and is refused.)",
+        "differ slightly from uncached ones. diffusers' first-block cache fails on FLUX.2 and is refused.",
     ),
     Option(
         "model_name",
