@@ -11,6 +11,7 @@ import time
 import torch
 
 from .internals import Flux2Pipe
+from .step_cache import cache_context
 
 log = logging.getLogger("flux2.loader")
 
@@ -26,7 +27,7 @@ def compile_transformer(pipe: Flux2Pipe) -> None:
 def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE) -> float:
     """One single-step generation at `side`x`side`, latents only: triggers the compile. Returns its seconds."""
     started = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), cache_context(pipe.transformer):
         pipe(prompt="warm-up", height=side, width=side, num_inference_steps=1, output_type="latent")
     seconds = time.perf_counter() - started
     log.info("model: transformer compiled and warmed up at %dx%d in %.1f s", side, side, seconds)

@@ -22,6 +22,7 @@ from .masking import MaskBlend, composite, initial_noise
 from .previews import decode_preview, predict_clean, preview_steps
 from .prompts import measure_prompt
 from .references import prepare_reference
+from .step_cache import cache_context
 from .text_cache import EncodedPrompt, PromptCache
 
 # Called after every denoising step with (steps done, steps in total); returns True to stop the batch.
@@ -80,7 +81,7 @@ def run_batch(
 
     # 5. Denoise at the model's size; latents come back undecoded. `prompt` is not passed: the embeddings stand
     #    for it.
-    with torch.inference_mode():
+    with torch.inference_mode(), cache_context(pipe.transformer):
         latents = pipe(
             prompt_embeds=prompt_embeds,
             height=first.run_height,

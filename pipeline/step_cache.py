@@ -7,8 +7,9 @@ diffusers' First Block Cache is refused: in diffusers 0.42 its hooks fail on FLU
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 CacheKind = Literal["off", "taylorseer"]
 CACHE_KINDS: tuple[CacheKind, ...] = ("off", "taylorseer")
@@ -56,3 +57,12 @@ def apply_cache(transformer: object, cache: StepCache) -> None:
     from diffusers.hooks.taylorseer_cache import TaylorSeerCacheConfig
 
     transformer.enable_cache(TaylorSeerCacheConfig(cache_interval=cache.value))  # type: ignore[attr-defined]
+
+
+def cache_context(transformer: Any) -> contextlib.AbstractContextManager[Any]:
+    """Around a pipeline call: the cache hooks need a named context for the transformer's calls. klein's pipeline
+    opens its own per call; dev's opens none, so without this a cached dev model fails ("No cache context is
+    set"). Nothing to do without a cache."""
+    if getattr(transformer, "is_cache_enabled", False):
+        return transformer.cache_context("cond")  # type: ignore[no-any-return]
+    return contextlib.nullcontext()

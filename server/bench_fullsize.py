@@ -12,12 +12,14 @@ does not fit the card (~112 GB in bf16) is replaced by its transformer alone, an
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -227,8 +229,57 @@ def _whole_pipeline(
         finally:
             client.close()
             shutil.rmtree(workdir, ignore_errors=True)
+    results["step_cache"] = _step_cache_check(pipe, arch.size, max(spec.defaults.steps, 20), device, clock)
+    save()
     if arch.family == "dev":
         _estimate_full_length(results, spec.defaults.steps, steps)
+
+
+def _step_cache_check(pipe: Any, size: int, steps: int, device: str, clock: _Clock, interval: int = 5) -> dict:
+    """`--cache taylorseer`: the same seed with and without the cache, timed; the PSNR of the cached image
+    against the uncached one. Random weights make this a numerical check only, not a quality judgement."""
+    import numpy as np
+
+    from pipeline.step_cache import StepCache, apply_cache, cache_context
+
+    def image() -> tuple[Any, float]:
+        synchronize(device)
+        started = time.perf_counter()
+        with cache_context(pipe.transformer):
+            output = pipe(
+                prompt="a lighthouse on a cliff at dusk",
+                height=size,
+                width=size,
+                num_inference_steps=steps,
+                generator=torch.Generator("cpu").manual_seed(0),
+                output_type="np",
+            ).images[0]
+        synchronize(device)
+        return output, time.perf_counter() - started
+
+    uncached, uncached_s = image()
+    apply_cache(pipe.transformer, StepCache("taylorseer", interval))
+    try:
+        cached, cached_s = image()
+    finally:
+        pipe.transformer.disable_cache()
+    mse = float(np.mean((np.asarray(cached, np.float64) - np.asarray(uncached, np.float64)) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    result = {
+        "cache": f"taylorseer:{interval}",
+        "steps": steps,
+        "size": size,
+        "uncached_s": uncached_s,
+        "cached_s": cached_s,
+        "speedup": uncached_s / cached_s,
+        "psnr_db": psnr,
+    }
+    clock.say(
+        f"step cache taylorseer:{interval}, {steps} steps at {size}x{size}: {uncached_s:.3f} s -> "
+        f"{cached_s:.3f} s ({result['speedup']:.2f}x), PSNR {psnr:.1f} dB against uncached (random weights: "
+        "a numerical check)"
+    )
+    return result
 
 
 def _guarded(figure: Figure, measure: Callable[[], dict], clock: _Clock) -> dict:

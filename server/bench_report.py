@@ -112,6 +112,13 @@ def _summary(results: dict) -> list[str]:
         f"parameters: {_parameters(results)}; {results['steps']} steps; {results['mode']}; built in "
         f"{results.get('build_s', 0):.1f} s; whole run {results.get('total_s', 0):.0f} s",
     ]
+    cache = results.get("step_cache")
+    if cache:
+        lines.append(
+            f"step cache {cache['cache']}, {cache['steps']} steps at {cache['size']}x{cache['size']}: "
+            f"{cache['uncached_s']:.3f} s -> {cache['cached_s']:.3f} s ({cache['speedup']:.2f}x), PSNR "
+            f"{cache['psnr_db']:.1f} dB against uncached (random weights: a numerical check only)"
+        )
     return lines + [f"note: {note}" for note in results["notes"]]
 
 
@@ -153,6 +160,13 @@ def markdown_section(results: dict, command: str) -> str:
         f"- {results['steps']} steps, up to {results['repeats']} run(s) per figure; built in memory in "
         f"{results.get('build_s', 0):.1f} s; the whole run took {results.get('total_s', 0):.0f} s.",
     ]
+    cache = results.get("step_cache")
+    if cache:
+        lines.append(
+            f"- Step cache `--cache {cache['cache']}`, {cache['steps']} steps at {cache['size']}x{cache['size']}: "
+            f"{cache['uncached_s']:.3f} s -> {cache['cached_s']:.3f} s ({cache['speedup']:.2f}x), PSNR "
+            f"{cache['psnr_db']:.1f} dB against the uncached image (random weights: a numerical check only)."
+        )
     lines += [f"- {note}" for note in results["notes"]]
     lines += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]

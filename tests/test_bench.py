@@ -284,3 +284,12 @@ def test_architectures_import_without_the_http_stack():
         "import pipeline.architectures\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tiny_bench_reports_the_step_cache_speedup_and_psnr(tiny_run):
+    cache = tiny_run["json"]["step_cache"]
+    assert cache["cache"] == "taylorseer:5" and cache["steps"] >= 20
+    assert cache["uncached_s"] > 0 and cache["cached_s"] > 0
+    assert cache["speedup"] == cache["uncached_s"] / cache["cached_s"]
+    assert cache["psnr_db"] > 0  # a number, and the images differ (an identical pair would be inf)
+    assert "step cache taylorseer:5" in tiny_run["output"] and "PSNR" in tiny_run["output"]

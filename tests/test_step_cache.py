@@ -93,3 +93,13 @@ def test_taylorseer_skips_attention_work_and_stays_deterministic(tiny_klein):
     finally:
         plain.stop(10)
         cached.stop(10)
+
+
+def test_a_cached_dev_model_generates(tiny_dev):
+    """dev's pipeline opens no cache context of its own: the runner opens one (else: "No cache context is set")."""
+    engine = _engine(tiny_dev, "taylorseer:2")
+    try:
+        image = engine.submit(job(prompt="a lighthouse", size=48, seeds=(1,), steps=6)).future.result(120).images[0]
+        assert image.size == (48, 48)
+    finally:
+        engine.stop(10)
