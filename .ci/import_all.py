@@ -6,9 +6,21 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import re
 import sys
+import tomllib
 import traceback
 from pathlib import Path
+
+# Modules of optional extras (pip install -e ".[quant]"): imported only inside the functions that need them, and
+# absent from a serve install. Module names are the distributions' here (torchao, bitsandbytes).
+_PROJECT = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+OPTIONAL = {
+    re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0].replace("-", "_")
+    for extra, requirements in _PROJECT["optional-dependencies"].items()
+    if extra != "test"
+    for requirement in requirements
+}
 
 failed: list[str] = []
 lazy: set[str] = set()
@@ -31,6 +43,11 @@ for package_name in ("pipeline", "server"):
 for name in sorted(lazy):
     try:
         importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] in OPTIONAL:
+            print(f"optional (an extra, not installed here): {name}")
+            continue
+        failed.append(f"{name} (imported inside a function):\n{traceback.format_exc()}")
     except Exception:
         failed.append(f"{name} (imported inside a function):\n{traceback.format_exc()}")
 if failed:

@@ -9,6 +9,7 @@ from typing import cast
 from .compilation import compile_transformer, warm_up
 from .internals import Flux2Pipe
 from .placement import Placement
+from .quantization import pipeline_quantization_config
 from .step_cache import apply_cache
 from .weights import ModelSpec
 
@@ -36,7 +37,9 @@ def quiet_progress_bars() -> None:
 def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(spec.path, dtype=placement.dtype)
+    pipe = DiffusionPipeline.from_pretrained(
+        spec.path, dtype=placement.dtype, quantization_config=pipeline_quantization_config(placement.quantization)
+    )
     if type(pipe).__name__ != spec.pipeline_class:
         raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")
     if placement.device == "cuda":

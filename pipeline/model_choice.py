@@ -46,7 +46,8 @@ class ModelChoice:
     dtype: str = "auto"
     offload: str = "auto"
     compile: bool = False  # regional compilation of the transformer (torch.compile), warmed up at load
-    cache: str = "off"  # step caching: off, first-block[:THRESHOLD], taylorseer[:INTERVAL]
+    cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
+    quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
 
 
@@ -74,6 +75,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 weight_params=params,
                 compile=choice.compile,
                 cache=choice.cache,
+                quantize=choice.quantize,
             )
         except (WeightsError, PlacementError) as exc:
             raise ModelChoiceError(str(exc)) from exc

@@ -9,6 +9,7 @@ from typing import Literal, TypeGuard, TypeVar, get_args
 
 import torch
 
+from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
 from .step_cache import CacheSpecError, StepCache, parse_cache
 
 Device = Literal["cuda", "cpu"]
@@ -41,6 +42,7 @@ class Placement:
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
+    quantization: Quantization = Quantization()  # quantized components (none by default)
 
 
 def decide_placement(
@@ -53,6 +55,8 @@ def decide_placement(
     cuda_free_bytes: int | None = None,
     compile: bool = False,
     cache: str = "off",
+    quantize: str = "none",
+    cuda_capability: tuple[int, int] | None = None,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
@@ -113,6 +117,13 @@ def decide_placement(
         raise PlacementError(str(exc)) from exc
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
+    try:
+        quantization = parse_quantization(quantize)
+        if chosen_device == "cuda" and cuda_capability is None and quantization:
+            cuda_capability = torch.cuda.get_device_capability()
+        reasons += check_quantization(quantization, chosen_device, cuda_capability)
+    except QuantizationError as exc:
+        raise PlacementError(str(exc)) from exc
     return Placement(
         device=chosen_device,
         dtype=chosen_dtype,
@@ -120,6 +131,7 @@ def decide_placement(
         reasons=tuple(reasons),
         compile=compile,
         cache=step_cache,
+        quantization=quantization,
     )
 
 

@@ -130,6 +130,15 @@ OPTIONS: tuple[Option, ...] = (
         "differ slightly from uncached ones. diffusers' first-block cache fails on FLUX.2 and is refused.",
     ),
     Option(
+        "quantize",
+        str,
+        feeds=ModelChoice,
+        help="Quantized weights, COMPONENT=SCHEME pairs separated by commas, COMPONENT transformer or "
+        "text_encoder, SCHEME int8 (torchao int8 weight-only), fp8-weight (float8 weight-only), fp8 (float8 "
+        "matmuls: CUDA 8.9+) or nf4 (bitsandbytes, CUDA). Needs pip install -e '.[quant]'. Impossible "
+        "combinations are refused at start.",
+    ),
+    Option(
         "model_name",
         Optional[str],
         feeds=ModelChoice,

@@ -1,0 +1,123 @@
+"""Quantized weights (`--quantize COMPONENT=SCHEME,...`) through diffusers' and transformers' quantization
+configs, as an optional extra (`pip install -e ".[quant]"`):
+
+- `int8`: torchao int8 weight-only (CPU and CUDA);
+- `fp8-weight`: torchao float8 weight-only (CPU and CUDA);
+- `fp8`: torchao float8 weights and activations (float8 matmuls; CUDA compute capability 8.9+: Ada, Hopper);
+- `nf4`: bitsandbytes 4-bit NF4 (CUDA only).
+
+Components: `transformer` and `text_encoder`. Impossible combinations are refused when the server starts, with a
+message saying why (a scheme on a device it cannot run on, torchao or bitsandbytes not installed)."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Scheme = Literal["int8", "fp8-weight", "fp8", "nf4"]
+SCHEMES: tuple[Scheme, ...] = ("int8", "fp8-weight", "fp8", "nf4")
+COMPONENTS = ("transformer", "text_encoder")
+_NEEDS: dict[Scheme, str] = {"int8": "torchao", "fp8-weight": "torchao", "fp8": "torchao", "nf4": "bitsandbytes"}
+_FP8_CAPABILITY = (8, 9)
+
+
+class QuantizationError(ValueError):
+    """A --quantize value that cannot be used here; the message says why."""
+
+
+@dataclass(frozen=True)
+class Quantization:
+    schemes: tuple[tuple[str, Scheme], ...] = ()  # (component, scheme), in the order given
+
+    def __bool__(self) -> bool:
+        return bool(self.schemes)
+
+    def __str__(self) -> str:
+        return ",".join(f"{component}={scheme}" for component, scheme in self.schemes) or "none"
+
+
+def parse_quantization(text: str) -> Quantization:
+    """ "" or "none" -> no quantization; "transformer=int8,text_encoder=fp8-weight" -> per component."""
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return Quantization()
+    schemes: dict[str, Scheme] = {}
+    for part in text.split(","):
+        component, sep, scheme = (piece.strip() for piece in part.partition("="))
+        if not sep or component not in COMPONENTS:
+            raise QuantizationError(
+                f"quantize takes COMPONENT=SCHEME pairs with COMPONENT one of "
+                f"{', '.join(COMPONENTS)}, got {part.strip()!r}"
+            )
+        if scheme not in SCHEMES:
+            raise QuantizationError(f"quantize scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
+        if component in schemes:
+            raise QuantizationError(f"quantize names {component} twice")
+        schemes[component] = scheme
+    return Quantization(tuple(schemes.items()))
+
+
+def check_quantization(quantization: Quantization, device: str, capability: tuple[int, int] | None = None) -> list[str]:
+    """Refuse what cannot run on `device` (capability: the CUDA card's, for fp8); the start-up log's lines."""
+    reasons = []
+    for component, scheme in quantization.schemes:
+        if scheme == "nf4" and device != "cuda":
+            raise QuantizationError(
+                f"{component}=nf4 needs a CUDA GPU (bitsandbytes quantizes on the GPU); on the "
+                "CPU use int8 or fp8-weight"
+            )
+        if scheme == "fp8":
+            if device != "cuda":
+                raise QuantizationError(
+                    f"{component}=fp8 runs float8 matmuls, which need a CUDA GPU of compute "
+                    "capability 8.9+ (Ada, Hopper); on the CPU use fp8-weight or int8"
+                )
+            if capability is not None and capability < _FP8_CAPABILITY:
+                raise QuantizationError(
+                    f"{component}=fp8 needs compute capability 8.9+ (Ada, Hopper); this card "
+                    f"has {capability[0]}.{capability[1]}: use fp8-weight or int8"
+                )
+        package = _NEEDS[scheme]
+        if importlib.util.find_spec(package) is None:
+            raise QuantizationError(f'{component}={scheme} needs the {package} package: pip install -e ".[quant]"')
+        reasons.append(f"quantize: {component} {scheme} ({package})")
+    return reasons
+
+
+def pipeline_quantization_config(quantization: Quantization) -> Any:
+    """diffusers' PipelineQuantizationConfig mapping each component to its library's config, or None."""
+    if not quantization:
+        return None
+    from diffusers.quantizers.pipe_quant_config import PipelineQuantizationConfig
+
+    mapping = {component: _config(component, scheme) for component, scheme in quantization.schemes}
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def _config(component: str, scheme: Scheme) -> Any:
+    diffusers_side = component == "transformer"  # the text encoder is a transformers model
+    if scheme == "nf4":
+        if diffusers_side:
+            from diffusers import BitsAndBytesConfig
+        else:
+            from transformers import BitsAndBytesConfig  # type: ignore[assignment]
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    torchao_config = {
+        "int8": Int8WeightOnlyConfig,
+        "fp8-weight": Float8WeightOnlyConfig,
+        "fp8": Float8DynamicActivationFloat8WeightConfig,
+    }[scheme]()
+    if diffusers_side:
+        from diffusers import TorchAoConfig
+
+        return TorchAoConfig(torchao_config)
+    from transformers import TorchAoConfig as TransformersTorchAoConfig
+
+    return TransformersTorchAoConfig(torchao_config)

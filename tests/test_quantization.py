@@ -1,0 +1,87 @@
+"""`--quantize`: parsing, refusing impossible combinations at start, and int8 weights (torchao) on tiny weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from engine_helpers import job
+
+from pipeline import quantization
+from pipeline.engine import Engine
+from pipeline.placement import PlacementError, decide_placement
+from pipeline.pool import ModelConfig, ModelPool
+from pipeline.quantization import Quantization, QuantizationError, check_quantization, parse_quantization
+from pipeline.weights import inspect_model
+
+
+def test_specs():
+    assert parse_quantization("") == parse_quantization("none") == Quantization()
+    spec = parse_quantization("transformer=int8, Text_Encoder=fp8-weight")
+    assert spec.schemes == (("transformer", "int8"), ("text_encoder", "fp8-weight"))
+    assert str(spec) == "transformer=int8,text_encoder=fp8-weight"
+
+
+@pytest.mark.parametrize("text", ["int8", "vae=int8", "transformer=int4", "transformer=int8,transformer=fp8"])
+def test_bad_specs(text):
+    with pytest.raises(QuantizationError):
+        parse_quantization(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "device", "capability", "words"),
+    [
+        ("transformer=nf4", "cpu", None, "needs a CUDA GPU"),
+        ("transformer=fp8", "cpu", None, "capability 8.9+"),
+        ("text_encoder=fp8", "cuda", (8, 0), "this card has 8.0"),
+    ],
+)
+def test_impossible_combinations_are_refused(text, device, capability, words):
+    with pytest.raises(QuantizationError, match=words):
+        check_quantization(parse_quantization(text), device, capability)
+
+
+def test_fp8_is_accepted_on_hopper():
+    assert check_quantization(parse_quantization("transformer=fp8"), "cuda", (9, 0)) == [
+        "quantize: transformer fp8 (torchao)"
+    ]
+
+
+def test_a_missing_library_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(quantization.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(QuantizationError, match=r"pip install -e \".\[quant\]\""):
+        check_quantization(parse_quantization("transformer=int8"), "cpu")
+
+
+def test_the_server_refuses_nf4_on_the_cpu_at_start(tiny_klein):
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_klein), "--quantize", "transformer=nf4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "transformer=nf4 needs a CUDA GPU" in run.stderr
+
+
+def test_int8_weights_load_and_generate(tiny_klein):
+    placement = decide_placement(weight_params=1, quantize="transformer=int8,text_encoder=int8")
+    assert "quantize: transformer int8 (torchao)" in placement.reasons
+    config = ModelConfig(name="tiny", spec=inspect_model(tiny_klein), placement=placement, weight_bytes=1)
+    engine = Engine(ModelPool([config]))
+    engine.start()
+    try:
+        assert engine.wait_ready(120), engine.load_error
+        pipe = engine.pool.get().pipe
+        assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Int8Tensor"
+        assert type(pipe.text_encoder.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+        image = engine.submit(job(prompt="a lighthouse", size=64, seeds=(2,), steps=2)).future.result(120).images[0]
+        assert image.size == (64, 64)
+    finally:
+        engine.stop(10)
+
+
+def test_a_bad_value_is_a_placement_error():
+    with pytest.raises(PlacementError, match="quantize"):
+        decide_placement(weight_params=1, quantize="transformer=bf16")
