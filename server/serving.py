@@ -30,7 +30,7 @@ from .storage import ImageStore
 from .streaming import EventStream
 from .timing import HEADER as SERVER_TIMING
 from .timing import RequestTiming
-from .translate import OutputOptions, build_job, check_supported, images_response, output_options, quality_tier
+from .translate import OutputOptions, answer_fields, build_job, check_supported, images_response, output_options
 from .translate import usage as images_usage
 
 log = logging.getLogger("flux2.serving")
@@ -106,12 +106,7 @@ class ImageService:
         submitted()  # a batch about to start need not wait for this request any more
         if params.stream:
             kind = "image_edit" if references else "image_generation"
-            common = {
-                "background": "opaque",
-                "output_format": options.output_format,
-                "quality": quality_tier(params),
-                "size": f"{job.width}x{job.height}",
-            }
+            common = answer_fields(job, params, options)
 
             async def finish(result: GenerationResult) -> list[dict]:
                 return await self._completed_events(job, result, options, kind, common, timing, watch)

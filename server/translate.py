@@ -158,6 +158,16 @@ def usage(accounting: Accounting) -> Usage:
     )
 
 
+def answer_fields(job: GenerationJob, params: ImageParameters, options: OutputOptions) -> dict[str, str]:
+    """What every answer says about its images, in a JSON response and in each stream event alike."""
+    return {
+        "background": "opaque",
+        "output_format": options.output_format,
+        "size": f"{job.width}x{job.height}",
+        "quality": quality_tier(params),
+    }
+
+
 def images_response(
     job: GenerationJob,
     data: list[ImageData],
@@ -169,10 +179,7 @@ def images_response(
     return ImagesResponse(
         created=int(time.time()),
         data=data,
-        background="opaque",
-        output_format=options.output_format,
-        size=f"{job.width}x{job.height}",
-        quality=quality_tier(params),
         usage=usage(accounting),
         warnings=warnings or None,
+        **answer_fields(job, params, options),
     )
