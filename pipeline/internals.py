@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import torch
 
+from .sizes import MODEL_MULTIPLE
+
 if TYPE_CHECKING:
     # The defining modules: the top-level `diffusers` namespace is lazy and type checkers see its dummy objects.
     from diffusers.models.autoencoders.autoencoder_kl_flux2 import AutoencoderKLFlux2
@@ -96,7 +98,8 @@ def vae_latents(pipe: Flux2Pipe, packed: torch.Tensor, width: int, height: int) 
     generated image's tokens) -> what the VAE decodes: batch-norm statistics undone, 2x2 patches unfolded."""
     vae = pipe.vae
     batch, _, channels = packed.shape
-    latents = packed.reshape(batch, height // 16, width // 16, channels).permute(0, 3, 1, 2)
+    rows, cols = height // MODEL_MULTIPLE, width // MODEL_MULTIPLE  # one packed token covers 16 x 16 pixels
+    latents = packed.reshape(batch, rows, cols, channels).permute(0, 3, 1, 2)
     running_mean, running_var = vae.bn.running_mean, vae.bn.running_var
     assert running_mean is not None and running_var is not None  # the VAE's batch norm tracks its statistics
     mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)

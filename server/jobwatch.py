@@ -25,10 +25,6 @@ class JobWatch:
         self.deadline = loop.time() + timeout
         self._future = asyncio.wrap_future(self.handle.future)
 
-    @property
-    def done(self) -> bool:
-        return self._future.done()
-
     def _remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
 
