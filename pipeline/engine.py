@@ -94,10 +94,6 @@ class Engine:
         options = replace(options, **overrides) if overrides else options
         self.pool = pool
         self.options = options
-        self.max_batch_images = options.max_batch_images
-        self.batch_window = options.batch_window
-        self.max_queue_images = options.max_queue_images
-        self.progress_log_seconds = options.progress_log_seconds
         self.on_batch = on_batch
         self.prompt_cache = PromptCache(options.prompt_cache_bytes)
         pool.on_evict = lambda name: self.prompt_cache.drop_model(str(pool.configs[name].spec.path))
@@ -202,7 +198,7 @@ class Engine:
             if not self._ready.is_set():
                 raise EngineUnavailable("loading")
             queued = sum(h.job.n for h in self._queue if not h.cancelled)
-            if queued and queued + job.n > self.max_queue_images:
+            if queued and queued + job.n > self.options.max_queue_images:
                 ahead = queued + sum(h.job.n for h in self._running)
                 raise QueueFull(queued, retry_after=max(1.0, ahead * self._seconds_per_image))
             handle = JobHandle(job, listener=listener)
@@ -239,19 +235,19 @@ class Engine:
             batch = [self._queue.popleft()]
             key = batch[0].job.batch_key
             images = batch[0].job.n
-            window_ends = time.monotonic() + self.batch_window
-            while images < self.max_batch_images:
+            window_ends = time.monotonic() + self.options.batch_window
+            while images < self.options.max_batch_images:
                 for handle in list(self._queue):
                     if (
                         not handle.cancelled
                         and handle.job.batch_key == key
-                        and images + handle.job.n <= self.max_batch_images
+                        and images + handle.job.n <= self.options.max_batch_images
                     ):
                         self._queue.remove(handle)
                         batch.append(handle)
                         images += handle.job.n
                 remaining = window_ends - time.monotonic()
-                if images >= self.max_batch_images or remaining <= 0 or self._stopping or not self._arriving:
+                if images >= self.options.max_batch_images or remaining <= 0 or self._stopping or not self._arriving:
                     break
                 self._cond.wait(remaining)
             self._running = batch
@@ -296,7 +292,7 @@ class Engine:
         if not slices:
             return
         mine = [handles[id(s.job)] for s in slices]
-        progress = BatchProgress(mine, slices, self.progress_log_seconds)
+        progress = BatchProgress(mine, slices, self.options.progress_log_seconds)
         started = time.perf_counter()
         outcome: BatchOutcome = "ok"
         sink = preview_sink(handles) if any(h.listener and h.job.partial_images for h in mine) else None
