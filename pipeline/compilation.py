@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .decoding import decode, latents_for_vae
 from .internals import Flux2Pipe
 from .step_cache import cache_context
 
@@ -24,11 +25,19 @@ def compile_transformer(pipe: Flux2Pipe) -> None:
     pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
 
 
+def compile_vae_decoder(pipe: Flux2Pipe) -> None:
+    vae = pipe.vae
+    if vae.device.type == "cuda":
+        vae.to(memory_format=torch.channels_last)
+    vae.decoder.compile(dynamic=True)
+
+
 def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE) -> float:
-    """One single-step generation at `side`x`side`, latents only: triggers the compile. Returns its seconds."""
+    """One single-step generation at `side`x`side` and its decode: triggers both compiles. Returns its seconds."""
     started = time.perf_counter()
     with torch.inference_mode(), cache_context(pipe.transformer):
-        pipe(prompt="warm-up", height=side, width=side, num_inference_steps=1, output_type="latent")
+        latents = pipe(prompt="warm-up", height=side, width=side, num_inference_steps=1, output_type="latent")[0]
+    decode(pipe, latents_for_vae(pipe, latents, side, side))
     seconds = time.perf_counter() - started
-    log.info("model: transformer compiled and warmed up at %dx%d in %.1f s", side, side, seconds)
+    log.info("model: compiled and warmed up at %dx%d in %.1f s", side, side, seconds)
     return seconds

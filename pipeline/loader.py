@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import cast
 
-from .compilation import compile_transformer, warm_up
+from .compilation import compile_transformer, compile_vae_decoder, warm_up
 from .internals import Flux2Pipe
 from .placement import Placement
 from .quantization import pipeline_quantization_config
@@ -53,6 +53,8 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     apply_cache(pipe.transformer, placement.cache)
     if placement.compile:
         compile_transformer(pipe)
+        if placement.device == "cuda":  # on the CPU its compile costs far more than it saves
+            compile_vae_decoder(pipe)
         warm_up(pipe)
     log.info(
         "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",

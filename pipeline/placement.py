@@ -110,7 +110,9 @@ def decide_placement(
             f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
         )
     if compile:
-        reasons.append("compile: the transformer's repeated blocks (asked; compiled and warmed up at load)")
+        reasons.append(
+            "compile: the transformer's repeated blocks and the VAE decoder (asked; compiled and warmed up at load)"
+        )
     try:
         step_cache = parse_cache(cache)
     except CacheSpecError as exc:
