@@ -26,10 +26,10 @@ def compile_transformer(pipe: Flux2Pipe) -> None:
 
 
 def compile_vae_decoder(pipe: Flux2Pipe) -> None:
-    vae = pipe.vae
-    if vae.device.type == "cuda":
-        vae.to(memory_format=torch.channels_last)
-    vae.decoder.compile(dynamic=True)
+    decoder = pipe.vae.decoder
+    if pipe.vae.device.type == "cuda":
+        decoder.to(memory_format=torch.channels_last)
+    decoder.compile(dynamic=True)
 
 
 def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE) -> float:
