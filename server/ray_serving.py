@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from collections.abc import AsyncIterator, Mapping
@@ -225,8 +226,6 @@ def serve_on_ray(config: ServeConfig) -> int:
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     own_cluster = config.ray.address is None
     if own_cluster:
-        import os
-
         os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)  # read by the proxy this cluster starts
     if not start_ray(ray, config.ray.address):
         return 1
