@@ -234,13 +234,18 @@ def serve_on_ray(config: ServeConfig) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         try:
-            gpus = replica_gpus(config, ray.cluster_resources().get("GPU", 0.0))
+            cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+            gpus = replica_gpus(config, cluster_gpus)
+            bounds = config.ray.bounds()
+            needed = gpus * (bounds[0] if bounds else config.ray.replicas)
+            if own_cluster and needed > cluster_gpus:  # a cluster we join may add GPU nodes; this one never will
+                log.error("%g replica GPU(s) wanted, this machine has %g: lower --replicas", needed, cluster_gpus)
+                return 2
             serve.start(http_options={"host": settings.host, "port": settings.port})
             serve.run(bind(config, gpus), name=APP_NAME, route_prefix="/", blocking=False)
         except Exception as exc:
             log.error("Ray Serve could not start the replicas: %s", exc)
             return 1
-        bounds = config.ray.bounds()
         log.info(
             "serving on http://%s:%d through Ray Serve: %s, %s GPU(s) each; output dir %s",
             settings.host,
