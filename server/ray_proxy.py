@@ -17,6 +17,8 @@ import logging
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import APIError, error_body
+
 log = logging.getLogger("flux2.ray_proxy")
 
 _RETRY_SECONDS = "1"
@@ -47,8 +49,8 @@ def envelope_answer(status: int, detail: str, retry_after: str | None) -> tuple[
         status = 503
     detail = detail.strip()
     text = f"{message}." if not detail or detail == "Internal Server Error" else f"{message}: {detail}"
-    kind = "rate_limit_exceeded" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
-    body = json.dumps({"error": {"message": text, "type": kind, "param": None, "code": code}}).encode()
+    error = APIError(status, text, code=code)
+    body = json.dumps(error_body(error.message, error.type, error.param, error.code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status in (429, 503):
         headers.append((b"retry-after", (retry_after or _RETRY_SECONDS).encode()))
