@@ -17,6 +17,7 @@ from .limits import BodySizeLimitMiddleware
 from .metrics import Metrics, RequestMetricsMiddleware
 from .openapi import document_errors_as_served
 from .remote_images import RemoteImageFetcher
+from .replica_header import ReplicaHeaderMiddleware, replica_name
 from .request_ids import RequestIdMiddleware
 from .routes import files, health, images, models, playground
 from .routes import metrics as metrics_routes
@@ -31,8 +32,10 @@ def create_app(
     *,
     remote_fetcher: RemoteImageFetcher | None = None,
     metrics: Metrics | None = None,
+    replica: str | None = None,
 ) -> FastAPI:
-    """`metrics`, when given, was made before the engine so that its `observe_batch` is the engine's `on_batch`."""
+    """`metrics`, when given, was made before the engine so that its `observe_batch` is the engine's `on_batch`.
+    `replica` names this process in every answer's x-flux2-replica header (default: `local@HOST:PID`)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -81,10 +84,17 @@ def create_app(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id", "x-flux2-ignored-params", "retry-after", "server-timing"],
+            expose_headers=[
+                "x-request-id",
+                "x-flux2-ignored-params",
+                "retry-after",
+                "server-timing",
+                "x-flux2-replica",
+            ],
         )
     app.add_middleware(ArrivalsMiddleware, engine=engine)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     app.add_middleware(UnexpectedErrorMiddleware)  # inside the request ids: a 500 carries and logs its id
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(ReplicaHeaderMiddleware, name=replica or replica_name())
     return app

@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 
 import typer
+from fastapi import FastAPI
 
 from pipeline.engine import Engine
 from pipeline.loader import quiet_progress_bars
@@ -19,6 +20,7 @@ from .metrics import Metrics
 from .options import ServeConfig, serve_command
 from .request_ids import configure_logging
 from .runtime import serve_app
+from .scaleout import ScaleOutError
 from .settings import model_ids_for
 from .tool_commands import bench, tiny_weights
 
@@ -49,12 +51,27 @@ def serve(config: ServeConfig) -> None:
             "*" * 96,
         )
     try:
-        served = resolve_models(config.models)
+        config.ray.check()
+    except ScaleOutError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if config.ray.enabled:
+        from .ray_serving import serve_on_ray  # Ray itself only loads there, and only when installed
+
+        raise typer.Exit(code=serve_on_ray(config))
+    try:
+        app = build_app(config)
     except ModelChoiceError as exc:
         log.error("%s", exc)
         raise typer.Exit(code=2) from exc
+    serve_app(app, settings.host, settings.port, settings.log_level, settings.shutdown_timeout)
+
+
+def build_app(config: ServeConfig, replica: str | None = None) -> FastAPI:
+    """The app and its engine for these options: the models resolved (ModelChoiceError if one cannot be served),
+    the served ids named. `replica` names the process in x-flux2-replica (Ray Serve replicas build theirs here)."""
+    served = resolve_models(config.models)
     settings = replace(
-        settings,
+        config.settings,
         model_ids=model_ids_for([(c.name, c.spec.aliases) for c in served.configs]),
         test_models=served.test_models,
     )
@@ -63,13 +80,7 @@ def serve(config: ServeConfig) -> None:
     engine = Engine(
         ModelPool(served.configs, max_loaded=config.models.max_loaded), config.engine, on_batch=metrics.observe_batch
     )
-    serve_app(
-        create_app(settings, engine, metrics=metrics),
-        settings.host,
-        settings.port,
-        settings.log_level,
-        settings.shutdown_timeout,
-    )
+    return create_app(settings, engine, metrics=metrics, replica=replica)
 
 
 app.command("tiny-weights")(tiny_weights)

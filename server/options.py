@@ -1,8 +1,8 @@
 """The options of `flux2-local serve`, each written once in `OPTIONS`: its name (--NAME on the command line,
-FLUX2_NAME in the environment), type, help, and the field it sets in `Settings` (HTTP), `EngineOptions` (batching)
-or `ModelChoice` (models and placement), with the unit conversion between them. An option's default is its
-field's default, read from the dataclass. `serve_command` turns the table into the typer command, and
-`read_options` turns what it parsed into those three objects."""
+FLUX2_NAME in the environment), type, help, and the field it sets in `Settings` (HTTP), `EngineOptions` (batching),
+`ModelChoice` (models and placement) or `RayOptions` (scale-out on Ray Serve), with the unit conversion between
+them. An option's default is its field's default, read from the dataclass. `serve_command` turns the table into the
+typer command, and `read_options` turns what it parsed into those objects."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from pipeline.placement import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_CHOICES
 from pipeline.sizes import MAX_OUTPUT_PIXELS, MEGAPIXEL
 
 from .auth import load_keys
+from .scaleout import RayOptions
 from .settings import Settings
 
 
@@ -288,6 +289,37 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("remote_image_timeout", float, feeds=Settings, help="Seconds a remote image may take to fetch."),
     Option("log_level", str, feeds=Settings, help="debug, info, warning or error."),
+    Option(
+        "ray",
+        bool,
+        feeds=RayOptions,
+        field="enabled",
+        help="Serve through Ray Serve: replicas of this server (one engine and model copy each, one per GPU by "
+        "default) behind Ray's HTTP proxy on --host/--port. Needs pip install -e '.[ray]'. See docs/RAY.md.",
+    ),
+    Option("replicas", int, feeds=RayOptions, help="With --ray: how many replicas to run."),
+    Option(
+        "autoscale",
+        Optional[str],
+        feeds=RayOptions,
+        help="With --ray: MIN:MAX replicas, following the queued and running images (about one full batch, "
+        "--max-batch-images, per replica). Instead of --replicas.",
+    ),
+    Option(
+        "gpus_per_replica",
+        float,
+        feeds=RayOptions,
+        help="With --ray: GPUs each replica holds (0.5: two replicas share a GPU). Replicas on the CPU "
+        "(--device cpu, or no GPU in the cluster with --device auto) hold one CPU instead.",
+    ),
+    Option(
+        "ray_address",
+        Optional[str],
+        feeds=RayOptions,
+        field="address",
+        help="With --ray: the Ray cluster to join (e.g. auto, or ray://head:10001). Default: start one on this "
+        "machine, stopped with the server.",
+    ),
 )
 
 
@@ -298,11 +330,12 @@ class ServeConfig:
     settings: Settings  # model_ids and test_models still empty: they come from the models once resolved
     engine: EngineOptions
     models: ModelChoice
+    ray: RayOptions = RayOptions()
 
 
 def read_options(values: Mapping[str, Any]) -> ServeConfig:
     """The parsed options ({name: value}, every option of OPTIONS) converted into the fields they set."""
-    by_class: dict[type, dict[str, Any]] = {Settings: {}, EngineOptions: {}, ModelChoice: {}}
+    by_class: dict[type, dict[str, Any]] = {Settings: {}, EngineOptions: {}, ModelChoice: {}, RayOptions: {}}
     for option in OPTIONS:
         value = values[option.name]
         check_choice(value, option.choices, option.flag)
@@ -313,6 +346,7 @@ def read_options(values: Mapping[str, Any]) -> ServeConfig:
         settings=Settings(**by_class[Settings], api_keys=keys),
         engine=EngineOptions(**by_class[EngineOptions]),
         models=ModelChoice(**by_class[ModelChoice]),
+        ray=RayOptions(**by_class[RayOptions]),
     )
 
 

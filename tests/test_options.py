@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from pipeline.engine import EngineOptions
 from pipeline.model_choice import ModelChoice
 from server.options import OPTIONS, ServeConfig, field_default, serve_command
+from server.scaleout import RayOptions
 from server.settings import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -44,7 +45,7 @@ def test_no_field_is_set_by_two_options_and_every_settable_field_has_one():
         (Settings, "api_keys"),
         (EngineOptions, "progress_log_seconds"),
     }
-    every = {(cls, f.name) for cls in (Settings, EngineOptions, ModelChoice) for f in fields(cls)}
+    every = {(cls, f.name) for cls in (Settings, EngineOptions, ModelChoice, RayOptions) for f in fields(cls)}
     assert set(fed) == every - apart
 
 
@@ -69,6 +70,7 @@ def test_the_defaults_make_the_default_objects():
     assert config.settings == Settings()
     assert config.engine == EngineOptions()
     assert config.models == ModelChoice()
+    assert config.ray == RayOptions()
 
 
 def test_env_vars_and_flags_set_their_fields_in_their_units(tmp_path):
@@ -86,6 +88,8 @@ def test_env_vars_and_flags_set_their_fields_in_their_units(tmp_path):
         "FLUX2_DEVICE": "cpu",
         "FLUX2_MAX_LOADED_MODELS": "2",
         "FLUX2_PORT": "9100",
+        "FLUX2_AUTOSCALE": "1:3",
+        "FLUX2_GPUS_PER_REPLICA": "0.5",
     }
     config = _capture(
         [
@@ -100,6 +104,7 @@ def test_env_vars_and_flags_set_their_fields_in_their_units(tmp_path):
             "--playground-open",
             "--shutdown-timeout",
             "4",
+            "--ray",
         ],
         env,
     )
@@ -112,6 +117,7 @@ def test_env_vars_and_flags_set_their_fields_in_their_units(tmp_path):
     assert (settings.host, settings.playground_open, settings.shutdown_timeout) == ("0.0.0.0", True, 4.0)
     assert (engine.batch_window, engine.prompt_cache_bytes) == (0.005, 3 * 1024**2)
     assert (models.sources, models.device, models.max_loaded) == (("one", "two=/m/two"), "cpu", 2)
+    assert config.ray == RayOptions(enabled=True, autoscale="1:3", gpus_per_replica=0.5)
 
 
 @pytest.mark.parametrize("option", [o for o in OPTIONS if o.choices], ids=lambda o: o.name)
