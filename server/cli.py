@@ -17,6 +17,7 @@ from .app import create_app
 from .client_commands import edit, generate
 from .metrics import Metrics
 from .options import ServeConfig, serve_command
+from .reproduce_command import reproduce
 from .request_ids import configure_logging
 from .runtime import serve_app
 from .settings import model_ids_for
@@ -75,6 +76,7 @@ def serve(config: ServeConfig) -> None:
 app.command("tiny-weights")(tiny_weights)
 app.command()(generate)
 app.command()(edit)
+app.command()(reproduce)
 app.command()(bench)
 
 
