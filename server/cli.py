@@ -36,7 +36,7 @@ _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 @app.command()
 @serve_command
 def serve(config: ServeConfig) -> None:
-    """Serve the OpenAI image API (/v1/images/generations, /v1/images/edits, /v1/models, /health, /metrics)."""
+    """Serve the OpenAI image API (/v1/images/generations, /edits, /variations, /v1/models, /health, /metrics)."""
     settings = config.settings
     configure_logging(settings.log_level)
     quiet_progress_bars()

@@ -10,7 +10,7 @@ from starlette.requests import Request
 
 from .errors import APIError, invalid_param, validation_error
 from .inputs import EditInputs, read_form_parts
-from .protocol import ImageEditRequest, ImageParameters
+from .protocol import ImageEditRequest
 
 VARIATION_PROMPT = "A variation of this image: the same subject, composition and style."
 _FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -52,26 +52,3 @@ async def read_variation_request(request: Request, max_image_bytes: int) -> Edit
     except ValidationError as exc:
         raise validation_error(exc.errors()) from exc
     return EditInputs(params, images, None, "image")
-
-
-VARIATION_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["image"],
-                    "properties": {
-                        "image": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "The image to vary: PNG, JPEG, WebP, GIF or AVIF.",
-                        },
-                        **{name: {"type": "string"} for name in ImageParameters.model_fields if name != "prompt"},
-                    },
-                }
-            },
-        },
-    },
-}

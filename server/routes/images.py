@@ -15,12 +15,12 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import ClientGone
 from ..inputs import read_edit_request
-from ..openapi import EDIT_BODY, IMAGE_RESPONSES
+from ..openapi import EDIT_BODY, IMAGE_RESPONSES, VARIATION_BODY
 from ..protocol import ImageGenerationRequest, ImageParameters, ImagesResponse
 from ..serving import Served
 from ..streaming import EventStream
 from ..urls import public_base_url
-from ..variations import VARIATION_BODY, read_variation_request
+from ..variations import read_variation_request
 
 router = APIRouter(prefix="/v1/images")
 T = TypeVar("T")
