@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 from PIL import Image, ImageMath, ImageOps
 
+from .file_metadata import metadata_save_options
 from .sizes import MAX_OUTPUT_PIXELS, cap_pixels
 
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp", "gif", "avif")
@@ -56,13 +59,21 @@ def resolve_quality(output_format: str, quality: int | None) -> int | None:
     return DEFAULT_QUALITY[output_format] if quality is None else quality
 
 
-def encode_image(image: Image.Image, output_format: str = "png", quality: int | None = None) -> bytes:
-    """Encode `image` as `output_format`; `quality` (0-100) applies to jpeg, webp and avif, PNG and GIF ignore it."""
+def encode_image(
+    image: Image.Image,
+    output_format: str = "png",
+    quality: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> bytes:
+    """Encode `image` as `output_format`; `quality` (0-100) applies to jpeg, webp and avif, PNG and GIF ignore it.
+    `metadata`, when given, is embedded in the same save (`file_metadata`: PNG text, EXIF and XMP, GIF comment)."""
     fmt = normalize_output_format(output_format)
     level = resolve_quality(fmt, quality)
     options: dict[str, object] = {"quality": level} if level is not None else {}
     if fmt == "png":
         options["compress_level"] = PNG_COMPRESS_LEVEL
+    if metadata is not None:
+        options.update(metadata_save_options(fmt, metadata))
     buffer = io.BytesIO()
     _prepare_for_encoding(image, fmt).save(buffer, format=_PILLOW_FORMATS[fmt], **options)
     return buffer.getvalue()

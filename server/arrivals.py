@@ -10,7 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline.engine import Arrival, Engine
 
-_IMAGE_ROUTES = ("/v1/images/generations", "/v1/images/edits")
+_IMAGE_ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations")
 _current: contextvars.ContextVar[Arrival | None] = contextvars.ContextVar("flux2_arrival", default=None)
 
 

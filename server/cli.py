@@ -18,6 +18,7 @@ from .app import create_app
 from .client_commands import edit, generate
 from .metrics import Metrics
 from .options import ServeConfig, serve_command
+from .reproduce_command import reproduce
 from .request_ids import configure_logging
 from .runtime import serve_app
 from .scaleout import ScaleOutError
@@ -37,7 +38,7 @@ _LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 @app.command()
 @serve_command
 def serve(config: ServeConfig) -> None:
-    """Serve the OpenAI image API (/v1/images/generations, /v1/images/edits, /v1/models, /health, /metrics)."""
+    """Serve the OpenAI image API (/v1/images/generations, /edits, /variations, /v1/models, /health, /metrics)."""
     settings = config.settings
     configure_logging(settings.log_level)
     quiet_progress_bars()
@@ -86,6 +87,7 @@ def build_app(config: ServeConfig, replica: str | None = None) -> FastAPI:
 app.command("tiny-weights")(tiny_weights)
 app.command()(generate)
 app.command()(edit)
+app.command()(reproduce)
 app.command()(bench)
 
 

@@ -1,4 +1,4 @@
-"""`flux2-local generate` / `flux2-local edit`: a command-line client for a running server. It streams the
+"""`flux2-local generate` / `edit` / `reproduce`: a command-line client for a running server. It streams the
 request, shows a progress bar fed by the stream's progress comments, and writes the images."""
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def run_request(
     body = {key: value for key, value in fields.items() if value is not None}
     body["stream"] = True
     files = None
-    if endpoint == "edits":
+    if endpoint in ("edits", "variations"):
         files = [("image[]" if len(images) > 1 else "image", (p.name, p.read_bytes())) for p in images]
         if mask is not None:
             files.append(("mask", (mask.name, mask.read_bytes())))

@@ -91,6 +91,16 @@ def file_too_large(max_bytes: int, param: str, what: str = "An uploaded file") -
 
 
 async def _read_form(request: Request, max_image_bytes: int) -> tuple[ImageEditRequest, list[bytes], bytes | None]:
+    fields, images, mask = await read_form_parts(request, max_image_bytes)
+    try:
+        params = ImageEditRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()) from exc
+    return params, images, mask
+
+
+async def read_form_parts(request: Request, max_image_bytes: int) -> tuple[dict[str, str], list[bytes], bytes | None]:
+    """A multipart (or url-encoded) form's text fields, image files and mask file, each file within its cap."""
     try:
         form = await request.form(max_files=_MAX_FILES)
     except Exception as exc:  # starlette raises its own errors (and ours: bad boundaries, too many parts)
@@ -118,11 +128,7 @@ async def _read_form(request: Request, max_image_bytes: int) -> tuple[ImageEditR
                 fields[key] = value
     finally:
         await form.close()
-    try:
-        params = ImageEditRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise validation_error(exc.errors()) from exc
-    return params, images, mask
+    return fields, images, mask
 
 
 async def _read_capped(upload: UploadFile, max_bytes: int, param: str) -> bytes:

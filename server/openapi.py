@@ -1,5 +1,6 @@
 """What the published OpenAPI document says beyond what FastAPI derives: the errors each image endpoint answers,
-the event stream's frames, the edit endpoint's two bodies (multipart and JSON), and no FastAPI 422s."""
+the event stream's frames, the edit endpoint's two bodies (multipart and JSON), the variations form, and no
+FastAPI 422s."""
 
 from __future__ import annotations
 
@@ -110,6 +111,29 @@ EDIT_BODY = {
                 }
             },
             "application/json": {"schema": inline_schema(ImageEditRequest)},
+        },
+    },
+}
+
+
+VARIATION_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {
+                        "image": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The image to vary: PNG, JPEG, WebP, GIF or AVIF.",
+                        },
+                        **{name: {"type": "string"} for name in ImageParameters.model_fields if name != "prompt"},
+                    },
+                }
+            },
         },
     },
 }

@@ -224,6 +224,15 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option("metrics", bool, feeds=Settings, help="Serve Prometheus metrics at /metrics."),
     Option(
+        "metadata",
+        bool,
+        feeds=Settings,
+        field="embed_metadata",
+        help="Write each image's parameters into its file (PNG text chunks, EXIF and XMP; prompt, seed, steps, "
+        "guidance, size, model, version) so that `flux2-local reproduce FILE` can make it again. "
+        "--no-metadata leaves files bare (privacy).",
+    ),
+    Option(
         "api_key",
         Optional[list[str]],
         feeds=None,

@@ -24,6 +24,7 @@ from .inputs import EditInputs, decode_edit_images
 from .jobwatch import JobWatch
 from .media import data_uri
 from .protocol import ImageData, ImageParameters, ImagesResponse
+from .provenance import GENERATION, Provenance, Sources, provenance
 from .request_ids import current_request_id
 from .settings import Settings
 from .storage import ImageStore
@@ -72,12 +73,20 @@ class ImageService:
         timing = RequestTiming()
         return await self._serve(params, self.resolve_model(params.model), (), None, base_url, timing, headers)
 
-    async def edit(self, inputs: EditInputs, base_url: str, headers: MutableMapping[str, str] | None = None) -> Served:
+    async def edit(
+        self,
+        inputs: EditInputs,
+        base_url: str,
+        headers: MutableMapping[str, str] | None = None,
+        mode: str = "edit",
+    ) -> Served:
+        """An edit; a variation (`mode="variation"`) is an edit of one image with a neutral prompt."""
         timing = RequestTiming()
         model = self.resolve_model(inputs.params.model)  # before the costly decoding
         references, mask = await decode_edit_images(inputs, self.settings.max_input_pixels)
+        sources = Sources.uploaded(mode, inputs.images, inputs.mask) if self.settings.embed_metadata else Sources(mode)
         timing.inputs = time.perf_counter() - timing.started
-        return await self._serve(inputs.params, model, references, mask, base_url, timing, headers)
+        return await self._serve(inputs.params, model, references, mask, base_url, timing, headers, sources)
 
     async def _serve(
         self,
@@ -88,6 +97,7 @@ class ImageService:
         base_url: str,
         timing: RequestTiming,
         headers: MutableMapping[str, str] | None,
+        sources: Sources = GENERATION,
     ) -> Served:
         """Submit the job (a full queue or an unready model is a plain JSON error, streams included), then the JSON
         answer, or the event stream."""
@@ -102,6 +112,9 @@ class ImageService:
             model=model,
             request_id=current_request_id.get(),
         )
+        stamp: Provenance | None = None  # the files' metadata (--no-metadata: none)
+        if self.settings.embed_metadata:
+            stamp = provenance(job, options.output_format, options.codec_quality, sources)
         watch = JobWatch(self.engine, job, self.settings.request_timeout, events=bool(params.stream))
         submitted()  # a batch about to start need not wait for this request any more
         if params.stream:
@@ -109,7 +122,7 @@ class ImageService:
             common = answer_fields(job, params, options)
 
             async def finish(result: GenerationResult) -> list[dict]:
-                return await self._completed_events(job, result, options, kind, common, timing, watch)
+                return await self._completed_events(job, result, options, kind, common, timing, watch, stamp)
 
             return EventStream(
                 watch,
@@ -120,7 +133,7 @@ class ImageService:
                 finish=finish,
             )
         result = await watch.result()
-        data = await self._render(job, result, options, base_url, timing, watch)
+        data = await self._render(job, result, options, base_url, timing, watch, stamp)
         if headers is not None:
             headers[SERVER_TIMING] = timing.header()
         return images_response(
@@ -140,11 +153,13 @@ class ImageService:
         base_url: str,
         timing: RequestTiming,
         watch: JobWatch,
+        stamp: Provenance | None,
     ) -> list[ImageData]:
-        """The one rendering step: encode, then inline or store each image; the request's timing is recorded."""
+        """The one rendering step: encode (with each file's metadata unless `stamp` is None), then inline or store
+        each image; the request's timing is recorded."""
         timing.queue, timing.stages = watch.handle.queue_seconds, result.stages
         encode_started = time.perf_counter()
-        data = await asyncio.to_thread(self._deliver, result, options, base_url)
+        data = await asyncio.to_thread(self._deliver, result, options, base_url, stamp)
         timing.encode = time.perf_counter() - encode_started
         timing.finish()
         log.info(
@@ -163,6 +178,7 @@ class ImageService:
         common: dict,
         timing: RequestTiming,
         watch: JobWatch,
+        stamp: Provenance | None,
     ) -> list[dict]:
         """A stream's completed events: the same rendering as JSON, always inline (OpenAI streams b64_json)."""
         inline = OutputOptions(
@@ -171,7 +187,7 @@ class ImageService:
             codec_quality=options.codec_quality,
             sync_mode=False,
         )
-        data = await self._render(job, result, inline, "", timing, watch)
+        data = await self._render(job, result, inline, "", timing, watch, stamp)
         usage = images_usage(account(job, result.prompt.text_tokens)).model_dump()
         return [
             {
@@ -186,10 +202,13 @@ class ImageService:
             for item in data
         ]
 
-    def _deliver(self, result: GenerationResult, options: OutputOptions, base_url: str) -> list[ImageData]:
+    def _deliver(
+        self, result: GenerationResult, options: OutputOptions, base_url: str, stamp: Provenance | None
+    ) -> list[ImageData]:
         data = []
-        for image, seed in zip(result.images, result.seeds, strict=True):
-            encoded = encode_image(image, options.output_format, quality=options.codec_quality)
+        for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
+            metadata = stamp.record(index, seed, result.prompt.used_prompt) if stamp is not None else None
+            encoded = encode_image(image, options.output_format, quality=options.codec_quality, metadata=metadata)
             item = ImageData(revised_prompt=result.prompt.used_prompt, seed=seed)
             if options.response_format == "b64_json":
                 item.b64_json = base64.b64encode(encoded).decode("ascii")

@@ -26,6 +26,7 @@ class Settings:
     max_steps: int = 100
     request_timeout: float = 600.0  # seconds a request may wait and run before it is cancelled
     metrics: bool = True
+    embed_metadata: bool = True  # each file carries its parameters (PNG text, EXIF/XMP); off: --no-metadata
     # Hardening
     api_keys: tuple[str, ...] = ()
     public_files: bool = False  # generated files readable without a key

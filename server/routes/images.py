@@ -15,11 +15,12 @@ from fastapi.responses import StreamingResponse
 
 from ..errors import ClientGone
 from ..inputs import read_edit_request
-from ..openapi import EDIT_BODY, IMAGE_RESPONSES
+from ..openapi import EDIT_BODY, IMAGE_RESPONSES, VARIATION_BODY
 from ..protocol import ImageGenerationRequest, ImageParameters, ImagesResponse
 from ..serving import Served
 from ..streaming import EventStream
 from ..urls import public_base_url
+from ..variations import read_variation_request
 
 router = APIRouter(prefix="/v1/images")
 T = TypeVar("T")
@@ -65,6 +66,27 @@ async def edit_images(request: Request, response: Response):
     _note_ignored(response, inputs.params)
     served = await until_disconnected(
         request, service.edit(inputs, public_base_url(request, service.settings), headers=response.headers)
+    )
+    return _answer(served, response)
+
+
+@router.post(
+    "/variations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=IMAGE_RESPONSES,
+    openapi_extra=VARIATION_BODY,
+    summary="Make variations of one image",
+    description="A variation is an edit of the image with a neutral prompt and a new random seed per image (or "
+    "seed + i when `seed` is given); every edit parameter but prompt and mask applies. Default size: the image's.",
+)
+async def create_variations(request: Request, response: Response):
+    service = request.app.state.service
+    inputs = await read_variation_request(request, service.settings.max_image_bytes)
+    _note_ignored(response, inputs.params)
+    served = await until_disconnected(
+        request,
+        service.edit(inputs, public_base_url(request, service.settings), headers=response.headers, mode="variation"),
     )
     return _answer(served, response)
 
