@@ -15,6 +15,8 @@ from pipeline.pool import ModelPool
 
 from .app import create_app
 from .client_commands import edit, generate
+from .history import HistoryUnavailable, open_history
+from .history_commands import history
 from .metrics import Metrics
 from .options import ServeConfig, serve_command
 from .request_ids import configure_logging
@@ -48,6 +50,11 @@ def serve(config: ServeConfig) -> None:
             settings.host,
             "*" * 96,
         )
+    try:  # before the models load: a history that cannot be used stops the start at once, and says why
+        history_db = open_history(settings.history_path) if settings.history else None
+    except HistoryUnavailable as exc:
+        log.error("%s", exc)
+        raise typer.Exit(code=2) from exc
     try:
         served = resolve_models(config.models)
     except ModelChoiceError as exc:
@@ -64,7 +71,7 @@ def serve(config: ServeConfig) -> None:
         ModelPool(served.configs, max_loaded=config.models.max_loaded), config.engine, on_batch=metrics.observe_batch
     )
     serve_app(
-        create_app(settings, engine, metrics=metrics),
+        create_app(settings, engine, metrics=metrics, history_db=history_db),
         settings.host,
         settings.port,
         settings.log_level,
@@ -75,6 +82,7 @@ def serve(config: ServeConfig) -> None:
 app.command("tiny-weights")(tiny_weights)
 app.command()(generate)
 app.command()(edit)
+app.command()(history)
 app.command()(bench)
 
 
