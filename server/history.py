@@ -230,9 +230,10 @@ class HistoryDB:
         found = row.fetchone()
         return _as_dict(found) if found is not None else None
 
-    def list(self, query: HistoryQuery) -> tuple[list[dict[str, Any]], bool]:
+    def page(self, query: HistoryQuery) -> tuple[list[dict[str, Any]], bool]:
         """One page (newest first) and whether more rows follow it."""
-        where, args = [], []  # type: ignore[var-annotated]
+        where: list[str] = []
+        args: list[Any] = []
         connection = self._connection()
         if query.after is not None:
             cursor = connection.execute("SELECT created FROM entries WHERE id = ?", (query.after,)).fetchone()

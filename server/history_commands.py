@@ -130,7 +130,7 @@ def _from_file(path: Path, filters: dict[str, str | None], server: str) -> Itera
                 until=until,
                 status=filters["status"],
             )
-            rows, has_more = history.list(query)
+            rows, has_more = history.page(query)
             for row in rows:
                 yield entry(row, files_url).model_dump()
             if not has_more or not rows:

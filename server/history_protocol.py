@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from .errors import invalid_param
 
-ENTRY_OBJECT = "image.history_entry"
+ENTRY_OBJECT: Literal["image.history_entry"] = "image.history_entry"
 
 
 class HistoryError(BaseModel):

@@ -51,7 +51,6 @@ class Recording:
         self.revised_prompt: str | None = None
         self.key_id = key_id
         self.request = {k: v for k, v in params.model_dump(exclude_none=True).items() if k not in _NOT_RECORDED}
-        self.request.pop("model_extra", None)
         for name in params.unknown_parameters:  # their names only: values can be anything a client sent
             self.request.pop(name, None)
         self.ignored = params.ignored_parameters

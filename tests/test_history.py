@@ -302,3 +302,14 @@ def test_the_history_command_lists_searches_and_exports(client, server, tmp_path
     assert [json.loads(line)["id"] for line in direct.stdout.splitlines()] == [r["id"] for r in rows]
     failed = command("--server", server.base_url, "--since", "someday")
     assert failed.returncode == 1 and "'since' must be unix seconds or an ISO 8601" in failed.stderr
+
+
+def test_the_openapi_document_describes_the_history_routes(server):
+    spec = httpx.get(f"{server.base_url}/openapi.json").json()
+    listing, one = spec["paths"]["/v1/images/history"], spec["paths"]["/v1/images/history/{entry_id}"]
+    assert set(listing) == {"get"} and set(one) == {"get", "delete"}
+    assert {p["name"] for p in listing["get"]["parameters"]} >= {"limit", "after", "search", "model", "since", "status"}
+    assert "HistoryList" in str(listing["get"]["responses"]["200"])
+    assert "HistoryDeleted" in str(one["delete"]["responses"]["200"])
+    for operation in (listing["get"], one["get"], one["delete"]):
+        assert "ErrorResponse" in str(operation["responses"]["404"]) and "422" not in operation["responses"]

@@ -86,19 +86,19 @@ def test_pages_follow_the_cursor_and_filters_combine(tmp_path):
     for i in range(7):
         status = {"status": "error", "http_status": 400, "error_code": "invalid_value"} if i == 3 else {}
         db.insert(row(f"e{i}", 1000.0 + i, prompt=f"a {'red' if i % 2 else 'blue'} 50%_off cat", **status))
-    page, more = db.list(HistoryQuery(limit=3))
+    page, more = db.page(HistoryQuery(limit=3))
     assert [r["id"] for r in page] == ["e6", "e5", "e4"] and more
-    page, more = db.list(HistoryQuery(limit=3, after="e4"))
+    page, more = db.page(HistoryQuery(limit=3, after="e4"))
     assert [r["id"] for r in page] == ["e3", "e2", "e1"] and more
-    page, more = db.list(HistoryQuery(limit=3, after="e1"))
+    page, more = db.page(HistoryQuery(limit=3, after="e1"))
     assert [r["id"] for r in page] == ["e0"] and not more
-    assert [r["id"] for r in db.list(HistoryQuery(search="RED"))[0]] == ["e5", "e3", "e1"]
-    assert db.list(HistoryQuery(search="50%_off"))[0] and not db.list(HistoryQuery(search="50%x"))[0]
-    assert [r["id"] for r in db.list(HistoryQuery(status="error"))[0]] == ["e3"]
-    assert [r["id"] for r in db.list(HistoryQuery(since=1002, until=1004))[0]] == ["e3", "e2"]
-    assert db.list(HistoryQuery(model="other"))[0] == []
+    assert [r["id"] for r in db.page(HistoryQuery(search="RED"))[0]] == ["e5", "e3", "e1"]
+    assert db.page(HistoryQuery(search="50%_off"))[0] and not db.page(HistoryQuery(search="50%x"))[0]
+    assert [r["id"] for r in db.page(HistoryQuery(status="error"))[0]] == ["e3"]
+    assert [r["id"] for r in db.page(HistoryQuery(since=1002, until=1004))[0]] == ["e3", "e2"]
+    assert db.page(HistoryQuery(model="other"))[0] == []
     with pytest.raises(UnknownCursor):
-        db.list(HistoryQuery(after="nope"))
+        db.page(HistoryQuery(after="nope"))
     assert db.get("e3")["error_code"] == "invalid_value" and db.get("nope") is None
     db.close()
 
@@ -116,7 +116,7 @@ def test_rows_expire_with_their_files(tmp_path):
     store.save(b"third", "png")  # over the count limit: the oldest file goes
     assert pruned == [names[0]]
     assert db.expire(time.time() - 3600, pruned) == 2
-    assert [r["id"] for r in db.list(HistoryQuery())[0]] == ["second"]
+    assert [r["id"] for r in db.page(HistoryQuery())[0]] == ["second"]
     assert db.delete("second") == [names[1]] and db.delete("second") is None
     db.close()
 

@@ -23,7 +23,7 @@ router = APIRouter(prefix="/v1/images/history")
 log = logging.getLogger("flux2.history")
 T = TypeVar("T")
 
-_RESPONSES: dict = {
+_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Invalid query parameter (named in error.param)"},
     401: {"model": ErrorResponse, "description": "Missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "No such entry, or the history is off (--no-history)"},
@@ -90,7 +90,7 @@ async def list_history(
         request_id=request_id,
     )
     try:
-        rows, has_more = await _run(db.list, query)
+        rows, has_more = await _run(db.page, query)
     except UnknownCursor:
         raise invalid_param(
             f"'after' names no history entry ({(after or '')[:200]!r}): it may have been deleted or expired.",
