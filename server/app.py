@@ -13,13 +13,15 @@ from .arrivals import ArrivalsMiddleware
 from .auth import APIKeyMiddleware
 from .draining import DrainingMiddleware
 from .errors import UnexpectedErrorMiddleware, install_error_handlers
+from .history import HistoryDB, open_history
+from .history_records import HistoryRecorder
 from .limits import BodySizeLimitMiddleware
 from .metrics import Metrics, RequestMetricsMiddleware
 from .openapi import document_errors_as_served
 from .remote_images import RemoteImageFetcher
 from .replica_header import ReplicaHeaderMiddleware, replica_name
 from .request_ids import RequestIdMiddleware
-from .routes import files, health, images, models, playground
+from .routes import files, health, history, images, models, playground
 from .routes import metrics as metrics_routes
 from .serving import FILES_ROUTE, ImageService
 from .settings import Settings
@@ -33,9 +35,15 @@ def create_app(
     remote_fetcher: RemoteImageFetcher | None = None,
     metrics: Metrics | None = None,
     replica: str | None = None,
+    history_db: HistoryDB | None = None,
 ) -> FastAPI:
     """`metrics`, when given, was made before the engine so that its `observe_batch` is the engine's `on_batch`.
-    `replica` names this process in every answer's x-flux2-replica header (default: `local@HOST:PID`)."""
+    `replica` names this process in every answer's x-flux2-replica header (default: `local@HOST:PID`).
+    `history_db`, when given, was opened (and checked) before the models loaded; else it is opened here
+    (HistoryUnavailable when it cannot be used), unless --no-history."""
+    if settings.history and history_db is None:
+        history_db = open_history(settings.history_path)
+    recorder = HistoryRecorder(history_db if settings.history else None, settings.retention_seconds)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -44,6 +52,7 @@ def create_app(
             yield
         finally:
             engine.stop(timeout=settings.shutdown_timeout)
+            recorder.close()
 
     app = FastAPI(
         title="flux2-local", summary="OpenAI-compatible image API for FLUX.2", version="0.1.0", lifespan=lifespan
@@ -51,7 +60,8 @@ def create_app(
     store = ImageStore(settings.output_dir, settings.retention_seconds, settings.max_stored_images)
     app.state.settings = settings
     app.state.engine = engine
-    app.state.service = ImageService(settings, engine, store)
+    store.on_removed = recorder.files_removed
+    app.state.service = ImageService(settings, engine, store, history=recorder)
     app.state.started_at = int(time.time())
     if settings.allow_remote_images and remote_fetcher is None:
         remote_fetcher = RemoteImageFetcher(max_bytes=settings.max_image_bytes, timeout=settings.remote_image_timeout)
@@ -60,7 +70,7 @@ def create_app(
     app.state.metrics.watch(engine.stats)
     app.state.service.on_timing = app.state.metrics.observe_timing
     install_error_handlers(app)
-    for module in (health, models, images, files, metrics_routes):
+    for module in (health, models, images, files, history, metrics_routes):
         app.include_router(module.router)
     if settings.playground:
         app.include_router(playground.router)
@@ -82,7 +92,7 @@ def create_app(
         app.add_middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["authorization", "content-type", "x-request-id"],
             expose_headers=[
                 "x-request-id",
@@ -90,6 +100,7 @@ def create_app(
                 "retry-after",
                 "server-timing",
                 "x-flux2-replica",
+                "x-flux2-history-id",
             ],
         )
     app.add_middleware(ArrivalsMiddleware, engine=engine)

@@ -4,6 +4,7 @@ constant time. /health and the OpenAPI docs stay open."""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from pathlib import Path
 
@@ -26,11 +27,26 @@ def load_keys(keys: list[str], key_file: Path | None) -> tuple[str, ...]:
 def key_matches(given: str, keys: tuple[str, ...]) -> bool:
     """True when `given` equals one of `keys`. Every key is compared, each with `hmac.compare_digest`, so the time
     taken does not depend on which key matched or how much of it did."""
+    return matching_key(given, keys) is not None
+
+
+def matching_key(given: str, keys: tuple[str, ...]) -> str | None:
+    """The key `given` equals, compared as `key_matches` says; None when none."""
     given_bytes = given.encode()
-    matched = False
+    found = None
     for key in keys:
-        matched |= hmac.compare_digest(given_bytes, key.encode())
-    return matched
+        if hmac.compare_digest(given_bytes, key.encode()):
+            found = key
+    return found
+
+
+def key_id(key: str) -> str:
+    """How the history names the key a request used, never the key: `key-` and the first 8 hex digits of its SHA-256
+    (`printf %s KEY | sha256sum` tells an operator which key it is)."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+API_KEY_ID = "api_key_id"  # where the middleware leaves the key's id in the request's state
 
 
 def _from_own_playground(headers: dict[bytes, bytes]) -> bool:
@@ -73,12 +89,15 @@ class APIKeyMiddleware:
             await self.app(scope, receive, send)
             return
         request_headers = dict(scope["headers"])
-        if self.playground_open and _from_own_playground(request_headers):
-            await self.app(scope, receive, send)
-            return
         header = request_headers.get(b"authorization", b"").decode("latin-1")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() == "bearer" and token.strip() and key_matches(token.strip(), self.keys):
+        matched = matching_key(token.strip(), self.keys) if scheme.lower() == "bearer" and token.strip() else None
+        if matched is not None:
+            scope.setdefault("state", {})[API_KEY_ID] = key_id(matched)
+            await self.app(scope, receive, send)
+            return
+        if self.playground_open and _from_own_playground(request_headers):
+            scope.setdefault("state", {})[API_KEY_ID] = "playground"
             await self.app(scope, receive, send)
             return
         message = (

@@ -16,6 +16,8 @@ from pipeline.pool import ModelPool
 
 from .app import create_app
 from .client_commands import edit, generate
+from .history import HistoryDB, HistoryUnavailable, open_history
+from .history_commands import history
 from .metrics import Metrics
 from .options import ServeConfig, serve_command
 from .reproduce_command import reproduce
@@ -51,6 +53,11 @@ def serve(config: ServeConfig) -> None:
             settings.host,
             "*" * 96,
         )
+    try:  # before the models load: a history that cannot be used stops the start at once, and says why
+        history_db = open_history(settings.history_path) if settings.history else None
+    except HistoryUnavailable as exc:
+        log.error("%s", exc)
+        raise typer.Exit(code=2) from exc
     try:
         config.ray.check()
     except ScaleOutError as exc:
@@ -60,16 +67,17 @@ def serve(config: ServeConfig) -> None:
 
         raise typer.Exit(code=serve_on_ray(config))
     try:
-        app = build_app(config)
+        app = build_app(config, history_db=history_db)
     except ModelChoiceError as exc:
         log.error("%s", exc)
         raise typer.Exit(code=2) from exc
     serve_app(app, settings.host, settings.port, settings.log_level, settings.shutdown_timeout)
 
 
-def build_app(config: ServeConfig, replica: str | None = None) -> FastAPI:
+def build_app(config: ServeConfig, replica: str | None = None, history_db: HistoryDB | None = None) -> FastAPI:
     """The app and its engine for these options: the models resolved (ModelChoiceError if one cannot be served),
-    the served ids named. `replica` names the process in x-flux2-replica (Ray Serve replicas build theirs here)."""
+    the served ids named. `replica` names the process in x-flux2-replica (Ray Serve replicas build theirs here);
+    `history_db`, already opened and checked (else the app opens its own)."""
     served = resolve_models(config.models)
     settings = replace(
         config.settings,
@@ -81,13 +89,14 @@ def build_app(config: ServeConfig, replica: str | None = None) -> FastAPI:
     engine = Engine(
         ModelPool(served.configs, max_loaded=config.models.max_loaded), config.engine, on_batch=metrics.observe_batch
     )
-    return create_app(settings, engine, metrics=metrics, replica=replica)
+    return create_app(settings, engine, metrics=metrics, replica=replica, history_db=history_db)
 
 
 app.command("tiny-weights")(tiny_weights)
 app.command()(generate)
 app.command()(edit)
 app.command()(reproduce)
+app.command()(history)
 app.command()(bench)
 
 

@@ -175,6 +175,21 @@ OPTIONS: tuple[Option, ...] = (
         feeds=Settings,
         help="At most this many generated files are kept; the oldest go first.",
     ),
+    Option(
+        "history",
+        bool,
+        feeds=Settings,
+        help="Record every request that is not sync_mode (prompt, parameters, seeds, timings, files, outcome) in "
+        "a SQLite history, listed at /v1/images/history; its images are kept as files (b64 and streams too). "
+        "--no-history records and keeps nothing.",
+    ),
+    Option(
+        "history_db",
+        Optional[Path],
+        feeds=Settings,
+        help="The history's SQLite file (WAL; several servers on one machine may share it). Default: "
+        "history.sqlite3 in --output-dir.",
+    ),
     Option("max_steps", int, feeds=Settings, help="Largest num_inference_steps a request may ask for."),
     Option(
         "max_batch_images",

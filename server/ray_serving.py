@@ -146,7 +146,11 @@ def with_absolute_paths(config: ServeConfig) -> ServeConfig:
 
     return replace(
         config,
-        settings=replace(config.settings, output_dir=config.settings.output_dir.expanduser().resolve()),
+        settings=replace(
+            config.settings,
+            output_dir=config.settings.output_dir.expanduser().resolve(),
+            history_db=config.settings.history_db.expanduser().resolve() if config.settings.history_db else None,
+        ),
         models=replace(
             config.models,
             weights_dir=config.models.weights_dir.expanduser().resolve(),

@@ -8,7 +8,7 @@ import asyncio
 import base64
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 
 from PIL import Image
 
@@ -19,7 +19,8 @@ from pipeline.jobs import GenerationJob, GenerationResult
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
 
 from .arrivals import submitted
-from .errors import APIError
+from .errors import APIError, engine_error
+from .history_records import CLIENT_GONE, HistoryRecorder, Recording
 from .inputs import EditInputs, decode_edit_images
 from .jobwatch import JobWatch
 from .media import data_uri
@@ -37,6 +38,7 @@ from .translate import usage as images_usage
 log = logging.getLogger("flux2.serving")
 
 FILES_ROUTE = "/v1/images/files"
+HISTORY_HEADER = "x-flux2-history-id"  # the answer's row in GET /v1/images/history/{id}
 Served = ImagesResponse | EventStream
 
 
@@ -47,10 +49,12 @@ class ImageService:
         engine: Engine,
         store: ImageStore,
         on_timing: Callable[[RequestTiming], None] | None = None,
+        history: HistoryRecorder | None = None,
     ):
         self.settings = settings
         self.engine = engine
         self.store = store
+        self.history = history or HistoryRecorder(None, settings.retention_seconds)  # None: --no-history
         self.on_timing = on_timing  # hears each finished request's stage timing (metrics)
 
     def resolve_model(self, requested: str | None) -> str:
@@ -68,10 +72,20 @@ class ImageService:
         )
 
     async def generate(
-        self, params: ImageParameters, base_url: str, headers: MutableMapping[str, str] | None = None
+        self,
+        params: ImageParameters,
+        base_url: str,
+        headers: MutableMapping[str, str] | None = None,
+        key_id: str | None = None,
     ) -> Served:
-        timing = RequestTiming()
-        return await self._serve(params, self.resolve_model(params.model), (), None, base_url, timing, headers)
+        record = self.history.begin("generations", params, key_id, current_request_id.get())
+
+        async def serve() -> Served:
+            timing = RequestTiming()
+            model = self.resolve_model(params.model)
+            return await self._serve(params, model, (), None, base_url, timing, headers, record)
+
+        return await _recorded(record, serve(), headers)
 
     async def edit(
         self,
@@ -79,14 +93,24 @@ class ImageService:
         base_url: str,
         headers: MutableMapping[str, str] | None = None,
         mode: str = "edit",
+        key_id: str | None = None,
     ) -> Served:
         """An edit; a variation (`mode="variation"`) is an edit of one image with a neutral prompt."""
-        timing = RequestTiming()
-        model = self.resolve_model(inputs.params.model)  # before the costly decoding
-        references, mask = await decode_edit_images(inputs, self.settings.max_input_pixels)
-        sources = Sources.uploaded(mode, inputs.images, inputs.mask) if self.settings.embed_metadata else Sources(mode)
-        timing.inputs = time.perf_counter() - timing.started
-        return await self._serve(inputs.params, model, references, mask, base_url, timing, headers, sources)
+        kind = "variations" if mode == "variation" else "edits"
+        record = self.history.begin(kind, inputs.params, key_id, current_request_id.get())
+
+        async def serve() -> Served:
+            timing = RequestTiming()
+            model = self.resolve_model(inputs.params.model)  # before the costly decoding
+            if record.active:
+                await asyncio.to_thread(record.inputs, inputs.images, inputs.mask)
+            references, mask = await decode_edit_images(inputs, self.settings.max_input_pixels)
+            embed = self.settings.embed_metadata
+            sources = Sources.uploaded(mode, inputs.images, inputs.mask) if embed else Sources(mode)
+            timing.inputs = time.perf_counter() - timing.started
+            return await self._serve(inputs.params, model, references, mask, base_url, timing, headers, record, sources)
+
+        return await _recorded(record, serve(), headers)
 
     async def _serve(
         self,
@@ -97,6 +121,7 @@ class ImageService:
         base_url: str,
         timing: RequestTiming,
         headers: MutableMapping[str, str] | None,
+        record: Recording,
         sources: Sources = GENERATION,
     ) -> Served:
         """Submit the job (a full queue or an unready model is a plain JSON error, streams included), then the JSON
@@ -115,6 +140,7 @@ class ImageService:
         stamp: Provenance | None = None  # the files' metadata (--no-metadata: none)
         if self.settings.embed_metadata:
             stamp = provenance(job, options.output_format, options.codec_quality, sources)
+        record.job(job, options.output_format, options.codec_quality, options.response_format)
         watch = JobWatch(self.engine, job, self.settings.request_timeout, events=bool(params.stream))
         submitted()  # a batch about to start need not wait for this request any more
         if params.stream:
@@ -122,7 +148,7 @@ class ImageService:
             common = answer_fields(job, params, options)
 
             async def finish(result: GenerationResult) -> list[dict]:
-                return await self._completed_events(job, result, options, kind, common, timing, watch, stamp)
+                return await self._completed_events(job, result, options, kind, common, timing, watch, record, stamp)
 
             return EventStream(
                 watch,
@@ -131,9 +157,11 @@ class ImageService:
                 output_format=options.output_format,
                 codec_quality=options.codec_quality,
                 finish=finish,
+                on_end=record.ended,
+                on_gone=lambda: record.end(CLIENT_GONE),
             )
         result = await watch.result()
-        data = await self._render(job, result, options, base_url, timing, watch, stamp)
+        data = await self._render(job, result, options, base_url, timing, watch, record, stamp)
         if headers is not None:
             headers[SERVER_TIMING] = timing.header()
         return images_response(
@@ -153,15 +181,17 @@ class ImageService:
         base_url: str,
         timing: RequestTiming,
         watch: JobWatch,
+        record: Recording,
         stamp: Provenance | None,
     ) -> list[ImageData]:
         """The one rendering step: encode (with each file's metadata unless `stamp` is None), then inline or store
         each image; the request's timing is recorded."""
         timing.queue, timing.stages = watch.handle.queue_seconds, result.stages
         encode_started = time.perf_counter()
-        data = await asyncio.to_thread(self._deliver, result, options, base_url, stamp)
+        data = await asyncio.to_thread(self._deliver, result, options, base_url, record, stamp)
         timing.encode = time.perf_counter() - encode_started
         timing.finish()
+        record.rendered(result, timing)
         log.info(
             "done: %d image%s %dx%d, %s", job.n, "s" if job.n > 1 else "", job.width, job.height, timing.log_text()
         )
@@ -178,6 +208,7 @@ class ImageService:
         common: dict,
         timing: RequestTiming,
         watch: JobWatch,
+        record: Recording,
         stamp: Provenance | None,
     ) -> list[dict]:
         """A stream's completed events: the same rendering as JSON, always inline (OpenAI streams b64_json)."""
@@ -187,7 +218,7 @@ class ImageService:
             codec_quality=options.codec_quality,
             sync_mode=False,
         )
-        data = await self._render(job, result, inline, "", timing, watch, stamp)
+        data = await self._render(job, result, inline, "", timing, watch, record, stamp)
         usage = images_usage(account(job, result.prompt.text_tokens)).model_dump()
         return [
             {
@@ -203,7 +234,12 @@ class ImageService:
         ]
 
     def _deliver(
-        self, result: GenerationResult, options: OutputOptions, base_url: str, stamp: Provenance | None
+        self,
+        result: GenerationResult,
+        options: OutputOptions,
+        base_url: str,
+        record: Recording,
+        stamp: Provenance | None,
     ) -> list[ImageData]:
         data = []
         for index, (image, seed) in enumerate(zip(result.images, result.seeds, strict=True)):
@@ -212,6 +248,11 @@ class ImageService:
             item = ImageData(revised_prompt=result.prompt.used_prompt, seed=seed)
             if options.response_format == "b64_json":
                 item.b64_json = base64.b64encode(encoded).decode("ascii")
+                if record.active:  # the history keeps every image it lists (best effort: the answer is inline)
+                    try:
+                        record.stored(self.store.save(encoded, FILE_EXTENSIONS[options.output_format]))
+                    except OSError as exc:
+                        log.warning("could not keep an image for the history in %s: %s", self.store.directory, exc)
             elif options.sync_mode:
                 item.url = data_uri(encoded, options.output_format)
             else:
@@ -226,9 +267,28 @@ class ImageService:
                         "tell the server's operator.",
                         code="storage_error",
                     ) from exc
+                record.stored(name)
                 item.url = f"{base_url}{FILES_ROUTE}/{name}"
             data.append(item)
         return data
+
+
+async def _recorded(record: Recording, work: Awaitable[Served], headers: MutableMapping[str, str] | None) -> Served:
+    """`work`, its outcome recorded: a JSON answer (or its error) once its row is written, a stream when it ends,
+    a client that left without waiting."""
+    if record.active and headers is not None:
+        headers[HISTORY_HEADER] = record.id
+    try:
+        served = await work
+    except asyncio.CancelledError:
+        record.end(CLIENT_GONE)
+        raise
+    except Exception as exc:
+        await record.ended(engine_error(exc))
+        raise
+    if not isinstance(served, EventStream):
+        await record.ended(None)
+    return served
 
 
 def _warnings(result: GenerationResult) -> list[str]:

@@ -23,6 +23,8 @@ class Settings:
     public_url: str | None = None  # base of the URLs we hand out, e.g. "https://images.studio.lan"
     retention_seconds: float = 24 * 3600  # generated files older than this are deleted
     max_stored_images: int = 1000  # and at most this many are kept
+    history: bool = True  # record every request that is not sync_mode (server/history.py)
+    history_db: Path | None = None  # the history's SQLite file; None: history.sqlite3 in output_dir
     max_steps: int = 100
     request_timeout: float = 600.0  # seconds a request may wait and run before it is cancelled
     metrics: bool = True
@@ -45,6 +47,10 @@ class Settings:
     @property
     def default_model(self) -> str:
         return next(iter(self.model_ids.values()))
+
+    @property
+    def history_path(self) -> Path:
+        return self.history_db if self.history_db is not None else self.output_dir / "history.sqlite3"
 
     @property
     def test_model_ids(self) -> list[str]:

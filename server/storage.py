@@ -8,6 +8,7 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{22,64}\.[a-z]{3,4}$")
@@ -19,6 +20,7 @@ class ImageStore:
         self.retention_seconds = retention_seconds
         self.max_files = max_files
         self._lock = threading.Lock()
+        self.on_removed: Callable[[list[str]], None] | None = None  # hears the names prune deleted (the history)
 
     def save(self, data: bytes, extension: str) -> str:
         """Write `data` under a new random name (128 bits) and return the name. The file appears whole or not at
@@ -47,8 +49,18 @@ class ImageStore:
             return None
         return path
 
+    def remove(self, name: str) -> bool:
+        """Delete a file we handed out (expired or not); False when there was none by that name."""
+        if not _NAME.match(name):
+            return False
+        path = self.directory / name
+        existed = path.is_file()
+        path.unlink(missing_ok=True)
+        return existed
+
     def prune(self) -> None:
         """Delete files past their retention, then the oldest beyond the count limit."""
+        removed: list[str] = []
         with self._lock:
             now = time.time()
             entries = []
@@ -61,8 +73,12 @@ class ImageStore:
                     continue
                 if now - mtime > self.retention_seconds:
                     path.unlink(missing_ok=True)
+                    removed.append(path.name)
                 else:
                     entries.append((mtime, path))
             entries.sort()
             for _, path in entries[: max(0, len(entries) - self.max_files)]:
                 path.unlink(missing_ok=True)
+                removed.append(path.name)
+        if removed and self.on_removed is not None:
+            self.on_removed(removed)

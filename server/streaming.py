@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pipeline.codecs import encode_image
 from pipeline.jobs import GenerationResult, Preview, Progress
 
-from .errors import engine_error, error_body
+from .errors import APIError, engine_error, error_body
 from .jobwatch import JobWatch
 
 KEEPALIVE_SECONDS = 10.0
@@ -36,6 +36,8 @@ class EventStream:
         output_format: str,
         codec_quality: int | None,
         finish: Callable[[GenerationResult], Awaitable[list[dict]]],
+        on_end: Callable[[APIError | None], Awaitable[None]] | None = None,
+        on_gone: Callable[[], None] | None = None,
     ):
         self.watch = watch
         self.kind = kind  # "image_generation" | "image_edit"
@@ -43,19 +45,30 @@ class EventStream:
         self.output_format = output_format
         self.codec_quality = codec_quality
         self.finish = finish
+        self.on_end = on_end  # hears the outcome (None: ok) before the completed events are sent (the history)
+        self.on_gone = on_gone  # hears that the client left before the end
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        ended = False
         try:
             async for event in self.watch.events(KEEPALIVE_SECONDS):
                 async for chunk in self._render(event):
                     yield chunk
             completed = await self.finish(await self.watch.result())
+            ended = True
+            if self.on_end is not None:
+                await self.on_end(None)
         except Exception as exc:  # the job failed (or timed out) after the stream began: say so in the stream
             error = engine_error(exc)
+            ended = True
+            if self.on_end is not None:
+                await self.on_end(error)
             yield sse("error", error_body(error.message, error.type, error.param, error.code))
             return
         finally:
             self.watch.cancel("the client disconnected")  # no-op once the job is done
+            if not ended and self.on_gone is not None:
+                self.on_gone()
         for data in completed:
             yield sse(f"{self.kind}.completed", data)
 

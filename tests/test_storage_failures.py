@@ -11,7 +11,8 @@ from imaging import decode_b64
 def test_unwritable_output_dir_is_a_clear_507_and_the_server_keeps_serving(tiny_klein, tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the output directory should be")
-    with RunningServer(["--model", str(tiny_klein), "--output-dir", str(blocker / "outputs")], tmp_path) as running:
+    args = ["--output-dir", str(blocker / "outputs"), "--history-db", str(tmp_path / "history.sqlite3")]
+    with RunningServer(["--model", str(tiny_klein), *args], tmp_path) as running:
         body = {"prompt": "x", "size": "16x16", "num_inference_steps": 1}
         failed = httpx.post(f"{running.base_url}/v1/images/generations", json=body, timeout=60)
         assert failed.status_code == 507
@@ -21,7 +22,12 @@ def test_unwritable_output_dir_is_a_clear_507_and_the_server_keeps_serving(tiny_
         inline = httpx.post(
             f"{running.base_url}/v1/images/generations", timeout=60, json={**body, "response_format": "b64_json"}
         )
-        assert decode_b64(inline.json()["data"][0]["b64_json"]).size == (16, 16)
+        assert decode_b64(inline.json()["data"][0]["b64_json"]).size == (16, 16)  # its history copy failed quietly
+        recorded = httpx.get(f"{running.base_url}/v1/images/history").json()["data"]
+        assert [(e["status"], e["error"] and e["error"]["code"], e["files"]) for e in recorded] == [
+            ("ok", None, []),
+            ("error", "storage_error", []),
+        ]
         assert httpx.get(f"{running.base_url}/health").status_code == 200
 
 

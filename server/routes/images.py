@@ -13,6 +13,7 @@ from urllib.parse import quote
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
+from ..auth import API_KEY_ID
 from ..errors import ClientGone
 from ..inputs import read_edit_request
 from ..openapi import EDIT_BODY, IMAGE_RESPONSES, VARIATION_BODY
@@ -47,7 +48,10 @@ async def create_images(body: ImageGenerationRequest, request: Request, response
     service = request.app.state.service
     _note_ignored(response, body)
     served = await until_disconnected(
-        request, service.generate(body, public_base_url(request, service.settings), headers=response.headers)
+        request,
+        service.generate(
+            body, public_base_url(request, service.settings), headers=response.headers, key_id=_key_id(request)
+        ),
     )
     return _answer(served, response)
 
@@ -65,7 +69,10 @@ async def edit_images(request: Request, response: Response):
     inputs = await read_edit_request(request, service.settings.max_image_bytes, request.app.state.remote_fetcher)
     _note_ignored(response, inputs.params)
     served = await until_disconnected(
-        request, service.edit(inputs, public_base_url(request, service.settings), headers=response.headers)
+        request,
+        service.edit(
+            inputs, public_base_url(request, service.settings), headers=response.headers, key_id=_key_id(request)
+        ),
     )
     return _answer(served, response)
 
@@ -86,9 +93,21 @@ async def create_variations(request: Request, response: Response):
     _note_ignored(response, inputs.params)
     served = await until_disconnected(
         request,
-        service.edit(inputs, public_base_url(request, service.settings), headers=response.headers, mode="variation"),
+        service.edit(
+            inputs,
+            public_base_url(request, service.settings),
+            headers=response.headers,
+            mode="variation",
+            key_id=_key_id(request),
+        ),
     )
     return _answer(served, response)
+
+
+def _key_id(request: Request) -> str | None:
+    """Which API key the request used, as the history names it (set by the auth middleware; None: no keys)."""
+    key: str | None = request.scope.get("state", {}).get(API_KEY_ID)
+    return key
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
