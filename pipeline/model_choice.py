@@ -10,8 +10,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from .component_sizes import measure_folder
 from .placement import PlacementError, count_weight_params, decide_placement
 from .pool import ModelConfig
+from .quantization import QuantizationError, parse_quantization
 from .tiny_weights import build_tiny_weights
 from .weights import TINY_DEFAULT_DIRNAME, WeightsError, find_local_weights, inspect_model, resolve_weights
 
@@ -49,6 +53,7 @@ class ModelChoice:
     cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
+    prompt_cache: bool = True  # whether a prompt-embedding cache exists (the offload planner's notes)
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             folder = resolve_weights(source) if source else default_weights(choice.weights_dir)
             spec = inspect_model(folder)
             params = count_weight_params(spec.path)
+            wide = choice.dtype == "float32" or (choice.dtype == "auto" and not torch.cuda.is_available())
+            components = measure_folder(spec.path, 4 if wide else 2, parse_quantization(choice.quantize))
             placement = decide_placement(
                 choice.device,
                 choice.dtype,
@@ -76,8 +83,10 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 compile=choice.compile,
                 cache=choice.cache,
                 quantize=choice.quantize,
+                components=components,
+                prompt_cache=choice.prompt_cache,
             )
-        except (WeightsError, PlacementError) as exc:
+        except (WeightsError, PlacementError, QuantizationError) as exc:
             raise ModelChoiceError(str(exc)) from exc
         name = (
             name

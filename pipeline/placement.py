@@ -9,14 +9,21 @@ from typing import Literal, TypeGuard, TypeVar, get_args
 
 import torch
 
+from .component_sizes import MeasuredSizes
+from .offload_plan import PLAN_NAMES, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
 from .step_cache import CacheSpecError, StepCache, parse_cache
 
 Device = Literal["cuda", "cpu"]
-Offload = Literal["none", "model", "sequential"]
+# The planner's plans (pipeline/offload_plan.py), then diffusers' own offloads, kept from before the planner:
+# model (whole sub-models move in turn, accelerate hooks) and sequential (leaf by leaf).
+Offload = Literal["resident", "encoder-swapped", "transformer-resident", "block-streaming", "model", "sequential"]
 DeviceChoice = Literal["auto", Device]
 DtypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
-OffloadChoice = Literal["auto", Offload]
+# "none" is the name `resident` had before the planner; it is kept as an alias.
+OffloadChoice = Literal[
+    "auto", "resident", "encoder-swapped", "transformer-resident", "block-streaming", "none", "model", "sequential"
+]
 
 # What the CLI offers, in this order: "auto" first.
 DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
@@ -43,6 +50,7 @@ class Placement:
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
+    plan: OffloadPlan | None = None  # where each component lives (None: diffusers' model/sequential offload, or CPU)
 
 
 def decide_placement(
@@ -57,10 +65,14 @@ def decide_placement(
     cache: str = "off",
     quantize: str = "none",
     cuda_capability: tuple[int, int] | None = None,
+    components: MeasuredSizes | None = None,
+    prompt_cache: bool = True,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
-    be passed (a CLI's or an environment variable's)."""
+    be passed (a CLI's or an environment variable's). With `components` (sizes read from the weights), auto and
+    the plan names go through the offload planner; without, auto keeps everything resident when the weights fit
+    with a margin, else uses diffusers' model offload."""
     if not _one_of(device, DEVICE_CHOICES):
         raise PlacementError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
     if not _one_of(dtype, DTYPE_CHOICES):
@@ -90,21 +102,40 @@ def decide_placement(
         reasons.append(f"dtype: {dtype} (asked)")
 
     weight_bytes = weight_params * _itemsize(chosen_dtype)
+    asked: Offload | Literal["auto"] = "resident" if offload == "none" else offload
     chosen_offload: Offload
+    plan = None
     if chosen_device == "cpu":
-        if offload not in ("auto", "none"):
+        if asked == "model" or asked == "sequential":
             raise PlacementError(f"offload {offload!r} moves weights to an accelerator; there is none on 'cpu'")
-        chosen_offload = "none"
-        reasons.append(f"offload: none (CPU; weights {weight_bytes / _GIB:.2f} GiB in RAM)")
-    elif offload != "auto":
-        chosen_offload = offload
-        reasons.append(f"offload: {offload} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
+        if asked == "auto" or asked == "resident":
+            chosen_offload = "resident"
+            reasons.append(f"offload: none (CPU; weights {weight_bytes / _GIB:.2f} GiB in RAM)")
+        else:
+            chosen_offload = asked
+            plan = _plan(asked, components, cuda_free_bytes or weight_bytes * 4, prompt_cache)
+            reasons.append(
+                f"offload: {asked} (asked; on the CPU the plan's moves are simulated: host and device are the same "
+                "memory, nothing is saved)"
+            )
+    elif asked == "model" or asked == "sequential":
+        chosen_offload = asked
+        reasons.append(f"offload: {asked} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
+    elif components is not None:
+        if cuda_free_bytes is None:
+            cuda_free_bytes = torch.cuda.mem_get_info()[0]
+        plan = _plan(asked, components, cuda_free_bytes, prompt_cache)
+        chosen_offload = plan.name
+        reasons += plan.lines()
+    elif asked != "auto":
+        chosen_offload = asked
+        reasons.append(f"offload: {asked} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
     else:
         if cuda_free_bytes is None:
             cuda_free_bytes = torch.cuda.mem_get_info()[0]
         needed = weight_bytes + max(_MARGIN_BYTES, int(weight_bytes * _MARGIN_SHARE))
-        chosen_offload = "none" if needed <= cuda_free_bytes else "model"
-        verdict = "fits" if chosen_offload == "none" else "does not fit"
+        chosen_offload = "resident" if needed <= cuda_free_bytes else "model"
+        verdict = "fits" if chosen_offload == "resident" else "does not fit"
         reasons.append(
             f"offload: {chosen_offload} (auto: weights {weight_bytes / _GIB:.2f} GiB + margin = "
             f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
@@ -132,7 +163,26 @@ def decide_placement(
         compile=compile,
         cache=step_cache,
         quantization=quantization,
+        plan=plan,
     )
+
+
+def _plan(asked: str, components: MeasuredSizes | None, free_bytes: int, prompt_cache: bool) -> OffloadPlan:
+    if components is None:
+        raise PlacementError(f"offload {asked!r} needs the components' sizes, which are not known for this model")
+    force: PlanName | None = asked if _one_of(asked, PLAN_NAMES) else None
+    try:
+        return plan_offload(
+            components.sizes,
+            components.working,
+            free_bytes,
+            prompt_cache=prompt_cache,
+            transformer_blocks=components.transformer_blocks,
+            text_encoder_layers=components.text_encoder_layers,
+            force=force,
+        )
+    except DoesNotFit as exc:
+        raise PlacementError(str(exc)) from exc
 
 
 def count_weight_params(folder: Path) -> int:

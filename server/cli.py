@@ -49,7 +49,7 @@ def serve(config: ServeConfig) -> None:
             "*" * 96,
         )
     try:
-        served = resolve_models(config.models)
+        served = resolve_models(replace(config.models, prompt_cache=config.engine.prompt_cache_bytes > 0))
     except ModelChoiceError as exc:
         log.error("%s", exc)
         raise typer.Exit(code=2) from exc
