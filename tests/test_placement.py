@@ -32,7 +32,8 @@ def test_cuda_offloads_when_the_weights_do_not_fit():
 def test_the_margin_counts():
     # 8e9 bf16 params = 14.9 GiB: fits in 20 GiB free, not in 16 GiB (needs at least 4 GiB of margin).
     assert (
-        decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=20 * GIB).offload == "resident"
+        decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=20 * GIB).offload
+        == "resident"
     )
     assert (
         decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=18 * GIB).offload
