@@ -113,7 +113,7 @@ def decide_placement(
             reasons.append(f"offload: none (CPU; weights {weight_bytes / _GIB:.2f} GiB in RAM)")
         else:
             chosen_offload = asked
-            plan = _plan(asked, components, cuda_free_bytes or weight_bytes * 4, prompt_cache)
+            plan = _plan(asked, components, cuda_free_bytes or _available_ram(), prompt_cache)
             reasons.append(
                 f"offload: {asked} (asked; on the CPU the plan's moves are simulated: host and device are the same "
                 "memory, nothing is saved)"
@@ -209,6 +209,12 @@ def _one_of(value: str, choices: tuple[_Choice, ...]) -> TypeGuard[_Choice]:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
