@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from .compilation import compile_transformer, warm_up
+from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe
 from .placement import Placement
 from .quantization import pipeline_quantization_config
@@ -44,8 +45,14 @@ def quiet_progress_bars() -> None:
 def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
+    components: dict[str, Any] = {}
+    if placement.transformer_file is not None:
+        components["transformer"] = load_gguf_transformer(placement.transformer_file, spec.path, placement.dtype)
     pipe = DiffusionPipeline.from_pretrained(
-        spec.path, dtype=placement.dtype, quantization_config=pipeline_quantization_config(placement.quantization)
+        spec.path,
+        dtype=placement.dtype,
+        quantization_config=pipeline_quantization_config(placement.quantization),
+        **components,
     )
     if type(pipe).__name__ != spec.pipeline_class:
         raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")

@@ -156,21 +156,34 @@ def plan_offload(
     transformer_blocks: int = 0,
     text_encoder_layers: int = 0,
     force: PlanName | None = None,
+    quantized: tuple[Component, ...] = (),
 ) -> OffloadPlan:
     """The first plan that fits `free_bytes` (or the forced one). `transformer_blocks` and `text_encoder_layers`
-    count the pieces block streaming moves (0: streaming unavailable). Raises DoesNotFit when nothing fits."""
+    count the pieces block streaming moves (0: streaming unavailable). `quantized` components cannot be swapped
+    whole (their weights are tensor subclasses): plans that would swap them are passed over. Raises DoesNotFit
+    when nothing fits."""
     candidates = [
         _resident(sizes, working, free_bytes),
         _encoder_swapped(sizes, working, free_bytes, prompt_cache),
         _transformer_resident(sizes, working, free_bytes, prompt_cache),
     ]
     if transformer_blocks:
-        candidates.append(_block_streaming(sizes, working, free_bytes, transformer_blocks, text_encoder_layers))
+        stream_encoder = "text_encoder" in quantized and text_encoder_layers > 0
+        candidates.append(
+            _block_streaming(sizes, working, free_bytes, transformer_blocks, text_encoder_layers, stream_encoder)
+        )
     if force is not None:
         if force == "block-streaming" and not transformer_blocks:
             raise DoesNotFit("block-streaming needs the transformer's block count, which is not known here")
         chosen = next(plan for plan in candidates if plan.name == force)
+        blocked = set(chosen.swapped) & set(quantized)
+        if blocked:
+            raise DoesNotFit(
+                f"{force} swaps the {', '.join(sorted(blocked))}, whose quantized weights cannot be moved tensor by "
+                "tensor: use resident, block-streaming, or a plan that keeps it on the device"
+            )
         return replace(chosen, forced=True, working=working)
+    candidates = [plan for plan in candidates if not set(plan.swapped) & set(quantized)]
     for plan in candidates:
         if plan.needed_bytes <= free_bytes:
             return replace(plan, working=working)
@@ -244,9 +257,12 @@ def _transformer_resident(sizes: ComponentSizes, working: Working, free: int, pr
     return OffloadPlan("transformer-resident", parts, needed, free)
 
 
-def _block_streaming(sizes: ComponentSizes, working: Working, free: int, blocks: int, layers: int) -> OffloadPlan:
+def _block_streaming(
+    sizes: ComponentSizes, working: Working, free: int, blocks: int, layers: int, stream_encoder: bool = False
+) -> OffloadPlan:
     transformer = sizes.streamed_transformer(blocks)
-    encoder_whole = sizes.vae + sizes.text_encoder + working.encode <= free or not layers
+    fits_whole = sizes.vae + sizes.text_encoder + working.encode <= free
+    encoder_whole = not stream_encoder and (fits_whole or not layers)
     encoder = sizes.text_encoder if encoder_whole else sizes.streamed_text_encoder(layers)
     needed = sizes.vae + max(encoder + working.encode, transformer + working.denoise, working.decode)
     encoder_plan = (

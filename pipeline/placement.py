@@ -10,7 +10,7 @@ from typing import Literal, TypeGuard, TypeVar, get_args
 import torch
 
 from .component_sizes import MeasuredSizes
-from .offload_plan import PLAN_NAMES, DoesNotFit, OffloadPlan, PlanName, plan_offload
+from .offload_plan import COMPONENTS, PLAN_NAMES, Component, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
 from .step_cache import CacheSpecError, StepCache, parse_cache
 
@@ -50,6 +50,7 @@ class Placement:
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
+    transformer_file: Path | None = None  # a GGUF transformer loaded in place of the folder's (gguf_weights.py)
     plan: OffloadPlan | None = None  # where each component lives (None: diffusers' model/sequential offload, or CPU)
 
 
@@ -67,6 +68,7 @@ def decide_placement(
     cuda_capability: tuple[int, int] | None = None,
     components: MeasuredSizes | None = None,
     prompt_cache: bool = True,
+    transformer_file: Path | None = None,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
@@ -101,6 +103,16 @@ def decide_placement(
         chosen_dtype = getattr(torch, dtype)
         reasons.append(f"dtype: {dtype} (asked)")
 
+    try:
+        quantization = parse_quantization(quantize)
+        if chosen_device == "cuda" and cuda_capability is None and quantization:
+            cuda_capability = torch.cuda.get_device_capability()
+        reasons += check_quantization(quantization, chosen_device, cuda_capability)
+    except QuantizationError as exc:
+        raise PlacementError(str(exc)) from exc
+    quantized = tuple(component for component, _ in quantization.schemes if component in COMPONENTS)
+    if transformer_file is not None:
+        quantized = (*quantized, "transformer")
     weight_bytes = weight_params * _itemsize(chosen_dtype)
     asked: Offload | Literal["auto"] = "resident" if offload == "none" else offload
     chosen_offload: Offload
@@ -113,18 +125,19 @@ def decide_placement(
             reasons.append(f"offload: none (CPU; weights {weight_bytes / _GIB:.2f} GiB in RAM)")
         else:
             chosen_offload = asked
-            plan = _plan(asked, components, cuda_free_bytes or _available_ram(), prompt_cache)
+            plan = _plan(asked, components, cuda_free_bytes or _available_ram(), prompt_cache, quantized)
             reasons.append(
                 f"offload: {asked} (asked; on the CPU the plan's moves are simulated: host and device are the same "
                 "memory, nothing is saved)"
             )
+            reasons += plan.lines()
     elif asked == "model" or asked == "sequential":
         chosen_offload = asked
         reasons.append(f"offload: {asked} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
     elif components is not None:
         if cuda_free_bytes is None:
             cuda_free_bytes = torch.cuda.mem_get_info()[0]
-        plan = _plan(asked, components, cuda_free_bytes, prompt_cache)
+        plan = _plan(asked, components, cuda_free_bytes, prompt_cache, quantized)
         chosen_offload = plan.name
         reasons += plan.lines()
     elif asked != "auto":
@@ -148,13 +161,6 @@ def decide_placement(
         raise PlacementError(str(exc)) from exc
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
-    try:
-        quantization = parse_quantization(quantize)
-        if chosen_device == "cuda" and cuda_capability is None and quantization:
-            cuda_capability = torch.cuda.get_device_capability()
-        reasons += check_quantization(quantization, chosen_device, cuda_capability)
-    except QuantizationError as exc:
-        raise PlacementError(str(exc)) from exc
     return Placement(
         device=chosen_device,
         dtype=chosen_dtype,
@@ -164,10 +170,17 @@ def decide_placement(
         cache=step_cache,
         quantization=quantization,
         plan=plan,
+        transformer_file=transformer_file,
     )
 
 
-def _plan(asked: str, components: MeasuredSizes | None, free_bytes: int, prompt_cache: bool) -> OffloadPlan:
+def _plan(
+    asked: str,
+    components: MeasuredSizes | None,
+    free_bytes: int,
+    prompt_cache: bool,
+    quantized: tuple[Component, ...],
+) -> OffloadPlan:
     if components is None:
         raise PlacementError(f"offload {asked!r} needs the components' sizes, which are not known for this model")
     force: PlanName | None = asked if _one_of(asked, PLAN_NAMES) else None
@@ -180,6 +193,7 @@ def _plan(asked: str, components: MeasuredSizes | None, free_bytes: int, prompt_
             transformer_blocks=components.transformer_blocks,
             text_encoder_layers=components.text_encoder_layers,
             force=force,
+            quantized=quantized,
         )
     except DoesNotFit as exc:
         raise PlacementError(str(exc)) from exc

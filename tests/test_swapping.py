@@ -183,7 +183,9 @@ def test_every_forced_plan_makes_the_resident_image(tiny_klein, resident_images,
 def test_a_server_with_a_forced_plan_serves_the_resident_image(tiny_klein, client, tmp_path):
     from openai import OpenAI
 
-    body = dict(prompt="a quiet bay", size="64x64", extra_body={"seed": 5, "num_inference_steps": 2})
+    body = dict(
+        prompt="a quiet bay", size="64x64", response_format="b64_json", extra_body={"seed": 5, "num_inference_steps": 2}
+    )
     expected = client.images.generate(**body).data[0].b64_json
     with RunningServer(["--model", str(tiny_klein), "--offload", "transformer-resident"], tmp_path) as server:
         log = server.log()
