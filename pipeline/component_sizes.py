@@ -44,14 +44,61 @@ def measure_folder(folder: Path, itemsize: int, quantization: Quantization = Qua
         vae=vae.total,
         transformer_block=transformer.largest,
         text_encoder_layer=encoder.largest,
+        transformer_blocks_bytes=transformer.blocks,
+        text_encoder_layers_bytes=encoder.blocks,
     )
     return MeasuredSizes(sizes, blocks, layers, _working(folder, itemsize))
+
+
+def measure_modules(
+    transformer: Any, text_encoder: Any, vae: Any, itemsize: int, quantization: Quantization = Quantization()
+) -> MeasuredSizes:
+    """The same sizes from modules (on the meta device: no memory), for pipelines built in memory (the bench)."""
+    parts = {
+        "transformer": _module_bytes(transformer, _TRANSFORMER_BLOCK, itemsize),
+        "text_encoder": _module_bytes(text_encoder, _ENCODER_LAYER, itemsize),
+    }
+    for component, scheme in quantization.schemes:
+        size, count = parts[component]
+        parts[component] = (_scaled(size, scheme, itemsize), count)
+    (transformer_size, blocks), (encoder_size, layers) = parts["transformer"], parts["text_encoder"]
+    sizes = ComponentSizes(
+        transformer=transformer_size.total,
+        text_encoder=encoder_size.total,
+        vae=_module_bytes(vae, None, itemsize)[0].total,
+        transformer_block=transformer_size.largest,
+        text_encoder_layer=encoder_size.largest,
+        transformer_blocks_bytes=transformer_size.blocks,
+        text_encoder_layers_bytes=encoder_size.blocks,
+    )
+    config, text = dict(transformer.config), text_encoder.config
+    text = getattr(text, "text_config", text)
+    working = estimate_working(
+        inner_dim=int(config["num_attention_heads"]) * int(config["attention_head_dim"]),
+        text_hidden=int(text.hidden_size),
+        text_layers=int(text.num_hidden_layers),
+        vocab=int(text.vocab_size),
+        itemsize=itemsize,
+    )
+    return MeasuredSizes(sizes, blocks, layers, working)
+
+
+def _module_bytes(module: Any, block: re.Pattern[str] | None, itemsize: int) -> tuple[_Bytes, int]:
+    total = 0
+    per_block: defaultdict[str, int] = defaultdict(int)
+    for name, param in module.named_parameters():
+        total += param.numel() * itemsize
+        found = block.match(name) if block is not None else None
+        if found and "vision" not in name:
+            per_block[found.group(0)] += param.numel() * itemsize
+    return _Bytes(total, max(per_block.values(), default=0), sum(per_block.values())), len(per_block)
 
 
 @dataclass(frozen=True)
 class _Bytes:
     total: int
     largest: int  # the largest block or layer
+    blocks: int = 0  # all blocks or layers together
 
 
 def _component(path: Path, block: re.Pattern[str] | None, itemsize: int) -> tuple[_Bytes, int]:
@@ -70,12 +117,12 @@ def _component(path: Path, block: re.Pattern[str] | None, itemsize: int) -> tupl
                 found = block.match(name) if block is not None else None
                 if found and "vision" not in name:  # dev's Pixtral vision tower is not streamed
                     per_block[found.group(0)] += numel * itemsize
-    return _Bytes(total, max(per_block.values(), default=0)), len(per_block)
+    return _Bytes(total, max(per_block.values(), default=0), sum(per_block.values())), len(per_block)
 
 
 def _scaled(size: _Bytes, scheme: str, itemsize: int) -> _Bytes:
     factor = _SCHEME_BYTES[scheme] / itemsize
-    return _Bytes(int(size.total * factor), int(size.largest * factor))
+    return _Bytes(int(size.total * factor), int(size.largest * factor), int(size.blocks * factor))
 
 
 def _working(folder: Path, itemsize: int) -> Working:

@@ -58,7 +58,7 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")
     swapper = None
     if placement.plan is not None and placement.plan.name != "resident":
-        swapper = _apply_plan(pipe, placement)
+        swapper = apply_plan(pipe, placement)
     elif placement.device == "cuda":
         if placement.offload == "model":
             pipe.enable_model_cpu_offload()
@@ -83,7 +83,7 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     return LoadedModel(spec=spec, placement=placement, pipe=cast(Flux2Pipe, pipe), swapper=swapper)
 
 
-def _apply_plan(pipe: Any, placement: Placement) -> Swapper:
+def apply_plan(pipe: Any, placement: Placement) -> Swapper:
     """Streamed components get diffusers' group offloading, the rest of the fixed ones go to the device, and the
     swapped ones to the swapper (which keeps their weights in pinned host memory until a stage needs them)."""
     plan = placement.plan

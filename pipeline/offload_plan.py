@@ -57,6 +57,8 @@ class ComponentSizes:
     vae: int
     transformer_block: int = 0  # the largest transformer block (streaming holds two: the running and the next)
     text_encoder_layer: int = 0  # the largest text-encoder layer
+    transformer_blocks_bytes: int = 0  # all the blocks together (0: unknown, estimated from the largest)
+    text_encoder_layers_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -67,10 +69,17 @@ class ComponentSizes:
 
     def streamed_transformer(self, blocks: int) -> int:
         """Device bytes of the transformer streamed block by block: its parts outside the blocks + two blocks."""
-        return self.transformer - max(0, blocks - 2) * self.transformer_block if blocks else self.transformer
+        return _streamed(self.transformer, blocks, self.transformer_block, self.transformer_blocks_bytes)
 
     def streamed_text_encoder(self, layers: int) -> int:
-        return self.text_encoder - max(0, layers - 2) * self.text_encoder_layer if layers else self.text_encoder
+        return _streamed(self.text_encoder, layers, self.text_encoder_layer, self.text_encoder_layers_bytes)
+
+
+def _streamed(whole: int, count: int, largest: int, all_blocks: int) -> int:
+    if not count:
+        return whole
+    outside = whole - all_blocks if all_blocks else whole - count * largest
+    return max(0, outside) + 2 * largest
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,12 @@ def test_placement_on_the_cpu_simulates_a_forced_plan():
     assert decide_placement(weight_params=1, cuda_available=False, components=_measured()).plan is None
     with pytest.raises(PlacementError, match="sizes"):
         decide_placement(offload="block-streaming", weight_params=1, cuda_available=False)
+
+
+def test_quantized_components_are_never_swapped_whole():
+    # A quantized text encoder: the plans that swap it are passed over; block streaming streams it instead.
+    chosen = plan(11, quantized=("text_encoder",))
+    assert chosen.name == "block-streaming" and chosen.where("text_encoder") == "streamed"
+    assert plan(17.5, quantized=("transformer", "text_encoder")).name == "resident"
+    with pytest.raises(DoesNotFit, match="swaps the transformer, whose quantized weights"):
+        plan(11, force="transformer-resident", quantized=("transformer",))
