@@ -9,6 +9,7 @@ from typing import Any, cast
 from .compilation import compile_transformer, warm_up
 from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe
+from .offload_plan import Stage
 from .placement import Placement
 from .quantization import pipeline_quantization_config
 from .step_cache import apply_cache
@@ -27,7 +28,7 @@ class LoadedModel:
     pipe: Flux2Pipe  # a diffusers Flux2Pipeline or Flux2KleinPipeline
     swapper: Swapper | None = None  # moves the swapped components at the runner's stage boundaries
 
-    def enter(self, stage: Any) -> None:
+    def enter(self, stage: Stage) -> None:
         """The runner's stage boundary (encode, denoise, decode): the offload plan's moves, if any."""
         if self.swapper is not None:
             self.swapper.enter(stage)

@@ -134,15 +134,12 @@ def decide_placement(
     elif asked == "model" or asked == "sequential":
         chosen_offload = asked
         reasons.append(f"offload: {asked} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
-    elif components is not None:
+    elif components is not None or asked != "auto":  # a forced plan needs the sizes: _plan refuses without
         if cuda_free_bytes is None:
             cuda_free_bytes = torch.cuda.mem_get_info()[0]
         plan = _plan(asked, components, cuda_free_bytes, prompt_cache, quantized)
         chosen_offload = plan.name
         reasons += plan.lines()
-    elif asked != "auto":
-        chosen_offload = asked
-        reasons.append(f"offload: {asked} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
     else:
         if cuda_free_bytes is None:
             cuda_free_bytes = torch.cuda.mem_get_info()[0]
