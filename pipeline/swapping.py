@@ -66,11 +66,12 @@ class _Weights:
             for name, buffer in buffer_module.named_buffers(recurse=False):
                 buffer_module._buffers[name] = buffer.to(device)
         self.params = _parameters(module)
-        self.host = [_host_copy(param.data, pin) for param in self.params]
+        self.host: list[torch.Tensor] = []
+        for param in self.params:  # one at a time, so the host holds each weight once plus one pinned copy
+            self.host.append(_host_copy(param.data, pin))
+            param.data = _placeholder(param.data, device)
         self.on_device = [False] * len(self.params)
         self.sizes = [copy.numel() * copy.element_size() for copy in self.host]
-        for param in self.params:
-            param.data = _placeholder(param.data, device)
 
     @property
     def loaded(self) -> bool:
