@@ -22,7 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .component_sizes import MeasuredSizes, measure_modules
 from .internals import Flux2Pipe
+from .quantization import Quantization
 from .tiny_weights import Variant
 from .weights import _DEV_DEFAULTS, _KLEIN_DISTILLED_DEFAULTS, ModelSpec
 
@@ -273,6 +275,15 @@ def build_transformer(arch: Architecture, device: str, dtype: torch.dtype) -> Fl
         return build_pipeline(arch, device, dtype).transformer
     with _building_on(device, dtype):
         return _transformer(arch).eval()
+
+
+def measured_sizes(arch: Architecture, itemsize: int, quantization: Quantization = Quantization()) -> MeasuredSizes:
+    """The offload planner's sizes of `arch` in `itemsize`-byte weights, measured on the meta device."""
+    if arch.tiny:
+        pipe = build_pipeline(arch, "cpu", torch.float32)
+        return measure_modules(pipe.transformer, pipe.text_encoder, pipe.vae, itemsize, quantization)
+    with torch.device("meta"):
+        return measure_modules(_transformer(arch), _text_encoder(arch), _vae(), itemsize, quantization)
 
 
 def parameter_counts(arch: Architecture) -> dict[str, int]:

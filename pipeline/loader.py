@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from .compilation import compile_transformer, compile_vae_decoder, warm_up
+from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe
+from .offload_plan import Stage
 from .placement import Placement
 from .quantization import pipeline_quantization_config
 from .step_cache import apply_cache
+from .swapping import Swapper, check_swappable, stream_blocks
 from .weights import ModelSpec
 
 log = logging.getLogger("flux2.loader")
@@ -23,6 +26,12 @@ class LoadedModel:
     spec: ModelSpec
     placement: Placement
     pipe: Flux2Pipe  # a diffusers Flux2Pipeline or Flux2KleinPipeline
+    swapper: Swapper | None = None  # moves the swapped components at the runner's stage boundaries
+
+    def enter(self, stage: Stage) -> None:
+        """The runner's stage boundary (encode, denoise, decode): the offload plan's moves, if any."""
+        if self.swapper is not None:
+            self.swapper.enter(stage)
 
 
 def quiet_progress_bars() -> None:
@@ -37,12 +46,21 @@ def quiet_progress_bars() -> None:
 def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     from diffusers import DiffusionPipeline
 
+    components: dict[str, Any] = {}
+    if placement.transformer_file is not None:
+        components["transformer"] = load_gguf_transformer(placement.transformer_file, spec.path, placement.dtype)
     pipe = DiffusionPipeline.from_pretrained(
-        spec.path, dtype=placement.dtype, quantization_config=pipeline_quantization_config(placement.quantization)
+        spec.path,
+        dtype=placement.dtype,
+        quantization_config=pipeline_quantization_config(placement.quantization),
+        **components,
     )
     if type(pipe).__name__ != spec.pipeline_class:
         raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")
-    if placement.device == "cuda":
+    swapper = None
+    if placement.plan is not None and placement.plan.name != "resident":
+        swapper = apply_plan(pipe, placement)
+    elif placement.device == "cuda":
         if placement.offload == "model":
             pipe.enable_model_cpu_offload()
         elif placement.offload == "sequential":
@@ -65,4 +83,27 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         spec.defaults.guidance_scale,
     )
     # The class was checked above: a FLUX.2 pipeline, whatever `from_pretrained` is typed to return.
-    return LoadedModel(spec=spec, placement=placement, pipe=cast(Flux2Pipe, pipe))
+    return LoadedModel(spec=spec, placement=placement, pipe=cast(Flux2Pipe, pipe), swapper=swapper)
+
+
+def apply_plan(pipe: Any, placement: Placement) -> Swapper:
+    """Streamed components get diffusers' group offloading, the rest of the fixed ones go to the device, and the
+    swapped ones to the swapper (which keeps their weights in pinned host memory until a stage needs them)."""
+    plan = placement.plan
+    assert plan is not None
+    device = placement.device
+    for name in plan.streamed:
+        stream_blocks(getattr(pipe, name), device, text_encoder=name == "text_encoder")
+    for part in plan.components:
+        if part.where == "device":
+            getattr(pipe, part.component).to(device)
+        elif part.where == "swapped":
+            check_swappable(getattr(pipe, part.component), part.component)
+    swapper = Swapper(pipe, plan, device)
+    log.info(
+        "offload: %s carried out (swapped: %s; streamed: %s)",
+        plan.name,
+        plan.swapped or "none",
+        plan.streamed or "none",
+    )
+    return swapper

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
+from .component_sizes import MeasuredSizes, measure_folder
+from .gguf_weights import GGUFError, check_gguf, read_gguf
 from .placement import PlacementError, count_weight_params, decide_placement
 from .pool import ModelConfig
+from .quantization import QuantizationError, parse_quantization
 from .tiny_weights import build_tiny_weights
 from .weights import TINY_DEFAULT_DIRNAME, WeightsError, find_local_weights, inspect_model, resolve_weights
 
@@ -49,6 +54,8 @@ class ModelChoice:
     cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
+    transformer_gguf: Path | None = None  # a community GGUF transformer file for the (first) model
+    prompt_cache: bool = True  # whether a prompt-embedding cache exists (the offload planner's notes)
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,19 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             folder = resolve_weights(source) if source else default_weights(choice.weights_dir)
             spec = inspect_model(folder)
             params = count_weight_params(spec.path)
+            wide = choice.dtype == "float32" or (choice.dtype == "auto" and not torch.cuda.is_available())
+            quantization = parse_quantization(choice.quantize)
+            components = measure_folder(spec.path, 4 if wide else 2, quantization)
+            gguf = choice.transformer_gguf if index == 0 else None
+            gguf_line = None
+            if gguf is not None:
+                if "transformer" in dict(quantization.schemes):
+                    raise QuantizationError(
+                        "--transformer-gguf and --quantize transformer=... both quantize the transformer: choose one"
+                    )
+                file = read_gguf(gguf.expanduser())
+                gguf_line = check_gguf(file, spec.path)
+                components = _with_gguf(components, file.tensor_bytes, file.largest_block_bytes)
             placement = decide_placement(
                 choice.device,
                 choice.dtype,
@@ -76,8 +96,13 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 compile=choice.compile,
                 cache=choice.cache,
                 quantize=choice.quantize,
+                components=components,
+                prompt_cache=choice.prompt_cache,
+                transformer_file=gguf.expanduser() if gguf is not None else None,
             )
-        except (WeightsError, PlacementError) as exc:
+            if gguf_line is not None:
+                placement = replace(placement, reasons=(*placement.reasons, gguf_line))
+        except (WeightsError, PlacementError, QuantizationError, GGUFError) as exc:
             raise ModelChoiceError(str(exc)) from exc
         name = (
             name
@@ -104,6 +129,12 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             ModelConfig(name=name, spec=spec, placement=placement, weight_bytes=params * placement.dtype.itemsize)
         )
     return ServedModels(configs=configs, test_models=tuple(test_models))
+
+
+def _with_gguf(measured: MeasuredSizes, transformer_bytes: int, block_bytes: int) -> MeasuredSizes:
+    """The folder's sizes with the GGUF file's transformer in place of the folder's."""
+    sizes = replace(measured.sizes, transformer=transformer_bytes, transformer_block=block_bytes)
+    return replace(measured, sizes=sizes)
 
 
 def split_name(value: str) -> tuple[str | None, str]:

@@ -9,14 +9,21 @@ from typing import Literal, TypeGuard, TypeVar, get_args
 
 import torch
 
+from .component_sizes import MeasuredSizes
+from .offload_plan import COMPONENTS, PLAN_NAMES, Component, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
 from .step_cache import CacheSpecError, StepCache, parse_cache
 
 Device = Literal["cuda", "cpu"]
-Offload = Literal["none", "model", "sequential"]
+# The planner's plans (pipeline/offload_plan.py), then diffusers' own offloads, kept from before the planner:
+# model (whole sub-models move in turn, accelerate hooks) and sequential (leaf by leaf).
+Offload = Literal["resident", "encoder-swapped", "transformer-resident", "block-streaming", "model", "sequential"]
 DeviceChoice = Literal["auto", Device]
 DtypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
-OffloadChoice = Literal["auto", Offload]
+# "none" is the name `resident` had before the planner; it is kept as an alias.
+OffloadChoice = Literal[
+    "auto", "resident", "encoder-swapped", "transformer-resident", "block-streaming", "none", "model", "sequential"
+]
 
 # What the CLI offers, in this order: "auto" first.
 DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
@@ -43,6 +50,8 @@ class Placement:
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
+    transformer_file: Path | None = None  # a GGUF transformer loaded in place of the folder's (gguf_weights.py)
+    plan: OffloadPlan | None = None  # where each component lives (None: diffusers' model/sequential offload, or CPU)
 
 
 def decide_placement(
@@ -57,10 +66,15 @@ def decide_placement(
     cache: str = "off",
     quantize: str = "none",
     cuda_capability: tuple[int, int] | None = None,
+    components: MeasuredSizes | None = None,
+    prompt_cache: bool = True,
+    transformer_file: Path | None = None,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
-    be passed (a CLI's or an environment variable's)."""
+    be passed (a CLI's or an environment variable's). With `components` (sizes read from the weights), auto and
+    the plan names go through the offload planner; without, auto keeps everything resident when the weights fit
+    with a margin, else uses diffusers' model offload."""
     if not _one_of(device, DEVICE_CHOICES):
         raise PlacementError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
     if not _one_of(dtype, DTYPE_CHOICES):
@@ -89,22 +103,49 @@ def decide_placement(
         chosen_dtype = getattr(torch, dtype)
         reasons.append(f"dtype: {dtype} (asked)")
 
+    try:
+        quantization = parse_quantization(quantize)
+        if chosen_device == "cuda" and cuda_capability is None and quantization:
+            cuda_capability = torch.cuda.get_device_capability()
+        reasons += check_quantization(quantization, chosen_device, cuda_capability)
+    except QuantizationError as exc:
+        raise PlacementError(str(exc)) from exc
+    quantized = tuple(component for component, _ in quantization.schemes if component in COMPONENTS)
+    if transformer_file is not None:
+        quantized = (*quantized, "transformer")
     weight_bytes = weight_params * _itemsize(chosen_dtype)
+    asked: Offload | Literal["auto"] = "resident" if offload == "none" else offload
     chosen_offload: Offload
+    plan = None
     if chosen_device == "cpu":
-        if offload not in ("auto", "none"):
+        if asked == "model" or asked == "sequential":
             raise PlacementError(f"offload {offload!r} moves weights to an accelerator; there is none on 'cpu'")
-        chosen_offload = "none"
-        reasons.append(f"offload: none (CPU; weights {weight_bytes / _GIB:.2f} GiB in RAM)")
-    elif offload != "auto":
-        chosen_offload = offload
-        reasons.append(f"offload: {offload} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
+        if asked == "auto" or asked == "resident":
+            chosen_offload = "resident"
+            reasons.append(f"offload: none (CPU; weights {weight_bytes / _GIB:.2f} GiB in RAM)")
+        else:
+            chosen_offload = asked
+            plan = _plan(asked, components, cuda_free_bytes or _available_ram(), prompt_cache, quantized)
+            reasons.append(
+                f"offload: {asked} (asked; on the CPU the plan's moves are simulated: host and device are the same "
+                "memory, nothing is saved)"
+            )
+            reasons += plan.lines()
+    elif asked == "model" or asked == "sequential":
+        chosen_offload = asked
+        reasons.append(f"offload: {asked} (asked; weights {weight_bytes / _GIB:.2f} GiB)")
+    elif components is not None or asked != "auto":  # a forced plan needs the sizes: _plan refuses without
+        if cuda_free_bytes is None:
+            cuda_free_bytes = torch.cuda.mem_get_info()[0]
+        plan = _plan(asked, components, cuda_free_bytes, prompt_cache, quantized)
+        chosen_offload = plan.name
+        reasons += plan.lines()
     else:
         if cuda_free_bytes is None:
             cuda_free_bytes = torch.cuda.mem_get_info()[0]
         needed = weight_bytes + max(_MARGIN_BYTES, int(weight_bytes * _MARGIN_SHARE))
-        chosen_offload = "none" if needed <= cuda_free_bytes else "model"
-        verdict = "fits" if chosen_offload == "none" else "does not fit"
+        chosen_offload = "resident" if needed <= cuda_free_bytes else "model"
+        verdict = "fits" if chosen_offload == "resident" else "does not fit"
         reasons.append(
             f"offload: {chosen_offload} (auto: weights {weight_bytes / _GIB:.2f} GiB + margin = "
             f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
@@ -119,13 +160,6 @@ def decide_placement(
         raise PlacementError(str(exc)) from exc
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
-    try:
-        quantization = parse_quantization(quantize)
-        if chosen_device == "cuda" and cuda_capability is None and quantization:
-            cuda_capability = torch.cuda.get_device_capability()
-        reasons += check_quantization(quantization, chosen_device, cuda_capability)
-    except QuantizationError as exc:
-        raise PlacementError(str(exc)) from exc
     return Placement(
         device=chosen_device,
         dtype=chosen_dtype,
@@ -134,7 +168,34 @@ def decide_placement(
         compile=compile,
         cache=step_cache,
         quantization=quantization,
+        plan=plan,
+        transformer_file=transformer_file,
     )
+
+
+def _plan(
+    asked: str,
+    components: MeasuredSizes | None,
+    free_bytes: int,
+    prompt_cache: bool,
+    quantized: tuple[Component, ...],
+) -> OffloadPlan:
+    if components is None:
+        raise PlacementError(f"offload {asked!r} needs the components' sizes, which are not known for this model")
+    force: PlanName | None = asked if _one_of(asked, PLAN_NAMES) else None
+    try:
+        return plan_offload(
+            components.sizes,
+            components.working,
+            free_bytes,
+            prompt_cache=prompt_cache,
+            transformer_blocks=components.transformer_blocks,
+            text_encoder_layers=components.text_encoder_layers,
+            force=force,
+            quantized=quantized,
+        )
+    except DoesNotFit as exc:
+        raise PlacementError(str(exc)) from exc
 
 
 def count_weight_params(folder: Path) -> int:
@@ -161,6 +222,12 @@ def _one_of(value: str, choices: tuple[_Choice, ...]) -> TypeGuard[_Choice]:
 
 def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
+
+
+def _available_ram() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -83,7 +83,7 @@ class ModelPool:
         while self._loaded:
             too_many = self.max_loaded and len(self._loaded) >= self.max_loaded
             needed = config.weight_bytes + _MARGIN_BYTES
-            too_big = config.placement.offload == "none" and needed > self._free_bytes(config.placement.device)
+            too_big = config.placement.offload == "resident" and needed > self._free_bytes(config.placement.device)
             if not (too_many or too_big):
                 return
             evicted, _ = self._loaded.popitem(last=False)

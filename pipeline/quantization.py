@@ -103,17 +103,7 @@ def _config(component: str, scheme: Scheme) -> Any:
         else:
             from transformers import BitsAndBytesConfig  # type: ignore[assignment]
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
-    from torchao.quantization import (
-        Float8DynamicActivationFloat8WeightConfig,
-        Float8WeightOnlyConfig,
-        Int8WeightOnlyConfig,
-    )
-
-    torchao_config = {
-        "int8": Int8WeightOnlyConfig,
-        "fp8-weight": Float8WeightOnlyConfig,
-        "fp8": Float8DynamicActivationFloat8WeightConfig,
-    }[scheme]()
+    torchao_config = _torchao_config(scheme)
     if diffusers_side:
         from diffusers import TorchAoConfig
 
@@ -121,3 +111,29 @@ def _config(component: str, scheme: Scheme) -> Any:
     from transformers import TorchAoConfig as TransformersTorchAoConfig
 
     return TransformersTorchAoConfig(torchao_config)
+
+
+def _torchao_config(scheme: Scheme) -> Any:
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+    )
+
+    return {
+        "int8": Int8WeightOnlyConfig,
+        "fp8-weight": Float8WeightOnlyConfig,
+        "fp8": Float8DynamicActivationFloat8WeightConfig,
+    }[scheme]()
+
+
+def quantize_modules(pipe: Any, quantization: Quantization) -> None:
+    """Quantize the components of a pipeline already in memory (the benchmark's random-weight pipelines, which
+    are built, not loaded from files) with torchao's `quantize_`. nf4 (bitsandbytes) quantizes only while loading
+    from files, so it is refused here."""
+    for component, scheme in quantization.schemes:
+        if scheme == "nf4":
+            raise QuantizationError(f"{component}=nf4 quantizes while loading from files: not for in-memory pipelines")
+        from torchao.quantization import quantize_
+
+        quantize_(getattr(pipe, component), _torchao_config(scheme))

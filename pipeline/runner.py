@@ -59,6 +59,7 @@ def run_batch(
         extra["negative_prompt_embeds"] = empty.repeat(images_in(slices), 1, 1).to(device, dtype)
     text_encode = clock.lap()
     prompt_cached = cache.misses == misses
+    model.enter("denoise")  # the offload plan's boundary: the transformer in (the VAE never moves)
 
     # 2. Noise: one CPU generator per image, so image i depends on its seed alone (and is the same on any device).
     generators = [torch.Generator(device="cpu").manual_seed(seed) for s in slices for seed in s.seeds]
@@ -98,6 +99,7 @@ def run_batch(
 
     # 6. Decode the rows still wanted; deliver exactly the size asked for; a masked edit gets its unmasked pixels
     #    back from the source.
+    model.enter("decode")
     latents = latents_for_vae(pipe, latents, first.run_width, first.run_height)
     keep = [wanted is None or wanted(piece) for piece in slices]
     rows = [
@@ -160,6 +162,7 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
     encoded = {prompt: cache.get(name, prompt) for prompt in dict.fromkeys(prompts)}
     missing = [prompt for prompt, entry in encoded.items() if entry is None]
     if missing:
+        model.enter("encode")  # the offload plan's boundary: the text encoder in, only on a cache miss
         with torch.inference_mode():
             embeds, _ = model.pipe.encode_prompt(
                 prompt=missing, device=execution_device(model.pipe), num_images_per_prompt=1

@@ -188,7 +188,7 @@ def _whole_pipeline(
     clock.say(f"built the pipeline in memory in {results['build_s']:.1f} s")
 
     spec = model_spec(arch)
-    placement = Placement(device=device, dtype=dtype, offload="none", reasons=("built in memory by the bench",))
+    placement = Placement(device=device, dtype=dtype, offload="resident", reasons=("built in memory by the bench",))
     config = ModelConfig(
         name=arch.name, spec=spec, placement=placement, weight_bytes=int(results["weights_gib"] * _GIB)
     )

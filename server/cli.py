@@ -78,7 +78,7 @@ def build_app(config: ServeConfig, replica: str | None = None, history_db: Histo
     """The app and its engine for these options: the models resolved (ModelChoiceError if one cannot be served),
     the served ids named. `replica` names the process in x-flux2-replica (Ray Serve replicas build theirs here);
     `history_db`, already opened and checked (else the app opens its own)."""
-    served = resolve_models(config.models)
+    served = resolve_models(replace(config.models, prompt_cache=config.engine.prompt_cache_bytes > 0))
     settings = replace(
         config.settings,
         model_ids=model_ids_for([(c.name, c.spec.aliases) for c in served.configs]),

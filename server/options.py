@@ -110,9 +110,13 @@ OPTIONS: tuple[Option, ...] = (
         str,
         feeds=ModelChoice,
         choices=OFFLOAD_CHOICES,
-        help="CUDA only. auto: keep everything on the GPU when the weights fit in free memory with margin, else "
-        "model CPU offload; none; model (whole sub-models move to the GPU in turn); sequential (layer by "
-        "layer: least memory, slowest).",
+        help="Where the weights live. auto: the first plan that fits the GPU's free memory, chosen from the "
+        "components' sizes (logged one line per component): resident (everything on the GPU), encoder-swapped "
+        "(the text encoder in pinned host memory, brought in only for prompts missing from the prompt cache), "
+        "transformer-resident (the text encoder and the transformer take turns; the transformer whole for every "
+        "denoise), block-streaming (transformer blocks streamed with prefetch). Each name forces its plan (on a "
+        "CPU, forced plans are simulated). none = resident; model and sequential are diffusers' own CPU offloads "
+        "(CUDA only).",
     ),
     Option(
         "compile",
@@ -138,6 +142,15 @@ OPTIONS: tuple[Option, ...] = (
         "text_encoder, SCHEME int8 (torchao int8 weight-only), fp8-weight (float8 weight-only), fp8 (float8 "
         "matmuls: CUDA 8.9+) or nf4 (bitsandbytes, CUDA). Needs pip install -e '.[quant]'. Impossible "
         "combinations are refused at start.",
+    ),
+    Option(
+        "transformer_gguf",
+        Optional[Path],
+        feeds=ModelChoice,
+        help="A community GGUF file of the (first) model's transformer (Q8_0, Q4_K, ...), loaded in place of the "
+        "folder's transformer through diffusers' single-file loader; the folder gives everything else. The file "
+        "must be the same FLUX.2 model as the folder (block counts are checked at start). Needs pip install -e "
+        "'.[quant]'. Not with --quantize transformer=...",
     ),
     Option(
         "model_name",

@@ -71,6 +71,25 @@ def bench(
             "(automatic when the whole pipeline does not fit the card)."
         ),
     ] = False,
+    memory_cap: Annotated[
+        float | None,
+        typer.Option(
+            help="With --architecture, CUDA only: cap this process at GB GiB of the card "
+            "(torch.cuda.set_per_process_memory_fraction) and run --offload auto under it: the plan, seconds per "
+            "1024x1024 image and peak memory, or 'does not fit'.",
+            show_default=False,
+        ),
+    ] = None,
+    memory_caps: Annotated[
+        str | None,
+        typer.Option(
+            help="With --architecture: several caps, e.g. 8,12,16,24,48, each in a fresh process; one table.",
+            show_default=False,
+        ),
+    ] = None,
+    quantize: Annotated[
+        str, typer.Option(help="With --memory-cap(s): quantize components, e.g. transformer=fp8 (as serve's).")
+    ] = "none",
 ) -> None:
     """Measure batching: N requests one by one vs N concurrent through a real server vs one direct diffusers
     batch of N, and the prompt cache, in one run. With --architecture: the full-size benchmark."""
@@ -79,6 +98,13 @@ def bench(
     from .bench import report, run_bench
 
     quiet_progress_bars()
+    if memory_cap is not None or memory_caps is not None:
+        if architecture is None:
+            raise typer.BadParameter("needs --architecture", param_hint="--memory-cap")
+        from .bench_memory import memory_command
+
+        memory_command(architecture, memory_cap, memory_caps, quantize, steps, repeats, json_path)
+        return
     if architecture is not None:
         from .bench_fullsize import bench_command
 

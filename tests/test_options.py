@@ -44,6 +44,7 @@ def test_no_field_is_set_by_two_options_and_every_settable_field_has_one():
         (Settings, "test_models"),
         (Settings, "api_keys"),
         (EngineOptions, "progress_log_seconds"),
+        (ModelChoice, "prompt_cache"),  # from --prompt-cache-mb (> 0), for the offload planner's notes
     }
     every = {(cls, f.name) for cls in (Settings, EngineOptions, ModelChoice, RayOptions) for f in fields(cls)}
     assert set(fed) == every - apart

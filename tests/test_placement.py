@@ -13,13 +13,13 @@ KLEIN_4B_PARAMS = 8_000_000_000  # transformer + Qwen3 4B encoder + VAE, roughly
 
 def test_cpu_defaults_to_fp32_without_offload():
     placement = decide_placement(weight_params=1000, cuda_available=False)
-    assert (placement.device, placement.dtype, placement.offload) == ("cpu", torch.float32, "none")
+    assert (placement.device, placement.dtype, placement.offload) == ("cpu", torch.float32, "resident")
     assert len(placement.reasons) == 3
 
 
 def test_cuda_defaults_to_bf16_and_no_offload_when_it_fits():
     placement = decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=79 * GIB)
-    assert (placement.device, placement.dtype, placement.offload) == ("cuda", torch.bfloat16, "none")
+    assert (placement.device, placement.dtype, placement.offload) == ("cuda", torch.bfloat16, "resident")
     assert "fits" in placement.reasons[-1]
 
 
@@ -32,7 +32,8 @@ def test_cuda_offloads_when_the_weights_do_not_fit():
 def test_the_margin_counts():
     # 8e9 bf16 params = 14.9 GiB: fits in 20 GiB free, not in 16 GiB (needs at least 4 GiB of margin).
     assert (
-        decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=20 * GIB).offload == "none"
+        decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=20 * GIB).offload
+        == "resident"
     )
     assert (
         decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=18 * GIB).offload

@@ -1,0 +1,300 @@
+"""Offload plans by what fits: where each component of a FLUX.2 pipeline lives, decided once at start from the
+components' sizes and the device's free memory. A pure function over numbers (`plan_offload`), so every branch
+is testable without a GPU; `pipeline/swapping.py` carries a plan out at the runner's stage boundaries.
+
+The plans, from most memory to least (T transformer, E text encoder, V VAE; W the working memory of a stage):
+
+- `resident`: everything on the device. Needs T + E + V + max(W).
+- `encoder-swapped`: the transformer and the VAE stay; the text encoder lives in (pinned) host memory and comes
+  in only for prompts missing from the prompt-embedding cache, and leaves when the denoise needs the room.
+  Needs T + V + max(E + W_encode, W_denoise, W_decode).
+- `transformer-resident`: the transformer is the one big component kept whole on the device for every denoise;
+  the text encoder shares its room: on a cache miss the transformer steps out for the encoder and is back before
+  the denoise starts, then stays through the denoise and the decode (previews, masks, references and the final
+  decode use the VAE, which always stays). Needs V + max(E + W_encode, T + W_denoise, T + W_decode).
+- `block-streaming`: the transformer does not fit whole: its blocks stream from pinned host memory with the next
+  block prefetched on a side stream while one runs (diffusers' group offloading). The text encoder is swapped
+  whole when it fits alone, else streamed layer by layer too. Needs V + max(E' + W_encode, T' + W_denoise,
+  W_decode), T' = the transformer outside its blocks + two blocks, E' likewise or E.
+
+Auto picks the first plan that fits; a plan can be forced (with a warning when the estimate says it will not fit).
+Nothing fitting at all is refused with the numbers (`DoesNotFit`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal, get_args
+
+PlanName = Literal["resident", "encoder-swapped", "transformer-resident", "block-streaming"]
+PLAN_NAMES: tuple[PlanName, ...] = get_args(PlanName)
+Where = Literal["device", "swapped", "streamed"]
+Component = Literal["text_encoder", "transformer", "vae"]
+COMPONENTS: tuple[Component, ...] = get_args(Component)
+Stage = Literal["encode", "denoise", "decode"]
+STAGES: tuple[Stage, ...] = get_args(Stage)
+# What each stage runs: the text encoder for prompts missing from the cache; the transformer, and the VAE for
+# previews, masks and references, in the denoise; the VAE alone for the final decode.
+STAGE_NEEDS: dict[Stage, tuple[Component, ...]] = {
+    "encode": ("text_encoder",),
+    "denoise": ("transformer", "vae"),
+    "decode": ("vae",),
+}
+
+_GIB = 1024**3
+CONTEXT_BYTES = _GIB  # the CUDA context, cuBLAS workspaces and allocator fragmentation, on top of every stage
+
+
+class DoesNotFit(Exception):
+    """No plan fits the device's free memory; the message gives the smallest plan's need and what is free."""
+
+
+@dataclass(frozen=True)
+class ComponentSizes:
+    """Bytes of each component in the dtype (or quantization) it will run in, and of the pieces streaming moves."""
+
+    transformer: int
+    text_encoder: int
+    vae: int
+    transformer_block: int = 0  # the largest transformer block (streaming holds two: the running and the next)
+    text_encoder_layer: int = 0  # the largest text-encoder layer
+    transformer_blocks_bytes: int = 0  # all the blocks together (0: unknown, estimated from the largest)
+    text_encoder_layers_bytes: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.transformer + self.text_encoder + self.vae
+
+    def of(self, component: Component) -> int:
+        return {"transformer": self.transformer, "text_encoder": self.text_encoder, "vae": self.vae}[component]
+
+    def streamed_transformer(self, blocks: int) -> int:
+        """Device bytes of the transformer streamed block by block: its parts outside the blocks + two blocks."""
+        return _streamed(self.transformer, blocks, self.transformer_block, self.transformer_blocks_bytes)
+
+    def streamed_text_encoder(self, layers: int) -> int:
+        return _streamed(self.text_encoder, layers, self.text_encoder_layer, self.text_encoder_layers_bytes)
+
+
+def _streamed(whole: int, count: int, largest: int, all_blocks: int) -> int:
+    if not count:
+        return whole
+    outside = whole - all_blocks if all_blocks else whole - count * largest
+    return max(0, outside) + 2 * largest
+
+
+@dataclass(frozen=True)
+class Working:
+    """Working memory of each stage (activations, workspaces) at the size planned for, in bytes."""
+
+    encode: int
+    denoise: int
+    decode: int
+
+
+def estimate_working(
+    pixels: int = 1024 * 1024,
+    *,
+    inner_dim: int = 3072,
+    text_hidden: int = 2560,
+    text_layers: int = 36,
+    vocab: int = 151936,
+    itemsize: int = 2,
+    batch: int = 1,
+    text_tokens: int = 512,
+) -> Working:
+    """Rough working memory of one batch of `batch` images of `pixels`: the transformer's peak activations
+    (~16 hidden-sized tensors over the image and text tokens, 16x16 pixels a token), the text encoder's kept
+    hidden states and logits, the VAE decoder's full-resolution feature maps (~4 of 128 channels). Estimates to
+    check against a GPU run; every stage adds `CONTEXT_BYTES`."""
+    tokens = pixels // 256 + text_tokens
+    return Working(
+        encode=CONTEXT_BYTES + text_tokens * (text_hidden * (text_layers + 8) + vocab) * itemsize,
+        denoise=CONTEXT_BYTES + batch * tokens * inner_dim * 16 * itemsize,
+        decode=CONTEXT_BYTES + batch * pixels * 128 * 4 * itemsize,
+    )
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    component: Component
+    where: Where
+    device_bytes: int  # what it occupies on the device while it runs (streamed: its resident part + two blocks)
+    why: str
+
+    def line(self) -> str:
+        return f"{self.component}: {self.where} ({self.device_bytes / _GIB:.2f} GiB on the device; {self.why})"
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    name: PlanName
+    components: tuple[ComponentPlan, ...]
+    needed_bytes: int  # the estimated peak on the device
+    free_bytes: int
+    forced: bool = False
+    working: Working | None = None  # what the plan was sized for: the swapper's room for prefetches
+
+    def where(self, component: Component) -> Where:
+        return next(plan.where for plan in self.components if plan.component == component)
+
+    @property
+    def swapped(self) -> tuple[Component, ...]:
+        return tuple(plan.component for plan in self.components if plan.where == "swapped")
+
+    @property
+    def streamed(self) -> tuple[Component, ...]:
+        return tuple(plan.component for plan in self.components if plan.where == "streamed")
+
+    def lines(self) -> list[str]:
+        """The start-up log: the verdict, then one line per component (where it lives, bytes, why)."""
+        verdict = "fits" if self.needed_bytes <= self.free_bytes else "MAY NOT FIT (forced)"
+        how = "forced" if self.forced else "auto"
+        head = (
+            f"offload plan: {self.name} ({how}: needs ~{self.needed_bytes / _GIB:.2f} GiB, {verdict} in "
+            f"{self.free_bytes / _GIB:.2f} GiB free)"
+        )
+        return [head, *(f"offload plan: {plan.line()}" for plan in self.components)]
+
+
+def plan_offload(
+    sizes: ComponentSizes,
+    working: Working,
+    free_bytes: int,
+    *,
+    prompt_cache: bool = True,
+    transformer_blocks: int = 0,
+    text_encoder_layers: int = 0,
+    force: PlanName | None = None,
+    quantized: tuple[Component, ...] = (),
+) -> OffloadPlan:
+    """The first plan that fits `free_bytes` (or the forced one). `transformer_blocks` and `text_encoder_layers`
+    count the pieces block streaming moves (0: streaming unavailable). `quantized` components cannot be swapped
+    whole (their weights are tensor subclasses): plans that would swap them are passed over. Raises DoesNotFit
+    when nothing fits."""
+    candidates = [
+        _resident(sizes, working, free_bytes),
+        _encoder_swapped(sizes, working, free_bytes, prompt_cache),
+        _transformer_resident(sizes, working, free_bytes, prompt_cache),
+    ]
+    if transformer_blocks:
+        stream_encoder = "text_encoder" in quantized and text_encoder_layers > 0
+        candidates.append(
+            _block_streaming(sizes, working, free_bytes, transformer_blocks, text_encoder_layers, stream_encoder)
+        )
+    if force is not None:
+        if force == "block-streaming" and not transformer_blocks:
+            raise DoesNotFit("block-streaming needs the transformer's block count, which is not known here")
+        chosen = next(plan for plan in candidates if plan.name == force)
+        blocked = set(chosen.swapped) & set(quantized)
+        if blocked:
+            raise DoesNotFit(
+                f"{force} swaps the {', '.join(sorted(blocked))}, whose quantized weights cannot be moved tensor by "
+                "tensor: use resident, block-streaming, or a plan that keeps it on the device"
+            )
+        return replace(chosen, forced=True, working=working)
+    candidates = [plan for plan in candidates if not set(plan.swapped) & set(quantized)]
+    for plan in candidates:
+        if plan.needed_bytes <= free_bytes:
+            return replace(plan, working=working)
+    smallest = min(candidates, key=lambda plan: plan.needed_bytes)
+    raise DoesNotFit(
+        f"does not fit: even {smallest.name} needs ~{smallest.needed_bytes / _GIB:.2f} GiB "
+        f"(weights {sizes.total / _GIB:.2f} GiB; working memory at the planned size "
+        f"{max(working.encode, working.denoise, working.decode) / _GIB:.2f} GiB) and "
+        f"{free_bytes / _GIB:.2f} GiB is free: quantize the transformer or the text encoder (--quantize), or use "
+        "a card with more memory"
+    )
+
+
+def _gib(value: int) -> str:
+    return f"{value / _GIB:.2f} GiB"
+
+
+def _cache_note(prompt_cache: bool) -> str:
+    return (
+        "only for prompts missing from the prompt-embedding cache"
+        if prompt_cache
+        else "for every batch: the prompt cache is off"
+    )
+
+
+def _resident(sizes: ComponentSizes, working: Working, free: int) -> OffloadPlan:
+    peak = max(working.encode, working.denoise, working.decode)
+    needed = sizes.total + peak
+    why = f"all weights {_gib(sizes.total)} + working {_gib(peak)} fit"
+    parts = tuple(ComponentPlan(c, "device", sizes.of(c), why) for c in COMPONENTS)
+    return OffloadPlan("resident", parts, needed, free)
+
+
+def _encoder_swapped(sizes: ComponentSizes, working: Working, free: int, prompt_cache: bool) -> OffloadPlan:
+    needed = sizes.transformer + sizes.vae + max(sizes.text_encoder + working.encode, working.denoise, working.decode)
+    stays = "stays: never moves"
+    parts = (
+        ComponentPlan(
+            "text_encoder",
+            "swapped",
+            sizes.text_encoder,
+            f"pinned host memory, brought in {_cache_note(prompt_cache)}; leaves when the denoise needs the room",
+        ),
+        ComponentPlan("transformer", "device", sizes.transformer, stays),
+        ComponentPlan("vae", "device", sizes.vae, f"{stays} (previews, masks, references and decodes)"),
+    )
+    return OffloadPlan("encoder-swapped", parts, needed, free)
+
+
+def _transformer_resident(sizes: ComponentSizes, working: Working, free: int, prompt_cache: bool) -> OffloadPlan:
+    needed = sizes.vae + max(
+        sizes.text_encoder + working.encode,
+        sizes.transformer + working.denoise,
+        sizes.transformer + working.decode,
+    )
+    parts = (
+        ComponentPlan(
+            "text_encoder",
+            "swapped",
+            sizes.text_encoder,
+            f"pinned host memory, brought in {_cache_note(prompt_cache)}, in the transformer's room",
+        ),
+        ComponentPlan(
+            "transformer",
+            "swapped",
+            sizes.transformer,
+            "whole on the device for every denoise and decode; steps out only for the text encoder",
+        ),
+        ComponentPlan("vae", "device", sizes.vae, "stays, so previews, masks and decodes never evict the transformer"),
+    )
+    return OffloadPlan("transformer-resident", parts, needed, free)
+
+
+def _block_streaming(
+    sizes: ComponentSizes, working: Working, free: int, blocks: int, layers: int, stream_encoder: bool = False
+) -> OffloadPlan:
+    transformer = sizes.streamed_transformer(blocks)
+    fits_whole = sizes.vae + sizes.text_encoder + working.encode <= free
+    encoder_whole = not stream_encoder and (fits_whole or not layers)
+    encoder = sizes.text_encoder if encoder_whole else sizes.streamed_text_encoder(layers)
+    needed = sizes.vae + max(encoder + working.encode, transformer + working.denoise, working.decode)
+    encoder_plan = (
+        ComponentPlan(
+            "text_encoder", "swapped", encoder, "pinned host memory, brought in whole for prompt-cache misses"
+        )
+        if encoder_whole
+        else ComponentPlan(
+            "text_encoder",
+            "streamed",
+            encoder,
+            f"does not fit whole ({_gib(sizes.text_encoder)}): {layers} layers streamed from pinned host memory",
+        )
+    )
+    parts = (
+        encoder_plan,
+        ComponentPlan(
+            "transformer",
+            "streamed",
+            transformer,
+            f"does not fit whole ({_gib(sizes.transformer)}): {blocks} blocks streamed from pinned host memory, "
+            "the next prefetched on a side stream while one runs",
+        ),
+        ComponentPlan("vae", "device", sizes.vae, "stays (previews, masks, references and decodes)"),
+    )
+    return OffloadPlan("block-streaming", parts, needed, free)

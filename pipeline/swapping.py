@@ -1,0 +1,238 @@
+"""Carrying out an offload plan (`pipeline/offload_plan.py`): the components that move live in host memory
+(pinned where CUDA is available, so copies run at full speed and asynchronously), move as whole tensors with
+non-blocking copies on a side CUDA stream, and the next stage's component is prefetched, as much of it as the
+room allows, while the current stage runs. Block streaming of a transformer (or text encoder) that does not fit
+whole is diffusers' group offloading with streams (`stream_blocks`): block i+1 is prefetched while block i runs.
+
+The runner calls `Swapper.enter(stage)` at its stage boundaries (text encode, denoise, decode), never inside the
+denoise: previews, masks, reference encodes and the final decode use the VAE, which every plan keeps on the
+device, so nothing evicts the transformer mid-denoise.
+
+An evicted weight is an empty tensor on the device: any use of a component while it is out fails loudly instead
+of computing on stale or host data. On a CPU the device and the host are the same memory; the moves still happen
+(host copy <-> empty placeholder), so the order of moves is tested without a GPU."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .offload_plan import STAGE_NEEDS, STAGES, Component, OffloadPlan, Stage
+
+log = logging.getLogger("flux2.swapping")
+
+# The swapped components each plan keeps on the device during each stage; a swapped component outside its
+# stage's set is evicted when that stage is entered. A stage the runner skips (the text encode on a prompt-cache
+# hit) moves nothing, so the transformer of `transformer-resident` stays from one batch to the next.
+_RESIDENCY: dict[str, dict[Stage, frozenset[Component]]] = {
+    "encoder-swapped": {"encode": frozenset({"text_encoder"}), "denoise": frozenset(), "decode": frozenset()},
+    "transformer-resident": {
+        "encode": frozenset({"text_encoder"}),
+        "denoise": frozenset({"transformer"}),
+        "decode": frozenset({"transformer"}),
+    },
+    "block-streaming": {"encode": frozenset({"text_encoder"}), "denoise": frozenset(), "decode": frozenset()},
+}
+# The text encoders' blocks for group offloading: Qwen3ForCausalLM.model.layers, Mistral3's
+# model.language_model.layers (diffusers streams the ModuleLists found inside the named children).
+_ENCODER_BLOCK_MODULES = ["model", "language_model"]
+
+
+@dataclass
+class Moves:
+    """What moved, for the log and the tests: one entry per move, "stage: action component (bytes)"."""
+
+    events: list[str] = field(default_factory=list)
+    loads: int = 0
+    evictions: int = 0
+    prefetched_bytes: int = 0
+    loaded_bytes: int = 0
+
+    def add(self, stage: Stage, action: str, component: Component, size: int) -> None:
+        self.events.append(f"{stage}: {action} {component} ({size} bytes)")
+
+
+class _Weights:
+    """One swapped component's parameters: their host copies and which are on the device. Buffers (small: rotary
+    tables, norms' statistics) stay on the device."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, pin: bool):
+        self.module = module
+        self.device = device
+        for buffer_module in module.modules():
+            for name, buffer in buffer_module.named_buffers(recurse=False):
+                buffer_module._buffers[name] = buffer.to(device)
+        self.params = _parameters(module)
+        self.host: list[torch.Tensor] = []
+        for param in self.params:  # one at a time, so the host holds each weight once plus one pinned copy
+            self.host.append(_host_copy(param.data, pin))
+            param.data = _placeholder(param.data, device)
+        self.on_device = [False] * len(self.params)
+        self.sizes = [copy.numel() * copy.element_size() for copy in self.host]
+
+    @property
+    def loaded(self) -> bool:
+        return all(self.on_device)
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(size for size, here in zip(self.sizes, self.on_device, strict=True) if here)
+
+    def load(self, budget: int | None, stream: Any) -> int:
+        """Copy parameters to the device in module order, all of them or up to `budget` bytes; the bytes moved."""
+        moved = 0
+        if stream is not None:  # the copies start after the compute stream's work so far (evictions included)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        for index, (param, host, size) in enumerate(zip(self.params, self.host, self.sizes, strict=True)):
+            if self.on_device[index]:
+                continue
+            if budget is not None and moved + size > budget:
+                break
+            param.data = _to_device(host, self.device, stream)
+            self.on_device[index] = True
+            moved += size
+        return moved
+
+    def evict(self) -> int:
+        freed = self.device_bytes
+        for index, param in enumerate(self.params):
+            if self.on_device[index]:
+                param.data = _placeholder(param.data, self.device)
+                self.on_device[index] = False
+        return freed
+
+
+class Swapper:
+    """Moves a pipeline's swapped components at stage boundaries, as `plan` says; `moves` records every move."""
+
+    def __init__(self, pipe: Any, plan: OffloadPlan, device: torch.device | str):
+        self.plan = plan
+        self.device = torch.device(device)
+        self.working = plan.working
+        cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
+        self.weights: dict[Component, _Weights] = {
+            name: _Weights(getattr(pipe, name), self.device, pin=cuda) for name in plan.swapped
+        }
+        self.residency = _RESIDENCY.get(plan.name, {stage: frozenset() for stage in STAGES})
+        self.stage: Stage | None = None
+        self.moves = Moves()
+        self._device_bytes = {part.component: part.device_bytes for part in plan.components}
+
+    def where(self, component: Component) -> str:
+        """ "device", "partial" (part prefetched), "host" for a swapped component; else the plan's placement."""
+        weights = self.weights.get(component)
+        if weights is None:
+            return self.plan.where(component)
+        return "device" if weights.loaded else "partial" if weights.device_bytes else "host"
+
+    def enter(self, stage: Stage) -> None:
+        """Evict what `stage` does not keep, bring in what it needs (waiting for its copies), then prefetch what
+        the next stage needs into the room left."""
+        self.stage = stage
+        keep = self.residency[stage]
+        for name, weights in self.weights.items():
+            if name not in keep and weights.device_bytes:
+                freed = weights.evict()
+                self.moves.evictions += 1
+                self.moves.add(stage, "evict", name, freed)
+        for name in STAGE_NEEDS[stage]:
+            needed = self.weights.get(name)
+            if needed is not None and not needed.loaded:
+                moved = needed.load(None, self.stream)
+                self.moves.loads += 1
+                self.moves.loaded_bytes += moved
+                self.moves.add(stage, "load", name, moved)
+        self._wait_for_copies()
+        self._prefetch(stage)
+
+    def _prefetch(self, stage: Stage) -> None:
+        following = STAGES[STAGES.index(stage) + 1] if stage != STAGES[-1] else None
+        if following is None:
+            return
+        for name in self.residency[following] - self.residency[stage]:
+            weights = self.weights[name]
+            room = self._room(stage)
+            if weights.loaded or room <= 0:
+                continue
+            moved = weights.load(room, self.stream)
+            if moved:
+                self.moves.prefetched_bytes += moved
+                self.moves.add(stage, "prefetch", name, moved)
+
+    def _room(self, stage: Stage) -> int:
+        """Bytes free on the device during `stage` by the plan's estimate: free memory less what is on the device
+        and the stage's working memory."""
+        if self.working is None:
+            return 0
+        working = {"encode": self.working.encode, "denoise": self.working.denoise, "decode": self.working.decode}
+        fixed = sum(size for name, size in self._device_bytes.items() if name not in self.weights)
+        moving = sum(weights.device_bytes for weights in self.weights.values())
+        return self.plan.free_bytes - fixed - moving - working[stage]
+
+    def _wait_for_copies(self) -> None:
+        """The compute stream waits for every copy issued so far (a prefetch included) before using the weights."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def stream_blocks(module: torch.nn.Module, device: torch.device | str, *, text_encoder: bool = False) -> None:
+    """Block streaming through diffusers' group offloading: each block (transformer block, encoder layer) lives in
+    pinned host memory and is copied on a side stream, the next one prefetched while one runs; the module's other
+    parts are on the device while it runs. On a CPU the same hooks run without a stream (nothing to overlap)."""
+    from diffusers.hooks.group_offloading import apply_group_offloading
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    apply_group_offloading(
+        module,
+        onload_device=device,
+        offload_device=torch.device("cpu"),
+        offload_type="block_level",
+        num_blocks_per_group=1,
+        non_blocking=cuda,
+        use_stream=cuda,
+        record_stream=cuda,
+        low_cpu_mem_usage=False,  # pin every block once at start, not at every copy
+        block_modules=_ENCODER_BLOCK_MODULES if text_encoder else None,
+    )
+
+
+def _parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return list(module.parameters())  # tied parameters (embeddings = lm_head) once
+
+
+def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    host = tensor.detach().to("cpu")
+    return host.pin_memory() if pin else host
+
+
+def _placeholder(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return torch.empty(0, dtype=tensor.dtype, device=device)
+
+
+def _to_device(host: torch.Tensor, device: torch.device, stream: Any) -> torch.Tensor:
+    if stream is None:
+        return host.to(device)  # a CPU: the host copy itself
+    # Allocated on the compute stream (which frees it later), filled on the side stream; record_stream keeps the
+    # allocator from reusing the block before the copy is done.
+    target = torch.empty(host.shape, dtype=host.dtype, device=device)
+    with torch.cuda.stream(stream):
+        target.copy_(host, non_blocking=True)
+    target.record_stream(stream)
+    return target
+
+
+def check_swappable(module: torch.nn.Module, component: Component) -> None:
+    """Quantized weights are tensor subclasses whose data cannot be swapped tensor by tensor: refuse them here,
+    with the way out, rather than fail mid-request."""
+    for param in module.parameters():
+        if type(param.data) is not torch.Tensor:
+            raise ValueError(
+                f"{component} has quantized weights ({type(param.data).__name__}), which the swapper cannot move "
+                "tensor by tensor: keep it on the device (--offload encoder-swapped or resident) or stream it "
+                "(--offload block-streaming)"
+            )

@@ -1,0 +1,263 @@
+"""`flux2-local bench --architecture NAME --memory-cap GB`: the cards people own, simulated on a big GPU.
+
+`torch.cuda.set_per_process_memory_fraction` caps the process at GB GiB before anything is loaded; the offload
+planner (`--offload auto`, with `--quantize` where asked) picks the plan for that cap from the architecture's
+sizes; the pipeline is built with random weights on the host, placed as the plan says, and served by an `Engine`
+(the runner's stage boundaries move what the plan swaps, as in a real server), without HTTP. Reported: the plan,
+seconds per 1024x1024 image (median after a warm-up, each image a new prompt, so the text encoder runs every
+time), peak device memory, or "does not fit" (the planner's verdict before building, or an out-of-memory error
+caught while running). `--memory-caps 8,12,16` runs each cap in a fresh process, the safest way to start every
+cap from an empty card, and prints one table."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.architectures import Architecture, build_pipeline, measured_sizes, model_spec
+from pipeline.offload_plan import COMPONENTS, DoesNotFit, OffloadPlan, plan_offload
+from pipeline.quantization import Quantization, parse_quantization
+
+from .bench_harness import synchronize
+from .bench_report import environment, write_json
+
+_GIB = 1024**3
+Echo = Callable[[str], None]
+
+
+class MemoryCapError(ValueError):
+    """A --memory-cap run that cannot start here (no CUDA, a cap above the card, a bad list)."""
+
+
+def parse_caps(text: str) -> list[float]:
+    """ "8,12,16" -> [8.0, 12.0, 16.0] (GiB, as cards count them)."""
+    try:
+        caps = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise MemoryCapError(f"--memory-caps takes GB values separated by commas, got {text!r}") from exc
+    if not caps or any(cap <= 0 for cap in caps):
+        raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
+    return caps
+
+
+def check_cap(cap_gib: float, cuda_available: bool, card_bytes: int | None) -> None:
+    if not cuda_available:
+        raise MemoryCapError("--memory-cap needs CUDA: it caps this process's share of a GPU")
+    if card_bytes is not None and cap_gib * _GIB > card_bytes:
+        raise MemoryCapError(f"--memory-cap {cap_gib:g} is above this card's {card_bytes / _GIB:.0f} GiB")
+
+
+def plan_for_cap(arch: Architecture, cap_bytes: int, quantization: Quantization, itemsize: int = 2) -> OffloadPlan:
+    """The plan `--offload auto` takes for `arch` under the cap, from its sizes alone (raises DoesNotFit)."""
+    measured = measured_sizes(arch, itemsize, quantization)
+    return plan_offload(
+        measured.sizes,
+        measured.working,
+        cap_bytes,
+        transformer_blocks=measured.transformer_blocks,
+        text_encoder_layers=measured.text_encoder_layers,
+        quantized=tuple(c for c in COMPONENTS if c in dict(quantization.schemes)),
+    )
+
+
+def run_memory_cap(
+    arch: Architecture, cap_gib: float, quantize: str = "none", steps: int = 4, repeats: int = 3, echo: Echo = print
+) -> dict[str, Any]:
+    """One cap: the planner's verdict, then (if it fits) seconds per image and peak memory."""
+    check_cap(cap_gib, torch.cuda.is_available(), None)
+    total = torch.cuda.get_device_properties(0).total_memory
+    check_cap(cap_gib, True, total)
+    torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
+    quantization = parse_quantization(quantize)
+    result: dict[str, Any] = {
+        "architecture": arch.name,
+        "cap_gib": cap_gib,
+        "quantize": str(quantization),
+        "steps": steps,
+        **environment("cuda"),
+    }
+    try:
+        plan = plan_for_cap(arch, int(cap_gib * _GIB) - torch.cuda.memory_reserved(), quantization)
+    except DoesNotFit as exc:
+        echo(f"{arch.name} under {cap_gib:g} GiB: {exc}")
+        return {**result, "plan": None, "verdict": "does not fit", "reason": str(exc)}
+    result["plan"] = plan.name
+    result["plan_lines"] = plan.lines()
+    for line in plan.lines():
+        echo(line)
+    try:
+        seconds, peak = _measure(arch, plan, quantization, steps, repeats, echo)
+    except torch.cuda.OutOfMemoryError as exc:
+        echo(f"{arch.name} under {cap_gib:g} GiB with {plan.name}: out of memory")
+        return {**result, "verdict": "does not fit", "reason": f"out of memory while running: {str(exc)[:300]}"}
+    return {**result, "verdict": "ok", "seconds_per_image": seconds, "peak_gib": peak / _GIB}
+
+
+def _measure(
+    arch: Architecture,
+    plan: OffloadPlan,
+    quantization: Quantization,
+    steps: int,
+    repeats: int,
+    echo: Echo,
+    device: str = "cuda",
+) -> tuple[float, int]:
+    """Median seconds per image and peak device memory (0 on a CPU, where this runs only as a test)."""
+    from pipeline.engine import Engine
+    from pipeline.loader import LoadedModel, apply_plan
+    from pipeline.placement import Placement
+    from pipeline.pool import ModelConfig, ModelPool
+    from pipeline.quantization import quantize_modules
+
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    started = time.perf_counter()
+    pipe = build_pipeline(arch, "cpu", dtype)  # on the host: the plan decides what goes to the card
+    quantize_modules(pipe, quantization)
+    placement = Placement(
+        device=device, dtype=dtype, offload=plan.name, reasons=tuple(plan.lines()), quantization=quantization, plan=plan
+    )
+    swapper = apply_plan(pipe, placement) if plan.name != "resident" else None
+    if swapper is None:
+        pipe.to(device)
+    synchronize(device)
+    echo(f"built and placed in {time.perf_counter() - started:.1f} s")
+    spec = model_spec(arch)
+    config = ModelConfig(name=arch.name, spec=spec, placement=placement, weight_bytes=0)
+    engine = Engine(ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe, swapper)))
+    engine.start()
+    try:
+        if not engine.wait_ready(600):
+            raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
+        seconds = []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        for run in range(repeats + 1):  # the first is the warm-up
+            job = _job(arch.size, steps, spec.defaults.guidance_scale, f"a lighthouse on a cliff, take {run}")
+            begun = time.perf_counter()
+            engine.submit(job).future.result(3600)
+            synchronize(device)
+            if run:
+                seconds.append(time.perf_counter() - begun)
+                echo(f"image {run}/{repeats}: {seconds[-1]:.3f} s")
+        return statistics.median(seconds), torch.cuda.max_memory_allocated() if cuda else 0
+    finally:
+        engine.stop(60)
+
+
+def _job(size: int, steps: int, guidance: float, prompt: str) -> Any:
+    from pipeline.jobs import GenerationJob
+
+    return GenerationJob(
+        prompt=prompt,
+        width=size,
+        height=size,
+        run_width=size,
+        run_height=size,
+        seeds=(0,),
+        steps=steps,
+        guidance_scale=guidance,
+    )
+
+
+def run_caps_in_subprocesses(
+    name: str, caps: list[float], quantize: str, steps: int, repeats: int, echo: Echo = print
+) -> list[dict[str, Any]]:
+    """Each cap in a fresh `flux2-local bench` process (an empty card, its own memory fraction)."""
+    results = []
+    with tempfile.TemporaryDirectory(prefix="flux2-caps-") as workdir:
+        for cap in caps:
+            path = Path(workdir) / f"cap-{cap:g}.json"
+            command = [
+                sys.executable, "-m", "server.cli", "bench", "--architecture", name, "--memory-cap", f"{cap:g}",
+                "--quantize", quantize, "--steps", str(steps), "--repeats", str(repeats), "--json", str(path),
+            ]  # fmt: skip
+            echo(f"--- {name} under {cap:g} GiB: {' '.join(command[2:])}")
+            run = subprocess.run(command, text=True, capture_output=True)
+            echo(run.stdout.rstrip())
+            if path.is_file():
+                results.append(json.loads(path.read_text()))
+            else:
+                tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+                results.append(
+                    {
+                        "architecture": name,
+                        "cap_gib": cap,
+                        "quantize": quantize,
+                        "verdict": "failed",
+                        "reason": " / ".join(tail),
+                    }
+                )
+    return results
+
+
+def caps_table(results: list[dict[str, Any]]) -> str:
+    """card memory x model -> plan, seconds per image, peak memory (a markdown table)."""
+    lines = [
+        "| card memory | model | quantized | plan | s / 1024² image | peak memory |",
+        "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        if result.get("verdict") == "ok":
+            plan, seconds, peak = result["plan"], f"{result['seconds_per_image']:.2f}", f"{result['peak_gib']:.1f} GiB"
+        else:
+            plan, seconds, peak = result.get("plan") or "—", result.get("verdict", "?"), "—"
+        lines.append(
+            f"| {result['cap_gib']:g} GB | {result['architecture']} | {result.get('quantize', 'none')} | {plan} | "
+            f"{seconds} | {peak} |"
+        )
+    return "\n".join(lines)
+
+
+def write_result(result: dict[str, Any], json_path: Path | None) -> None:
+    if json_path is not None:
+        write_json(result, json_path)
+
+
+def memory_command(
+    name: str,
+    cap: float | None,
+    caps: str | None,
+    quantize: str,
+    steps: int,
+    repeats: int | None,
+    json_path: Path | None,
+) -> list[dict[str, Any]]:
+    """`flux2-local bench --architecture NAME --memory-cap GB | --memory-caps GB,GB,...`: run, print the table."""
+    import typer
+
+    from pipeline.architectures import get_architecture
+    from pipeline.quantization import QuantizationError
+
+    try:
+        arch = get_architecture(name)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--architecture") from exc
+    try:
+        parse_quantization(quantize)
+        wanted = parse_caps(caps) if caps is not None else [cap] if cap is not None else []
+        if cap is not None and caps is not None:
+            raise MemoryCapError("give --memory-cap or --memory-caps, not both")
+        for each in wanted:
+            check_cap(each, torch.cuda.is_available(), None)
+    except (MemoryCapError, QuantizationError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--memory-cap") from exc
+    if caps is not None:
+        results = run_caps_in_subprocesses(name, wanted, quantize, steps, repeats or arch.repeats)
+    else:
+        results = [run_memory_cap(arch, wanted[0], quantize, steps, repeats or arch.repeats, echo=typer.echo)]
+        write_result(results[0], json_path)
+    typer.echo("")
+    typer.echo(caps_table(results))
+    if caps is not None and json_path is not None:
+        write_json({"runs": results}, json_path)
+    return results

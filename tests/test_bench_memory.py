@@ -1,0 +1,123 @@
+"""`flux2-local bench --memory-cap(s)`: option parsing, the refusal without CUDA, the planner's verdict per card
+for the real architectures (from their sizes on the meta device), the "does not fit" path, and the table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.architectures import get_architecture
+from pipeline.offload_plan import DoesNotFit
+from pipeline.quantization import Quantization, parse_quantization
+from server import bench_memory
+from server.bench_memory import MemoryCapError, caps_table, check_cap, parse_caps, plan_for_cap
+
+GIB = 1024**3
+
+
+def test_caps_are_parsed_and_bad_lists_refused():
+    assert parse_caps("8,12, 16,24,48") == [8, 12, 16, 24, 48]
+    assert parse_caps("7.5") == [7.5]
+    for bad in ("8,x", "", "0", "-4"):
+        with pytest.raises(MemoryCapError):
+            parse_caps(bad)
+
+
+def test_a_cap_needs_cuda_and_a_card_big_enough():
+    with pytest.raises(MemoryCapError, match="needs CUDA"):
+        check_cap(12, cuda_available=False, card_bytes=None)
+    with pytest.raises(MemoryCapError, match="above this card's 80 GiB"):
+        check_cap(96, cuda_available=True, card_bytes=80 * GIB)
+    check_cap(24, cuda_available=True, card_bytes=80 * GIB)
+
+
+def test_the_command_refuses_without_cuda():
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-caps", "8,12"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    assert "needs CUDA" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "cap", "quantize", "plan"),
+    [
+        ("klein-4b", 48, "none", "resident"),
+        ("klein-4b", 24, "none", "resident"),
+        ("klein-4b", 12, "none", "transformer-resident"),  # 7.2 GiB transformer and 7.5 GiB encoder take turns
+        ("klein-4b", 8, "none", "block-streaming"),
+        ("klein-4b", 12, "transformer=int8,text_encoder=int8", "resident"),
+        ("klein-9b", 24, "none", "transformer-resident"),
+        ("klein-9b", 16, "none", "block-streaming"),
+        ("dev", 80, "none", "transformer-resident"),
+        ("dev", 24, "none", "block-streaming"),
+    ],
+)
+def test_the_planner_picks_a_plan_per_card(name, cap, quantize, plan):
+    assert plan_for_cap(get_architecture(name), cap * GIB, parse_quantization(quantize)).name == plan
+
+
+def test_dev_does_not_fit_a_tiny_card():
+    with pytest.raises(DoesNotFit, match="even block-streaming needs"):
+        plan_for_cap(get_architecture("dev"), 4 * GIB, Quantization())
+
+
+def test_the_does_not_fit_verdict_is_reported_before_anything_is_built(monkeypatch):
+    fraction = []
+    cuda = bench_memory.torch.cuda
+    monkeypatch.setattr(cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cuda, "get_device_properties", lambda index: SimpleNamespace(total_memory=80 * GIB))
+    monkeypatch.setattr(cuda, "set_per_process_memory_fraction", lambda value, *args: fraction.append(value))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda *args: 0)
+    monkeypatch.setattr(bench_memory, "environment", lambda device: {"device": "a simulated 80 GiB card"})
+    monkeypatch.setattr(bench_memory, "_measure", lambda *args: pytest.fail("nothing is built when it does not fit"))
+    lines = []
+    result = bench_memory.run_memory_cap(get_architecture("dev"), 4, echo=lines.append)
+    assert fraction == [4 / 80]
+    assert result["verdict"] == "does not fit" and result["plan"] is None
+    assert "even block-streaming needs" in result["reason"] and "dev under 4 GiB" in lines[0]
+
+
+def test_the_table_has_a_row_per_card_and_model():
+    table = caps_table(
+        [
+            {
+                "architecture": "klein-4b",
+                "cap_gib": 12,
+                "quantize": "none",
+                "plan": "transformer-resident",
+                "verdict": "ok",
+                "seconds_per_image": 1.0432,
+                "peak_gib": 10.26,
+            },
+            {"architecture": "dev", "cap_gib": 4, "quantize": "none", "plan": None, "verdict": "does not fit"},
+        ]
+    )
+    lines = table.splitlines()
+    assert lines[0] == "| card memory | model | quantized | plan | s / 1024² image | peak memory |"
+    assert lines[2] == "| 12 GB | klein-4b | none | transformer-resident | 1.04 | 10.3 GiB |"
+    assert lines[3] == "| 4 GB | dev | none | — | does not fit | — |"
+
+
+def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
+    """The GPU path on the tiny architecture, on the CPU: built on the host, the forced plan applied (the swapper
+    moving the encoder and the transformer in turns), served by an Engine, timed."""
+    from pipeline.architectures import measured_sizes
+    from pipeline.offload_plan import plan_offload
+
+    arch = get_architecture("tiny")
+    measured = measured_sizes(arch, 4)
+    plan = plan_offload(
+        measured.sizes, measured.working, 64 * GIB, transformer_blocks=measured.transformer_blocks,
+        force="transformer-resident",
+    )  # fmt: skip
+    lines: list[str] = []
+    seconds, peak = bench_memory._measure(arch, plan, Quantization(), 2, 2, lines.append, device="cpu")
+    assert seconds > 0 and peak == 0
+    assert [line.split(":")[0] for line in lines[1:]] == ["image 1/2", "image 2/2"]

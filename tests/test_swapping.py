@@ -1,0 +1,200 @@
+"""The swapper on CPU tensors: where each component lives at each stage boundary, the order of moves and
+prefetches, evicted weights failing loudly, and the same image from every forced plan as from the resident one
+(in-process engines and one real server)."""
+
+from __future__ import annotations
+
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import RunningServer
+from engine_helpers import job
+from PIL import Image
+
+from pipeline.component_sizes import measure_folder
+from pipeline.engine import Engine
+from pipeline.jobs import Preview
+from pipeline.offload_plan import ComponentSizes, Working, plan_offload
+from pipeline.placement import decide_placement
+from pipeline.pool import ModelConfig, ModelPool
+from pipeline.swapping import Swapper
+from pipeline.weights import inspect_model
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _pipe() -> SimpleNamespace:
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False))
+    return SimpleNamespace(
+        text_encoder=encoder,
+        transformer=torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)),
+        vae=torch.nn.Linear(16, 3),
+    )
+
+
+def _plan(pipe: SimpleNamespace, name: str, free: int, working: Working | None = None):
+    sizes = ComponentSizes(
+        transformer=_bytes(pipe.transformer), text_encoder=_bytes(pipe.text_encoder), vae=_bytes(pipe.vae)
+    )
+    return plan_offload(sizes, working or Working(0, 0, 0), free, force=name, transformer_blocks=2)
+
+
+def test_transformer_resident_takes_turns_with_the_encoder_and_stays_across_cache_hits():
+    pipe = _pipe()
+    x = torch.randn(2, 16)
+    expected = pipe.transformer(x)
+    t, e = _bytes(pipe.transformer), _bytes(pipe.text_encoder)
+    no_room = _bytes(pipe.vae) + _bytes(pipe.text_encoder)  # the encoder and the VAE fill the device: no prefetch
+    swapper = Swapper(pipe, _plan(pipe, "transformer-resident", free=no_room), "cpu")
+    assert swapper.where("transformer") == swapper.where("text_encoder") == "host"
+    assert swapper.where("vae") == "device"
+    with pytest.raises(RuntimeError):  # an evicted component fails loudly
+        pipe.transformer(x)
+
+    swapper.enter("encode")
+    assert (swapper.where("text_encoder"), swapper.where("transformer")) == ("device", "host")
+    pipe.text_encoder(torch.tensor([[1, 2]]))
+    swapper.enter("denoise")
+    assert (swapper.where("text_encoder"), swapper.where("transformer")) == ("host", "device")
+    assert torch.equal(pipe.transformer(x), expected)
+    swapper.enter("decode")
+    swapper.enter("denoise")  # the next batch: every prompt cached, no encode stage
+    swapper.enter("decode")
+    swapper.enter("encode")  # a cache miss: the transformer steps out
+    assert swapper.where("transformer") == "host"
+    assert swapper.moves.events == [
+        f"encode: load text_encoder ({e} bytes)",
+        f"denoise: evict text_encoder ({e} bytes)",
+        f"denoise: load transformer ({t} bytes)",
+        f"encode: evict transformer ({t} bytes)",
+        f"encode: load text_encoder ({e} bytes)",
+    ]
+    assert (swapper.moves.loads, swapper.moves.evictions) == (3, 2)
+
+
+def test_encoder_swapped_never_moves_the_transformer_or_the_vae():
+    pipe = _pipe()
+    transformer_weight = pipe.transformer[0].weight
+    swapper = Swapper(pipe, _plan(pipe, "encoder-swapped", free=10**9), "cpu")
+    assert set(swapper.weights) == {"text_encoder"}
+    for stage in ("encode", "denoise", "decode", "denoise", "decode"):
+        swapper.enter(stage)
+    assert pipe.transformer[0].weight is transformer_weight and transformer_weight.numel() == 16 * 16
+    assert [event.split(" (")[0] for event in swapper.moves.events] == [
+        "encode: load text_encoder",
+        "denoise: evict text_encoder",
+    ]
+
+
+def test_the_transformer_is_prefetched_into_the_room_left_while_the_encoder_runs():
+    pipe = _pipe()
+    t, e, v = _bytes(pipe.transformer), _bytes(pipe.text_encoder), _bytes(pipe.vae)
+    half_layer = 16 * 16 * 4 + 16 * 4  # room for the first layer (weight and bias) only
+    plan = _plan(pipe, "transformer-resident", free=v + e + half_layer)
+    swapper = Swapper(pipe, plan, "cpu")
+    swapper.enter("encode")
+    assert swapper.where("transformer") == "partial"
+    assert swapper.moves.prefetched_bytes == half_layer
+    assert swapper.moves.events[-1] == f"encode: prefetch transformer ({half_layer} bytes)"
+    swapper.enter("denoise")
+    assert swapper.moves.events[-1] == f"denoise: load transformer ({t - half_layer} bytes)"
+    assert swapper.where("transformer") == "device"
+
+
+def test_tied_weights_are_kept_once_and_stay_tied():
+    encoder = torch.nn.Sequential(torch.nn.Embedding(16, 8), torch.nn.Linear(8, 16, bias=False))
+    encoder[1].weight = encoder[0].weight  # (16, 8) both: an lm_head tied to the embeddings
+    pipe = SimpleNamespace(text_encoder=encoder, transformer=torch.nn.Linear(4, 4), vae=torch.nn.Linear(4, 4))
+    swapper = Swapper(pipe, _plan(pipe, "encoder-swapped", free=10**9), "cpu")
+    weights = swapper.weights["text_encoder"]
+    assert len(weights.host) == 1 and not weights.host[0].is_pinned()  # no CUDA here: nothing pinned
+    swapper.enter("encode")
+    assert encoder[1].weight is encoder[0].weight and encoder[0].weight.shape == (16, 8)
+
+
+def _engine(folder, offload: str) -> Engine:
+    components = measure_folder(folder, itemsize=4)
+    placement = decide_placement(offload=offload, weight_params=1, cuda_available=False, components=components)
+    engine = Engine(
+        ModelPool([ModelConfig(name="tiny", spec=inspect_model(folder), placement=placement, weight_bytes=1)])
+    )
+    engine.start()
+    assert engine.wait_ready(120), engine.load_error
+    return engine
+
+
+def _with_previews(engine: Engine, **fields):
+    """A job's result, with its previews (decoded mid-denoise) collected."""
+    previews: list[Preview] = []
+    handle = engine.submit(job(**fields), lambda event: previews.append(event) if isinstance(event, Preview) else None)
+    return handle.future.result(120), previews
+
+
+def _pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+@pytest.fixture(scope="module")
+def resident_images(tiny_klein):
+    engine = _engine(tiny_klein, "resident")
+    try:
+        first = engine.submit(job(prompt="a lighthouse", size=64, seeds=(3,))).future.result(120).images[0]
+        again, previews = _with_previews(engine, prompt="a harbour", size=64, seeds=(4,), steps=4, partial_images=2)
+        assert len(previews) == 2
+        return _pixels(first), _pixels(again.images[0])
+    finally:
+        engine.stop(10)
+
+
+@pytest.mark.parametrize("offload", ["encoder-swapped", "transformer-resident", "block-streaming"])
+def test_every_forced_plan_makes_the_resident_image(tiny_klein, resident_images, offload):
+    engine = _engine(tiny_klein, offload)
+    try:
+        model = engine.pool.get()
+        assert model.swapper is not None and model.swapper.plan.name == offload
+        first = engine.submit(job(prompt="a lighthouse", size=64, seeds=(3,))).future.result(120).images[0]
+        # A second batch with previews: the VAE decodes mid-denoise without evicting the transformer.
+        again, previews = _with_previews(engine, prompt="a harbour", size=64, seeds=(4,), steps=4, partial_images=2)
+        assert len(previews) == 2
+        cached = engine.submit(job(prompt="a harbour", size=64, seeds=(4,), steps=4)).future.result(120)
+        for image, expected in zip(
+            (first, again.images[0], cached.images[0]), (*resident_images, resident_images[1]), strict=True
+        ):
+            assert np.abs(_pixels(image) - expected).max() <= 1
+        events = model.swapper.moves.events
+        assert not any(
+            event.startswith("denoise: evict transformer") or "decode: evict transformer" in event for event in events
+        )
+        encodes = [event for event in events if event.startswith("encode: load text_encoder")]
+        assert len(encodes) == 2  # two distinct prompts; the third request hit the prompt cache
+        if offload == "block-streaming":  # the encoder fits whole in RAM: swapped; the transformer streamed
+            assert model.swapper.where("transformer") == "streamed"
+            assert hasattr(model.pipe.transformer.transformer_blocks[0], "_diffusers_hook")
+    finally:
+        engine.stop(10)
+
+
+def test_a_server_with_a_forced_plan_serves_the_resident_image(tiny_klein, client, tmp_path):
+    from openai import OpenAI
+
+    body = dict(
+        prompt="a quiet bay", size="64x64", response_format="b64_json", extra_body={"seed": 5, "num_inference_steps": 2}
+    )
+    expected = client.images.generate(**body).data[0].b64_json
+    with RunningServer(["--model", str(tiny_klein), "--offload", "transformer-resident"], tmp_path) as server:
+        log = server.log()
+        assert "offload plan: transformer-resident (forced" in log
+        assert "offload plan: transformer: swapped" in log and "simulated" in log
+        swapped = OpenAI(base_url=f"{server.base_url}/v1", api_key="k", max_retries=0, timeout=120)
+        got = swapped.images.generate(**body).data[0].b64_json
+    import base64
+
+    a = _pixels(Image.open(io.BytesIO(base64.b64decode(expected))))
+    b = _pixels(Image.open(io.BytesIO(base64.b64decode(got))))
+    assert np.abs(a - b).max() <= 1
