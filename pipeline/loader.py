@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from .compilation import compile_transformer, warm_up
 from .internals import Flux2Pipe
@@ -12,6 +12,9 @@ from .placement import Placement
 from .quantization import pipeline_quantization_config
 from .step_cache import apply_cache
 from .weights import ModelSpec
+
+if TYPE_CHECKING:
+    from .adapters import LoadedAdapters
 
 log = logging.getLogger("flux2.loader")
 
@@ -23,6 +26,7 @@ class LoadedModel:
     spec: ModelSpec
     placement: Placement
     pipe: Flux2Pipe  # a diffusers Flux2Pipeline or Flux2KleinPipeline
+    adapters: LoadedAdapters | None = None  # its LoRA adapters, when it has any (pipeline/adapters.py)
 
 
 def quiet_progress_bars() -> None:

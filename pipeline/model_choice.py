@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapters import AdapterError, Adapters, adapters_from_options
 from .placement import PlacementError, count_weight_params, decide_placement
 from .pool import ModelConfig
 from .tiny_weights import build_tiny_weights
@@ -49,6 +50,8 @@ class ModelChoice:
     cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
+    lora: tuple[str, ...] = ()  # "NAME=PATH[:SCALE]": LoRA adapters of the first model (pipeline/adapters.py)
+    fuse_lora: str | None = None  # the name of one of them to fuse into the weights at load (always on)
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
     """One ModelConfig per source (or the default weights), each inspected, placed and named; logs what it
     decided. Raises ModelChoiceError for a model that cannot be served."""
     entries: list[tuple[str | None, str | None]] = [split_name(value) for value in choice.sources] or [(None, None)]
+    adapters = first_model_adapters(choice)
     configs: list[ModelConfig] = []
     test_models: list[str] = []
     for index, (name, source) in enumerate(entries):
@@ -101,9 +105,32 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
         for reason in placement.reasons:
             log.info("model %s: %s", name, reason)
         configs.append(
-            ModelConfig(name=name, spec=spec, placement=placement, weight_bytes=params * placement.dtype.itemsize)
+            ModelConfig(
+                name=name,
+                spec=spec,
+                placement=placement,
+                weight_bytes=params * placement.dtype.itemsize,
+                adapters=adapters if index == 0 else Adapters(),
+            )
         )
     return ServedModels(configs=configs, test_models=tuple(test_models))
+
+
+def first_model_adapters(choice: ModelChoice) -> Adapters:
+    """The --lora adapters (they belong to the first model), checked: files present, names distinct."""
+    try:
+        adapters = adapters_from_options(choice.lora, choice.fuse_lora)
+    except AdapterError as exc:
+        raise ModelChoiceError(str(exc)) from exc
+    if adapters and choice.compile:
+        raise ModelChoiceError(
+            "--compile with --lora is not supported yet (LoRA layers are added after the warm-up compile, "
+            "untested under torch.compile): drop one of them"
+        )
+    for adapter in adapters.items:
+        fused = " (fused at start)" if adapter.fused else ""
+        log.info("lora %s: %s, scale %g%s", adapter.name, adapter.path, adapter.scale, fused)
+    return adapters
 
 
 def split_name(value: str) -> tuple[str | None, str]:

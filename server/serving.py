@@ -101,6 +101,7 @@ class ImageService:
             mask,
             model=model,
             request_id=current_request_id.get(),
+            adapters=self.engine.model_adapters()[model],
         )
         watch = JobWatch(self.engine, job, self.settings.request_timeout, events=bool(params.stream))
         submitted()  # a batch about to start need not wait for this request any more
