@@ -7,8 +7,6 @@ import asyncio
 import base64
 import io
 import json
-import subprocess
-import sys
 from dataclasses import replace
 
 import httpx
@@ -21,8 +19,9 @@ from imaging import decode_b64, generate, pixels
 from lora_files import make_lora, to_kohya
 from PIL import Image
 
-from pipeline.adapters import AdapterError, Adapters, adapters_from_options, parse_adapter
+from pipeline.adapters import AdapterError, Adapters, adapters_from_options, parse_adapter, select
 from pipeline.engine import Engine
+from pipeline.model_choice import ModelChoice, ModelChoiceError, resolve_models
 from pipeline.pool import ModelPool
 
 ASK = {"prompt": "a lighthouse", "size": "64x64", "response_format": "b64_json", "seed": 7, "num_inference_steps": 3}
@@ -163,20 +162,6 @@ def test_a_server_without_adapters_refuses_loras(client):
     assert caught.value.body["param"] == "loras" and "none" in caught.value.body["message"]
 
 
-def test_a_fused_adapter_gives_the_adapters_image_and_is_always_on(tiny_klein, lora_files, lora_client, tmp_path):
-    switched = image(lora_client, loras=[{"name": "style", "scale": 0.7}])
-    args = ["--model", str(tiny_klein), "--output-dir", str(tmp_path / "out")]
-    with RunningServer([*args, "--lora", f"style={lora_files['style']}:0.7", "--fuse-lora", "style"], tmp_path) as s:
-        fused_client = openai.OpenAI(base_url=f"{s.base_url}/v1", api_key="x", max_retries=0, timeout=120)
-        fused = image(fused_client)
-        assert np.abs(fused - switched).max() <= 2
-        assert np.array_equal(image(fused_client, loras=[{"name": "style", "scale": 0.7}]), fused)
-        with pytest.raises(openai.BadRequestError, match="fused"):
-            generate(fused_client, **ASK, loras=[{"name": "style", "scale": 0.2}])
-        card = httpx.get(f"{s.base_url}/v1/models").json()["data"][0]
-        assert card["loras"] == [{"name": "style", "scale": 0.7, "file": "style.safetensors", "fused": True}]
-
-
 # -- the engine in-process: different adapter sets never share a pipeline call ------------------------------------
 def test_jobs_with_different_adapters_never_share_a_batch(tiny_klein, lora_files):
     config = model_config(tiny_klein)
@@ -205,6 +190,25 @@ def test_jobs_with_different_adapters_never_share_a_batch(tiny_klein, lora_files
         engine.stop(10)
 
 
+def test_a_fused_adapter_gives_the_adapters_image_and_is_always_on(tiny_klein, lora_files, lora_client):
+    switched = image(lora_client, loras=[{"name": "style", "scale": 0.7}])
+    fused_style = adapters_from_options([f"style={lora_files['style']}:0.7"], fuse="style")
+    config = replace(model_config(tiny_klein), adapters=fused_style)
+    engine = Engine(ModelPool([config]))
+    engine.start()
+    assert engine.wait_ready(60)
+    try:
+        ask = job(prompt=ASK["prompt"], seeds=(7,), steps=3)
+        fused = pixels(engine.submit(ask).future.result(60).images[0])  # no loras asked: it is on anyway
+        assert np.abs(fused - switched).max() <= 2
+    finally:
+        engine.stop(10)
+    adapters = config.adapters
+    assert select(adapters, [("style", None)]) == select(adapters, [("style", 0.7)]) == ()
+    with pytest.raises(AdapterError, match=r"fused into the model at scale 0\.7"):
+        select(adapters, [("style", 0.2)])
+
+
 # -- the option --------------------------------------------------------------------------------------------------
 def test_lora_values_are_checked(tmp_path):
     file = tmp_path / "a.safetensors"
@@ -227,13 +231,9 @@ def test_lora_values_are_checked(tmp_path):
     assert not Adapters()
 
 
-def test_serve_refuses_a_missing_adapter_file_at_start(tiny_klein, tmp_path):
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_klein), "--lora", "x=/nowhere.safetensors"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-    )
-    assert done.returncode == 2
-    assert "no file at /nowhere.safetensors" in done.stdout + done.stderr
+def test_a_missing_adapter_file_stops_the_server_at_start(tiny_klein, lora_files):
+    choice = ModelChoice(sources=(str(tiny_klein),), lora=("x=/nowhere.safetensors",))
+    with pytest.raises(ModelChoiceError, match=r"no file at /nowhere\.safetensors"):  # serve exits with 2
+        resolve_models(choice)
+    with pytest.raises(ModelChoiceError, match="--compile"):
+        resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(f"x={lora_files['style']}",), compile=True))
