@@ -13,11 +13,13 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import torch
 from conftest import RunningServer
 from engine_helpers import job, model_config
 from imaging import decode_b64, generate, pixels
 from lora_files import make_lora, to_kohya
 from PIL import Image
+from safetensors.torch import save_file
 
 from pipeline.adapters import AdapterError, Adapters, adapters_from_options, parse_adapter, select
 from pipeline.engine import Engine
@@ -207,6 +209,26 @@ def test_a_fused_adapter_gives_the_adapters_image_and_is_always_on(tiny_klein, l
     assert select(adapters, [("style", None)]) == select(adapters, [("style", 0.7)]) == ()
     with pytest.raises(AdapterError, match=r"fused into the model at scale 0\.7"):
         select(adapters, [("style", 0.2)])
+
+
+def test_an_adapter_that_does_not_fit_fails_the_load_with_a_reason(tiny_klein, tmp_path):
+    wrong = tmp_path / "wrong.safetensors"  # to_q takes 32 features, not 999
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(4, 999),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(32, 4),
+        },
+        wrong,
+    )
+    config = replace(model_config(tiny_klein), adapters=adapters_from_options([f"wrong={wrong}"]))
+    engine = Engine(ModelPool([config]))
+    engine.start()
+    try:
+        assert not engine.wait_ready(60)
+        health = engine.health()
+        assert health.state == "failed" and "LoRA 'wrong'" in health.load_error and "does not fit" in health.load_error
+    finally:
+        engine.stop(10)
 
 
 # -- the option --------------------------------------------------------------------------------------------------
