@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .adapters import Adapters
 from .batching import Slice, images_in, split_in_half
 from .handles import BatchProgress, JobHandle, merge_results, preview_sink
 from .jobs import (
@@ -81,7 +82,8 @@ class EngineOptions:
 
 class Engine:
     """The public surface: `start`, `stop`, `submit` -> `JobHandle` (`cancel`), `arriving`, `state`, `health()`,
-    `stats()`, `model_specs()`, `wait_ready`; `on_batch` hears a `BatchReport` after every pipeline call."""
+    `stats()`, `model_specs()`, `model_adapters()`, `wait_ready`; `on_batch` hears a `BatchReport` after every
+    pipeline call."""
 
     def __init__(
         self,
@@ -162,6 +164,10 @@ class Engine:
     def model_specs(self) -> dict[str, ModelSpec]:
         """What each served model is (family, defaults), by name; the first is the default model."""
         return {name: config.spec for name, config in self.pool.configs.items()}
+
+    def model_adapters(self) -> dict[str, Adapters]:
+        """The LoRA adapters each served model has, by name."""
+        return {name: config.adapters for name, config in self.pool.configs.items()}
 
     @property
     def queued_images(self) -> int:

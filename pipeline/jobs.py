@@ -36,6 +36,7 @@ class GenerationJob:
     model: str = ""  # the served model name ("" = the engine's default model)
     request_id: str = ""
     partial_images: int = 0  # previews to stream while denoising (0-3)
+    loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), sorted by name; () = none
 
     @property
     def n(self) -> int:
@@ -43,14 +44,14 @@ class GenerationJob:
 
     @cached_property
     def batch_key(self) -> tuple[object, ...]:
-        """Jobs with equal keys can share one pipeline call: same model, model size, steps, guidance and the same
-        reference images (by content). Masked edits run alone."""
+        """Jobs with equal keys can share one pipeline call: same model, model size, steps, guidance, LoRA adapters
+        and the same reference images (by content). Masked edits run alone."""
         if self.mask is not None:
             return ("alone", id(self))
         references = tuple(
             (image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest()) for image in self.references
         )
-        return (self.model, self.run_width, self.run_height, self.steps, self.guidance_scale, references)
+        return (self.model, self.run_width, self.run_height, self.steps, self.guidance_scale, self.loras, references)
 
 
 @dataclass(frozen=True)

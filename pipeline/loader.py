@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .compilation import compile_transformer, compile_vae_decoder, warm_up
 from .gguf_weights import load_gguf_transformer
@@ -15,6 +15,9 @@ from .quantization import pipeline_quantization_config
 from .step_cache import apply_cache
 from .swapping import Swapper, check_swappable, stream_blocks
 from .weights import ModelSpec
+
+if TYPE_CHECKING:
+    from .adapters import LoadedAdapters
 
 log = logging.getLogger("flux2.loader")
 
@@ -27,6 +30,7 @@ class LoadedModel:
     placement: Placement
     pipe: Flux2Pipe  # a diffusers Flux2Pipeline or Flux2KleinPipeline
     swapper: Swapper | None = None  # moves the swapped components at the runner's stage boundaries
+    adapters: LoadedAdapters | None = None  # its LoRA adapters, when it has any (pipeline/adapters.py)
 
     def enter(self, stage: Stage) -> None:
         """The runner's stage boundary (encode, denoise, decode): the offload plan's moves, if any."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .adapters import AdapterError, Adapters, adapters_from_options
 from .component_sizes import MeasuredSizes, measure_folder
 from .gguf_weights import GGUFError, check_gguf, read_gguf
 from .placement import PlacementError, count_weight_params, decide_placement
@@ -56,6 +57,8 @@ class ModelChoice:
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
     transformer_gguf: Path | None = None  # a community GGUF transformer file for the (first) model
     prompt_cache: bool = True  # whether a prompt-embedding cache exists (the offload planner's notes)
+    lora: tuple[str, ...] = ()  # "NAME=PATH[:SCALE]": LoRA adapters of the first model (pipeline/adapters.py)
+    fuse_lora: str | None = None  # the name of one of them to fuse into the weights at load (always on)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
     """One ModelConfig per source (or the default weights), each inspected, placed and named; logs what it
     decided. Raises ModelChoiceError for a model that cannot be served."""
     entries: list[tuple[str | None, str | None]] = [split_name(value) for value in choice.sources] or [(None, None)]
+    adapters = first_model_adapters(choice)
     configs: list[ModelConfig] = []
     test_models: list[str] = []
     for index, (name, source) in enumerate(entries):
@@ -102,6 +106,11 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             )
             if gguf_line is not None:
                 placement = replace(placement, reasons=(*placement.reasons, gguf_line))
+            if index == 0 and adapters and placement.plan is not None and placement.plan.name != "resident":
+                raise ModelChoiceError(
+                    f"--lora with the offload plan {placement.plan.name!r} is not supported yet (adapters are "
+                    "loaded into weights the plan moves): serve the model resident, or without --lora"
+                )
         except (WeightsError, PlacementError, QuantizationError, GGUFError) as exc:
             raise ModelChoiceError(str(exc)) from exc
         name = (
@@ -126,7 +135,13 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
         for reason in placement.reasons:
             log.info("model %s: %s", name, reason)
         configs.append(
-            ModelConfig(name=name, spec=spec, placement=placement, weight_bytes=params * placement.dtype.itemsize)
+            ModelConfig(
+                name=name,
+                spec=spec,
+                placement=placement,
+                weight_bytes=params * placement.dtype.itemsize,
+                adapters=adapters if index == 0 else Adapters(),
+            )
         )
     return ServedModels(configs=configs, test_models=tuple(test_models))
 
@@ -135,6 +150,23 @@ def _with_gguf(measured: MeasuredSizes, transformer_bytes: int, block_bytes: int
     """The folder's sizes with the GGUF file's transformer in place of the folder's."""
     sizes = replace(measured.sizes, transformer=transformer_bytes, transformer_block=block_bytes)
     return replace(measured, sizes=sizes)
+
+
+def first_model_adapters(choice: ModelChoice) -> Adapters:
+    """The --lora adapters (they belong to the first model), checked: files present, names distinct."""
+    try:
+        adapters = adapters_from_options(choice.lora, choice.fuse_lora)
+    except AdapterError as exc:
+        raise ModelChoiceError(str(exc)) from exc
+    if adapters and choice.compile:
+        raise ModelChoiceError(
+            "--compile with --lora is not supported yet (LoRA layers are added after the warm-up compile, "
+            "untested under torch.compile): drop one of them"
+        )
+    for adapter in adapters.items:
+        fused = " (fused at start)" if adapter.fused else ""
+        log.info("lora %s: %s, scale %g%s", adapter.name, adapter.path, adapter.scale, fused)
+    return adapters
 
 
 def split_name(value: str) -> tuple[str | None, str]:

@@ -7,10 +7,11 @@ import gc
 import logging
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from .adapters import Adapters, LoadedAdapters
 from .loader import LoadedModel, load_model
 from .placement import Device, Placement
 from .weights import ModelSpec
@@ -27,6 +28,7 @@ class ModelConfig:
     spec: ModelSpec
     placement: Placement
     weight_bytes: int  # in the dtype it will run in
+    adapters: Adapters = field(default_factory=Adapters)  # LoRAs loaded with it
 
 
 def free_memory_bytes(device: Device) -> int:
@@ -76,6 +78,8 @@ class ModelPool:
         self._make_room(config)
         log.info("model %s: loading %s", name, config.spec.path)
         model = self._load(config.spec, config.placement)
+        if config.adapters:
+            model.adapters = LoadedAdapters(model, config.adapters)
         self._loaded[name] = model
         return model
 

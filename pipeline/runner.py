@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .adapters import activate
 from .batching import Slice, images_in
 from .decoding import decode, latents_for_vae
 from .internals import execution_device, pack_latents, stop_after_this_step
@@ -47,6 +48,9 @@ def run_batch(
     first = slices[0].job
     device = execution_device(pipe)
     clock = _StageClock(device)
+
+    # 0. LoRA: the batch's adapters switched on (or all off); every job of a batch names the same ones.
+    activate(model, first.loras)
 
     # 1. Text: the distinct prompts not in the cache encoded in one call, then one row per image.
     misses = cache.misses

@@ -153,6 +153,23 @@ OPTIONS: tuple[Option, ...] = (
         "'.[quant]'. Not with --quantize transformer=...",
     ),
     Option(
+        "lora",
+        Optional[list[str]],
+        feeds=ModelChoice,
+        unit=REPEATED,
+        help="A LoRA adapter for the (first) model, NAME=PATH[:SCALE]: a local .safetensors file in the diffusers, "
+        "kohya (lora_unet_*) or BFL/ai-toolkit (diffusion_model.*) layout, loaded at start. Requests choose "
+        'adapters with "loras": [{"name": NAME, "scale": 0.8}]; SCALE (default 1, -2 to 2) is the scale a request '
+        "gets when it names none. Repeat for several.",
+    ),
+    Option(
+        "fuse_lora",
+        Optional[str],
+        feeds=ModelChoice,
+        help="Fuse the --lora adapter NAME into the weights at start, at its scale: no cost per step, but it is "
+        "always on (requests cannot turn it off or change its scale).",
+    ),
+    Option(
         "model_name",
         Optional[str],
         feeds=ModelChoice,

@@ -7,10 +7,13 @@ Unknown fields are accepted (the product passes them through) and reported back 
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
+
+from pipeline.adapters import MAX_PER_REQUEST, MAX_SCALE, MIN_SCALE
 
 MAX_IMAGES_PER_REQUEST = 10
 MAX_REFERENCE_IMAGES = 10
@@ -53,6 +56,28 @@ def _not_a_bool(value: object) -> object:
 
 Int = Annotated[int, BeforeValidator(_not_a_bool)]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
+
+
+def _json_text(value: object) -> object:
+    """A list sent as a multipart form field arrives as its JSON text."""
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as exc:
+            raise ValueError('must be a JSON list such as [{"name": "style", "scale": 0.8}]') from exc
+    return value
+
+
+class LoraChoice(BaseModel):
+    """One LoRA adapter a request runs with: its name (from /v1/models) and scale."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, description="An adapter's name, as /v1/models lists it.")
+    scale: Float | None = Field(
+        None, ge=MIN_SCALE, le=MAX_SCALE, description="Its strength (default: the scale the server gives it)."
+    )
+
+    _finite_scale = field_validator("scale")(_finite)
 
 
 class ImageParameters(BaseModel):
@@ -136,6 +161,12 @@ class ImageParameters(BaseModel):
         description="true: Server-Sent Events (partial images, then the completed images), as OpenAI streams images.",
     )
     partial_images: Int | None = Field(None, ge=0, le=3, description="Used with stream.")
+    loras: Annotated[list[LoraChoice] | None, BeforeValidator(_json_text)] = Field(
+        None,
+        max_length=MAX_PER_REQUEST,
+        description='LoRA adapters to apply, e.g. [{"name": "style", "scale": 0.8}] (a JSON string in multipart '
+        f"forms; names from /v1/models, scales {MIN_SCALE:g} to {MAX_SCALE:g}). Omitted: the base model.",
+    )
 
     _finite_guidance = field_validator("guidance_scale", "cfg_scale")(_finite)
 
@@ -235,11 +266,19 @@ class ImagesResponse(BaseModel):
     warnings: list[str] | None = Field(None, description="What the server changed about the request, in words.")
 
 
+class LoraCard(BaseModel):
+    name: str
+    scale: float = Field(description="The scale a request gets when it names the adapter without one.")
+    file: str = Field(description="The adapter's file name.")
+    fused: bool = Field(description="Fused into the weights at start: always on, at this scale.")
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    loras: list[LoraCard] | None = Field(None, description='The LoRA adapters requests may choose ("loras").')
 
 
 class ModelList(BaseModel):

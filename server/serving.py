@@ -136,6 +136,7 @@ class ImageService:
             mask,
             model=model,
             request_id=current_request_id.get(),
+            adapters=self.engine.model_adapters()[model],
         )
         stamp: Provenance | None = None  # the files' metadata (--no-metadata: none)
         if self.settings.embed_metadata:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from pipeline.accounting import Accounting
+from pipeline.adapters import AdapterError, Adapters, Selection, UnknownAdapter, select
 from pipeline.codecs import normalize_output_format
 from pipeline.jobs import GenerationJob
 from pipeline.masking import fit_mask
@@ -63,6 +64,7 @@ def build_job(
     *,
     model: str = "",
     request_id: str = "",
+    adapters: Adapters = Adapters(),
 ) -> GenerationJob:
     if len(params.prompt) > settings.max_prompt_chars:
         raise invalid_param(
@@ -88,7 +90,17 @@ def build_job(
         model=model,
         request_id=request_id,
         partial_images=(params.partial_images or 0) if params.stream else 0,
+        loras=_loras(params, adapters),
     )
+
+
+def _loras(params: ImageParameters, adapters: Adapters) -> Selection:
+    """The adapters the request names, checked against the model's: an unknown one is a 400 naming it."""
+    try:
+        return select(adapters, [(choice.name, choice.scale) for choice in params.loras or []])
+    except AdapterError as exc:
+        code = "lora_not_found" if isinstance(exc, UnknownAdapter) else "invalid_value"
+        raise invalid_param(str(exc), "loras", code=code) from exc
 
 
 def _output_size(params: ImageParameters, references: tuple[Image.Image, ...], max_pixels: int) -> tuple[int, int]:

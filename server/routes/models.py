@@ -1,7 +1,9 @@
 from fastapi import APIRouter, Request
 
+from pipeline.adapters import Adapters
+
 from ..errors import APIError
-from ..protocol import ErrorResponse, ModelCard, ModelList
+from ..protocol import ErrorResponse, LoraCard, ModelCard, ModelList
 
 router = APIRouter(prefix="/v1")
 
@@ -9,10 +11,25 @@ router = APIRouter(prefix="/v1")
 def _cards(request: Request) -> list[ModelCard]:
     settings = request.app.state.settings
     created = request.app.state.started_at
-    return [ModelCard(id=model_id, created=created, owned_by="flux2-local") for model_id in settings.model_ids]
+    adapters = request.app.state.engine.model_adapters()
+    return [
+        ModelCard(id=model_id, created=created, owned_by="flux2-local", loras=_loras(adapters.get(name)))
+        for model_id, name in settings.model_ids.items()
+    ]
 
 
-@router.get("/models", response_model=ModelList, summary="The served model and its aliases")
+def _loras(adapters: Adapters | None) -> list[LoraCard] | None:
+    if not adapters:
+        return None
+    return [LoraCard(name=a.name, scale=a.scale, file=a.path.name, fused=a.fused) for a in adapters.items]
+
+
+@router.get(
+    "/models",
+    response_model=ModelList,
+    response_model_exclude_none=True,
+    summary="The served model and its aliases (with their LoRA adapters)",
+)
 async def list_models(request: Request) -> ModelList:
     return ModelList(data=_cards(request))
 
@@ -20,6 +37,7 @@ async def list_models(request: Request) -> ModelList:
 @router.get(
     "/models/{model_id:path}",
     response_model=ModelCard,
+    response_model_exclude_none=True,
     summary="One served model",
     responses={404: {"model": ErrorResponse, "description": "Unknown model"}},
 )
