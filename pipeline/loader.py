@@ -10,6 +10,7 @@ from .compilation import compile_transformer, warm_up
 from .internals import Flux2Pipe
 from .placement import Placement
 from .quantization import pipeline_quantization_config
+from .reference_cache import install as install_reference_processors
 from .step_cache import apply_cache
 from .weights import ModelSpec
 
@@ -51,6 +52,8 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
             pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
     apply_cache(pipe.transformer, placement.cache)
+    if placement.reference_cache:
+        install_reference_processors(pipe.transformer)
     if placement.compile:
         compile_transformer(pipe)
         warm_up(pipe)

@@ -48,6 +48,7 @@ class ModelChoice:
     compile: bool = False  # regional compilation of the transformer (torch.compile), warmed up at load
     cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
+    reference_cache: str = "off"  # edits: "on" computes the references' K/V once per batch (reference_cache.py)
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
 
 
@@ -76,6 +77,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 compile=choice.compile,
                 cache=choice.cache,
                 quantize=choice.quantize,
+                reference_cache=choice.reference_cache,
             )
         except (WeightsError, PlacementError) as exc:
             raise ModelChoiceError(str(exc)) from exc

@@ -22,6 +22,7 @@ OffloadChoice = Literal["auto", Offload]
 DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
 DTYPE_CHOICES: tuple[DtypeChoice, ...] = get_args(DtypeChoice)
 OFFLOAD_CHOICES: tuple[OffloadChoice, ...] = get_args(OffloadChoice)
+REFERENCE_CACHE_CHOICES = ("off", "on")
 
 _GIB = 1024**3
 # Room left on the GPU beyond the weights for activations, the VAE decode and the CUDA context: the larger of a
@@ -43,6 +44,7 @@ class Placement:
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
+    reference_cache: bool = False  # edits: reference K/V computed once per batch (pipeline/reference_cache.py)
 
 
 def decide_placement(
@@ -56,6 +58,7 @@ def decide_placement(
     compile: bool = False,
     cache: str = "off",
     quantize: str = "none",
+    reference_cache: str = "off",
     cuda_capability: tuple[int, int] | None = None,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
@@ -117,6 +120,18 @@ def decide_placement(
         raise PlacementError(str(exc)) from exc
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
+    if reference_cache not in REFERENCE_CACHE_CHOICES:
+        raise PlacementError(f"reference-cache must be one of {REFERENCE_CACHE_CHOICES}, got {reference_cache!r}")
+    if reference_cache == "on":
+        if step_cache.kind != "off":
+            raise PlacementError(
+                "reference-cache on and cache "
+                f"{step_cache} cannot be combined: the step cache's hooks would take the references' pass for a step"
+            )
+        reasons.append(
+            "reference-cache: on (asked: edits compute the references' keys and values once, at timestep 0, "
+            "references attending only to themselves: diffusers' KV semantics, images differ from uncached edits)"
+        )
     try:
         quantization = parse_quantization(quantize)
         if chosen_device == "cuda" and cuda_capability is None and quantization:
@@ -132,6 +147,7 @@ def decide_placement(
         compile=compile,
         cache=step_cache,
         quantization=quantization,
+        reference_cache=reference_cache == "on",
     )
 
 
