@@ -137,7 +137,8 @@ OPTIONS: tuple[Option, ...] = (
         help="Edits: on computes the reference images' keys and values once per batch (one pass over the "
         "references at timestep 0, references attending only to themselves, as diffusers' Flux2KleinKVPipeline "
         "and the FLUX.2 klein KV checkpoints do) and reuses them every step; much faster with several "
-        "references. Images differ from the uncached edit by design (docs/PERFORMANCE.md). Not with --cache.",
+        "references. Images differ from the uncached edit by design (docs/PERFORMANCE.md). Not together with "
+        "step caching (cache).",
     ),
     Option(
         "quantize",
