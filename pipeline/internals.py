@@ -1,17 +1,22 @@
 """Every use of diffusers' private pipeline API, in one place.
 
 FLUX.2's pipelines keep a few helpers private (`_pack_latents`, `_unpatchify_latents`, `_encode_vae_image`,
-`_execution_device`, `_interrupt`). We need them for previews, masks, our own final decode and stopping a batch.
+`_execution_device`, `_interrupt`). We need them for previews, masks, our own final decode and stopping a batch;
+the reference cache needs the transformer's `_get_qkv_projections` and the image processor's
+`_resize_to_target_area`.
 `diffusers` is pinned to the range these were checked against (pyproject.toml); `tests/test_internals.py` fails,
 naming the call, when an upgrade moves one of them."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Self
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import torch
+from PIL import Image
 
 from .sizes import MODEL_MULTIPLE
+
+REFERENCE_MAX_PIXELS = 1024 * 1024  # the pipelines resize each reference to at most this area
 
 if TYPE_CHECKING:
     # The defining modules: the top-level `diffusers` namespace is lazy and type checkers see its dummy objects.
@@ -32,6 +37,7 @@ class Flux2Pipe(Protocol):
     text_encoder: torch.nn.Module  # Qwen3 (klein) or Mistral 3 (dev)
     tokenizer: Any  # klein: a Qwen2 tokenizer; dev: a PixtralProcessor, whose `.tokenizer` is the tokenizer
     system_message: str  # dev only
+    vae_scale_factor: int
     _interrupt: bool
 
     @property
@@ -43,6 +49,10 @@ class Flux2Pipe(Protocol):
 
     # `generator` may be None (diffusers annotates it torch.Generator only).
     def _encode_vae_image(self, image: torch.Tensor, generator: Any) -> torch.Tensor: ...
+
+    def prepare_image_latents(
+        self, images: list[torch.Tensor], batch_size: int, generator: Any, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def encode_prompt(
         self, prompt: str | list[str], device: torch.device | None = None, num_images_per_prompt: int = 1
@@ -85,7 +95,14 @@ REQUIRED = tuple(
         "vae",
         "transformer",
         "scheduler",
+        "prepare_image_latents",
+        "vae_scale_factor",
     )
+)
+# Private members of other diffusers objects: (dotted module or class, attribute), checked the same way.
+REQUIRED_ELSEWHERE = (
+    ("diffusers.models.transformers.transformer_flux2", "_get_qkv_projections"),
+    ("diffusers.pipelines.flux2.image_processor.Flux2ImageProcessor", "_resize_to_target_area"),
 )
 
 
@@ -120,3 +137,45 @@ def vae_latents(pipe: Flux2Pipe, packed: torch.Tensor, width: int, height: int) 
     mean = running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
     std = torch.sqrt(running_var.view(1, -1, 1, 1) + vae.config["batch_norm_eps"]).to(latents.device, latents.dtype)
     return pipe._unpatchify_latents(latents * std + mean)
+
+
+def qkv_projections(attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> Any:
+    """A FLUX.2 double-stream attention layer's query, key and value projections (fused or not), image then text,
+    as diffusers' own processor computes them."""
+    from diffusers.models.transformers.transformer_flux2 import _get_qkv_projections
+
+    return _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+
+
+def rotary(tensor: torch.Tensor, frequencies: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """FLUX.2's rotary position embedding on (B, tokens, heads, head_dim)."""
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    rotated = apply_rotary_emb(tensor, cast(Any, frequencies), sequence_dim=1)  # diffusers' annotation is too narrow
+    return cast(torch.Tensor, rotated)
+
+
+def attention_dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """diffusers' attention dispatcher (SDPA or the backend chosen with `set_attention_backend`)."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(query, key, value, **kwargs)
+
+
+def reference_tokens(pipe: Flux2Pipe, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packed latent tokens (1, tokens, C) and position ids (1, tokens, 4) of reference `images`, exactly as the
+    pipelines' `__call__` makes them (each resized to <= 1 MP, sides floored to 16, center-cropped, VAE-encoded;
+    image i at time coordinate 10 * (i + 1))."""
+    processor = pipe.image_processor
+    multiple = pipe.vae_scale_factor * 2
+    tensors = []
+    for image in images:
+        processor.check_image_input(image)
+        if image.width * image.height > REFERENCE_MAX_PIXELS:
+            image = processor._resize_to_target_area(image, REFERENCE_MAX_PIXELS)
+        width, height = (image.width // multiple) * multiple, (image.height // multiple) * multiple
+        tensors.append(processor.preprocess(image, height=height, width=width, resize_mode="crop"))
+    latents, ids = pipe.prepare_image_latents(
+        images=tensors, batch_size=1, generator=None, device=execution_device(pipe), dtype=pipe.vae.dtype
+    )
+    return latents, ids

@@ -12,6 +12,7 @@ from .internals import Flux2Pipe
 from .offload_plan import Stage
 from .placement import Placement
 from .quantization import pipeline_quantization_config
+from .reference_cache import install as install_reference_processors
 from .step_cache import apply_cache
 from .swapping import Swapper, check_swappable, stream_blocks
 from .weights import ModelSpec
@@ -73,6 +74,8 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
             pipe.to("cuda")
     pipe.set_progress_bar_config(disable=True)
     apply_cache(pipe.transformer, placement.cache)
+    if placement.reference_cache:
+        install_reference_processors(pipe.transformer)
     if placement.compile:
         compile_transformer(pipe)
         if placement.device == "cuda":  # on the CPU its compile costs far more than it saves

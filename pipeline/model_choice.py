@@ -54,6 +54,7 @@ class ModelChoice:
     compile: bool = False  # regional compilation of the transformer (torch.compile), warmed up at load
     cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
+    reference_cache: str = "off"  # edits: "on" computes the references' K/V once per batch (reference_cache.py)
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
     transformer_gguf: Path | None = None  # a community GGUF transformer file for the (first) model
     prompt_cache: bool = True  # whether a prompt-embedding cache exists (the offload planner's notes)
@@ -103,6 +104,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 components=components,
                 prompt_cache=choice.prompt_cache,
                 transformer_file=gguf.expanduser() if gguf is not None else None,
+                reference_cache=choice.reference_cache,
             )
             if gguf_line is not None:
                 placement = replace(placement, reasons=(*placement.reasons, gguf_line))

@@ -29,6 +29,7 @@ OffloadChoice = Literal[
 DEVICE_CHOICES: tuple[DeviceChoice, ...] = get_args(DeviceChoice)
 DTYPE_CHOICES: tuple[DtypeChoice, ...] = get_args(DtypeChoice)
 OFFLOAD_CHOICES: tuple[OffloadChoice, ...] = get_args(OffloadChoice)
+REFERENCE_CACHE_CHOICES = ("off", "on")
 
 _GIB = 1024**3
 # Room left on the GPU beyond the weights for activations, the VAE decode and the CUDA context: the larger of a
@@ -52,6 +53,7 @@ class Placement:
     quantization: Quantization = Quantization()  # quantized components (none by default)
     transformer_file: Path | None = None  # a GGUF transformer loaded in place of the folder's (gguf_weights.py)
     plan: OffloadPlan | None = None  # where each component lives (None: diffusers' model/sequential offload, or CPU)
+    reference_cache: bool = False  # edits: reference K/V computed once per batch (pipeline/reference_cache.py)
 
 
 def decide_placement(
@@ -65,6 +67,7 @@ def decide_placement(
     compile: bool = False,
     cache: str = "off",
     quantize: str = "none",
+    reference_cache: str = "off",
     cuda_capability: tuple[int, int] | None = None,
     components: MeasuredSizes | None = None,
     prompt_cache: bool = True,
@@ -151,15 +154,26 @@ def decide_placement(
             f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
         )
     if compile:
-        reasons.append(
-            "compile: the transformer's repeated blocks and the VAE decoder (asked; compiled and warmed up at load)"
-        )
+        decoder = " and the VAE decoder" if chosen_device == "cuda" else ""
+        reasons.append(f"compile: the transformer's repeated blocks{decoder} (asked; compiled and warmed up at load)")
     try:
         step_cache = parse_cache(cache)
     except CacheSpecError as exc:
         raise PlacementError(str(exc)) from exc
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
+    if reference_cache not in REFERENCE_CACHE_CHOICES:
+        raise PlacementError(f"reference-cache must be one of {REFERENCE_CACHE_CHOICES}, got {reference_cache!r}")
+    if reference_cache == "on":
+        if step_cache.kind != "off":
+            raise PlacementError(
+                "reference-cache on and cache "
+                f"{step_cache} cannot be combined: the step cache's hooks would take the references' pass for a step"
+            )
+        reasons.append(
+            "reference-cache: on (asked: edits compute the references' keys and values once, at timestep 0, "
+            "references attending only to themselves: diffusers' KV semantics, images differ from uncached edits)"
+        )
     return Placement(
         device=chosen_device,
         dtype=chosen_dtype,
@@ -170,6 +184,7 @@ def decide_placement(
         quantization=quantization,
         plan=plan,
         transformer_file=transformer_file,
+        reference_cache=reference_cache == "on",
     )
 
 

@@ -22,6 +22,7 @@ from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
 from .previews import decode_preview, predict_clean, preview_steps
 from .prompts import measure_prompt
+from .reference_cache import ATTENTION_KWARG, prefill
 from .references import prepare_reference
 from .step_cache import cache_context
 from .text_cache import EncodedPrompt, PromptCache
@@ -68,9 +69,16 @@ def run_batch(
     # 2. Noise: one CPU generator per image, so image i depends on its seed alone (and is the same on any device).
     generators = [torch.Generator(device="cpu").manual_seed(seed) for s in slices for seed in s.seeds]
 
-    # 3. Conditioning: every reference goes to the pipeline (it resizes each to <= 1 MP, sides floored to 16).
+    # 3. Conditioning: every reference goes to the pipeline (it resizes each to <= 1 MP, sides floored to 16), or,
+    #    with the reference cache, each row's references are run once here and every step reuses their K/V.
     if first.references:
-        extra["image"] = [prepare_reference(image) for image in first.references]
+        prepared = [tuple(prepare_reference(image) for image in s.job.references) for s in slices]
+        if model.placement.reference_cache:
+            per_row = [refs for refs, s in zip(prepared, slices, strict=True) for _ in s.seeds]
+            with torch.inference_mode():
+                extra["attention_kwargs"] = {ATTENTION_KWARG: prefill(pipe, per_row, first.guidance_scale)}
+        else:
+            extra["image"] = list(prepared[0])
 
     # 4. The starting noise, drawn here exactly as the pipeline would draw it, so that previews can predict the
     #    clean image from it. A masked edit (always alone in its batch) stays on the source image's trajectory

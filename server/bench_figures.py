@@ -32,8 +32,16 @@ class Figure:
 
 
 def figures_for(
-    arch: Architecture, pipe, client: ImageClient | None, direct: DirectDiffusers | None, steps: int, device: str
+    arch: Architecture,
+    pipe,
+    client: ImageClient | None,
+    direct: DirectDiffusers | None,
+    steps: int,
+    device: str,
+    loaded=None,
 ) -> list[Figure]:
+    """`loaded`: the served model, to switch its reference cache on for the cached-edit figures (last, so that
+    the figures before run as they always did)."""
     size, small, large = arch.size, arch.size // 2, arch.size * 2
     tags = itertools.count()
 
@@ -169,4 +177,10 @@ def figures_for(
             "direct transformer call",
         ),
     ]
+    if loaded is not None:
+        from .bench_references import reference_cache_figures
+
+        figures += reference_cache_figures(
+            arch.family, pipe, loaded, client, prompts, references, reference_pils, size, steps
+        )
     return figures

@@ -34,6 +34,7 @@ from .bench_harness import (
     timed,
     transformer_step,
 )
+from .bench_references import reference_cache_check
 from .bench_report import count_label, environment, write_json
 
 _GIB = 1024**3
@@ -192,8 +193,9 @@ def _whole_pipeline(
     config = ModelConfig(
         name=arch.name, spec=spec, placement=placement, weight_bytes=int(results["weights_gib"] * _GIB)
     )
+    loaded = LoadedModel(spec, placement, pipe)
     engine = Engine(
-        ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe)),
+        ModelPool([config], load=lambda spec_, placement_: loaded),
         max_batch_images=BATCH,
     )
     workdir = Path(tempfile.mkdtemp(prefix="flux2-bench-"))
@@ -213,7 +215,7 @@ def _whole_pipeline(
             if not engine.wait_ready(300):
                 raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
             clock.say(f"serving at {server.url}")
-            figures = figures_for(arch, pipe, client, direct, steps, device)
+            figures = figures_for(arch, pipe, client, direct, steps, device, loaded)
             clock.say("warm-up: one image and a one-reference edit, served and direct; a transformer call")
             for figure in figures:
                 if figure.key in ("one_image", "edit_1", "transformer_step"):
@@ -230,6 +232,8 @@ def _whole_pipeline(
             client.close()
             shutil.rmtree(workdir, ignore_errors=True)
     results["step_cache"] = _step_cache_check(pipe, arch.size, max(spec.defaults.steps, 20), device, clock)
+    save()
+    results["reference_cache"] = reference_cache_check(pipe, arch.family, arch.size, steps, device, clock.say)
     save()
     if arch.family == "dev":
         _estimate_full_length(results, spec.defaults.steps, steps)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .bench_references import summary as reference_summary
+
 _GIB = 1024**3
 
 DOC_INTRO = """# Performance
@@ -119,6 +121,8 @@ def _summary(results: dict) -> list[str]:
             f"{cache['uncached_s']:.3f} s -> {cache['cached_s']:.3f} s ({cache['speedup']:.2f}x), PSNR "
             f"{cache['psnr_db']:.1f} dB against uncached (random weights: a numerical check only)"
         )
+    if results.get("reference_cache"):
+        lines.append(reference_summary(results["reference_cache"]))
     return lines + [f"note: {note}" for note in results["notes"]]
 
 
@@ -167,6 +171,8 @@ def markdown_section(results: dict, command: str) -> str:
             f"{cache['uncached_s']:.3f} s -> {cache['cached_s']:.3f} s ({cache['speedup']:.2f}x), PSNR "
             f"{cache['psnr_db']:.1f} dB against the uncached image (random weights: a numerical check only)."
         )
+    if results.get("reference_cache"):
+        lines.append(f"- {reference_summary(results['reference_cache'])}.")
     lines += [f"- {note}" for note in results["notes"]]
     lines += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]

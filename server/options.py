@@ -16,7 +16,7 @@ import typer
 
 from pipeline.engine import EngineOptions
 from pipeline.model_choice import ModelChoice
-from pipeline.placement import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_CHOICES
+from pipeline.placement import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_CHOICES, REFERENCE_CACHE_CHOICES
 from pipeline.sizes import MAX_OUTPUT_PIXELS, MEGAPIXEL
 
 from .auth import load_keys
@@ -133,6 +133,17 @@ OPTIONS: tuple[Option, ...] = (
         help="Step caching on the transformer: off, or taylorseer[:INTERVAL] (the attention layers run fully every "
         "INTERVAL steps, default 5, Taylor-series predictions between). Faster, most for dev's 50 steps; images "
         "differ slightly from uncached ones. diffusers' first-block cache fails on FLUX.2 and is refused.",
+    ),
+    Option(
+        "reference_cache",
+        str,
+        feeds=ModelChoice,
+        choices=REFERENCE_CACHE_CHOICES,
+        help="Edits: on computes the reference images' keys and values once per batch (one pass over the "
+        "references at timestep 0, references attending only to themselves, as diffusers' Flux2KleinKVPipeline "
+        "and the FLUX.2 klein KV checkpoints do) and reuses them every step; much faster with several "
+        "references. Images differ from the uncached edit by design (docs/PERFORMANCE.md). Not together with "
+        "step caching (cache).",
     ),
     Option(
         "quantize",

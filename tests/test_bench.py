@@ -82,6 +82,9 @@ def _expected_keys(arch):
         f"one_image_{2 * arch.size}",
         "pipeline_step",
         "transformer_step",
+        "edit_1_cached",
+        "edit_4_cached",
+        "edit_10_cached",
     ]
     if arch.family == "klein":
         keys.append(f"one_image_{arch.size // 2}")
@@ -154,6 +157,19 @@ def test_tiny_bench_table_prints_every_row(tiny_run):
     assert "served / plain" in output and "peak GiB" in output
     assert "one image 128x128" in output and "edit, 10 references 128x128" in output
     assert "[" in output and "s] built the pipeline in memory" in output  # progress lines with elapsed time
+    assert "edit, 4 references, --reference-cache on" in output
+
+
+def test_tiny_bench_checks_the_reference_cache(tiny_run):
+    """Cache on and off timed by reference count; the cached image against the uncached one and against diffusers'
+    KV pipeline (the same semantics: equal up to rounding)."""
+    check = tiny_run["json"]["reference_cache"]
+    assert set(check["edit_s"]) == {"0", "1", "1_cached", "4", "4_cached", "10", "10_cached"}
+    assert all(seconds > 0 for seconds in [*check["edit_s"].values(), *check["per_step_s"].values()])
+    assert check["cached_vs_kv_pipeline"]["max_abs_255"] <= 1
+    assert check["cached_vs_uncached"]["psnr_db"] > 0
+    assert "reference cache, 128x128" in tiny_run["output"]
+    assert "reference cache, 128x128" in tiny_run["docs"].read_text()
 
 
 def test_update_docs_writes_the_device_versions_and_the_table(tiny_run):
@@ -190,7 +206,11 @@ def test_tiny_dev_bench_runs_the_dev_pipeline_path(tmp_path):
     lines = []
     results = run_fullsize_bench(get_architecture("tiny-dev"), "cpu", 1, 4, tmp_path / "dev.json", echo=lines.append)
     assert json.loads((tmp_path / "dev.json").read_text())["complete"]
-    _check_figures(results, _expected_keys(get_architecture("tiny-dev")), no_direct=("masked_edit",))
+    _check_figures(
+        results,
+        _expected_keys(get_architecture("tiny-dev")),
+        no_direct=("masked_edit", "edit_1_cached", "edit_4_cached", "edit_10_cached"),
+    )
     assert results["estimates"]["one_image_50_steps_s"] > 0
     assert any("default is 50" in note for note in results["notes"])
 

@@ -13,7 +13,15 @@ from pipeline import decoding, internals
 @pytest.mark.parametrize(("cls", "attr"), internals.REQUIRED, ids=lambda v: str(v))
 def test_each_private_diffusers_call_still_exists(cls, attr):
     pipeline_class = getattr(diffusers, cls)
-    instance_attrs = {"_execution_device", "_interrupt", "image_processor", "vae", "transformer", "scheduler"}
+    instance_attrs = {
+        "_execution_device",
+        "_interrupt",
+        "image_processor",
+        "vae",
+        "transformer",
+        "scheduler",
+        "vae_scale_factor",
+    }
     if attr in instance_attrs:
         # Set in __init__/__call__ or a property: look for it in the class's source.
         import inspect
@@ -27,6 +35,20 @@ def test_each_private_diffusers_call_still_exists(cls, attr):
         assert callable(getattr(pipeline_class, attr, None)), (
             f"diffusers {diffusers.__version__}: {cls}.{attr} is gone; update pipeline/internals.py"
         )
+
+
+@pytest.mark.parametrize(("owner", "attr"), internals.REQUIRED_ELSEWHERE, ids=lambda v: str(v))
+def test_each_private_diffusers_helper_still_exists(owner, attr):
+    import importlib
+
+    try:
+        found = importlib.import_module(owner)
+    except ModuleNotFoundError:  # a class: module.Class
+        module_name, _, class_name = owner.rpartition(".")
+        found = getattr(importlib.import_module(module_name), class_name)
+    assert callable(getattr(found, attr, None)), (
+        f"diffusers {diffusers.__version__}: {owner}.{attr} is gone; update pipeline/internals.py"
+    )
 
 
 @pytest.mark.parametrize("family", ["klein", "dev"])
