@@ -81,7 +81,13 @@ def create_app(
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["authorization", "content-type", "x-request-id"],
-            expose_headers=["x-request-id", "x-flux2-ignored-params", "retry-after", "server-timing"],
+            expose_headers=[
+                "x-request-id",
+                "x-flux2-ignored-params",
+                "x-flux2-withheld",
+                "retry-after",
+                "server-timing",
+            ],
         )
     app.add_middleware(ArrivalsMiddleware, engine=engine)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)

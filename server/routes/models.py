@@ -9,7 +9,11 @@ router = APIRouter(prefix="/v1")
 def _cards(request: Request) -> list[ModelCard]:
     settings = request.app.state.settings
     created = request.app.state.started_at
-    return [ModelCard(id=model_id, created=created, owned_by="flux2-local") for model_id in settings.model_ids]
+    checker = request.app.state.engine.health().safety_checker
+    return [
+        ModelCard(id=model_id, created=created, owned_by="flux2-local", safety_checker=checker)
+        for model_id in settings.model_ids
+    ]
 
 
 @router.get("/models", response_model=ModelList, summary="The served model and its aliases")
