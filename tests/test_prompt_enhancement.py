@@ -81,6 +81,19 @@ def test_the_rewrite_does_not_depend_on_the_cache():
     assert first == second and first.prompt != "a lighthouse" and not first.warnings
 
 
+def test_enhancer_model_names_another_local_language_model(tmp_path):
+    pipe = build_tiny_pipeline("klein")
+    pipe.text_encoder.save_pretrained(tmp_path / "enhancer")  # a causal LM folder with its tokenizer
+    pipe.tokenizer.save_pretrained(tmp_path / "enhancer")
+    model = SimpleNamespace(pipe=pipe, spec=SimpleNamespace(path="tiny", family="klein"))
+    asked = job(prompt="a lighthouse", seeds=(5,), enhance_prompt=True)
+    enhancer = PromptEnhancer(str(tmp_path / "enhancer"), max_new_tokens=8)
+    rewrite = enhancer.rewrite(model, asked)  # type: ignore[arg-type]
+    assert rewrite.prompt != "a lighthouse" and enhancer._external is not None
+    # The same weights as klein's own encoder: the same rewrite for the same seed.
+    assert rewrite == PromptEnhancer(max_new_tokens=8).rewrite(model, asked)  # type: ignore[arg-type]
+
+
 def test_an_empty_rewrite_falls_back_to_the_prompt_with_a_warning(tiny_klein, tmp_path):
     args = ["--model", str(tiny_klein), "--enhancer-max-tokens", "0"]
     with RunningServer(args, tmp_path) as running:
