@@ -315,6 +315,8 @@ class Engine:
         started = time.perf_counter()
         outcome: BatchOutcome = "ok"
         sink = preview_sink(handles) if any(h.listener and h.job.partial_images for h in mine) else None
+        if sink is not None and self.safety is not None:
+            sink = self.safety.screen_previews(sink)
         try:
             outputs = run_batch(
                 model,

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
 import torch
 from PIL import Image
 
+from .batching import Slice
 from .jobs import GenerationJob, GenerationResult
+
+PreviewSink = Callable[[Slice, int, list[Image.Image]], None]
 
 log = logging.getLogger("flux2.safety")
 
@@ -121,3 +125,16 @@ class SafetyChecker:
             withheld=result.withheld + len(scores) - len(kept),
             stages=replace(result.stages, safety=result.stages.safety + seconds),
         )
+
+    def screen_previews(self, sink: PreviewSink) -> PreviewSink:
+        """`sink` without the previews of screened jobs in which any image is flagged: a streamed preview must not
+        show what the final image would be withheld for."""
+
+        def screened(piece: Slice, index: int, images: list[Image.Image]) -> None:
+            tolerance = piece.job.safety_tolerance
+            if tolerance is not None and max(self.unsafe_scores(images)) > self.threshold(tolerance):
+                log.info("safety checker: a preview was withheld")
+                return
+            sink(piece, index, images)
+
+        return screened

@@ -125,7 +125,20 @@ def test_block_when_every_image_is_flagged(screening, plan):
     with pytest.raises(openai.APIError) as streamed:
         list(generate(screening.client, **REQUEST, seed=seed, safety_tolerance=1, stream=True))
     assert "safety" in str(streamed.value)
+    # Nor are its previews streamed: they would show what the image is withheld for.
+    assert _stream_events(screening, seed, tolerance=1) == ["error"]
+    assert _stream_events(screening, seed, tolerance=3) == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"
+    ]
     assert httpx.get(f"{screening.base_url}/health").status_code == 200  # and the server keeps serving
+
+
+def _stream_events(server, seed: int, tolerance: int) -> list[str]:
+    body = {**REQUEST, "seed": seed, "stream": True, "partial_images": 2, "safety_tolerance": tolerance}
+    body["num_inference_steps"] = 4
+    with httpx.stream("POST", f"{server.base_url}/v1/images/generations", json=body, timeout=120) as response:
+        text = "".join(response.iter_text())
+    return [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
 
 
 def test_turning_the_checker_off_is_refused_unless_allowed(screening, plan, classifier):
