@@ -24,6 +24,7 @@ import torch
 from .adapters import Adapters
 from .batching import Slice, images_in, split_in_half
 from .handles import BatchProgress, JobHandle, merge_results, preview_sink
+from .internals import execution_device
 from .jobs import (
     BatchOutcome,
     BatchReport,
@@ -40,7 +41,9 @@ from .jobs import (
 )
 from .loader import LoadedModel
 from .pool import ModelPool, release_device_memory
+from .prompt_enhancement import DEFAULT_MAX_NEW_TOKENS, PromptEnhancer
 from .runner import run_batch
+from .safety import TOLERANCE_THRESHOLDS, SafetyChecker
 from .text_cache import PromptCache
 from .weights import ModelSpec
 
@@ -78,6 +81,11 @@ class EngineOptions:
     max_queue_images: int = 64  # images allowed to wait; beyond, QueueFull
     prompt_cache_bytes: int = 512 * 1024**2  # CPU memory for cached prompt embeddings
     progress_log_seconds: float = 10.0  # a running batch logs its progress at most this often
+    enhancer_model: str | None = None  # a causal LM folder for prompt_enhancement; None: the model's own encoder
+    enhancer_max_tokens: int = DEFAULT_MAX_NEW_TOKENS  # tokens a prompt rewrite may have
+    safety_checker: str | None = None  # an image-classification model folder or hub id; None: no screening
+    safety_labels: tuple[str, ...] = ()  # the classifier's unsafe labels; (): found by name ("nsfw", ...)
+    safety_thresholds: tuple[float, ...] = TOLERANCE_THRESHOLDS  # unsafe probability flagged at tolerance 1..5
 
 
 class Engine:
@@ -98,6 +106,8 @@ class Engine:
         self.options = options
         self.on_batch = on_batch
         self.prompt_cache = PromptCache(options.prompt_cache_bytes)
+        self.enhancer = PromptEnhancer(options.enhancer_model, options.enhancer_max_tokens)
+        self.safety: SafetyChecker | None = None  # loaded by the worker with the default model
         pool.on_evict = lambda name: self.prompt_cache.drop_model(str(pool.configs[name].spec.path))
         self._queue: deque[JobHandle] = deque()
         self._cond = threading.Condition()
@@ -150,6 +160,7 @@ class Engine:
             queued_images=self.queued_images,
             running_images=self.running_images,
             load_error=self.load_error,
+            safety_checker=self.options.safety_checker,
         )
 
     def stats(self) -> EngineStats:
@@ -215,9 +226,10 @@ class Engine:
     # -- the worker ----------------------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
-            self.pool.get()
+            model = self.pool.get()
+            self.safety = self._load_safety_checker(execution_device(model.pipe))
         except Exception as exc:  # any load failure is reported, never raised into a dead thread
-            log.exception("the default model failed to load")
+            log.exception("the default model or the safety checker failed to load")
             self.load_error = f"{type(exc).__name__}: {exc}"
         finally:
             self._ready.set()
@@ -227,6 +239,13 @@ class Engine:
                     handle.future.set_exception(EngineUnavailable(f"the model failed to load: {self.load_error}"))
                 continue
             self._run(batch)
+
+    def _load_safety_checker(self, device: torch.device) -> SafetyChecker | None:
+        source = self.options.safety_checker
+        if source is None:
+            log.warning("no safety checker configured (--safety-checker): generated images are not screened")
+            return None
+        return SafetyChecker.load(source, device, self.options.safety_thresholds, self.options.safety_labels)
 
     def _next_batch(self) -> list[JobHandle] | None:
         """Block for the next job, then gather compatible ones for up to `batch_window` seconds."""
@@ -302,6 +321,8 @@ class Engine:
         started = time.perf_counter()
         outcome: BatchOutcome = "ok"
         sink = preview_sink(handles) if any(h.listener and h.job.partial_images for h in mine) else None
+        if sink is not None and self.safety is not None:
+            sink = self.safety.screen_previews(sink)
         try:
             outputs = run_batch(
                 model,
@@ -310,9 +331,12 @@ class Engine:
                 progress,
                 sink,
                 wanted=lambda piece: not handles[id(piece.job)].cancelled,
+                enhancer=self.enhancer,
             )
             for piece, result in zip(slices, outputs, strict=True):
                 if result is not None:  # None: cancelled meanwhile, not decoded
+                    if self.safety is not None:
+                        result = self.safety.screen(piece.job, result)
                     results[id(handles[id(piece.job)])].append(result)
             if progress.interrupted:
                 outcome = "cancelled"

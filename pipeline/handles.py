@@ -62,12 +62,15 @@ def merge_results(job: GenerationJob, parts: list[GenerationResult]) -> Generati
     stages = parts[0].stages
     for part in parts[1:]:
         stages = stages + part.stages
+    seeds = tuple(seed for seed in job.seeds if seed in by_seed)  # the others were withheld by the safety checker
     return GenerationResult(
-        images=[by_seed[seed] for seed in job.seeds],
-        seeds=job.seeds,
+        images=[by_seed[seed] for seed in seeds],
+        seeds=seeds,
         prompt=parts[0].prompt,
         batch_images=max(p.batch_images for p in parts),
         stages=stages,
+        warnings=parts[0].warnings,
+        withheld=sum(p.withheld for p in parts),
     )
 
 

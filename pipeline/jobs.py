@@ -37,6 +37,8 @@ class GenerationJob:
     request_id: str = ""
     partial_images: int = 0  # previews to stream while denoising (0-3)
     loras: tuple[tuple[str, float], ...] = ()  # LoRA adapters (name, scale), sorted by name; () = none
+    enhance_prompt: bool = False  # rewrite the prompt with a language model first (prompt_enhancement "on")
+    safety_tolerance: int | None = None  # 1 (strict) to 5 (permissive): screen the outputs; None: no screening
 
     @property
     def n(self) -> int:
@@ -62,6 +64,8 @@ class StageTimes:
     prompt_cached: bool = False  # every prompt of the call came from the embedding cache
     denoise: float = 0.0
     decode: float = 0.0
+    enhance: float = 0.0  # rewriting prompts (prompt_enhancement), before the text encoding
+    safety: float = 0.0  # screening the outputs with the safety checker, after the decode
 
     def __add__(self, other: StageTimes) -> StageTimes:
         return StageTimes(
@@ -69,6 +73,8 @@ class StageTimes:
             self.prompt_cached and other.prompt_cached,
             self.denoise + other.denoise,
             self.decode + other.decode,
+            self.enhance + other.enhance,
+            self.safety + other.safety,
         )
 
 
@@ -79,6 +85,8 @@ class GenerationResult:
     prompt: PromptTokens  # what the text encoder saw of the prompt
     batch_images: int = 1  # images in the pipeline call(s) this job ran in
     stages: StageTimes = StageTimes()
+    warnings: tuple[str, ...] = ()  # what the engine changed about the job, in words (a rewrite that fell back)
+    withheld: int = 0  # images the safety checker flagged: not in `images` (nor their seeds in `seeds`)
 
 
 # -- what a job's listener hears (on the engine's worker thread: it must return quickly) ------------------------
@@ -121,6 +129,7 @@ class EngineHealth:
     queued_images: int
     running_images: int
     load_error: str | None = None
+    safety_checker: str | None = None  # the safety checker's folder or id, None when none is configured
 
 
 @dataclass(frozen=True)

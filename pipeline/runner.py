@@ -21,6 +21,7 @@ from .jobs import GenerationResult, StageTimes
 from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
 from .previews import decode_preview, predict_clean, preview_steps
+from .prompt_enhancement import PromptEnhancer, Rewrite
 from .prompts import measure_prompt
 from .reference_cache import ATTENTION_KWARG, prefill
 from .references import prepare_reference
@@ -42,6 +43,7 @@ def run_batch(
     on_step: StepHook | None = None,
     on_preview: PreviewSink | None = None,
     wanted: Wanted | None = None,
+    enhancer: PromptEnhancer | None = None,
 ) -> list[GenerationResult | None]:
     """One result per slice, None for a slice no longer wanted (nothing of it is decoded). A batch stopped by
     `on_step` returns None for every slice without decoding anything."""
@@ -52,12 +54,17 @@ def run_batch(
 
     # 0. LoRA: the batch's adapters switched on (or all off); every job of a batch names the same ones.
     activate(model, first.loras)
+    # 0b. Prompt enhancement: the jobs that ask for it get their prompt rewritten (cached); the others keep theirs.
+    rewrites = [enhancer.rewrite(model, s.job) if enhancer is not None else Rewrite(s.job.prompt) for s in slices]
+    enhance = clock.lap() if any(s.job.enhance_prompt for s in slices) else 0.0
 
     # 1. Text: the distinct prompts not in the cache encoded in one call, then one row per image.
     misses = cache.misses
-    encoded = _encode(model, cache, [s.job.prompt for s in slices])
+    encoded = _encode(model, cache, [r.prompt for r in rewrites])
     dtype = pipe.transformer.dtype
-    prompt_embeds = torch.cat([encoded[s.job.prompt].embeds for s in slices for _ in s.seeds]).to(device, dtype)
+    prompt_embeds = torch.cat(
+        [encoded[r.prompt].embeds for s, r in zip(slices, rewrites, strict=True) for _ in s.seeds]
+    ).to(device, dtype)
     extra: dict[str, Any] = {}
     if model.spec.family == "klein" and not model.spec.is_distilled and first.guidance_scale > 1:
         empty = _encode(model, cache, [""])[""].embeds  # the klein base model's CFG runs against the empty prompt
@@ -121,9 +128,11 @@ def run_batch(
         for row in range(start, start + len(piece.seeds))
     ]
     images = iter(decode(pipe, latents[rows]) if rows else [])
-    stages = StageTimes(text_encode=text_encode, prompt_cached=prompt_cached, denoise=denoise, decode=clock.lap())
+    stages = StageTimes(
+        text_encode=text_encode, prompt_cached=prompt_cached, denoise=denoise, decode=clock.lap(), enhance=enhance
+    )
     results: list[GenerationResult | None] = []
-    for piece, kept in zip(slices, keep, strict=True):
+    for piece, kept, rewrite in zip(slices, keep, rewrites, strict=True):
         if not kept:
             results.append(None)
             continue
@@ -135,9 +144,10 @@ def run_batch(
             GenerationResult(
                 images=mine,
                 seeds=piece.seeds,
-                prompt=encoded[job.prompt].tokens,
+                prompt=encoded[rewrite.prompt].tokens,
                 batch_images=images_in(slices),
                 stages=stages,
+                warnings=rewrite.warnings,
             )
         )
     return results

@@ -101,6 +101,7 @@ def create_app(
                 "server-timing",
                 "x-flux2-replica",
                 "x-flux2-history-id",
+                "x-flux2-withheld",
             ],
         )
     app.add_middleware(ArrivalsMiddleware, engine=engine)

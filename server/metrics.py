@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.jobs import BatchReport, EngineStats
 
-from .timing import RequestTiming
+from .timing import OPTIONAL_STAGES, RequestTiming
 
 
 class Metrics:
@@ -58,8 +58,8 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "flux2_stage_seconds",
-            "Seconds per request in each stage (inputs, queue, "
-            "text_encode, denoise, decode, encode, total), as in Server-Timing",
+            "Seconds per request in each stage (inputs, queue, enhance, "
+            "text_encode, denoise, decode, safety, encode, total), as in Server-Timing",
             ["stage"],
             registry=registry,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
@@ -78,7 +78,7 @@ class Metrics:
 
     def observe_timing(self, timing: RequestTiming) -> None:
         for stage, seconds in timing.seconds().items():
-            if stage != "inputs" or seconds:
+            if stage not in OPTIONAL_STAGES or seconds:
                 self.stage_seconds.labels(stage).observe(seconds)
 
     def observe_batch(self, report: BatchReport) -> None:

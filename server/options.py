@@ -17,6 +17,7 @@ import typer
 from pipeline.engine import EngineOptions
 from pipeline.model_choice import ModelChoice
 from pipeline.placement import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_CHOICES, REFERENCE_CACHE_CHOICES
+from pipeline.safety import parse_thresholds
 from pipeline.sizes import MAX_OUTPUT_PIXELS, MEGAPIXEL
 
 from .auth import load_keys
@@ -39,6 +40,19 @@ HOURS = Unit(lambda hours: hours * 3600, lambda seconds: seconds / 3600)
 MILLISECONDS = Unit(lambda ms: ms / 1000, lambda seconds: seconds * 1000)
 MEBIBYTES = Unit(lambda mb: mb * 1024**2, lambda size: size // 1024**2)
 MILLIONS_OF_PIXELS = Unit(lambda mp: int(mp * 1e6), lambda pixels: pixels / 1e6)
+COMMA_LIST = Unit(
+    lambda text: tuple(p.strip() for p in (text or "").split(",") if p.strip()), lambda v: ",".join(v) or None
+)
+
+
+def _thresholds(text: str) -> tuple[float, ...]:
+    try:
+        return parse_thresholds(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--safety-thresholds") from exc
+
+
+THRESHOLDS = Unit(_thresholds, lambda values: ",".join(f"{value:g}" for value in values))
 # Megapixels of 1024x1024, never above the product's ceiling.
 OUTPUT_MEGAPIXELS = Unit(lambda mp: min(MAX_OUTPUT_PIXELS, int(mp * MEGAPIXEL)), lambda pixels: pixels / MEGAPIXEL)
 
@@ -353,6 +367,57 @@ OPTIONS: tuple[Option, ...] = (
         "capped). Off: the server never connects out.",
     ),
     Option("remote_image_timeout", float, feeds=Settings, help="Seconds a remote image may take to fetch."),
+    Option(
+        "enhancer_model",
+        Optional[str],
+        feeds=EngineOptions,
+        help="A local instruction-tuned causal language model folder (with its tokenizer) that rewrites prompts "
+        "for prompt_enhancement 'on'. Default: the model's own text encoder (klein's Qwen3; dev's Mistral 3 "
+        "caption upsampling, which also sees an edit's images).",
+    ),
+    Option(
+        "enhancer_max_tokens",
+        int,
+        feeds=EngineOptions,
+        help="Most tokens a prompt rewrite may have (klein and --enhancer-model; dev's caption upsampling "
+        "allows 512). A rewrite that is empty or too long for the text encoder falls back to the prompt.",
+    ),
+    Option(
+        "safety_checker",
+        Optional[str],
+        feeds=EngineOptions,
+        help="An image-classification model folder or hub id (a transformers NSFW classifier) that screens "
+        "every output: flagged images are withheld. Default: none (said at start, in /health and /v1/models).",
+    ),
+    Option(
+        "safety_labels",
+        Optional[str],
+        feeds=EngineOptions,
+        unit=COMMA_LIST,
+        help="The safety checker's unsafe labels, comma-separated. Default: its labels named nsfw, unsafe, "
+        "porn, hentai, sexy, explicit, nudity or nude.",
+    ),
+    Option(
+        "safety_thresholds",
+        str,
+        feeds=EngineOptions,
+        unit=THRESHOLDS,
+        help="Unsafe probability above which an image is withheld, for safety_tolerance 1 (strict) to 5 "
+        "(permissive); a request that does not say gets 2.",
+    ),
+    Option(
+        "allow_disable_safety",
+        bool,
+        feeds=Settings,
+        help="Let requests turn the safety checker off with enable_safety_checker=false (otherwise it still "
+        "runs, with a warning).",
+    ),
+    Option(
+        "require_safety_checker",
+        bool,
+        feeds=Settings,
+        help="Without --safety-checker, answer 400 to requests with enable_safety_checker=true instead of a warning.",
+    ),
     Option("log_level", str, feeds=Settings, help="debug, info, warning or error."),
     Option(
         "ray",

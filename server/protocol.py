@@ -145,16 +145,21 @@ class ImageParameters(BaseModel):
     moderation: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
     user: str | None = Field(None, description="Accepted and ignored (reported in warnings).")
     prompt_enhancement: Annotated[Literal["on", "off"] | None, BeforeValidator(_on_off)] = Field(
-        None, description='"off" (default); "on" is not available yet (400).'
+        None,
+        description='"off" (default) or "on": a language model rewrites the prompt first (the same for a given '
+        "seed); revised_prompt returns the rewrite.",
     )
     safety_tolerance: Int | None = Field(
         None,
         ge=1,
         le=5,
-        description="1 (strict) to 5 (permissive); accepted, reported as ignored: no safety checker runs locally.",
+        description="1 (strict) to 5 (permissive), default 2: how readily the server's safety checker withholds an "
+        "image. Reported as ignored when the server has no checker.",
     )
     enable_safety_checker: FormBool | None = Field(
-        None, description="Accepted; no safety checker runs locally (true is reported as ignored)."
+        None,
+        description="false turns the safety checker off where the server allows it (--allow-disable-safety); "
+        "true without a checker is reported as ignored.",
     )
     stream: FormBool | None = Field(
         None,
@@ -189,11 +194,7 @@ class ImageParameters(BaseModel):
             reasons["user"] = "user is not used by this server."
         if self.style is not None:
             reasons["style"] = "style is not used by FLUX.2: describe the style in the prompt."
-        if self.safety_tolerance is not None:
-            reasons["safety_tolerance"] = "safety_tolerance has no effect: no safety checker runs on this server."
-        if self.enable_safety_checker:
-            reasons["enable_safety_checker"] = "enable_safety_checker: no safety checker runs on this server."
-        return reasons
+        return reasons  # the safety fields depend on the server's checker: server/safety_policy.py
 
     @property
     def ignored_parameters(self) -> list[str]:
@@ -264,6 +265,7 @@ class ImagesResponse(BaseModel):
     quality: Literal["low", "medium", "high"] | None = None
     usage: Usage | None = None
     warnings: list[str] | None = Field(None, description="What the server changed about the request, in words.")
+    withheld_images: int | None = Field(None, description="Images the safety checker withheld (flagged), if any.")
 
 
 class LoraCard(BaseModel):
@@ -279,6 +281,9 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     loras: list[LoraCard] | None = Field(None, description='The LoRA adapters requests may choose ("loras").')
+    safety_checker: str | None = Field(
+        None, description="The safety checker screening its images; null: none, unscreened."
+    )
 
 
 class ModelList(BaseModel):

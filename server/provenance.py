@@ -1,11 +1,12 @@
 """What each image file records about how it was made (the record `pipeline.file_metadata` embeds), so that the
 file alone is enough to make it again (`flux2-local reproduce`).
 
-A record holds the request as the job ran it: the prompt (and the revised prompt when the model saw less of it),
-this image's seed and its place among the n of its request, steps, guidance, the delivered size, the served model,
-the output format and quality, the mode (generation, edit or variation) and, for edits, the SHA-256 of each
-uploaded image and of the mask: the images themselves are not embedded, so reproducing an edit needs the same
-files. No time and no request id: the same request makes the same file, byte for byte."""
+A record holds the request as the job ran it: the prompt (and the revised prompt when the model saw less of it, or
+rewrote it), this image's seed and its place among the n of its request, steps, guidance, the delivered size, the
+served model, prompt enhancement and LoRA adapters when used, the output format and quality, the mode (generation,
+edit or variation) and, for edits, the SHA-256 of each uploaded image and of the mask: the images themselves are not
+embedded, so reproducing an edit needs the same files. No time and no request id: the same request makes the same
+file, byte for byte."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ def provenance(job: GenerationJob, output_format: str, codec_quality: int | None
     quality = resolve_quality(output_format, codec_quality)
     if quality is not None:
         common["output_compression"] = quality
+    if job.enhance_prompt:  # the rewrite is the seed's: asking again with enhancement on gives it again
+        common["prompt_enhancement"] = "on"
+    if job.loras:
+        common["loras"] = [{"name": name, "scale": scale} for name, scale in job.loras]
     if sources.mode != "generation":
         common["references"] = list(sources.references)
         common["references_embedded"] = False

@@ -6,6 +6,7 @@ SHA-256, which each given file must match."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -49,6 +50,10 @@ def reproduction(record: dict[str, Any], images: list[bytes], mask: bytes | None
     }
     if mode != "variation":
         fields["prompt"] = record["prompt"]
+    if record.get("prompt_enhancement") == "on":
+        fields["prompt_enhancement"] = "on"
+    if record.get("loras"):  # a multipart form (edits, variations) carries them as JSON text
+        fields["loras"] = record["loras"] if mode == "generation" else json.dumps(record["loras"])
     return _ENDPOINTS[mode], fields
 
 

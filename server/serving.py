@@ -21,18 +21,20 @@ from pipeline.prompts import MAX_SEQUENCE_LENGTH
 from .arrivals import submitted
 from .errors import APIError, engine_error
 from .history_records import CLIENT_GONE, HistoryRecorder, Recording
+from .ignored import note_ignored
 from .inputs import EditInputs, decode_edit_images
 from .jobwatch import JobWatch
 from .media import data_uri
 from .protocol import ImageData, ImageParameters, ImagesResponse
 from .provenance import GENERATION, Provenance, Sources, provenance
 from .request_ids import current_request_id
+from .safety_policy import WITHHELD_HEADER, check_withheld, decide_safety
 from .settings import Settings
 from .storage import ImageStore
 from .streaming import EventStream
 from .timing import HEADER as SERVER_TIMING
 from .timing import RequestTiming
-from .translate import OutputOptions, answer_fields, build_job, check_supported, images_response, output_options
+from .translate import OutputOptions, answer_fields, build_job, images_response, output_options
 from .translate import usage as images_usage
 
 log = logging.getLogger("flux2.serving")
@@ -126,7 +128,10 @@ class ImageService:
     ) -> Served:
         """Submit the job (a full queue or an unready model is a plain JSON error, streams included), then the JSON
         answer, or the event stream."""
-        check_supported(params)
+        safety = decide_safety(params, self.engine.health().safety_checker, self.settings)
+        ignored_warnings = list(safety.unhonoured.values()) + params.ignored_warnings
+        if headers is not None:
+            note_ignored(headers, [*params.ignored_parameters, *safety.unhonoured])
         options = output_options(params)
         job = build_job(
             params,
@@ -137,6 +142,7 @@ class ImageService:
             model=model,
             request_id=current_request_id.get(),
             adapters=self.engine.model_adapters()[model],
+            safety_tolerance=safety.tolerance,
         )
         stamp: Provenance | None = None  # the files' metadata (--no-metadata: none)
         if self.settings.embed_metadata:
@@ -162,16 +168,20 @@ class ImageService:
                 on_gone=lambda: record.end(CLIENT_GONE),
             )
         result = await watch.result()
+        withheld = check_withheld(result, job.safety_tolerance)  # all withheld: moderation_blocked
         data = await self._render(job, result, options, base_url, timing, watch, record, stamp)
         if headers is not None:
             headers[SERVER_TIMING] = timing.header()
+            if result.withheld:
+                headers[WITHHELD_HEADER] = str(result.withheld)
         return images_response(
             job,
             data,
             params,
             options,
             account(job, result.prompt.text_tokens),
-            params.ignored_warnings + _warnings(result),
+            ignored_warnings + _warnings(result) + withheld,
+            withheld=result.withheld,
         )
 
     async def _render(
@@ -213,6 +223,7 @@ class ImageService:
         stamp: Provenance | None,
     ) -> list[dict]:
         """A stream's completed events: the same rendering as JSON, always inline (OpenAI streams b64_json)."""
+        check_withheld(result, job.safety_tolerance)  # all withheld: the stream's error event says moderation_blocked
         inline = OutputOptions(
             response_format="b64_json",
             output_format=options.output_format,
@@ -230,6 +241,7 @@ class ImageService:
                 "seed": item.seed,
                 "revised_prompt": item.revised_prompt,
                 **common,
+                **({"withheld_images": result.withheld} if result.withheld else {}),
             }
             for item in data
         ]
@@ -294,8 +306,9 @@ async def _recorded(record: Recording, work: Awaitable[Served], headers: Mutable
 
 def _warnings(result: GenerationResult) -> list[str]:
     if not result.prompt.truncated:
-        return []
+        return list(result.warnings)
     return [
+        *result.warnings,
         f"The prompt was cut to its first {result.prompt.text_tokens} tokens: the text encoder reads "
-        f"{MAX_SEQUENCE_LENGTH} tokens at most. revised_prompt holds the part used."
+        f"{MAX_SEQUENCE_LENGTH} tokens at most. revised_prompt holds the part used.",
     ]

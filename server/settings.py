@@ -43,6 +43,8 @@ class Settings:
     playground_open: bool = False  # with keys set, let the same-origin Playground page call the API without one
     allow_remote_images: bool = False  # fetch http(s) image_urls (public addresses only)
     remote_image_timeout: float = 10.0
+    allow_disable_safety: bool = False  # honour enable_safety_checker=false
+    require_safety_checker: bool = False  # without a checker, enable_safety_checker=true is a 400
 
     @property
     def default_model(self) -> str:

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from pipeline.jobs import StageTimes
 
 HEADER = "Server-Timing"
-STAGES = ("inputs", "queue", "text_encode", "denoise", "decode", "encode", "total")
+STAGES = ("inputs", "queue", "enhance", "text_encode", "denoise", "decode", "safety", "encode", "total")
+OPTIONAL_STAGES = ("inputs", "enhance", "safety")  # reported only when they took place
 
 
 @dataclass
@@ -31,9 +32,11 @@ class RequestTiming:
         return {
             "inputs": self.inputs,
             "queue": self.queue,
+            "enhance": self.stages.enhance,
             "text_encode": self.stages.text_encode,
             "denoise": self.stages.denoise,
             "decode": self.stages.decode,
+            "safety": self.stages.safety,
             "encode": self.encode,
             "total": self.total,
         }
@@ -42,7 +45,7 @@ class RequestTiming:
         """`queue;dur=1.2, text_encode;dur=35.0;desc="cache hit", ...` in milliseconds (RFC: Server-Timing)."""
         parts = []
         for name, seconds in self.seconds().items():
-            if name == "inputs" and not seconds:
+            if name in OPTIONAL_STAGES and not seconds:
                 continue
             part = f"{name};dur={seconds * 1000:.1f}"
             if name == "text_encode":

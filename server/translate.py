@@ -16,7 +16,7 @@ from pipeline.masking import fit_mask
 from pipeline.sizes import SizeError, model_size, resolve_output_size
 from pipeline.weights import ModelSpec
 
-from .errors import APIError, invalid_param
+from .errors import invalid_param
 from .protocol import ImageData, ImageParameters, ImagesResponse, InputTokensDetails, Usage
 from .settings import Settings
 
@@ -44,17 +44,6 @@ class OutputOptions:
     sync_mode: bool  # url is a data: URI, nothing stored
 
 
-def check_supported(params: ImageParameters) -> None:
-    """Refuse, clearly, what is accepted by the API but not available here yet (never a silent ignore)."""
-    if params.prompt_enhancement == "on":
-        raise APIError(
-            400,
-            "prompt_enhancement 'on' is not available on this server yet; send 'off' or omit it.",
-            param="prompt_enhancement",
-            code="unsupported_parameter",
-        )
-
-
 def build_job(
     params: ImageParameters,
     spec: ModelSpec,
@@ -65,6 +54,7 @@ def build_job(
     model: str = "",
     request_id: str = "",
     adapters: Adapters = Adapters(),
+    safety_tolerance: int | None = None,
 ) -> GenerationJob:
     if len(params.prompt) > settings.max_prompt_chars:
         raise invalid_param(
@@ -91,6 +81,8 @@ def build_job(
         request_id=request_id,
         partial_images=(params.partial_images or 0) if params.stream else 0,
         loras=_loras(params, adapters),
+        enhance_prompt=params.prompt_enhancement == "on",
+        safety_tolerance=safety_tolerance,
     )
 
 
@@ -187,11 +179,13 @@ def images_response(
     options: OutputOptions,
     accounting: Accounting,
     warnings: list[str],
+    withheld: int = 0,
 ) -> ImagesResponse:
     return ImagesResponse(
         created=int(time.time()),
         data=data,
         usage=usage(accounting),
         warnings=warnings or None,
+        withheld_images=withheld or None,
         **answer_fields(job, params, options),
     )

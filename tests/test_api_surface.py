@@ -213,13 +213,6 @@ def test_a_plain_request_has_no_warnings_and_no_ignored_header(client):
     assert raw.parse().model_extra.get("warnings") is None
 
 
-def test_prompt_enhancement_on_is_refused_clearly(client):
-    with pytest.raises(openai.BadRequestError) as caught:
-        generate(client, prompt="x", prompt_enhancement="on")
-    assert caught.value.body["param"] == "prompt_enhancement"
-    assert caught.value.body["code"] == "unsupported_parameter"
-
-
 def test_long_prompts_are_truncated_and_say_so(client):
     prompt = " ".join(f"word{i}" for i in range(700))
     result = generate(client, prompt=prompt, size="32x32", response_format="b64_json", **ONE_STEP)

@@ -18,6 +18,7 @@ async def health(request: Request) -> JSONResponse:
         "queued_images": health.queued_images,
         "running_images": health.running_images,
         "test_models": request.app.state.settings.test_model_ids,
+        "safety_checker": health.safety_checker,  # null: none configured, images are not screened
     }
     if health.load_error:
         body["error"] = health.load_error

@@ -1,5 +1,6 @@
 """The image endpoints: thin. Each reads its request (the body model, or `inputs.read_edit_request`), hands it to
-the service, and answers JSON or an event stream. While the service works, the client's disconnect is awaited
+the service, and answers JSON or an event stream (with the headers the service set: Server-Timing, ignored
+parameters, withheld images). While the service works, the client's disconnect is awaited
 (`http.disconnect`), not polled: it cancels the work."""
 
 from __future__ import annotations
@@ -8,7 +9,6 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
-from urllib.parse import quote
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
@@ -17,7 +17,7 @@ from ..auth import API_KEY_ID
 from ..errors import ClientGone
 from ..inputs import read_edit_request
 from ..openapi import EDIT_BODY, IMAGE_RESPONSES, VARIATION_BODY
-from ..protocol import ImageGenerationRequest, ImageParameters, ImagesResponse
+from ..protocol import ImageGenerationRequest, ImagesResponse
 from ..serving import Served
 from ..streaming import EventStream
 from ..urls import public_base_url
@@ -25,16 +25,6 @@ from ..variations import read_variation_request
 
 router = APIRouter(prefix="/v1/images")
 T = TypeVar("T")
-
-IGNORED_HEADER = "x-flux2-ignored-params"
-
-
-def _note_ignored(response: Response, params: ImageParameters) -> None:
-    """Name the ignored parameters in a header: percent-encoded (header values are latin-1; names are anything a
-    client sent), at most 1,000 characters."""
-    if params.ignored_parameters:
-        names = ", ".join(quote(name, safe="") for name in params.ignored_parameters)
-        response.headers[IGNORED_HEADER] = names if len(names) <= 1000 else names[:997] + "..."
 
 
 @router.post(
@@ -46,7 +36,6 @@ def _note_ignored(response: Response, params: ImageParameters) -> None:
 )
 async def create_images(body: ImageGenerationRequest, request: Request, response: Response):
     service = request.app.state.service
-    _note_ignored(response, body)
     served = await until_disconnected(
         request,
         service.generate(
@@ -67,7 +56,6 @@ async def create_images(body: ImageGenerationRequest, request: Request, response
 async def edit_images(request: Request, response: Response):
     service = request.app.state.service
     inputs = await read_edit_request(request, service.settings.max_image_bytes, request.app.state.remote_fetcher)
-    _note_ignored(response, inputs.params)
     served = await until_disconnected(
         request,
         service.edit(
@@ -90,7 +78,6 @@ async def edit_images(request: Request, response: Response):
 async def create_variations(request: Request, response: Response):
     service = request.app.state.service
     inputs = await read_variation_request(request, service.settings.max_image_bytes)
-    _note_ignored(response, inputs.params)
     served = await until_disconnected(
         request,
         service.edit(

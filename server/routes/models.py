@@ -12,8 +12,15 @@ def _cards(request: Request) -> list[ModelCard]:
     settings = request.app.state.settings
     created = request.app.state.started_at
     adapters = request.app.state.engine.model_adapters()
+    checker = request.app.state.engine.health().safety_checker
     return [
-        ModelCard(id=model_id, created=created, owned_by="flux2-local", loras=_loras(adapters.get(name)))
+        ModelCard(
+            id=model_id,
+            created=created,
+            owned_by="flux2-local",
+            loras=_loras(adapters.get(name)),
+            safety_checker=checker,
+        )
         for model_id, name in settings.model_ids.items()
     ]
 
