@@ -50,8 +50,10 @@ def reproduction(record: dict[str, Any], images: list[bytes], mask: bytes | None
     }
     if mode != "variation":
         fields["prompt"] = record["prompt"]
-    if record.get("prompt_enhancement") == "on":
-        fields["prompt_enhancement"] = "on"
+    if record.get("prompt_enhancement") == "on" and "revised_prompt" in record:
+        # The rewrite the image was made from, sent as the prompt (enhancement off): the same image, whichever of
+        # its request's n it was (a request's rewrite is drawn from its first seed, not this image's).
+        fields["prompt"] = record["revised_prompt"]
     if record.get("loras"):  # a multipart form (edits, variations) carries them as JSON text
         fields["loras"] = record["loras"] if mode == "generation" else json.dumps(record["loras"])
     return _ENDPOINTS[mode], fields

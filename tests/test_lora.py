@@ -262,3 +262,21 @@ def test_a_missing_adapter_file_stops_the_server_at_start(tiny_klein, lora_files
     with pytest.raises(ModelChoiceError, match="offload plan 'transformer-resident'"):
         style = f"x={lora_files['style']}"
         resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(style,), offload="transformer-resident"))
+
+
+def test_an_image_file_records_its_adapters_and_is_reproduced_with_them(lora_server, lora_client):
+    from pipeline.file_metadata import read_metadata
+    from server.reproduce_command import reproduction
+
+    made = generate(lora_client, **{**ASK, "seed": 31}, loras=[{"name": "other", "scale": 0.7}])
+    original = base64.b64decode(made.data[0].b64_json)
+    record = read_metadata(original)
+    assert record["loras"] == [{"name": "other", "scale": 0.7}]
+    endpoint, fields = reproduction(record, [], None)
+    again = httpx.post(
+        f"{lora_server.base_url}/v1/images/{endpoint}", json={**fields, "response_format": "b64_json"}, timeout=120
+    )
+    assert again.status_code == 200, again.text
+    assert base64.b64decode(again.json()["data"][0]["b64_json"]) == original
+    plain = generate(lora_client, **{**ASK, "seed": 31})  # and the adapter did change it
+    assert base64.b64decode(plain.data[0].b64_json) != original

@@ -138,3 +138,28 @@ def _direct() -> dict:
 
 def _extra() -> dict:
     return {"num_inference_steps": 2}
+
+
+def test_an_enhanced_image_file_is_reproduced_from_its_metadata(enhancing):
+    """The file records the enhancement and the rewrite; `reproduce`'s request (the rewrite as the prompt) gives
+    the same image, for the second image of n=2 too (whose own seed would draw another rewrite). Not the same bytes:
+    the new file's record names the rewrite as its prompt."""
+    import base64
+
+    import httpx
+
+    from pipeline.file_metadata import read_metadata
+    from server.reproduce_command import reproduction
+
+    result = generate(_client(enhancing), prompt=PROMPT, seed=21, n=2, prompt_enhancement="on", **ONE)
+    second = base64.b64decode(result.data[1].b64_json)
+    record = read_metadata(second)
+    assert record["prompt_enhancement"] == "on" and record["revised_prompt"] == result.data[1].revised_prompt
+    endpoint, fields = reproduction(record, [], None)
+    answer = httpx.post(
+        f"{enhancing.base_url}/v1/images/{endpoint}", json={**fields, "response_format": "b64_json"}, timeout=120
+    )
+    assert answer.status_code == 200, answer.text
+    again = pixels(decode_b64(answer.json()["data"][0]["b64_json"]))
+    # Within 1/255: a row of a batch of two and a lone image may round differently (float reductions, CPU).
+    assert np.abs(again - pixels(decode_b64(result.data[1].b64_json))).max() <= 1
