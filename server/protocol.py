@@ -280,7 +280,9 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    loras: list[LoraCard] | None = Field(None, description='The LoRA adapters requests may choose ("loras").')
+    loras: list[LoraCard] = Field(
+        default_factory=list, description='The LoRA adapters requests may choose ("loras"); [] for none.'
+    )
     safety_checker: str | None = Field(
         None, description="The safety checker screening its images; null: none, unscreened."
     )

@@ -25,16 +25,15 @@ def _cards(request: Request) -> list[ModelCard]:
     ]
 
 
-def _loras(adapters: Adapters | None) -> list[LoraCard] | None:
+def _loras(adapters: Adapters | None) -> list[LoraCard]:
     if not adapters:
-        return None
+        return []
     return [LoraCard(name=a.name, scale=a.scale, file=a.path.name, fused=a.fused) for a in adapters.items]
 
 
 @router.get(
     "/models",
     response_model=ModelList,
-    response_model_exclude_none=True,
     summary="The served model and its aliases (with their LoRA adapters)",
 )
 async def list_models(request: Request) -> ModelList:
@@ -44,7 +43,6 @@ async def list_models(request: Request) -> ModelList:
 @router.get(
     "/models/{model_id:path}",
     response_model=ModelCard,
-    response_model_exclude_none=True,
     summary="One served model",
     responses={404: {"model": ErrorResponse, "description": "Unknown model"}},
 )
