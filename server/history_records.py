@@ -9,11 +9,10 @@ written by the recorder's one writer thread; a JSON answer waits for it (a few m
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +21,7 @@ from pipeline.jobs import GenerationJob, GenerationResult
 from .errors import APIError
 from .history import HistoryDB
 from .protocol import ImageParameters
+from .provenance import Sources
 from .timing import RequestTiming
 
 log = logging.getLogger("flux2.history")
@@ -29,10 +29,6 @@ log = logging.getLogger("flux2.history")
 WRITE_WAIT_SECONDS = 2.0
 CLIENT_GONE = APIError(499, "The client disconnected before the images were delivered.", code="client_disconnected")
 _NOT_RECORDED = {"prompt", "images", "mask", "stream", "partial_images"}
-
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class Recording:
@@ -70,9 +66,10 @@ class Recording:
         """Whether this request is recorded (its images are then also kept as files, b64 and streams too)."""
         return self.recorder is not None
 
-    def inputs(self, images: Iterable[bytes], mask: bytes | None) -> None:
-        self.references = [sha256_hex(data) for data in images]
-        self.mask = sha256_hex(mask) if mask is not None else None
+    def inputs(self, sources: Sources) -> None:
+        """The SHA-256 of each uploaded image and of the mask (computed once, for the files' metadata too)."""
+        self.references = list(sources.references)
+        self.mask = sources.mask
 
     def job(self, job: GenerationJob, output_format: str, codec_quality: int | None, response_format: str) -> None:
         """The normalized parameters: sent back as they are, they make the same images."""

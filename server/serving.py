@@ -104,11 +104,12 @@ class ImageService:
         async def serve() -> Served:
             timing = RequestTiming()
             model = self.resolve_model(inputs.params.model)  # before the costly decoding
+            sources = Sources(mode)
+            if record.active or self.settings.embed_metadata:  # the inputs' SHA-256, once and off the event loop
+                sources = await asyncio.to_thread(Sources.uploaded, mode, inputs.images, inputs.mask)
             if record.active:
-                await asyncio.to_thread(record.inputs, inputs.images, inputs.mask)
+                record.inputs(sources)
             references, mask = await decode_edit_images(inputs, self.settings.max_input_pixels)
-            embed = self.settings.embed_metadata
-            sources = Sources.uploaded(mode, inputs.images, inputs.mask) if embed else Sources(mode)
             timing.inputs = time.perf_counter() - timing.started
             return await self._serve(inputs.params, model, references, mask, base_url, timing, headers, record, sources)
 
