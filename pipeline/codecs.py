@@ -10,9 +10,10 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from PIL import Image, ImageMath, ImageOps
+from PIL import Image, ImageMath, ImageOps, PngImagePlugin
 
 from .file_metadata import metadata_save_options
+from .png_encoding import can_encode, encode_png
 from .sizes import MAX_OUTPUT_PIXELS, cap_pixels
 
 OUTPUT_FORMATS: tuple[str, ...] = ("png", "jpeg", "webp", "gif", "avif")
@@ -21,6 +22,7 @@ FILE_EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp", 
 LOSSY_FORMATS = frozenset({"jpeg", "webp", "avif"})
 DEFAULT_QUALITY: dict[str, int] = {"jpeg": 90, "webp": 90, "avif": 80}
 PNG_COMPRESS_LEVEL = 1  # zlib level 1: 4x faster than 6 on a 1 MP image (53 vs 217 ms here) for ~18 % more bytes
+# (PNG goes through png_encoding: Up-filtered rows deflated in strips on several cores)
 _PILLOW_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "gif": "GIF", "avif": "AVIF"}
 _FORMAT_ALIASES = {"jpg": "jpeg"}
 
@@ -69,14 +71,23 @@ def encode_image(
     `metadata`, when given, is embedded in the same save (`file_metadata`: PNG text, EXIF and XMP, GIF comment)."""
     fmt = normalize_output_format(output_format)
     level = resolve_quality(fmt, quality)
+    prepared = _prepare_for_encoding(image, fmt)
+    if fmt == "png" and can_encode(prepared):  # every image the pipeline makes: deflated on several cores
+        info = metadata_save_options(fmt, metadata)["pnginfo"] if metadata is not None else None
+        return encode_png(prepared, PNG_COMPRESS_LEVEL, _png_chunks(info))
     options: dict[str, object] = {"quality": level} if level is not None else {}
     if fmt == "png":
         options["compress_level"] = PNG_COMPRESS_LEVEL
     if metadata is not None:
         options.update(metadata_save_options(fmt, metadata))
     buffer = io.BytesIO()
-    _prepare_for_encoding(image, fmt).save(buffer, format=_PILLOW_FORMATS[fmt], **options)
+    prepared.save(buffer, format=_PILLOW_FORMATS[fmt], **options)
     return buffer.getvalue()
+
+
+def _png_chunks(info: PngImagePlugin.PngInfo | None) -> list[tuple[bytes, bytes]]:
+    """The (type, data) pairs of a Pillow PngInfo (its `chunks` hold (type, data, after_idat) triples)."""
+    return [(entry[0], entry[1]) for entry in info.chunks] if info is not None else []
 
 
 def _prepare_for_encoding(image: Image.Image, fmt: str) -> Image.Image:

@@ -1,7 +1,12 @@
 """Regional compilation: `torch.compile` on the transformer's repeated blocks only (diffusers'
 `compile_repeated_blocks`), which compiles one block once and reuses it for all, so compiling takes seconds
 instead of minutes. Shapes are marked dynamic and recompiles bounded, so a new image size costs at most one more
-compile; a warm-up at load makes the first request fast."""
+compile; a warm-up at load (one image, then a batch of two) makes the first request and the first batch fast.
+
+Not `fullgraph=True`: with it, torch turns the recompile limit into a hard error (`FailOnRecompileLimitHit`), and
+what the blocks see changes more than sizes do (attention processors swapped, the reference cache's per-batch
+arguments), so a long-running server would eventually fail requests. Without it, a frame past the limit runs
+eager. The blocks have no graph breaks, so the compiled graphs are the same."""
 
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ WARM_UP_SIDE = 1024  # the default output size
 
 def compile_transformer(pipe: Flux2Pipe) -> None:
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, MAX_RECOMPILES)
-    pipe.transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
+    pipe.transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
 
 
 def compile_vae_decoder(pipe: Flux2Pipe) -> None:
@@ -33,11 +38,20 @@ def compile_vae_decoder(pipe: Flux2Pipe) -> None:
 
 
 def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE) -> float:
-    """One single-step generation at `side`x`side` and its decode: triggers both compiles. Returns its seconds."""
+    """Single-step generations at `side`x`side` with their decodes, one image then a batch of two: a batch of one
+    compiles with the batch size fixed at 1 (torch specialises sizes of 1), the batch of two then compiles the
+    graphs every larger batch reuses, so the engine's first batch does not stall on a compile. Returns seconds."""
     started = time.perf_counter()
-    with torch.inference_mode(), cache_context(pipe.transformer):
-        latents = pipe(prompt="warm-up", height=side, width=side, num_inference_steps=1, output_type="latent")[0]
-    decode(pipe, latents_for_vae(pipe, latents, side, side))
+    for batch in (1, 2):
+        with torch.inference_mode(), cache_context(pipe.transformer):
+            latents = pipe(
+                prompt=[f"warm-up {index}" for index in range(batch)],
+                height=side,
+                width=side,
+                num_inference_steps=1,
+                output_type="latent",
+            )[0]
+        decode(pipe, latents_for_vae(pipe, latents, side, side))
     seconds = time.perf_counter() - started
-    log.info("model: compiled and warmed up at %dx%d in %.1f s", side, side, seconds)
+    log.info("model: compiled and warmed up at %dx%d (batches of 1 and 2) in %.1f s", side, side, seconds)
     return seconds

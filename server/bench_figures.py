@@ -39,9 +39,10 @@ def figures_for(
     steps: int,
     device: str,
     loaded=None,
+    compiled: bool = False,
 ) -> list[Figure]:
     """`loaded`: the served model, to switch its reference cache on for the cached-edit figures (last, so that
-    the figures before run as they always did)."""
+    the figures before run as they always did). `compiled`: the pipeline was compiled (bench --compile)."""
     size, small, large = arch.size, arch.size // 2, arch.size * 2
     tags = itertools.count()
 
@@ -181,6 +182,6 @@ def figures_for(
         from .bench_references import reference_cache_figures
 
         figures += reference_cache_figures(
-            arch.family, pipe, loaded, client, prompts, references, reference_pils, size, steps
+            arch.family, pipe, loaded, client, prompts, references, reference_pils, size, steps, compiled
         )
     return figures

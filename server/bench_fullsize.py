@@ -19,11 +19,13 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from pipeline.architectures import Architecture, build_pipeline, build_transformer, model_spec, parameter_counts
+from pipeline.reference_cache import install as install_reference_processors
 
 from .bench_figures import BATCH, Figure, figures_for
 from .bench_harness import (
@@ -36,6 +38,7 @@ from .bench_harness import (
 )
 from .bench_references import reference_cache_check
 from .bench_report import count_label, environment, write_json
+from .bench_speed import SpeedOptions, apply_speed_options
 
 _GIB = 1024**3
 # Room beyond the weights for activations, the VAE at 2048² and the CUDA context, when deciding whether a whole
@@ -74,6 +77,7 @@ def run_fullsize_bench(
     json_path: Path | None = None,
     transformer_only: bool | None = None,
     echo: Echo = print,
+    speed: SpeedOptions = SpeedOptions(),
 ) -> dict:
     """Measure every figure and return the results (also written to `json_path` after each figure)."""
     clock = _Clock(echo)
@@ -96,6 +100,7 @@ def run_fullsize_bench(
         "parameters": counts,
         "weights_gib": weight_bytes / _GIB,
         "mode": "transformer-only" if transformer_only else "pipeline",
+        "variant": speed.label(),
         "notes": [],
         "figures": [],
         "skipped": [],
@@ -114,9 +119,9 @@ def run_fullsize_bench(
             write_json(results, json_path)
 
     if transformer_only:
-        _transformer_only(arch, device, dtype, weight_bytes, asked_transformer_only, results, clock, save)
+        _transformer_only(arch, device, dtype, weight_bytes, asked_transformer_only, results, clock, save, speed)
     else:
-        _whole_pipeline(arch, device, dtype, steps, repeats, results, clock, save)
+        _whole_pipeline(arch, device, dtype, steps, repeats, results, clock, save, speed)
     results["complete"] = True
     save()
     clock.say("done")
@@ -132,6 +137,7 @@ def _transformer_only(
     results: dict,
     clock: _Clock,
     save: Callable[[], None],
+    speed: SpeedOptions,
 ) -> None:
     if asked:
         results["notes"].append("Only the transformer was built and measured (--transformer-only).")
@@ -147,6 +153,14 @@ def _transformer_only(
     synchronize(device)
     results["build_s"] = time.perf_counter() - started
     clock.say(f"built the transformer alone in {results['build_s']:.1f} s")
+    if speed:
+        eager = transformer_step(transformer, arch.size)
+        results["eager_baseline"] = {"key": f"transformer_step_{arch.size}", "direct_s": eager}
+        clock.say(f"eager baseline: s/step, transformer alone, {arch.size}x{arch.size}: {eager:.3f} s")
+        results["speed_setup_s"] = apply_speed_options(
+            SimpleNamespace(transformer=transformer), speed, device, lambda: transformer_step(transformer, arch.size)
+        )
+        clock.say(f"{speed.label()} applied in {results['speed_setup_s']:.1f} s")
     for side in (arch.size, 2 * arch.size):
         figure = Figure(
             f"transformer_step_{side}",
@@ -171,6 +185,7 @@ def _whole_pipeline(
     results: dict,
     clock: _Clock,
     save: Callable[[], None],
+    speed: SpeedOptions,
 ) -> None:
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel
@@ -189,7 +204,24 @@ def _whole_pipeline(
     clock.say(f"built the pipeline in memory in {results['build_s']:.1f} s")
 
     spec = model_spec(arch)
-    placement = Placement(device=device, dtype=dtype, offload="resident", reasons=("built in memory by the bench",))
+    direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
+    if speed:  # plain diffusers as a user runs it, before the speed options change the shared pipeline
+        results["eager_baseline"] = _eager_baseline(direct, arch.size, repeats, device, clock)
+        save()
+        if speed.compile and any(speed.wants(f"edit_{count}_cached") for count in (1, 4, 10)):
+            # As serve --reference-cache on --compile does: the cache's processors go on before compiling (they act
+            # as diffusers' own without a cache), so no figure swaps processors under the compiled blocks.
+            install_reference_processors(pipe.transformer)
+        results["speed_setup_s"] = apply_speed_options(pipe, speed, device, arch.size)
+        clock.say(f"{speed.label()} applied (compiled and warmed up) in {results['speed_setup_s']:.1f} s")
+    placement = Placement(
+        device=device,
+        dtype=dtype,
+        offload="resident",
+        reasons=("built in memory by the bench",),
+        compile=speed.compile,
+        quantization=speed.quantization,
+    )
     config = ModelConfig(
         name=arch.name, spec=spec, placement=placement, weight_bytes=int(results["weights_gib"] * _GIB)
     )
@@ -205,7 +237,6 @@ def _whole_pipeline(
         request_timeout=3600.0,
         playground=False,
     )
-    direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
     if arch.family == "dev" and steps < spec.defaults.steps:
         results["notes"].append(f"dev runs {steps} steps here (its default is {spec.defaults.steps}).")
     logging.getLogger("flux2").setLevel(logging.WARNING)
@@ -215,10 +246,20 @@ def _whole_pipeline(
             if not engine.wait_ready(300):
                 raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
             clock.say(f"serving at {server.url}")
-            figures = figures_for(arch, pipe, client, direct, steps, device, loaded)
-            clock.say("warm-up: one image and a one-reference edit, served and direct; a transformer call")
+            figures = [
+                f
+                for f in figures_for(arch, pipe, client, direct, steps, device, loaded, speed.compile)
+                if speed.wants(f.key)
+            ]
+            # The first cached edit too: installing the cache's processors costs compiled blocks a recompile.
+            warm = {"one_image", "edit_1", "transformer_step"} | {
+                next((f.key for f in figures if f.key.endswith("_cached")), "")
+            }
+            clock.say(
+                "warm-up: one image, a one-reference edit and a cached edit, served and direct; a transformer call"
+            )
             for figure in figures:
-                if figure.key in ("one_image", "edit_1", "transformer_step"):
+                if figure.key in warm:
                     for action in (figure.served, figure.direct):
                         if action is not None:
                             action()
@@ -231,12 +272,29 @@ def _whole_pipeline(
         finally:
             client.close()
             shutil.rmtree(workdir, ignore_errors=True)
-    results["step_cache"] = _step_cache_check(pipe, arch.size, max(spec.defaults.steps, 20), device, clock)
-    save()
-    results["reference_cache"] = reference_cache_check(pipe, arch.family, arch.size, steps, device, clock.say)
-    save()
+    if speed.wants("step_cache"):
+        results["step_cache"] = _step_cache_check(pipe, arch.size, max(spec.defaults.steps, 20), device, clock)
+        save()
+    if speed.wants("reference_cache"):
+        results["reference_cache"] = reference_cache_check(pipe, arch.family, arch.size, steps, device, clock.say)
+        save()
     if arch.family == "dev":
         _estimate_full_length(results, spec.defaults.steps, steps)
+
+
+def _eager_baseline(direct: DirectDiffusers, size: int, repeats: int, device: str, clock: _Clock) -> dict:
+    """One plain-diffusers image (+ Pillow's PNG) on the eager bf16 pipeline, before compiling or quantizing it:
+    the baseline the compiled/quantized served figures are held against in the same run."""
+    prompts = iter(range(10**6))
+
+    def one() -> None:
+        direct.images([f"eager baseline {next(prompts)}: a lighthouse on a cliff at dusk"], size)
+
+    one()  # warm-up
+    runs = [timed(device, one)[0] for _ in range(repeats)]
+    seconds = statistics.median(runs)
+    clock.say(f"eager baseline: plain diffusers, one image {size}x{size}: {seconds:.3f} s (median of {repeats})")
+    return {"key": "one_image", "direct_s": seconds, "direct_runs": runs}
 
 
 def _step_cache_check(pipe: Any, size: int, steps: int, device: str, clock: _Clock, interval: int = 5) -> dict:
@@ -367,6 +425,7 @@ def bench_command(
     update_docs: bool,
     docs: Path,
     transformer_only: bool | None,
+    speed: SpeedOptions = SpeedOptions(),
 ) -> dict:
     """`flux2-local bench --architecture NAME ...`: run, print the table, write the JSON and the docs section."""
     import typer
@@ -384,7 +443,7 @@ def bench_command(
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("torch sees no CUDA device", param_hint="--device")
     results = run_fullsize_bench(
-        arch, device, repeats, steps, json_path, transformer_only, echo=lambda line: typer.echo(line)
+        arch, device, repeats, steps, json_path, transformer_only, echo=lambda line: typer.echo(line), speed=speed
     )
     typer.echo("")
     typer.echo(table(results))
@@ -396,6 +455,8 @@ def bench_command(
             + (f" --steps {steps}" if steps != 4 else "")
             + (f" --repeats {repeats}" if repeats else "")
             + (" --transformer-only" if transformer_only else "")
+            + (f" {speed.label()}" if speed else "")
+            + (f" --only {','.join(sorted(speed.only))}" if speed.only is not None else "")
         )
         update_performance_doc(results, docs, command)
         typer.echo(f"{docs} updated")

@@ -21,7 +21,8 @@ DOC_INTRO = """# Performance
 Measured by `flux2-local bench --architecture NAME --update-docs`: the full-size architecture with random weights
 (real configs; noise images, but the real shapes, memory and time), built in memory on the device, served by the
 real app in the same process (HTTP over loopback, b64_json PNG, each answer read whole) against plain diffusers
-on the same pipeline object with the same seeds and sizes (+ PNG encode at zlib level 1, as the server encodes).
+on the same pipeline object with the same seeds and sizes (+ Pillow's PNG save at zlib level 1; the server's own
+encoder deflates on several cores).
 Every prompt is new (no prompt cache). Each figure is the median of its runs after a warm-up; peak memory is the
 largest CUDA allocation during a run. Each architecture's section is replaced by its latest run.
 """
@@ -123,7 +124,28 @@ def _summary(results: dict) -> list[str]:
         )
     if results.get("reference_cache"):
         lines.append(reference_summary(results["reference_cache"]))
+    if results.get("eager_baseline"):
+        lines.append(baseline_summary(results))
     return lines + [f"note: {note}" for note in results["notes"]]
+
+
+def baseline_summary(results: dict) -> str:
+    """The speed options against plain diffusers on the eager pipeline, measured earlier in the same run."""
+    baseline = results["eager_baseline"]
+    eager = baseline["direct_s"]
+    figure = next((f for f in results["figures"] if f["key"] == baseline["key"]), None)
+    what = "the transformer alone" if results.get("mode") == "transformer-only" else "plain diffusers"
+    text = (
+        f"eager baseline ({what}, {results['dtype']}, before {results.get('variant')}): {baseline['key']} {eager:.3f} s"
+    )
+    if figure is not None:
+        for side in ("served", "direct"):
+            if figure.get(f"{side}_s"):
+                seconds = figure[f"{side}_s"]
+                text += f"; {side} with the options {seconds:.3f} s ({seconds / eager:.2f}x the eager baseline)"
+    if results.get("speed_setup_s") is not None:
+        text += f"; applying the options (compile + warm-up) took {results['speed_setup_s']:.1f} s"
+    return text
 
 
 def _stage_lines(results: dict) -> list[str]:
@@ -150,8 +172,13 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def section_name(results: dict) -> str:
+    """The docs section's name: the architecture, with the speed options when the run used any."""
+    return " ".join(filter(None, [results["architecture"], results.get("variant")]))
+
+
 def markdown_section(results: dict, command: str) -> str:
-    name = results["architecture"]
+    name = section_name(results)
     versions = results["versions"]
     lines = [
         f"<!-- bench:{name} -->",
@@ -173,6 +200,8 @@ def markdown_section(results: dict, command: str) -> str:
         )
     if results.get("reference_cache"):
         lines.append(f"- {reference_summary(results['reference_cache'])}.")
+    if results.get("eager_baseline"):
+        lines.append(f"- {baseline_summary(results)}.")
     lines += [f"- {note}" for note in results["notes"]]
     lines += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
@@ -184,7 +213,7 @@ def markdown_section(results: dict, command: str) -> str:
 def update_performance_doc(results: dict, path: Path, command: str) -> None:
     """Replace (or add) this architecture's section of `path`, keeping the others."""
     section = markdown_section(results, command)
-    name = re.escape(results["architecture"])
+    name = re.escape(section_name(results))
     text = path.read_text() if path.is_file() else DOC_INTRO
     pattern = re.compile(rf"<!-- bench:{name} -->\n.*?<!-- /bench:{name} -->\n", re.DOTALL)
     if pattern.search(text):

@@ -88,8 +88,28 @@ def bench(
         ),
     ] = None,
     quantize: Annotated[
-        str, typer.Option(help="With --memory-cap(s): quantize components, e.g. transformer=fp8 (as serve's).")
+        str,
+        typer.Option(
+            help="With --architecture: quantize components, e.g. transformer=fp8 (as serve's); the full-size "
+            "bench first times plain diffusers on the eager bf16 pipeline."
+        ),
     ] = "none",
+    compile: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="With --architecture: compile the pipeline as serve --compile does (after timing plain diffusers "
+            "on the eager pipeline); both columns then run the compiled modules.",
+        ),
+    ] = False,
+    only: Annotated[
+        str | None,
+        typer.Option(
+            help="With --architecture: measure only these figures/checks (keys as in the JSON, comma-separated, "
+            "e.g. one_image,sequential_4,pipeline_step,step_cache,reference_cache).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Measure batching: N requests one by one vs N concurrent through a real server vs one direct diffusers
     batch of N, and the prompt cache, in one run. With --architecture: the full-size benchmark."""
@@ -107,8 +127,15 @@ def bench(
         return
     if architecture is not None:
         from .bench_fullsize import bench_command
+        from .bench_speed import parse_speed_options
 
-        bench_command(architecture, device, repeats, steps, json_path, update_docs, docs, transformer_only or None)
+        try:
+            speed = parse_speed_options(compile, quantize, only)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc)) from exc
+        bench_command(
+            architecture, device, repeats, steps, json_path, update_docs, docs, transformer_only or None, speed
+        )
         return
     figures = run_bench(model, size, steps, count, repeats or 5, None)
     typer.echo(report(figures, size, steps, count))

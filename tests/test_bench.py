@@ -313,3 +313,65 @@ def test_tiny_bench_reports_the_step_cache_speedup_and_psnr(tiny_run):
     assert cache["speedup"] == cache["uncached_s"] / cache["cached_s"]
     assert cache["psnr_db"] > 0  # a number, and the images differ (an identical pair would be inf)
     assert "step cache taylorseer:5" in tiny_run["output"] and "PSNR" in tiny_run["output"]
+
+
+def test_compile_and_only_measure_the_eager_baseline_first_and_get_their_own_docs_section(tmp_path, tiny_run):
+    """`--compile --only ...`: plain diffusers timed on the eager pipeline, then the pipeline compiled (as serve
+    --compile) and only the named figures measured; the docs gain a separate section, the plain one stays."""
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    docs = tmp_path / "PERFORMANCE.md"
+    docs.write_text(tiny_run["docs"].read_text())
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench", "--architecture", "tiny", "--device", "cpu", "--repeats", "1", "--compile",
+            "--only", "one_image,pipeline_step", "--json", str(tmp_path / "bench.json"), "--update-docs",
+            "--docs", str(docs),
+        ],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["complete"] and results["variant"] == "--compile"
+    assert [f["key"] for f in results["figures"]] == ["one_image", "pipeline_step"]
+    assert all(f["served_s"] > 0 and f["direct_s"] > 0 for f in results["figures"])
+    assert "step_cache" not in results and "reference_cache" not in results
+    assert results["eager_baseline"]["key"] == "one_image" and results["eager_baseline"]["direct_s"] > 0
+    assert results["speed_setup_s"] > 0
+    assert "eager baseline (plain diffusers, float32, before --compile): one_image" in result.output
+    text = docs.read_text()
+    assert "<!-- bench:tiny --compile -->" in text and "<!-- /bench:tiny --compile -->" in text
+    assert text.count("<!-- bench:tiny -->") == 1  # the plain run's section is kept
+    assert "`flux2-local bench --architecture tiny --repeats 1 --compile --only one_image,pipeline_step`" in text
+
+
+def test_quantized_transformer_alone_is_measured_against_its_eager_baseline():
+    from pipeline.quantization import parse_quantization
+    from server.bench_fullsize import run_fullsize_bench
+    from server.bench_speed import SpeedOptions
+
+    speed = SpeedOptions(quantization=parse_quantization("transformer=int8"))
+    results = run_fullsize_bench(
+        get_architecture("tiny"), "cpu", 1, 4, None, transformer_only=True, echo=lambda line: None, speed=speed
+    )
+    assert results["variant"] == "--quantize transformer=int8"
+    assert results["eager_baseline"]["key"] == "transformer_step_128" and results["eager_baseline"]["direct_s"] > 0
+    assert all(f["direct_s"] > 0 for f in results["figures"])
+
+
+@pytest.mark.parametrize(
+    "arguments,message",
+    [(["--quantize", "transformer=fp3"], "quantize scheme must be one of"), (["--only", " , "], "--only")],
+)
+def test_bad_speed_options_are_refused_by_name(arguments, message):
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(
+        app, ["bench", "--architecture", "tiny", "--device", "cpu", *arguments], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2 and message in result.output

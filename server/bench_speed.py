@@ -1,0 +1,91 @@
+"""The full-size bench's speed options: `--compile` and `--quantize` applied to the in-memory pipeline as
+`serve --compile` / `--quantize` apply them to a loaded one, and `--only` to measure a subset of the figures.
+
+With a speed option the bench first times plain diffusers on the eager bf16 pipeline (the eager baseline), then
+changes the shared pipeline, so both columns of the table run the compiled/quantized modules (the serving tax
+stays a like-for-like ratio) and the eager baseline says what the options buy against plain diffusers, all in one
+run on one card."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.quantization import Quantization, parse_quantization
+
+# Keys `--only` accepts besides the figures' own (bench_figures): the checks that follow the figures.
+CHECKS = ("step_cache", "reference_cache")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    compile: bool = False
+    quantization: Quantization = Quantization()
+    only: frozenset[str] | None = None  # figure/check keys to measure; None = all
+
+    def __bool__(self) -> bool:
+        """Whether the pipeline is changed (compiled or quantized) after the eager baseline."""
+        return self.compile or bool(self.quantization)
+
+    def label(self) -> str:
+        parts = (["--compile"] if self.compile else []) + (
+            [f"--quantize {self.quantization}"] if self.quantization else []
+        )
+        return " ".join(parts)
+
+    def wants(self, key: str) -> bool:
+        return self.only is None or key in self.only
+
+
+def parse_speed_options(compile: bool, quantize: str, only: str | None) -> SpeedOptions:
+    """ValueError (naming the option) for a bad --quantize or an empty --only."""
+    try:
+        quantization = parse_quantization(quantize)
+    except ValueError as exc:
+        raise ValueError(f"--quantize: {exc}") from exc
+    keys = None
+    if only is not None:
+        keys = frozenset(key.strip() for key in only.split(",") if key.strip())
+        if not keys:
+            raise ValueError("--only: name at least one figure key, e.g. one_image,pipeline_step")
+    return SpeedOptions(compile, quantization, keys)
+
+
+def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Callable[[], Any] | int | None) -> float:
+    """Quantize, then compile (the transformer's repeated blocks; on CUDA the VAE decoder too, when `pipe` has
+    one), then warm up: `warm_up` is the side of a whole-pipeline warm-up or a callable. Returns the seconds."""
+    from pipeline.compilation import compile_transformer, compile_vae_decoder
+    from pipeline.compilation import warm_up as warm_up_pipeline
+    from pipeline.quantization import check_quantization, quantize_modules
+
+    started = time.perf_counter()
+    if speed.quantization:
+        check_quantization(speed.quantization, device, _capability(device))
+        quantize_modules(pipe, speed.quantization)
+    if speed.compile:
+        compile_transformer(pipe)
+        if device == "cuda" and getattr(pipe, "vae", None) is not None:
+            compile_vae_decoder(pipe)
+    if isinstance(warm_up, int):
+        warm_up_pipeline(pipe, warm_up)  # the served path (inference mode)
+        for batch in (1, 2):  # the plain column's: diffusers' own call runs under no_grad, which torch compiles apart
+            pipe(prompt=[f"warm-up {i}" for i in range(batch)], height=warm_up, width=warm_up, num_inference_steps=1)
+    elif warm_up is not None:
+        warm_up()
+    _synchronize(device)
+    return time.perf_counter() - started
+
+
+def _capability(device: str) -> tuple[int, int] | None:
+    import torch
+
+    return torch.cuda.get_device_capability() if device == "cuda" else None
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
