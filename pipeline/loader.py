@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from .compilation import compile_transformer, compile_vae_decoder, warm_up
+from .compilation import compile_transformer, warm_up
 from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe
 from .offload_plan import Stage
@@ -78,8 +78,6 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         install_reference_processors(pipe.transformer)
     if placement.compile:
         compile_transformer(pipe)
-        if placement.device == "cuda":  # on the CPU its compile costs far more than it saves
-            compile_vae_decoder(pipe)
         warm_up(pipe)
     log.info(
         "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",

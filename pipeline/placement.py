@@ -154,8 +154,7 @@ def decide_placement(
             f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
         )
     if compile:
-        decoder = " and the VAE decoder" if chosen_device == "cuda" else ""
-        reasons.append(f"compile: the transformer's repeated blocks{decoder} (asked; compiled and warmed up at load)")
+        reasons.append("compile: the transformer's repeated blocks (asked; compiled and warmed up at load)")
     try:
         step_cache = parse_cache(cache)
     except CacheSpecError as exc:

@@ -128,16 +128,19 @@ class DirectDiffusers:
         self, prompts: list[str], size: int, seed: int = 0, per_prompt: int = 1, pipe: Any = None, **extra: Any
     ) -> None:
         generators = [torch.Generator("cpu").manual_seed(seed + i) for i in range(len(prompts) * per_prompt)]
-        output = (pipe or self.pipe)(
-            prompt=prompts,
-            height=size,
-            width=size,
-            num_inference_steps=self.steps,
-            guidance_scale=self.guidance_scale,
-            num_images_per_prompt=per_prompt,
-            generator=generators,
-            **extra,
-        )
+        # Inference mode, as the server runs: diffusers' own call is under no_grad, which compiled blocks would
+        # compile a second time for (and which is no faster).
+        with torch.inference_mode():
+            output = (pipe or self.pipe)(
+                prompt=prompts,
+                height=size,
+                width=size,
+                num_inference_steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                num_images_per_prompt=per_prompt,
+                generator=generators,
+                **extra,
+            )
         for image in output.images:
             plain_png(image)
 

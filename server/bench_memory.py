@@ -76,7 +76,6 @@ def run_memory_cap(
     check_cap(cap_gib, torch.cuda.is_available(), None)
     total = torch.cuda.get_device_properties(0).total_memory
     check_cap(cap_gib, True, total)
-    torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     quantization = parse_quantization(quantize)
     result: dict[str, Any] = {
         "architecture": arch.name,
@@ -86,7 +85,7 @@ def run_memory_cap(
         **environment("cuda"),
     }
     try:
-        plan = plan_for_cap(arch, int(cap_gib * _GIB) - torch.cuda.memory_reserved(), quantization)
+        plan = plan_for_cap(arch, int(cap_gib * _GIB), quantization)
     except DoesNotFit as exc:
         echo(f"{arch.name} under {cap_gib:g} GiB: {exc}")
         return {**result, "plan": None, "verdict": "does not fit", "reason": str(exc)}
@@ -94,8 +93,15 @@ def run_memory_cap(
     result["plan_lines"] = plan.lines()
     for line in plan.lines():
         echo(line)
+    started = time.perf_counter()
+    # Built before the cap: each component initialised on the card (seconds; the CPU takes minutes) and parked on
+    # the host, the card then emptied; the cap holds for everything the plan places and runs.
+    pipe = build_pipeline(arch, "cuda", torch.bfloat16, park_on_host=True)
+    torch.cuda.empty_cache()
+    echo(f"built on the card and parked on the host in {time.perf_counter() - started:.1f} s")
+    torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     try:
-        seconds, peak = _measure(arch, plan, quantization, steps, repeats, echo)
+        seconds, peak = _measure(pipe, arch, plan, quantization, steps, repeats, echo)
     except torch.cuda.OutOfMemoryError as exc:
         echo(f"{arch.name} under {cap_gib:g} GiB with {plan.name}: out of memory")
         return {**result, "verdict": "does not fit", "reason": f"out of memory while running: {str(exc)[:300]}"}
@@ -103,6 +109,7 @@ def run_memory_cap(
 
 
 def _measure(
+    pipe: Any,
     arch: Architecture,
     plan: OffloadPlan,
     quantization: Quantization,
@@ -121,8 +128,7 @@ def _measure(
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
-    pipe = build_pipeline(arch, "cpu", dtype)  # on the host: the plan decides what goes to the card
-    quantize_modules(pipe, quantization)
+    quantize_modules(pipe, quantization)  # `pipe` is on the host: the plan decides what goes to the card
     placement = Placement(
         device=device, dtype=dtype, offload=plan.name, reasons=tuple(plan.lines()), quantization=quantization, plan=plan
     )
@@ -130,7 +136,7 @@ def _measure(
     if swapper is None:
         pipe.to(device)
     synchronize(device)
-    echo(f"built and placed in {time.perf_counter() - started:.1f} s")
+    echo(f"placed in {time.perf_counter() - started:.1f} s")
     spec = model_spec(arch)
     config = ModelConfig(name=arch.name, spec=spec, placement=placement, weight_bytes=0)
     engine = Engine(ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe, swapper)))
@@ -182,12 +188,12 @@ def run_caps_in_subprocesses(
                 "--quantize", quantize, "--steps", str(steps), "--repeats", str(repeats), "--json", str(path),
             ]  # fmt: skip
             echo(f"--- {name} under {cap:g} GiB: {' '.join(command[2:])}")
-            run = subprocess.run(command, text=True, capture_output=True)
-            echo(run.stdout.rstrip())
+            # The child's progress lines stream through as they come (a cap cut short still shows how far it got).
+            run = subprocess.run(command, text=True, stdout=None, stderr=subprocess.PIPE)
             if path.is_file():
                 results.append(json.loads(path.read_text()))
             else:
-                tail = (run.stderr or run.stdout).strip().splitlines()[-3:]
+                tail = (run.stderr or "").strip().splitlines()[-3:]
                 results.append(
                     {
                         "architecture": name,

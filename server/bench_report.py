@@ -21,8 +21,8 @@ DOC_INTRO = """# Performance
 Measured by `flux2-local bench --architecture NAME --update-docs`: the full-size architecture with random weights
 (real configs; noise images, but the real shapes, memory and time), built in memory on the device, served by the
 real app in the same process (HTTP over loopback, b64_json PNG, each answer read whole) against plain diffusers
-on the same pipeline object with the same seeds and sizes (+ Pillow's PNG save at zlib level 1; the server's own
-encoder deflates on several cores).
+on the same pipeline object with the same seeds and sizes, in inference mode (+ Pillow's PNG save at zlib level 1;
+the server's own encoder deflates on several cores).
 Every prompt is new (no prompt cache). Each figure is the median of its runs after a warm-up; peak memory is the
 largest CUDA allocation during a run. Each architecture's section is replaced by its latest run.
 """

@@ -54,9 +54,9 @@ def parse_speed_options(compile: bool, quantize: str, only: str | None) -> Speed
 
 
 def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Callable[[], Any] | int | None) -> float:
-    """Quantize, then compile (the transformer's repeated blocks; on CUDA the VAE decoder too, when `pipe` has
-    one), then warm up: `warm_up` is the side of a whole-pipeline warm-up or a callable. Returns the seconds."""
-    from pipeline.compilation import compile_transformer, compile_vae_decoder
+    """Quantize, then compile (the transformer's repeated blocks, as serve --compile), then warm up: `warm_up` is
+    the side of a whole-pipeline warm-up or a callable. Returns the seconds."""
+    from pipeline.compilation import compile_transformer
     from pipeline.compilation import warm_up as warm_up_pipeline
     from pipeline.quantization import check_quantization, quantize_modules
 
@@ -66,12 +66,8 @@ def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Ca
         quantize_modules(pipe, speed.quantization)
     if speed.compile:
         compile_transformer(pipe)
-        if device == "cuda" and getattr(pipe, "vae", None) is not None:
-            compile_vae_decoder(pipe)
     if isinstance(warm_up, int):
-        warm_up_pipeline(pipe, warm_up)  # the served path (inference mode)
-        for batch in (1, 2):  # the plain column's: diffusers' own call runs under no_grad, which torch compiles apart
-            pipe(prompt=[f"warm-up {i}" for i in range(batch)], height=warm_up, width=warm_up, num_inference_steps=1)
+        warm_up_pipeline(pipe, warm_up)  # both columns run in inference mode: one warm-up serves them
     elif warm_up is not None:
         warm_up()
     _synchronize(device)

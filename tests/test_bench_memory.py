@@ -8,8 +8,9 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 
-from pipeline.architectures import get_architecture
+from pipeline.architectures import build_pipeline, get_architecture
 from pipeline.offload_plan import DoesNotFit
 from pipeline.quantization import Quantization, parse_quantization
 from server import bench_memory
@@ -77,9 +78,12 @@ def test_the_does_not_fit_verdict_is_reported_before_anything_is_built(monkeypat
     monkeypatch.setattr(cuda, "memory_reserved", lambda *args: 0)
     monkeypatch.setattr(bench_memory, "environment", lambda device: {"device": "a simulated 80 GiB card"})
     monkeypatch.setattr(bench_memory, "_measure", lambda *args: pytest.fail("nothing is built when it does not fit"))
+    monkeypatch.setattr(
+        bench_memory, "build_pipeline", lambda *args, **kwargs: pytest.fail("nothing is built when it does not fit")
+    )
     lines = []
     result = bench_memory.run_memory_cap(get_architecture("dev"), 4, echo=lines.append)
-    assert fraction == [4 / 80]
+    assert fraction == []  # the cap is set after building, which a "does not fit" never gets to
     assert result["verdict"] == "does not fit" and result["plan"] is None
     assert "even block-streaming needs" in result["reason"] and "dev under 4 GiB" in lines[0]
 
@@ -118,6 +122,7 @@ def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
         force="transformer-resident",
     )  # fmt: skip
     lines: list[str] = []
-    seconds, peak = bench_memory._measure(arch, plan, Quantization(), 2, 2, lines.append, device="cpu")
+    pipe = build_pipeline(arch, "cpu", torch.float32, park_on_host=True)
+    seconds, peak = bench_memory._measure(pipe, arch, plan, Quantization(), 2, 2, lines.append, device="cpu")
     assert seconds > 0 and peak == 0
     assert [line.split(":")[0] for line in lines[1:]] == ["image 1/2", "image 2/2"]
