@@ -102,6 +102,30 @@ class _ReferenceAttention:
         attention_mask: torch.Tensor | None,
         reference_kv: ReferenceKV | _Recorder | None,
     ) -> torch.Tensor:
+        if reference_kv is None:  # a generation or an uncached edit: diffusers' own attention, compiled with the block
+            return attention_dispatch(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+        return self._attend_with_references(query, key, value, attention_mask, reference_kv)  # type: ignore[no-any-return]
+
+    # Outside torch.compile (a graph break under `--compile`; the rest of the block stays compiled): traced, the
+    # per-layer keys (`self.layer`) and the recorder's growing dict became guards, so every layer of every block
+    # needed its own graph and past the recompile limit the blocks ran eager (seen on an H200, klein-4B). Here the
+    # projections, norms and RoPE around it stay compiled; the attention itself is one SDPA call either way.
+    @torch.compiler.disable  # type: ignore[untyped-decorator]
+    def _attend_with_references(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        reference_kv: ReferenceKV | _Recorder,
+    ) -> torch.Tensor:
         if isinstance(reference_kv, _Recorder):
             reference_kv.layers[self.layer] = (key.clone(), value.clone())  # the prefill has no text: all references
         elif isinstance(reference_kv, ReferenceKV):

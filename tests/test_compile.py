@@ -74,3 +74,58 @@ def test_past_the_recompile_limit_the_blocks_run_eager_instead_of_failing(tiny_k
     torch._dynamo.reset()
     assert np.abs(compiled - eager).max() <= 2 / 255
     assert np.abs(past_limit - eager).max() <= 2 / 255  # our processors act as diffusers' own without a cache
+
+
+def test_cached_reference_edits_reuse_one_compiled_graph_for_every_block():
+    """`--compile --reference-cache on`: regional compilation compiles one block's code for all the blocks, so
+    the number of compiled variants must not grow with the number of layers. Traced, the reference attention's
+    per-layer keys and the prefill's growing dict were guards: 19 variants of the single-stream block for 6
+    layers here (and on an H200 the blocks hit the recompile limit and ran eager)."""
+    import torch
+    from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
+    from PIL import Image
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from pipeline import compilation
+    from pipeline.reference_cache import ATTENTION_KWARG, install, prefill
+    from pipeline.tiny_weights import build_tiny_pipeline
+
+    torch._dynamo.reset()
+    pipe = build_tiny_pipeline("klein")
+    config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
+    pipe.register_modules(transformer=Flux2Transformer2DModel(**{**config, "num_layers": 3, "num_single_layers": 6}))
+    pipe.transformer.eval()
+    pipe.set_progress_bar_config(disable=True)
+    install(pipe.transformer)
+    compilation.compile_transformer(pipe)
+    references = [Image.new("RGB", (64, 64), (40 * i, 90, 200 - 30 * i)) for i in range(4)]
+
+    def image(count: int) -> np.ndarray:
+        extra = {}
+        with torch.inference_mode():
+            if count:
+                extra["attention_kwargs"] = {ATTENTION_KWARG: prefill(pipe, [tuple(references[:count])], 1.0)}
+            output = pipe(
+                prompt="a kite",
+                height=64,
+                width=64,
+                num_inference_steps=2,
+                generator=torch.Generator().manual_seed(1),
+                output_type="np",
+                **extra,
+            )
+        return np.asarray(output.images[0])
+
+    first = {count: image(count) for count in (0, 1, 4)}
+    again = {count: image(count) for count in (4, 0, 1)}
+    variants = {
+        name: len(_debug_get_cache_entry_list(type(blocks[0]).forward.__code__))
+        for name, blocks in (
+            ("double", pipe.transformer.transformer_blocks),
+            ("single", pipe.transformer.single_transformer_blocks),
+        )
+    }
+    torch._dynamo.reset()
+    assert variants["double"] <= 4 and variants["single"] <= 4, variants
+    for count in (0, 1, 4):  # the same seed gives the same image, run after run
+        assert np.abs(first[count] - again[count]).max() <= 1 / 255
