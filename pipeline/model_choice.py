@@ -51,7 +51,9 @@ class ModelChoice:
     device: str = "auto"
     dtype: str = "auto"
     offload: str = "auto"
-    compile: bool = False  # regional compilation of the transformer (torch.compile), warmed up at load
+    # Regional compilation of the transformer (torch.compile), warmed up at load; None: auto (on CUDA when
+    # everything is resident and nothing else changes the transformer: placement._compile_choice).
+    compile: bool | None = None
     cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
     reference_cache: str = "off"  # edits: "on" computes the references' K/V once per batch (reference_cache.py)
@@ -98,7 +100,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 choice.dtype,
                 choice.offload,
                 weight_params=params,
-                compile=choice.compile,
+                compile=False if choice.compile is None and choice.lora else choice.compile,  # LoRA: eager
                 cache=choice.cache,
                 quantize=choice.quantize,
                 components=components,

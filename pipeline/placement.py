@@ -64,7 +64,7 @@ def decide_placement(
     weight_params: int,
     cuda_available: bool | None = None,
     cuda_free_bytes: int | None = None,
-    compile: bool = False,
+    compile: bool | None = None,
     cache: str = "off",
     quantize: str = "none",
     reference_cache: str = "off",
@@ -153,12 +153,15 @@ def decide_placement(
             f"offload: {chosen_offload} (auto: weights {weight_bytes / _GIB:.2f} GiB + margin = "
             f"{needed / _GIB:.2f} GiB {verdict} in {cuda_free_bytes / _GIB:.2f} GiB free)"
         )
-    if compile:
-        reasons.append("compile: the transformer's repeated blocks (asked; compiled and warmed up at load)")
     try:
         step_cache = parse_cache(cache)
     except CacheSpecError as exc:
         raise PlacementError(str(exc)) from exc
+    compile, compile_reason = _compile_choice(
+        compile, chosen_device, chosen_offload, bool(quantization), transformer_file, step_cache.kind != "off"
+    )
+    if compile_reason:
+        reasons.append(compile_reason)
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
     if reference_cache not in REFERENCE_CACHE_CHOICES:
@@ -184,6 +187,42 @@ def decide_placement(
         plan=plan,
         transformer_file=transformer_file,
         reference_cache=reference_cache == "on",
+    )
+
+
+def _compile_choice(
+    asked: bool | None,
+    device: Device,
+    offload: Offload,
+    quantized: bool,
+    transformer_file: Path | None,
+    step_cache: bool,
+) -> tuple[bool, str]:
+    """Whether to compile, and the log line ("" for none). Asked (--compile / --no-compile) is obeyed; auto compiles on CUDA when
+    everything is resident and nothing else changes the transformer: measured on an H200 (klein-4B, 1024², torch
+    2.11), a step takes 0.060 s instead of 0.082 s and a served image 0.44 s instead of 0.71 s for plain diffusers,
+    for ~40 s of compiling at start. Offloaded, quantized, GGUF and step-cached transformers stay eager until
+    measured compiled."""
+    if asked is not None:
+        what = "the transformer's repeated blocks, compiled and warmed up at load" if asked else "off"
+        return asked, f"compile: {what} (asked)"
+    if device != "cuda":  # the CPU: compiling costs more than it saves; no line, as for any default left alone
+        return False, ""
+    held_back = [
+        reason
+        for reason, present in (
+            (f"offload {offload}", offload != "resident"),
+            ("quantized weights", quantized),
+            ("a GGUF transformer", transformer_file is not None),
+            ("the step cache", step_cache),
+        )
+        if present
+    ]
+    if held_back:
+        return False, f"compile: off (auto: not measured with {', '.join(held_back)}; --compile forces it)"
+    return True, (
+        "compile: the transformer's repeated blocks (auto: CUDA, everything resident; compiled and warmed up at "
+        "load, about 40 s; --no-compile skips it)"
     )
 
 

@@ -82,7 +82,7 @@ def reference_cache_figures(
             plain_png(image)
 
     against_kv = family == "klein" and not compiled  # the KV pipeline is klein's only
-    no_direct = "not measured: compiled (see bench_references)" if compiled else "no plain equivalent"
+    no_direct = "not measured under --compile" if compiled else "no plain equivalent"
     return [
         Figure(
             f"edit_{count}_cached",

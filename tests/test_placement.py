@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +11,36 @@ from pipeline.placement import PlacementError, count_weight_params, decide_place
 
 GIB = 1024**3
 KLEIN_4B_PARAMS = 8_000_000_000  # transformer + Qwen3 4B encoder + VAE, roughly
+
+
+def _line(placement, prefix):
+    (line,) = [reason for reason in placement.reasons if reason.startswith(prefix)]
+    return line
+
+
+def test_compile_is_on_by_default_on_cuda_with_everything_resident_only():
+    def placed(**kwargs):
+        options = {"weight_params": KLEIN_4B_PARAMS, "cuda_available": True, "cuda_free_bytes": 79 * GIB}
+        return decide_placement(**{**options, **kwargs})
+
+    resident = placed()
+    assert resident.compile and "auto: CUDA, everything resident" in _line(resident, "compile:")
+    assert not decide_placement(weight_params=1000, cuda_available=False).compile  # the CPU: off, no line
+    assert not any(r.startswith("compile:") for r in decide_placement(weight_params=1000, cuda_available=False).reasons)
+    for kwargs, why in (
+        ({"cuda_free_bytes": 16 * GIB}, "offload model"),
+        ({"quantize": "transformer=int8", "cuda_capability": (9, 0)}, "quantized weights"),
+        ({"transformer_file": Path("t.gguf")}, "a GGUF transformer"),
+        ({"cache": "taylorseer"}, "the step cache"),
+    ):
+        held = placed(**kwargs)
+        assert not held.compile and why in _line(held, "compile:"), kwargs
+    asked_off = placed(compile=False)
+    assert not asked_off.compile and _line(asked_off, "compile:") == "compile: off (asked)"
+    asked_on = decide_placement(weight_params=1000, cuda_available=False, compile=True)
+    assert asked_on.compile and "(asked)" in _line(asked_on, "compile:")
+    forced = placed(cache="taylorseer", compile=True)
+    assert forced.compile
 
 
 def test_cpu_defaults_to_fp32_without_offload():
@@ -20,13 +52,13 @@ def test_cpu_defaults_to_fp32_without_offload():
 def test_cuda_defaults_to_bf16_and_no_offload_when_it_fits():
     placement = decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=79 * GIB)
     assert (placement.device, placement.dtype, placement.offload) == ("cuda", torch.bfloat16, "resident")
-    assert "fits" in placement.reasons[-1]
+    assert "fits" in _line(placement, "offload:")
 
 
 def test_cuda_offloads_when_the_weights_do_not_fit():
     placement = decide_placement(weight_params=KLEIN_4B_PARAMS, cuda_available=True, cuda_free_bytes=16 * GIB)
     assert placement.offload == "model"
-    assert "does not fit" in placement.reasons[-1]
+    assert "does not fit" in _line(placement, "offload:")
 
 
 def test_the_margin_counts():
