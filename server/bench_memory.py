@@ -132,6 +132,7 @@ def _measure(
     placement = Placement(
         device=device, dtype=dtype, offload=plan.name, reasons=tuple(plan.lines()), quantization=quantization, plan=plan
     )
+    echo(f"placing as {plan.name} (swapped components are copied into pinned host memory first)")
     swapper = apply_plan(pipe, placement) if plan.name != "resident" else None
     if swapper is None:
         pipe.to(device)
@@ -144,6 +145,7 @@ def _measure(
     try:
         if not engine.wait_ready(600):
             raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
+        echo("engine ready; a warm-up image, then the timed ones")
         seconds = []
         if cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -125,4 +125,5 @@ def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
     pipe = build_pipeline(arch, "cpu", torch.float32, park_on_host=True)
     seconds, peak = bench_memory._measure(pipe, arch, plan, Quantization(), 2, 2, lines.append, device="cpu")
     assert seconds > 0 and peak == 0
-    assert [line.split(":")[0] for line in lines[1:]] == ["image 1/2", "image 2/2"]
+    assert [line.split(":")[0] for line in lines[-2:]] == ["image 1/2", "image 2/2"]
+    assert lines[0].startswith("placing as transformer-resident") and "engine ready" in lines[2]

@@ -198,3 +198,46 @@ def test_a_server_with_a_forced_plan_serves_the_resident_image(tiny_klein, clien
     a = _pixels(Image.open(io.BytesIO(base64.b64decode(expected))))
     b = _pixels(Image.open(io.BytesIO(base64.b64decode(got))))
     assert np.abs(a - b).max() <= 1
+
+
+def test_host_copies_are_packed_into_a_few_aligned_buffers(monkeypatch):
+    """Swapped weights live in a few large host buffers (pinned on CUDA), not one allocation per weight: each copy
+    equals its weight, starts at an aligned offset, and a weight larger than a buffer gets one of its own."""
+    import torch
+
+    from pipeline.swapping import HostArena
+
+    monkeypatch.setattr(HostArena, "CHUNK_BYTES", 4096)
+    generator = torch.Generator().manual_seed(0)
+    weights = [torch.randn(shape, generator=generator).to(dtype) for shape, dtype in (
+        ((10, 7), torch.float32), ((3,), torch.bfloat16), ((), torch.float32), ((40, 40), torch.float32),
+        ((5, 5), torch.float16), ((100,), torch.bfloat16),
+    )]  # fmt: skip
+    arena = HostArena(pin=False)
+    copies = [arena.copy_of(weight) for weight in weights]
+    for weight, copy in zip(weights, copies, strict=True):
+        assert copy.dtype == weight.dtype and copy.shape == weight.shape and copy.is_contiguous()
+        assert torch.equal(copy, weight) and copy.data_ptr() != weight.data_ptr()
+        assert (copy.data_ptr() - copy.untyped_storage().data_ptr()) % HostArena.ALIGN == 0
+    # 280 + 6 + 4 bytes share the first buffer; the 6,400-byte weight gets its own; the last two share a third
+    assert arena.allocations == 3 and arena.allocated_bytes == 4096 + 6400 + 4096
+    assert len({copy.untyped_storage().data_ptr() for copy in copies}) == 3
+    weights[0].add_(1)  # copies, not aliases
+    assert not torch.equal(copies[0], weights[0])
+
+
+def test_a_swapped_component_keeps_its_weights_in_shared_host_buffers(tiny_klein):
+    from diffusers import DiffusionPipeline
+
+    from pipeline.swapping import _Weights
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_klein)
+    before = {name: param.detach().clone() for name, param in pipe.transformer.named_parameters()}
+    weights = _Weights(pipe.transformer, torch.device("cpu"), pin=False)
+    assert weights.host_allocations == 1  # the tiny transformer fits one buffer
+    assert len({host.untyped_storage().data_ptr() for host in weights.host}) == 1
+    names = [name for name, _ in pipe.transformer.named_parameters()]
+    assert all(param.numel() == 0 for param in weights.params)  # evicted: placeholders until a stage loads them
+    weights.load(None, None)
+    for name, param in zip(names, weights.params, strict=True):
+        assert torch.equal(param.data, before[name]), name
