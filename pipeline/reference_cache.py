@@ -103,14 +103,7 @@ class _ReferenceAttention:
         reference_kv: ReferenceKV | _Recorder | None,
     ) -> torch.Tensor:
         if reference_kv is None:  # a generation or an uncached edit: diffusers' own attention, compiled with the block
-            return attention_dispatch(
-                query,
-                key,
-                value,
-                attn_mask=attention_mask,
-                backend=self._attention_backend,
-                parallel_config=self._parallel_config,
-            )
+            return self._dispatch(query, key, value, attention_mask)
         return self._attend_with_references(query, key, value, attention_mask, reference_kv)  # type: ignore[no-any-return]
 
     # Outside torch.compile (a graph break under `--compile`; the rest of the block stays compiled): traced, the
@@ -130,6 +123,11 @@ class _ReferenceAttention:
             reference_kv.layers[self.layer] = (key.clone(), value.clone())  # the prefill has no text: all references
         elif isinstance(reference_kv, ReferenceKV):
             key, value, attention_mask = reference_kv.keys_values(self.layer, key, value)
+        return self._dispatch(query, key, value, attention_mask)
+
+    def _dispatch(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         return attention_dispatch(
             query,
             key,

@@ -25,6 +25,22 @@ def _image(base_url: str, size: str) -> np.ndarray:
     return np.asarray(decode_b64(response.json()["data"][0]["b64_json"]), dtype=np.int16)
 
 
+def _small_image(pipe, steps: int, seed: int, **extra) -> np.ndarray:
+    """One 64x64 image straight from the pipeline, as floats."""
+    import torch
+
+    output = pipe(
+        prompt="a red kite",
+        height=64,
+        width=64,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+        **extra,
+    )
+    return np.asarray(output.images[0])
+
+
 def test_a_compiled_server_warms_up_at_start_and_makes_the_same_images(tiny_klein, tmp_path, server):
     with RunningServer(
         ["--model", str(tiny_klein), "--compile", "--output-dir", str(tmp_path / "out")],
@@ -56,15 +72,7 @@ def test_past_the_recompile_limit_the_blocks_run_eager_instead_of_failing(tiny_k
     pipe.set_progress_bar_config(disable=True)
 
     def image() -> np.ndarray:
-        output = pipe(
-            prompt="a red kite",
-            height=64,
-            width=64,
-            num_inference_steps=1,
-            generator=torch.Generator().manual_seed(5),
-            output_type="np",
-        )
-        return np.asarray(output.images[0])
+        return _small_image(pipe, steps=1, seed=5)
 
     eager = image()
     compilation.compile_transformer(pipe)
@@ -101,20 +109,11 @@ def test_cached_reference_edits_reuse_one_compiled_graph_for_every_block():
     references = [Image.new("RGB", (64, 64), (40 * i, 90, 200 - 30 * i)) for i in range(4)]
 
     def image(count: int) -> np.ndarray:
-        extra = {}
         with torch.inference_mode():
-            if count:
-                extra["attention_kwargs"] = {ATTENTION_KWARG: prefill(pipe, [tuple(references[:count])], 1.0)}
-            output = pipe(
-                prompt="a kite",
-                height=64,
-                width=64,
-                num_inference_steps=2,
-                generator=torch.Generator().manual_seed(1),
-                output_type="np",
-                **extra,
-            )
-        return np.asarray(output.images[0])
+            if not count:
+                return _small_image(pipe, steps=2, seed=1)
+            kv = prefill(pipe, [tuple(references[:count])], 1.0)
+            return _small_image(pipe, steps=2, seed=1, attention_kwargs={ATTENTION_KWARG: kv})
 
     first = {count: image(count) for count in (0, 1, 4)}
     again = {count: image(count) for count in (4, 0, 1)}
