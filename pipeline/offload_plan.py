@@ -42,6 +42,12 @@ STAGE_NEEDS: dict[Stage, tuple[Component, ...]] = {
 
 _GIB = 1024**3
 CONTEXT_BYTES = _GIB  # the CUDA context, cuBLAS workspaces and allocator fragmentation, on top of every stage
+# Full-resolution 128-channel maps the VAE decoder holds at its peak. Measured on an H200 (klein-4B, bf16, eager,
+# docs/PERFORMANCE.md): the peak allocation beyond the 14.87 GiB of weights is 2.43 GiB for a 1024² image (memory
+# cap 48 GiB), 9.6 GiB at 2048², 8.1 GiB for 4 images of 1024², 0.73 GiB at 512²: ~2.4 GiB per megapixel per
+# image, the decode's (the transformer's activations at 1024² are ~0.1 GiB). The first estimate (4 maps, 1 GiB)
+# was 2.4x short.
+DECODE_MAPS = 10
 
 
 class DoesNotFit(Exception):
@@ -104,13 +110,13 @@ def estimate_working(
 ) -> Working:
     """Rough working memory of one batch of `batch` images of `pixels`: the transformer's peak activations
     (~16 hidden-sized tensors over the image and text tokens, 16x16 pixels a token), the text encoder's kept
-    hidden states and logits, the VAE decoder's full-resolution feature maps (~4 of 128 channels). Estimates to
-    check against a GPU run; every stage adds `CONTEXT_BYTES`."""
+    hidden states and logits, the VAE decoder's full-resolution feature maps (`DECODE_MAPS` of 128 channels);
+    every stage adds `CONTEXT_BYTES`."""
     tokens = pixels // 256 + text_tokens
     return Working(
         encode=CONTEXT_BYTES + text_tokens * (text_hidden * (text_layers + 8) + vocab) * itemsize,
         denoise=CONTEXT_BYTES + batch * tokens * inner_dim * 16 * itemsize,
-        decode=CONTEXT_BYTES + batch * pixels * 128 * 4 * itemsize,
+        decode=CONTEXT_BYTES + batch * pixels * 128 * DECODE_MAPS * itemsize,
     )
 
 
