@@ -255,14 +255,12 @@ def _whole_pipeline(
             warm = {"one_image", "edit_1", "transformer_step"} | {
                 next((f.key for f in figures if f.key.endswith("_cached")), "")
             }
-            clock.say(
-                "warm-up: one image, a one-reference edit and a cached edit, served and direct; a transformer call"
-            )
-            for figure in figures:
-                if figure.key in warm:
-                    for action in (figure.served, figure.direct):
-                        if action is not None:
-                            action()
+            warming = [figure for figure in figures if figure.key in warm]
+            clock.say(f"warm-up, served and direct: {', '.join(figure.label for figure in warming) or 'nothing'}")
+            for figure in warming:
+                for action in (figure.served, figure.direct):
+                    if action is not None:
+                        action()
             clock.say("warm-up done")
             for figure in figures:
                 results["figures"].append(
