@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from pipeline.architectures import Architecture, build_pipeline, build_transformer, model_spec, parameter_counts
+from pipeline.compilation import warm_up
 from pipeline.reference_cache import install as install_reference_processors
 
 from .bench_figures import BATCH, Figure, figures_for
@@ -32,10 +33,12 @@ from .bench_harness import (
     DirectDiffusers,
     ImageClient,
     InProcessServer,
+    seeded_image,
     synchronize,
     timed,
     transformer_step,
 )
+from .bench_references import COUNTS as REFERENCE_COUNTS
 from .bench_references import reference_cache_check
 from .bench_report import count_label, environment, write_json
 from .bench_speed import SpeedOptions, apply_speed_options
@@ -208,11 +211,12 @@ def _whole_pipeline(
     if speed:  # plain diffusers as a user runs it, before the speed options change the shared pipeline
         results["eager_baseline"] = _eager_baseline(direct, arch.size, repeats, device, clock)
         save()
-        if speed.compile and any(speed.wants(f"edit_{count}_cached") for count in (1, 4, 10)):
+        if speed.compile and any(speed.wants(f"edit_{count}_cached") for count in REFERENCE_COUNTS):
             # As serve --reference-cache on --compile does: the cache's processors go on before compiling (they act
             # as diffusers' own without a cache), so no figure swaps processors under the compiled blocks.
             install_reference_processors(pipe.transformer)
-        results["speed_setup_s"] = apply_speed_options(pipe, speed, device, arch.size)
+        # One warm-up serves both columns: they both run in inference mode.
+        results["speed_setup_s"] = apply_speed_options(pipe, speed, device, lambda: warm_up(pipe, arch.size))
         clock.say(f"{speed.label()} applied (compiled and warmed up) in {results['speed_setup_s']:.1f} s")
     placement = Placement(
         device=device,
@@ -306,14 +310,7 @@ def _step_cache_check(pipe: Any, size: int, steps: int, device: str, clock: _Clo
         synchronize(device)
         started = time.perf_counter()
         with cache_context(pipe.transformer):
-            output = pipe(
-                prompt="a lighthouse on a cliff at dusk",
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                generator=torch.Generator("cpu").manual_seed(0),
-                output_type="np",
-            ).images[0]
+            output = seeded_image(pipe, "a lighthouse on a cliff at dusk", size, steps)
         synchronize(device)
         return output, time.perf_counter() - started
 

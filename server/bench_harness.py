@@ -145,6 +145,19 @@ class DirectDiffusers:
             plain_png(image)
 
 
+def seeded_image(pipe: Any, prompt: str, size: int, steps: int, **extra: Any) -> Any:
+    """One `size`x`size` image from `pipe` with seed 0, as floats (numpy): for comparing runs of one pipeline."""
+    return pipe(
+        prompt=prompt,
+        height=size,
+        width=size,
+        num_inference_steps=steps,
+        generator=torch.Generator("cpu").manual_seed(0),
+        output_type="np",
+        **extra,
+    ).images[0]
+
+
 def plain_png(image: Image.Image) -> bytes:
     """What a plain diffusers user does with an output: Pillow's own PNG save (at zlib level 1, as the server's
     encoder, rather than Pillow's default 6). The served side's encoder deflates on several cores instead."""

@@ -96,8 +96,7 @@ def run_memory_cap(
     started = time.perf_counter()
     # Built before the cap: each component initialised on the card (seconds; the CPU takes minutes) and parked on
     # the host, the card then emptied; the cap holds for everything the plan places and runs.
-    pipe = build_pipeline(arch, "cuda", torch.bfloat16, park_on_host=True)
-    torch.cuda.empty_cache()
+    pipe = build_pipeline(arch, "cuda", torch.bfloat16, park_on_host=True)  # parking empties the card's cache
     echo(f"built on the card and parked on the host in {time.perf_counter() - started:.1f} s")
     torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     try:

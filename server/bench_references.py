@@ -22,7 +22,7 @@ from pipeline.loader import LoadedModel
 from pipeline.reference_cache import ATTENTION_KWARG, install, prefill
 
 from .bench_figures import Figure
-from .bench_harness import StepTimer, plain_png, synchronize
+from .bench_harness import StepTimer, plain_png, seeded_image, synchronize
 
 COUNTS = (1, 4, 10)
 
@@ -119,15 +119,7 @@ def reference_cache_check(
             extra["image"] = refs[:count]
         timer = StepTimer(pipe.transformer, device)
         try:
-            output = pipe(
-                prompt=prompt,
-                height=size,
-                width=size,
-                num_inference_steps=steps,
-                generator=torch.Generator("cpu").manual_seed(0),
-                output_type="np",
-                **extra,
-            ).images[0]
+            output = seeded_image(pipe, prompt, size, steps, **extra)
         finally:
             step = timer.detach()
         synchronize(device)
@@ -143,15 +135,7 @@ def reference_cache_check(
     cached, _, _ = edit(4, True)
     result["cached_vs_uncached"] = _difference(cached, uncached)
     if family == "klein":
-        theirs = kv_pipeline(pipe)(
-            prompt=prompt,
-            image=refs[:4],
-            height=size,
-            width=size,
-            num_inference_steps=steps,
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="np",
-        ).images[0]
+        theirs = seeded_image(kv_pipeline(pipe), prompt, size, steps, image=refs[:4])
         result["cached_vs_kv_pipeline"] = _difference(cached, np.asarray(theirs))
         install(pipe.transformer)  # ours behave as diffusers' own without a cache; the KV pipeline's set its own
     say(summary(result))

@@ -15,8 +15,7 @@ from typing import Any
 
 from pipeline.quantization import Quantization, parse_quantization
 
-# Keys `--only` accepts besides the figures' own (bench_figures): the checks that follow the figures.
-CHECKS = ("step_cache", "reference_cache")
+from .bench_harness import synchronize
 
 
 @dataclass(frozen=True)
@@ -53,11 +52,10 @@ def parse_speed_options(compile: bool, quantize: str, only: str | None) -> Speed
     return SpeedOptions(compile, quantization, keys)
 
 
-def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Callable[[], Any] | int | None) -> float:
-    """Quantize, then compile (the transformer's repeated blocks, as serve --compile), then warm up: `warm_up` is
-    the side of a whole-pipeline warm-up or a callable. Returns the seconds."""
+def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Callable[[], Any]) -> float:
+    """Quantize, then compile (the transformer's repeated blocks, as serve --compile), then `warm_up()`. Returns
+    the seconds."""
     from pipeline.compilation import compile_transformer
-    from pipeline.compilation import warm_up as warm_up_pipeline
     from pipeline.quantization import check_quantization, quantize_modules
 
     started = time.perf_counter()
@@ -66,11 +64,8 @@ def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Ca
         quantize_modules(pipe, speed.quantization)
     if speed.compile:
         compile_transformer(pipe)
-    if isinstance(warm_up, int):
-        warm_up_pipeline(pipe, warm_up)  # both columns run in inference mode: one warm-up serves them
-    elif warm_up is not None:
-        warm_up()
-    _synchronize(device)
+    warm_up()
+    synchronize(device)
     return time.perf_counter() - started
 
 
@@ -78,10 +73,3 @@ def _capability(device: str) -> tuple[int, int] | None:
     import torch
 
     return torch.cuda.get_device_capability() if device == "cuda" else None
-
-
-def _synchronize(device: str) -> None:
-    import torch
-
-    if device == "cuda":
-        torch.cuda.synchronize()
