@@ -12,19 +12,17 @@ for the text encoder (`MAX_SEQUENCE_LENGTH` tokens), falls back to the original 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 
 from .internals import execution_device
 from .jobs import GenerationJob
 from .loader import LoadedModel
+from .lru import LRU
 from .prompts import MAX_SEQUENCE_LENGTH, measure_prompt
 
 log = logging.getLogger("flux2.enhance")
@@ -50,25 +48,25 @@ class PromptEnhancer:
         self.model_path = model_path
         self.max_new_tokens = max_new_tokens
         self.max_entries = max_entries
-        self._cache: OrderedDict[tuple[str, str, int, bytes], str] = OrderedDict()
+        self._cache: LRU[tuple[str, str, int, tuple[bytes, ...]], str] = LRU(max_entries)
         self._external: tuple[Any, Any] | None = None  # (causal LM, tokenizer) of --enhancer-model, once loaded
-        self.hits = 0
-        self.misses = 0
+
+    @property
+    def hits(self) -> int:
+        return self._cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self._cache.misses
 
     def rewrite(self, model: LoadedModel, job: GenerationJob) -> Rewrite:
         if not job.enhance_prompt:
             return Rewrite(job.prompt)
-        key = (self.model_path or str(model.spec.path), job.prompt, job.seeds[0], _digest(job.references))
+        key = (self.model_path or str(model.spec.path), job.prompt, job.seeds[0], job.reference_digests)
         text = self._cache.get(key)
         if text is None:
-            self.misses += 1
             text = self._generate(model, job)
-            self._cache[key] = text
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        else:
-            self.hits += 1
-            self._cache.move_to_end(key)
+            self._cache.put(key, text)
         return self._checked(model, job.prompt, text)
 
     def _checked(self, model: LoadedModel, prompt: str, text: str) -> Rewrite:
@@ -152,14 +150,6 @@ def _fallback(prompt: str, why: str) -> Rewrite:
     message = f"prompt_enhancement: {why}; the original prompt was used."
     log.warning(message)
     return Rewrite(prompt, (message,))
-
-
-def _digest(images: tuple[Image.Image, ...]) -> bytes:
-    digest = hashlib.blake2b(digest_size=16)
-    for image in images:
-        digest.update(repr(image.size).encode())
-        digest.update(image.tobytes())
-    return digest.digest()
 
 
 def _cuda_devices(device: torch.device) -> list[torch.device]:

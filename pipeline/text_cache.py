@@ -5,12 +5,11 @@ short generation. Entries are keyed by (model, prompt) and hold the encoder's ou
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 
+from .lru import LRU
 from .prompts import PromptTokens
 
 
@@ -21,42 +20,27 @@ class EncodedPrompt:
 
 
 class PromptCache:
+    """Keyed by (model, prompt); `max_bytes` of embeddings at most."""
+
     def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[str, str], EncodedPrompt] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
+        self._entries: LRU[tuple[str, str], EncodedPrompt] = LRU(max_bytes, _nbytes)
+
+    @property
+    def hits(self) -> int:
+        return self._entries.hits
+
+    @property
+    def misses(self) -> int:
+        return self._entries.misses
 
     def get(self, model: str, prompt: str) -> EncodedPrompt | None:
-        with self._lock:
-            entry = self._entries.get((model, prompt))
-            if entry is None:
-                self.misses += 1
-                return None
-            self._entries.move_to_end((model, prompt))
-            self.hits += 1
-            return entry
+        return self._entries.get((model, prompt))
 
     def put(self, model: str, prompt: str, entry: EncodedPrompt) -> None:
-        size = _nbytes(entry)
-        if size > self.max_bytes:
-            return
-        with self._lock:
-            old = self._entries.pop((model, prompt), None)
-            if old is not None:
-                self._bytes -= _nbytes(old)
-            self._entries[(model, prompt)] = entry
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= _nbytes(evicted)
+        self._entries.put((model, prompt), entry)
 
     def drop_model(self, model: str) -> None:
-        with self._lock:
-            for key in [k for k in self._entries if k[0] == model]:
-                self._bytes -= _nbytes(self._entries.pop(key))
+        self._entries.drop(lambda key: key[0] == model)
 
 
 def _nbytes(entry: EncodedPrompt) -> int:
