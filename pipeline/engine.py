@@ -312,6 +312,7 @@ class Engine:
         handles: dict[int, JobHandle],
         results: dict[int, list[GenerationResult]],
         failures: dict[int, BaseException],
+        store_dropped: bool = False,  # a retry after dropping the kept reference K/V: not again (it may refill it)
     ) -> None:
         slices = [s for s in slices if id(handles[id(s.job)]) not in failures]
         if not slices:
@@ -342,7 +343,16 @@ class Engine:
                 outcome = "cancelled"
         except torch.OutOfMemoryError:
             outcome = "oom"
+            kept = model.reference_store.clear() if model.reference_store is not None else 0
             release_device_memory()
+            if kept and not store_dropped:  # reference K/V kept from earlier edits held memory: once more without
+                log.warning(
+                    "out of device memory for %d images with %.2f GiB of kept reference K/V: dropped them, retrying",
+                    images_in(slices),
+                    kept / 1024**3,
+                )
+                self._run_slices(model, slices, handles, results, failures, store_dropped=True)
+                return
             if images_in(slices) == 1:
                 handle = mine[0]
                 log.error("out of device memory even for one image")
@@ -355,8 +365,8 @@ class Engine:
                     images_in(left),
                     images_in(right),
                 )
-                self._run_slices(model, left, handles, results, failures)
-                self._run_slices(model, right, handles, results, failures)
+                self._run_slices(model, left, handles, results, failures, store_dropped)
+                self._run_slices(model, right, handles, results, failures, store_dropped)
                 return
         except Exception as exc:
             outcome = "error"

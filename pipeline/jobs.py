@@ -50,10 +50,20 @@ class GenerationJob:
         and the same reference images (by content). Masked edits run alone."""
         if self.mask is not None:
             return ("alone", id(self))
-        references = tuple(
-            (image.size, hashlib.blake2b(image.tobytes(), digest_size=16).digest()) for image in self.references
+        return (
+            self.model,
+            self.run_width,
+            self.run_height,
+            self.steps,
+            self.guidance_scale,
+            self.loras,
+            self.reference_digests,
         )
-        return (self.model, self.run_width, self.run_height, self.steps, self.guidance_scale, self.loras, references)
+
+    @cached_property
+    def reference_digests(self) -> tuple[bytes, ...]:
+        """Each reference image by content (mode, size and pixels): what the caches keyed by references use."""
+        return tuple(_digest(image) for image in self.references)
 
 
 @dataclass(frozen=True)
@@ -66,6 +76,10 @@ class StageTimes:
     decode: float = 0.0
     enhance: float = 0.0  # rewriting prompts (prompt_enhancement), before the text encoding
     safety: float = 0.0  # screening the outputs with the safety checker, after the decode
+    # With the reference cache: the references' K/V (VAE encode and one pass, or the store's copy), before the
+    # denoise; without, the references are encoded inside the denoise.
+    references: float = 0.0
+    references_cached: bool = False  # every reference set of the call came from the reference store
 
     def __add__(self, other: StageTimes) -> StageTimes:
         return StageTimes(
@@ -75,6 +89,8 @@ class StageTimes:
             self.decode + other.decode,
             self.enhance + other.enhance,
             self.safety + other.safety,
+            self.references + other.references,
+            self.references_cached and other.references_cached,
         )
 
 
@@ -161,3 +177,9 @@ class JobCancelled(Exception):
 
 class OutOfDeviceMemory(Exception):
     """Even a single image did not fit in device memory."""
+
+
+def _digest(image: Image.Image) -> bytes:
+    digest = hashlib.blake2b(f"{image.mode} {image.size}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return digest.digest()

@@ -12,6 +12,7 @@ from .internals import Flux2Pipe
 from .offload_plan import Stage
 from .placement import Placement
 from .quantization import pipeline_quantization_config
+from .reference_cache import ReferenceStore
 from .reference_cache import install as install_reference_processors
 from .step_cache import apply_cache
 from .swapping import Swapper, check_swappable, stream_blocks
@@ -32,6 +33,8 @@ class LoadedModel:
     pipe: Flux2Pipe  # a diffusers Flux2Pipeline or Flux2KleinPipeline
     swapper: Swapper | None = None  # moves the swapped components at the runner's stage boundaries
     adapters: LoadedAdapters | None = None  # its LoRA adapters, when it has any (pipeline/adapters.py)
+    # Recent reference sets' K/V, kept across requests (with the reference cache on; pipeline/reference_cache.py).
+    reference_store: ReferenceStore | None = None
 
     def enter(self, stage: Stage) -> None:
         """The runner's stage boundary (encode, denoise, decode): the offload plan's moves, if any."""
@@ -88,7 +91,13 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         spec.defaults.guidance_scale,
     )
     # The class was checked above: a FLUX.2 pipeline, whatever `from_pretrained` is typed to return.
-    return LoadedModel(spec=spec, placement=placement, pipe=cast(Flux2Pipe, pipe), swapper=swapper)
+    return LoadedModel(
+        spec=spec,
+        placement=placement,
+        pipe=cast(Flux2Pipe, pipe),
+        swapper=swapper,
+        reference_store=ReferenceStore(placement.reference_memory) if placement.reference_cache else None,
+    )
 
 
 def apply_plan(pipe: Any, placement: Placement) -> Swapper:

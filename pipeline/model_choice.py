@@ -57,6 +57,7 @@ class ModelChoice:
     cache: str = "off"  # step caching: off or taylorseer[:INTERVAL]
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
     reference_cache: str = "off"  # edits: "on" computes the references' K/V once per batch (reference_cache.py)
+    reference_memory: str = "auto"  # GiB of reference K/V kept across requests with the reference cache, or auto
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
     transformer_gguf: Path | None = None  # a community GGUF transformer file for the (first) model
     prompt_cache: bool = True  # whether a prompt-embedding cache exists (the offload planner's notes)
@@ -107,6 +108,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 prompt_cache=choice.prompt_cache,
                 transformer_file=gguf.expanduser() if gguf is not None else None,
                 reference_cache=choice.reference_cache,
+                reference_memory=choice.reference_memory,
             )
             if gguf_line is not None:
                 placement = replace(placement, reasons=(*placement.reasons, gguf_line))

@@ -36,6 +36,10 @@ _GIB = 1024**3
 # fixed amount and a share of the weights.
 _MARGIN_BYTES = 4 * _GIB
 _MARGIN_SHARE = 0.15
+# --reference-memory auto: the reference store (pipeline/reference_cache.py) takes half the memory a resident
+# placement leaves free, at most this much; on the CPU (host memory, tiny or test models) a fixed amount.
+_REFERENCE_MEMORY_MAX = 16 * _GIB
+_REFERENCE_MEMORY_CPU = 1 * _GIB
 
 
 class PlacementError(Exception):
@@ -54,6 +58,7 @@ class Placement:
     transformer_file: Path | None = None  # a GGUF transformer loaded in place of the folder's (gguf_weights.py)
     plan: OffloadPlan | None = None  # where each component lives (None: diffusers' model/sequential offload, or CPU)
     reference_cache: bool = False  # edits: reference K/V computed once per batch (pipeline/reference_cache.py)
+    reference_memory: int = 0  # bytes of recent reference sets' K/V kept across requests (with reference_cache)
 
 
 def decide_placement(
@@ -68,6 +73,7 @@ def decide_placement(
     cache: str = "off",
     quantize: str = "none",
     reference_cache: str = "off",
+    reference_memory: str = "auto",
     cuda_capability: tuple[int, int] | None = None,
     components: MeasuredSizes | None = None,
     prompt_cache: bool = True,
@@ -120,6 +126,7 @@ def decide_placement(
     asked: Offload | Literal["auto"] = "resident" if offload == "none" else offload
     chosen_offload: Offload
     plan = None
+    spare = 0  # device memory a resident placement leaves free beyond its estimate (the reference store's room)
     if chosen_device == "cpu":
         if asked == "model" or asked == "sequential":
             raise PlacementError(f"offload {offload!r} moves weights to an accelerator; there is none on 'cpu'")
@@ -143,11 +150,14 @@ def decide_placement(
         plan = _plan(asked, components, cuda_free_bytes, prompt_cache, quantized)
         chosen_offload = plan.name
         reasons += plan.lines()
+        if plan.name == "resident":
+            spare = plan.free_bytes - plan.needed_bytes
     else:
         if cuda_free_bytes is None:
             cuda_free_bytes = torch.cuda.mem_get_info()[0]
         needed = weight_bytes + max(_MARGIN_BYTES, int(weight_bytes * _MARGIN_SHARE))
         chosen_offload = "resident" if needed <= cuda_free_bytes else "model"
+        spare = cuda_free_bytes - needed
         verdict = "fits" if chosen_offload == "resident" else "does not fit"
         reasons.append(
             f"offload: {chosen_offload} (auto: weights {weight_bytes / _GIB:.2f} GiB + margin = "
@@ -166,6 +176,7 @@ def decide_placement(
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
     if reference_cache not in REFERENCE_CACHE_CHOICES:
         raise PlacementError(f"reference-cache must be one of {REFERENCE_CACHE_CHOICES}, got {reference_cache!r}")
+    reference_bytes, reference_why = _reference_memory(reference_memory, reference_cache == "on", chosen_device, spare)
     if reference_cache == "on":
         if step_cache.kind != "off":
             raise PlacementError(
@@ -174,7 +185,8 @@ def decide_placement(
             )
         reasons.append(
             "reference-cache: on (asked: edits compute the references' keys and values once, at timestep 0, "
-            "references attending only to themselves: diffusers' KV semantics, images differ from uncached edits)"
+            "references attending only to themselves: diffusers' KV semantics, images differ from uncached edits); "
+            f"{reference_why}"
         )
     return Placement(
         device=chosen_device,
@@ -187,7 +199,36 @@ def decide_placement(
         plan=plan,
         transformer_file=transformer_file,
         reference_cache=reference_cache == "on",
+        reference_memory=reference_bytes,
     )
+
+
+def _reference_memory(asked: str, cache_on: bool, device: Device, spare: int) -> tuple[int, str]:
+    """Bytes for the reference store and the words for the log. auto: on CUDA half of `spare` (what a resident
+    placement leaves free; 0 under an offload plan, which needs its room), at most 16 GiB; 1 GiB on the CPU."""
+    if asked == "auto":
+        if not cache_on:
+            return 0, ""
+        if device == "cpu":
+            size, why = _REFERENCE_MEMORY_CPU, "auto: the CPU"
+        else:
+            size = min(_REFERENCE_MEMORY_MAX, max(0, spare) // 2)
+            why = "auto: half the memory left free with everything resident, at most 16 GiB"
+    else:
+        try:
+            gib = float(asked)
+        except ValueError:
+            gib = -1.0
+        if not gib >= 0 or gib == float("inf"):  # also refuses nan
+            raise PlacementError(f"reference-memory must be auto or a number of GiB (0 or more), got {asked!r}")
+        if not cache_on:
+            raise PlacementError(
+                "reference-memory sizes the reference cache's store across requests: it needs --reference-cache on"
+            )
+        size, why = int(gib * _GIB), "asked"
+    if not size:
+        return 0, f"no reference sets kept across requests ({why})"
+    return size, f"up to {size / _GIB:.2f} GiB of recent reference sets' K/V kept across requests ({why})"
 
 
 def _compile_choice(

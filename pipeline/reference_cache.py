@@ -16,18 +16,55 @@ the processors recording every layer's post-RoPE keys and values. The pipeline i
 with `attention_kwargs={"reference_kv": cache}`: each layer appends the batch rows' reference K/V to its own keys
 and values. Rows may have different references (per-row caches; rows with fewer reference tokens are masked).
 One copy of each distinct set's K/V is kept for the batch: per layer, (reference tokens x heads x head_dim) keys
-and values, about 5 GB for 4 references of 1024² on klein-4B in bf16 (diffusers' KV pipeline keeps one per row)."""
+and values, about 5 GB for 4 references of 1024² on klein-4B in bf16 (diffusers' KV pipeline keeps one per row).
+
+Across requests (`ReferenceStore`, `--reference-memory`): under these semantics a set's K/V depend only on its images
+(in order), the weights with their active LoRA adapters and, for dev, the guidance; recent sets are kept on the
+device, keyed by exactly that, so an edit that repeats a set skips its VAE encode and pass. A hit is the same
+tensors a miss computes, so the images are identical."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
 from .internals import Flux2Pipe, attention_dispatch, execution_device, qkv_projections, reference_tokens, rotary
+from .lru import LRU
 
 ATTENTION_KWARG = "reference_kv"
+
+# Per attention layer ("double.3", "single.17"), a reference set's post-RoPE keys and values, each
+# (1, tokens, heads, head_dim).
+Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+class ReferenceStore:
+    """Recent reference sets' K/V, on the device, at most `capacity` bytes (0: none kept), least recently used
+    evicted first. Keys: (the references' digests in order, the active adapters, the guidance when the transformer
+    embeds it); the store belongs to one loaded model."""
+
+    def __init__(self, capacity: int):
+        self.entries: LRU[Hashable, Layers] = LRU(capacity, _layers_bytes)
+
+    def get(self, key: Hashable) -> Layers | None:
+        return self.entries.get(key)
+
+    def put(self, key: Hashable, layers: Layers) -> None:
+        self.entries.put(key, layers)
+
+    def clear(self) -> int:
+        """Forget every set (after running out of device memory: the memory goes back to the batch); the bytes
+        they held."""
+        held = self.entries.size
+        self.entries.drop()
+        return held
+
+
+def _layers_bytes(layers: Layers) -> int:
+    return sum(tensor.numel() * tensor.element_size() for pair in layers.values() for tensor in pair)
 
 
 class ReferenceKV:
@@ -35,9 +72,10 @@ class ReferenceKV:
     row uses. One copy per set is kept (rows sharing a set share it); each attention appends its rows' references
     to the step's own keys and values."""
 
-    def __init__(self, sets: list[dict[str, tuple[torch.Tensor, torch.Tensor]]], rows: list[int]):
-        self.sets = sets  # per distinct reference set: layer -> (key, value), each (1, tokens, heads, head_dim)
+    def __init__(self, sets: list[Layers], rows: list[int], reused: int = 0):
+        self.sets = sets  # per distinct reference set: layer -> (key, value)
         self.rows = rows  # the set of each batch row
+        self.reused = reused  # how many of the sets came from a ReferenceStore instead of a pass
         self.lengths = [next(iter(sets[index].values()))[0].shape[1] for index in rows]
         self.uses = 0  # attention calls served from the cache (for tests)
 
@@ -81,7 +119,7 @@ class _Recorder:
     """Handed to the processors during the prefill: they store each layer's keys and values here."""
 
     def __init__(self) -> None:
-        self.layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.layers: Layers = {}
 
 
 class _ReferenceAttention:
@@ -214,35 +252,59 @@ def installed(transformer: Any) -> bool:
     return all(isinstance(block.attn.processor, _ReferenceAttention) for block in transformer.transformer_blocks)
 
 
-def prefill(pipe: Flux2Pipe, rows: list[tuple[Image.Image, ...]], guidance_scale: float) -> ReferenceKV:
+def prefill(
+    pipe: Flux2Pipe,
+    rows: list[tuple[Image.Image, ...]],
+    guidance_scale: float,
+    keys: Sequence[Hashable] | None = None,
+    store: ReferenceStore | None = None,
+) -> ReferenceKV:
     """The reference K/V of each batch row (`rows`: each row's references, as the pipeline would take them). Each
-    distinct set runs once: one transformer pass over its tokens alone, at timestep 0, with no text."""
+    distinct set runs once: one transformer pass over its tokens alone, at timestep 0, with no text. `keys` name
+    each row's set by content (rows with equal keys share a set; without keys, rows holding the same image objects
+    do); with a `store`, sets it holds are taken from it and the others kept in it (keys required)."""
     transformer = pipe.transformer
     if not installed(transformer):
         raise RuntimeError("the reference cache's attention processors are not installed on this transformer")
+    if store is not None and keys is None:
+        raise ValueError("a reference store needs the sets' content keys")
+    names: Sequence[Hashable] = keys if keys is not None else [tuple(id(image) for image in images) for images in rows]
+    distinct: dict[Hashable, int] = {}
+    row_sets = [distinct.setdefault(name, len(distinct)) for name in names]
+    guidance = guidance_scale if transformer.config["guidance_embeds"] else None
+    sets: list[Layers] = []
+    reused = 0
+    for name in distinct:
+        stored = store.get((name, guidance)) if store is not None else None
+        if stored is None:
+            stored = _reference_pass(pipe, list(rows[names.index(name)]), guidance)
+            if store is not None:
+                store.put((name, guidance), stored)
+        else:
+            reused += 1
+        sets.append(stored)
+    return ReferenceKV(sets, row_sets, reused)
+
+
+def _reference_pass(pipe: Flux2Pipe, images: list[Image.Image], guidance_scale: float | None) -> Layers:
+    """One set's K/V: its tokens alone through the transformer at timestep 0, with no text."""
+    transformer = pipe.transformer
     device = execution_device(pipe)
     dtype = transformer.dtype
-    distinct: dict[tuple[int, ...], int] = {}
-    row_sets = [distinct.setdefault(tuple(id(image) for image in images), len(distinct)) for images in rows]
-    by_index = {index: rows[row_sets.index(index)] for index in distinct.values()}
-    sets = []
-    for index in range(len(distinct)):
-        latents, ids = reference_tokens(pipe, list(by_index[index]))
-        recorder = _Recorder()
-        guidance = None
-        if transformer.config["guidance_embeds"]:
-            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-        transformer(
-            hidden_states=latents.to(device, dtype),
-            encoder_hidden_states=torch.zeros(
-                (1, 0, transformer.config["joint_attention_dim"]), device=device, dtype=dtype
-            ),
-            timestep=torch.zeros(1, device=device, dtype=dtype),
-            img_ids=ids.to(device),
-            txt_ids=torch.zeros((1, 0, ids.shape[-1]), device=device, dtype=ids.dtype),
-            guidance=guidance,
-            joint_attention_kwargs={ATTENTION_KWARG: recorder},
-            return_dict=False,
-        )
-        sets.append(recorder.layers)
-    return ReferenceKV(sets, row_sets)
+    latents, ids = reference_tokens(pipe, images)
+    recorder = _Recorder()
+    no_text = torch.zeros((1, 0, transformer.config["joint_attention_dim"]), device=device, dtype=dtype)
+    guidance = None
+    if guidance_scale is not None:
+        guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
+    transformer(
+        hidden_states=latents.to(device, dtype),
+        encoder_hidden_states=no_text,
+        timestep=torch.zeros(1, device=device, dtype=dtype),
+        img_ids=ids.to(device),
+        txt_ids=torch.zeros((1, 0, ids.shape[-1]), device=device, dtype=ids.dtype),
+        guidance=guidance,
+        joint_attention_kwargs={ATTENTION_KWARG: recorder},
+        return_dict=False,
+    )
+    return recorder.layers

@@ -78,12 +78,17 @@ def run_batch(
 
     # 3. Conditioning: every reference goes to the pipeline (it resizes each to <= 1 MP, sides floored to 16), or,
     #    with the reference cache, each row's references are run once here and every step reuses their K/V.
+    #    The store keeps recent sets' K/V across requests, keyed by the references' content and the adapters.
+    references, references_cached = 0.0, False
     if first.references:
         prepared = [tuple(prepare_reference(image) for image in s.job.references) for s in slices]
         if model.placement.reference_cache:
             per_row = [refs for refs, s in zip(prepared, slices, strict=True) for _ in s.seeds]
+            keys = [(s.job.reference_digests, s.job.loras) for s in slices for _ in s.seeds]
             with torch.inference_mode():
-                extra["attention_kwargs"] = {ATTENTION_KWARG: prefill(pipe, per_row, first.guidance_scale)}
+                kv = prefill(pipe, per_row, first.guidance_scale, keys, model.reference_store)
+            extra["attention_kwargs"] = {ATTENTION_KWARG: kv}
+            references, references_cached = clock.lap(), kv.reused == len(kv.sets)
         else:
             extra["image"] = list(prepared[0])
 
@@ -129,7 +134,13 @@ def run_batch(
     ]
     images = iter(decode(pipe, latents[rows]) if rows else [])
     stages = StageTimes(
-        text_encode=text_encode, prompt_cached=prompt_cached, denoise=denoise, decode=clock.lap(), enhance=enhance
+        text_encode=text_encode,
+        prompt_cached=prompt_cached,
+        references=references,
+        references_cached=references_cached,
+        denoise=denoise,
+        decode=clock.lap(),
+        enhance=enhance,
     )
     results: list[GenerationResult | None] = []
     for piece, kept, rewrite in zip(slices, keep, rewrites, strict=True):

@@ -29,6 +29,7 @@ class Figure:
     served: Callable[[], float | None] | None
     direct: Callable[[], float | None] | None
     direct_label: str = "the same call"
+    prepare: Callable[[], object] | None = None  # run once, untimed, before the figure's runs
 
 
 def figures_for(

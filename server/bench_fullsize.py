@@ -353,6 +353,9 @@ def _guarded(figure: Figure, measure: Callable[[], dict], clock: _Clock) -> dict
 
 def _measure(figure: Figure, repeats: int, device: str, clock: _Clock, client: ImageClient | None = None) -> dict:
     served, direct, served_peaks, direct_peaks = [], [], [], []
+    if figure.prepare is not None:
+        figure.prepare()
+        clock.say(f"{figure.label}: prepared")
     first_timing = len(client.timings) if client is not None else 0
     for run in range(repeats):
         line = []
@@ -372,6 +375,12 @@ def _measure(figure: Figure, repeats: int, device: str, clock: _Clock, client: I
     if timings:  # the served answers' Server-Timing stages: median milliseconds per stage
         stages = sorted({name for timing in timings for name in timing})
         result["served_stages_ms"] = {name: statistics.median(t.get(name, 0.0) for t in timings) for name in stages}
+        marks = client.marks[first_timing:] if client is not None else []
+        # What each cached stage was in these runs ("cache hit", "computed"...): says the figure measured what it says.
+        result["served_marks"] = {
+            name: sorted({mark[name] for mark in marks if name in mark})
+            for name in sorted({n for m in marks for n in m})
+        }
         clock.say(
             f"{figure.label}: served stages (median ms) "
             + ", ".join(f"{name} {ms:.1f}" for name, ms in result["served_stages_ms"].items())

@@ -66,11 +66,13 @@ class ImageClient:
         self.steps = steps
         self.http = httpx.Client(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=16))
         self.timings: list[dict[str, float]] = []  # each JSON answer's Server-Timing stages, in milliseconds
+        self.marks: list[dict[str, str]] = []  # and their descriptions ("cache hit", "computed", ...)
 
     def _check(self, response: httpx.Response, n: int) -> None:
         _check(response, n)
         stages = parse_server_timing(response.headers.get("server-timing", ""))
         self.timings.append({name: milliseconds for name, (milliseconds, _) in stages.items()})
+        self.marks.append({name: mark for name, (_, mark) in stages.items() if mark is not None})
 
     def close(self) -> None:
         self.http.close()

@@ -11,7 +11,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipeline.jobs import BatchReport, EngineStats
 
-from .timing import OPTIONAL_STAGES, RequestTiming
+from .timing import OPTIONAL_STAGES, STAGES, RequestTiming
 
 
 class Metrics:
@@ -58,8 +58,7 @@ class Metrics:
         )
         self.stage_seconds = Histogram(
             "flux2_stage_seconds",
-            "Seconds per request in each stage (inputs, queue, enhance, "
-            "text_encode, denoise, decode, safety, encode, total), as in Server-Timing",
+            f"Seconds per request in each stage ({', '.join(STAGES)}), as in Server-Timing",
             ["stage"],
             registry=registry,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),

@@ -162,6 +162,16 @@ OPTIONS: tuple[Option, ...] = (
         "step caching (cache).",
     ),
     Option(
+        "reference_memory",
+        str,
+        feeds=ModelChoice,
+        help="With reference-cache on: GiB of device memory for the K/V of recent reference sets, kept across "
+        "requests, so an edit that repeats its references skips their VAE encode and pass (the same images, "
+        "least recently used sets dropped first; all of them when the device runs out of memory). auto: half "
+        "the memory left free when everything is resident, at most 16 GiB (0 under an offload plan); 1 GiB on "
+        "the CPU. 0 keeps none.",
+    ),
+    Option(
         "quantize",
         str,
         feeds=ModelChoice,

@@ -9,8 +9,21 @@ from dataclasses import dataclass, field
 from pipeline.jobs import StageTimes
 
 HEADER = "Server-Timing"
-STAGES = ("inputs", "queue", "enhance", "text_encode", "denoise", "decode", "safety", "encode", "total")
-OPTIONAL_STAGES = ("inputs", "enhance", "safety")  # reported only when they took place
+STAGES = (
+    "inputs",
+    "queue",
+    "enhance",
+    "text_encode",
+    "references",
+    "denoise",
+    "decode",
+    "safety",
+    "encode",
+    "total",
+)
+OPTIONAL_STAGES = ("inputs", "enhance", "references", "safety")  # reported only when they took place
+# The stages whose work a cache may have saved: the description each gets in the header and the log.
+_CACHED = {"text_encode": ("cache hit", "encoded"), "references": ("cache hit", "computed")}
 
 
 @dataclass
@@ -34,6 +47,7 @@ class RequestTiming:
             "queue": self.queue,
             "enhance": self.stages.enhance,
             "text_encode": self.stages.text_encode,
+            "references": self.stages.references,
             "denoise": self.stages.denoise,
             "decode": self.stages.decode,
             "safety": self.stages.safety,
@@ -48,17 +62,24 @@ class RequestTiming:
             if name in OPTIONAL_STAGES and not seconds:
                 continue
             part = f"{name};dur={seconds * 1000:.1f}"
-            if name == "text_encode":
-                part += ';desc="cache hit"' if self.stages.prompt_cached else ';desc="encoded"'
+            if name in _CACHED:
+                part += f';desc="{self._cache_word(name)}"'
             parts.append(part)
         return ", ".join(parts)
 
     def log_text(self) -> str:
-        cached = " (cache hit)" if self.stages.prompt_cached else ""
         return " ".join(
-            f"{name}={seconds:.3f}s{cached if name == 'text_encode' else ''}"
+            f"{name}={seconds:.3f}s{' (cache hit)' if self._hit(name) else ''}"
             for name, seconds in self.seconds().items()
         )
+
+    def _hit(self, name: str) -> bool:
+        return name in _CACHED and self._cache_word(name) == _CACHED[name][0]
+
+    def _cache_word(self, name: str) -> str:
+        hit, miss = _CACHED[name]
+        cached = self.stages.prompt_cached if name == "text_encode" else self.stages.references_cached
+        return hit if cached else miss
 
 
 def parse_server_timing(value: str) -> dict[str, tuple[float, str | None]]:

@@ -85,6 +85,7 @@ def _expected_keys(arch):
         "edit_1_cached",
         "edit_4_cached",
         "edit_10_cached",
+        "edit_4_repeated",
     ]
     if arch.family == "klein":
         keys.append(f"one_image_{arch.size // 2}")
@@ -143,11 +144,22 @@ def _check_figures(results, expected_keys, no_direct=()):
 def test_tiny_bench_json_has_every_figure_with_positive_numbers_and_ratios(tiny_run):
     results = tiny_run["json"]
     assert results["complete"] and results["mode"] == "pipeline" and results["architecture"] == "tiny"
-    _check_figures(results, _expected_keys(get_architecture("tiny")))
+    _check_figures(results, _expected_keys(get_architecture("tiny")), no_direct=("edit_4_repeated",))
     assert results["build_s"] >= 0 and results["total_s"] > 0
     assert set(results["versions"]) >= {"torch", "diffusers", "transformers", "python"}
     assert results["device"].startswith("CPU")
     assert all(count > 0 for count in results["parameters"].values())
+
+
+def test_the_repeated_references_figure_measured_store_hits_and_the_cached_ones_computed(tiny_run):
+    """Each figure records what its cached stages were (Server-Timing's descriptions): the repeated edit's references
+    came from the store in every timed run, the first-time cached edits computed theirs, plain edits have none."""
+    figures = {figure["key"]: figure for figure in tiny_run["json"]["figures"]}
+    assert figures["edit_4_repeated"]["served_marks"]["references"] == ["cache hit"]
+    for count in (1, 4, 10):
+        assert figures[f"edit_{count}_cached"]["served_marks"]["references"] == ["computed"]
+    assert "references" not in figures["edit_4"]["served_marks"]
+    assert figures["one_image"]["served_marks"]["text_encode"] == ["encoded"]  # a new prompt every run
 
 
 def test_tiny_bench_table_prints_every_row(tiny_run):
@@ -209,7 +221,7 @@ def test_tiny_dev_bench_runs_the_dev_pipeline_path(tmp_path):
     _check_figures(
         results,
         _expected_keys(get_architecture("tiny-dev")),
-        no_direct=("masked_edit", "edit_1_cached", "edit_4_cached", "edit_10_cached"),
+        no_direct=("masked_edit", "edit_1_cached", "edit_4_cached", "edit_10_cached", "edit_4_repeated"),
     )
     assert results["estimates"]["one_image_50_steps_s"] > 0
     assert any("default is 50" in note for note in results["notes"])

@@ -118,6 +118,62 @@ def test_out_of_memory_splits_the_batch_then_fails_only_what_cannot_fit(engine, 
     assert engine.submit(job()).future.result(60).images  # the next request succeeds
 
 
+def test_out_of_memory_drops_the_kept_reference_sets_and_retries_once(tiny_klein, monkeypatch):
+    """With the reference cache on, sets kept from earlier edits hold device memory: a batch that runs out of it is
+    retried once with the store emptied (not split, not failed); if it runs out again, it is split or fails as
+    usual, without looping on a store it refills itself."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from pipeline.placement import decide_placement
+    from pipeline.pool import ModelConfig
+
+    config = model_config(tiny_klein)
+    config = ModelConfig(
+        name=config.name,
+        spec=config.spec,
+        placement=decide_placement(weight_params=1, reference_cache="on"),
+        weight_bytes=1,
+    )
+    engine = Engine(ModelPool([config]), max_batch_images=1)
+    engine.start()
+    assert engine.wait_ready(60)
+    try:
+        store = engine.pool.get(None).reference_store
+        first = job(references=(Image.new("RGB", (64, 64), (200, 10, 10)),))
+        assert engine.submit(first).future.result(60).images and len(store.entries) == 1
+        real = engine_module.run_batch
+        attempts = []
+
+        def oom_while_the_store_holds_sets(model, slices, cache, *args, **options):
+            attempts.append(len(model.reference_store.entries))
+            if len(model.reference_store.entries):
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(model, slices, cache, *args, **options)
+
+        monkeypatch.setattr(engine_module, "run_batch", oom_while_the_store_holds_sets)
+        second = replace(first, references=(Image.new("RGB", (64, 64), (10, 200, 10)),))
+        assert engine.submit(second).future.result(60).images
+        assert attempts == [1, 0] and len(store.entries) == 1  # the retry kept the new set only
+
+        def always_oom(model, slices, cache, *args, **options):
+            attempts.append(len(model.reference_store.entries))
+            kv = torch.zeros(4)
+            model.reference_store.put(("filled", "by the batch"), {"x": (kv, kv)})  # as a prefill before an OOM
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+        attempts.clear()
+        monkeypatch.setattr(engine_module, "run_batch", always_oom)
+        with pytest.raises(OutOfDeviceMemory):
+            engine.submit(first).future.result(60)
+        assert attempts == [1, 0]  # one retry without the store, then the usual failure
+        monkeypatch.setattr(engine_module, "run_batch", real)
+        assert engine.submit(second).future.result(60).images  # and the engine goes on
+    finally:
+        engine.stop(10)
+
+
 def test_prompt_embeddings_are_cached(engine):
     engine.submit(job(prompt="a fresh prompt")).future.result(60)
     misses = engine.prompt_cache.misses

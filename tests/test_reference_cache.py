@@ -17,9 +17,11 @@ from imaging import decode_b64, pixels
 from PIL import Image
 
 from pipeline import reference_cache
+from pipeline.adapters import LoadedAdapters, adapters_from_options
 from pipeline.batching import Slice
 from pipeline.loader import load_model
 from pipeline.placement import PlacementError, decide_placement
+from pipeline.reference_cache import ReferenceStore
 from pipeline.runner import run_batch
 from pipeline.text_cache import PromptCache
 from pipeline.weights import inspect_model
@@ -35,9 +37,16 @@ def reference(seed: int, size: int = SIZE) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def cached(tiny_klein):
-    """The tiny klein model loaded with the reference cache on (its processors installed)."""
-    placement = decide_placement(weight_params=1, reference_cache="on")
+    """The tiny klein model loaded with the reference cache on (its processors installed) and no reference store:
+    every edit computes its references' K/V."""
+    placement = decide_placement(weight_params=1, reference_cache="on", reference_memory="0")
     return load_model(inspect_model(tiny_klein), placement)
+
+
+@pytest.fixture
+def stored(cached):
+    """The same model with a fresh 1 GiB reference store (each test its own)."""
+    return dataclasses.replace(cached, reference_store=ReferenceStore(1 << 30))
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +222,148 @@ def test_served_edit_with_four_references_cache_on_and_off(cached_server, client
     assert worst <= 1 and psnr >= 55, (worst, psnr)
     worst, psnr = difference(cached_image, plain_image)
     assert worst <= 2 and psnr >= 50, (worst, psnr)
+
+
+# --- the reference store: sets kept across requests ---------------------------------------------------------------
+
+
+def passes(model, *jobs) -> tuple[list[np.ndarray], list[int]]:
+    """The images of `jobs` run as one batch, and the token counts of the transformer's reference passes (its calls
+    without text) during it."""
+    seen: list[int] = []
+
+    def record(module, args, kwargs):
+        if kwargs["encoder_hidden_states"].shape[1] == 0:
+            seen.append(kwargs["hidden_states"].shape[1])
+
+    hook = model.pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        return run(model, *jobs), seen
+    finally:
+        hook.remove()
+
+
+def test_a_repeated_reference_set_comes_from_the_store_with_the_same_image(stored, cached):
+    refs = (reference(21), reference(22, 96))
+    tokens = (SIZE // 16) ** 2 + (96 // 16) ** 2
+    edit = job(prompt="a fox", size=SIZE, seeds=(3,), steps=STEPS, references=refs)
+    first, first_passes = passes(stored, edit)
+    assert first_passes == [tokens]
+    # Equal content, other image objects: the store is keyed by the pixels, not the upload.
+    copies = tuple(image.copy() for image in refs)
+    again, again_passes = passes(stored, job(prompt="a fox", size=SIZE, seeds=(3,), steps=STEPS, references=copies))
+    assert again_passes == []
+    assert np.array_equal(again[0], first[0])
+    (fresh,) = run(cached, edit)  # a model with no store computes the same image
+    assert np.array_equal(fresh, first[0])
+    # Another prompt and seed with the same references: still from the store.
+    _, other_passes = passes(stored, job(prompt="a bird", size=SIZE, seeds=(9,), steps=STEPS, references=copies))
+    assert other_passes == []
+    # The order of the references is part of the set (each gets its own position ids), and so is every pixel.
+    _, swapped = passes(stored, job(size=SIZE, seeds=(3,), steps=STEPS, references=refs[::-1]))
+    touched = refs[0].copy()
+    touched.putpixel((0, 0), (0, 0, 0) if touched.getpixel((0, 0)) != (0, 0, 0) else (1, 1, 1))
+    _, changed = passes(stored, job(size=SIZE, seeds=(3,), steps=STEPS, references=(touched, refs[1])))
+    assert swapped == [tokens] and changed == [tokens]
+    entries = stored.reference_store.entries
+    assert (entries.hits, entries.misses, len(entries)) == (2, 3, 3)
+
+
+def test_the_store_keeps_the_most_recent_sets_within_its_bytes(cached):
+    one_set = ReferenceStore(1 << 30)
+    run(dataclasses.replace(cached, reference_store=one_set), job(size=SIZE, references=(reference(30),)))
+    set_bytes = one_set.entries.size
+    assert set_bytes > 0
+    model = dataclasses.replace(cached, reference_store=ReferenceStore(int(1.5 * set_bytes)))
+    a, b = (reference(31),), (reference(32),)
+    order = [a, b, b, a, a]
+    counts = [len(passes(model, job(size=SIZE, references=refs))[1]) for refs in order]
+    assert counts == [1, 1, 0, 1, 0]  # b evicted a; a evicted b
+    assert model.reference_store.entries.size <= 1.5 * set_bytes and len(model.reference_store.entries) == 1
+    model.reference_store.clear()
+    assert model.reference_store.entries.size == 0 and len(passes(model, job(size=SIZE, references=a))[1]) == 1
+
+
+def test_a_store_of_zero_bytes_keeps_nothing(cached):
+    model = dataclasses.replace(cached, reference_store=ReferenceStore(0))
+    refs = (reference(33),)
+    counts = [len(passes(model, job(size=SIZE, references=refs))[1]) for _ in range(2)]
+    assert counts == [1, 1] and len(model.reference_store.entries) == 0
+
+
+def test_the_store_keys_sets_by_the_active_lora_adapters(tiny_klein, tmp_path):
+    """The adapters change the weights, so the K/V: a set seen without a LoRA is computed again with one, and each
+    combination's entry gives back exactly the image its own pass gives."""
+    from lora_files import make_lora
+
+    placement = decide_placement(weight_params=1, reference_cache="on")
+    model = load_model(inspect_model(tiny_klein), placement)
+    style = make_lora(tiny_klein, tmp_path / "style.safetensors", seed=1, strength=0.6)
+    model.adapters = LoadedAdapters(model, adapters_from_options([f"style={style}"]))
+    refs = (reference(34),)
+    plain = job(size=SIZE, seeds=(5,), steps=STEPS, references=refs)
+    styled = job(size=SIZE, seeds=(5,), steps=STEPS, references=refs, loras=(("style", 1.0),))
+    runs = [passes(model, edit) for edit in (plain, styled, styled, plain)]
+    assert [len(seen) for _, seen in runs] == [1, 1, 0, 0]
+    assert np.array_equal(runs[1][0][0], runs[2][0][0]) and np.array_equal(runs[0][0][0], runs[3][0][0])
+    sets = [layers for layers, _ in model.reference_store.entries._entries.values()]
+    key_plain, key_styled = (next(iter(layers.values()))[0] for layers in sets)
+    assert not torch.equal(key_plain, key_styled)  # the LoRA did change the references' keys
+
+
+def test_reference_memory_is_sized_from_what_is_free_and_checked():
+    gib = 1024**3
+    on = {"weight_params": 1, "reference_cache": "on"}
+    assert decide_placement(**on).reference_memory == gib  # auto on the CPU
+    assert decide_placement(**on, reference_memory="2.5").reference_memory == int(2.5 * gib)
+    assert decide_placement(**on, reference_memory="0").reference_memory == 0
+    assert decide_placement(weight_params=1).reference_memory == 0  # the cache is off: no store
+    # CUDA, auto: half of what stays free beyond the weights and their margin, at most 16 GiB.
+    cuda = {"device": "cuda", "cuda_available": True, "weight_params": 4 * gib // 2, "reference_cache": "on"}
+    roomy = decide_placement(**cuda, cuda_free_bytes=80 * gib)
+    assert roomy.offload == "resident" and roomy.reference_memory == 16 * gib
+    snug = decide_placement(**cuda, cuda_free_bytes=10 * gib)
+    assert snug.offload == "resident" and snug.reference_memory == (10 - 4 - 4) * gib // 2
+    offloaded = decide_placement(**cuda, cuda_free_bytes=6 * gib)
+    assert offloaded.offload == "model" and offloaded.reference_memory == 0
+    assert any("reference sets' K/V kept across requests" in reason for reason in roomy.reasons)
+    for bad in ("lots", "-1", "nan", "inf"):
+        with pytest.raises(PlacementError, match="reference-memory must be auto or a number of GiB"):
+            decide_placement(**on, reference_memory=bad)
+    with pytest.raises(PlacementError, match="needs --reference-cache on"):
+        decide_placement(weight_params=1, reference_memory="4")
+
+
+def test_a_served_edit_that_repeats_its_references_is_timed_as_a_store_hit(cached_server):
+    import io
+
+    from openai import OpenAI
+
+    from server.timing import parse_server_timing
+
+    on = OpenAI(base_url=f"{cached_server.base_url}/v1", api_key="k", max_retries=0, timeout=120)
+    uploads = []
+    for seed in (41, 42):
+        buffer = io.BytesIO()
+        reference(seed).save(buffer, format="PNG")
+        uploads.append(("ref.png", buffer.getvalue(), "image/png"))
+
+    def edit(prompt: str, seed: int):
+        raw = on.images.with_raw_response.edit(
+            image=uploads,
+            prompt=prompt,
+            size="64x64",
+            response_format="b64_json",
+            extra_body={"seed": seed, "num_inference_steps": STEPS},
+        )
+        return parse_server_timing(raw.headers["server-timing"]), pixels(decode_b64(raw.parse().data[0].b64_json))
+
+    (first_timing, first), (second_timing, _), (third_timing, third) = (
+        edit("a cat", 11),
+        edit("a dog", 12),
+        edit("a cat", 11),
+    )
+    assert first_timing["references"][1] == "computed" and first_timing["references"][0] > 0
+    assert second_timing["references"][1] == "cache hit" and third_timing["references"][1] == "cache hit"
+    assert np.array_equal(first, third)
+    assert "reference sets' K/V kept across requests (auto: the CPU)" in cached_server.log()

@@ -34,6 +34,7 @@ def test_every_image_response_names_its_stages_and_they_add_up(client):
     # The stages cover the request: what is left is the service's own bookkeeping.
     assert 0.7 * total <= parts <= total + 1.0, (parts, total, header)
     assert stages["text_encode"][1] == "encoded"
+    assert "references" not in stages  # only with --reference-cache on (tests/test_reference_cache.py)
 
     again, _ = _timed(client, prompt, seed=2)
     assert parse_server_timing(again)["text_encode"][1] == "cache hit"
