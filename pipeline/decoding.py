@@ -1,15 +1,32 @@
 """The final decode, done by us rather than inside the pipeline call: the pipeline returns latents
 (`output_type="latent"`), and only the images still wanted are decoded. A batch whose every job was cancelled is
 not decoded at all (diffusers would decode the half-denoised latents after an interrupt). Pixels become 8-bit on
-the device, so only bytes cross to the CPU."""
+the device, so only bytes cross to the CPU.
+
+The decoder's working memory is the largest of any stage (~2.4 GiB per megapixel per image in bf16, measured on an
+H200: `offload_plan.DECODE_MAPS`), so a 4 MP image or a batch of four may not fit beside the weights on a small card.
+The decode is chosen by the memory free on the device: the whole batch at once; else one image at a time (the same
+pixels); else each image in tiles (diffusers' `tiled_decode`, as `vae.enable_tiling()` does: 1024² tiles, blended over a
+quarter of their side; each tile's mid-block attention sees only the tile, so the image differs slightly from a
+whole decode). A decode that runs out of memory anyway is done again
+tiled, so a finished denoise is never thrown away for the decode's sake."""
 
 from __future__ import annotations
+
+import logging
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .internals import Flux2Pipe, vae_latents
+from .offload_plan import DECODE_MAPS
+
+log = logging.getLogger("flux2.decoding")
+
+DecodeWay = Literal["whole", "per_image", "tiled"]
+LATENT_SCALE = 8  # pixels per latent row and column of FLUX.2's VAE
 
 
 def latents_for_vae(pipe: Flux2Pipe, output: torch.Tensor, width: int, height: int) -> torch.Tensor:
@@ -20,11 +37,73 @@ def latents_for_vae(pipe: Flux2Pipe, output: torch.Tensor, width: int, height: i
     return output
 
 
-def decode(pipe: Flux2Pipe, latents: torch.Tensor) -> list[Image.Image]:
-    """VAE-space latents (B, 32, H/8, W/8) -> RGB images, rounded exactly as diffusers' postprocess rounds them."""
+def decode(pipe: Flux2Pipe, latents: torch.Tensor, room: int | None = None) -> list[Image.Image]:
+    """VAE-space latents (B, 32, H/8, W/8) -> RGB images, rounded exactly as diffusers' postprocess rounds them.
+    `room`: the device's free bytes (default: read from the device; None on a CPU, where the batch decodes whole)."""
     vae = pipe.vae
+    if room is None:
+        room = free_device_bytes(vae.device)
+    batch, _, rows, columns = latents.shape
+    itemsize = torch.empty((), dtype=vae.dtype).element_size()
+    way = decode_way(batch, rows * columns * LATENT_SCALE**2, itemsize, room)
+    if way != "whole":
+        log.info("decode: %s (%d image(s) of %dx%d; %s free)", way, batch, columns * 8, rows * 8, _gib(room))
     with torch.inference_mode():
-        pixels = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
-        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        array = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        try:
+            array = _decoded(vae, latents, way)
+        except torch.OutOfMemoryError:
+            if way == "tiled":
+                raise
+            log.warning("decode: out of device memory decoding %s; decoding again in tiles", way.replace("_", " "))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            array = _decoded(vae, latents, "tiled")
     return [Image.fromarray(np.ascontiguousarray(row)) for row in array]
+
+
+def decode_way(batch: int, pixels: int, itemsize: int, room: int | None) -> DecodeWay:
+    """How to decode `batch` images of `pixels` each with `room` free bytes on the device (None: no limit known):
+    whole when the batch's working memory fits, one image at a time when one image's does, else tiled."""
+    one = decode_bytes(pixels, itemsize)
+    if room is None or batch * one <= room:
+        return "whole"
+    return "per_image" if one <= room else "tiled"
+
+
+def decode_bytes(pixels: int, itemsize: int) -> int:
+    """The decoder's working memory for one image of `pixels` (offload_plan.DECODE_MAPS full-resolution maps)."""
+    return pixels * 128 * DECODE_MAPS * itemsize
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """Bytes a CUDA device can still hand this process: free on the card plus what PyTorch's allocator holds
+    unused, within a per-process memory fraction if one is set. None on a CPU."""
+    if torch.device(device).type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    room = free + torch.cuda.memory_reserved(device) - allocated
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device: 1.0)(device)
+    if fraction < 1.0:
+        room = min(room, int(fraction * total) - allocated)
+    return max(0, room)
+
+
+def _decoded(vae: Any, latents: torch.Tensor, way: DecodeWay) -> np.ndarray:
+    """(B, H, W, 3) uint8 pixels. One image at a time converts each to bytes before the next."""
+    parts = [latents] if way == "whole" else [latents[row : row + 1] for row in range(latents.shape[0])]
+    arrays = []
+    for part in parts:
+        part = part.to(vae.device, vae.dtype)
+        if way == "tiled":
+            pixels = vae.tiled_decode(part, return_dict=False)[0]
+        else:
+            pixels = vae.decode(part, return_dict=False)[0]
+        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+        arrays.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+        del pixels
+    return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
+
+
+def _gib(room: int | None) -> str:
+    return "unknown" if room is None else f"{room / 1024**3:.2f} GiB"

@@ -6,8 +6,9 @@ sizes; the pipeline is built with random weights on the host, placed as the plan
 (the runner's stage boundaries move what the plan swaps, as in a real server), without HTTP. Reported: the plan,
 seconds per 1024x1024 image (median after a warm-up, each image a new prompt, so the text encoder runs every
 time), peak device memory, or "does not fit" (the planner's verdict before building, or an out-of-memory error
-caught while running). `--memory-caps 8,12,16` runs each cap in a fresh process, the safest way to start every
-cap from an empty card, and prints one table."""
+caught while running); then one image of twice the side (2048² for the real architectures: its decode is sized by
+what the cap leaves free, pipeline/decoding.py), its seconds and peak or "out of memory". `--memory-caps 8,12,16`
+runs each cap in a fresh process, the safest way to start every cap from an empty card, and prints one table."""
 
 from __future__ import annotations
 
@@ -100,11 +101,11 @@ def run_memory_cap(
     echo(f"built on the card and parked on the host in {time.perf_counter() - started:.1f} s")
     torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     try:
-        seconds, peak = _measure(pipe, arch, plan, quantization, steps, repeats, echo)
+        seconds, peak, large = _measure(pipe, arch, plan, quantization, steps, repeats, echo)
     except torch.cuda.OutOfMemoryError as exc:
         echo(f"{arch.name} under {cap_gib:g} GiB with {plan.name}: out of memory")
         return {**result, "verdict": "does not fit", "reason": f"out of memory while running: {str(exc)[:300]}"}
-    return {**result, "verdict": "ok", "seconds_per_image": seconds, "peak_gib": peak / _GIB}
+    return {**result, "verdict": "ok", "seconds_per_image": seconds, "peak_gib": peak / _GIB, "large_image": large}
 
 
 def _measure(
@@ -116,8 +117,10 @@ def _measure(
     repeats: int,
     echo: Echo,
     device: str = "cuda",
-) -> tuple[float, int]:
-    """Median seconds per image and peak device memory (0 on a CPU, where this runs only as a test)."""
+) -> tuple[float, int, dict[str, Any]]:
+    """Median seconds per image and peak device memory (0 on a CPU, where this runs only as a test), then one image
+    of twice the side (4 MP for the real architectures: the decode's working memory is 4x, so small cards decode it
+    one image at a time or tiled, pipeline/decoding.py): its seconds and peak, or the error it met."""
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel, apply_plan
     from pipeline.placement import Placement
@@ -156,9 +159,33 @@ def _measure(
             if run:
                 seconds.append(time.perf_counter() - begun)
                 echo(f"image {run}/{repeats}: {seconds[-1]:.3f} s")
-        return statistics.median(seconds), torch.cuda.max_memory_allocated() if cuda else 0
+        peak = torch.cuda.max_memory_allocated() if cuda else 0
+        return (
+            statistics.median(seconds),
+            peak,
+            _large_image(engine, arch, spec.defaults.guidance_scale, steps, cuda, echo),
+        )
     finally:
         engine.stop(60)
+
+
+def _large_image(
+    engine: Any, arch: Architecture, guidance: float, steps: int, cuda: bool, echo: Echo
+) -> dict[str, Any]:
+    from pipeline.jobs import OutOfDeviceMemory
+
+    side = 2 * arch.size
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    begun = time.perf_counter()
+    try:
+        engine.submit(_job(side, steps, guidance, "a lighthouse on a cliff, large")).future.result(3600)
+    except OutOfDeviceMemory as exc:
+        echo(f"image {side}x{side}: out of memory")
+        return {"side": side, "error": str(exc)}
+    seconds = time.perf_counter() - begun
+    echo(f"image {side}x{side}: {seconds:.3f} s")
+    return {"side": side, "seconds": seconds, "peak_gib": torch.cuda.max_memory_allocated() / _GIB if cuda else 0.0}
 
 
 def _job(size: int, steps: int, guidance: float, prompt: str) -> Any:
@@ -210,19 +237,28 @@ def run_caps_in_subprocesses(
 def caps_table(results: list[dict[str, Any]]) -> str:
     """card memory x model -> plan, seconds per image, peak memory (a markdown table)."""
     lines = [
-        "| card memory | model | quantized | plan | s / 1024² image | peak memory |",
-        "|---|---|---|---|---|---|",
+        "| card memory | model | quantized | plan | s / 1024² image | peak memory | s / 2048² image (peak) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for result in results:
         if result.get("verdict") == "ok":
             plan, seconds, peak = result["plan"], f"{result['seconds_per_image']:.2f}", f"{result['peak_gib']:.1f} GiB"
+            large = _large_cell(result.get("large_image"))
         else:
-            plan, seconds, peak = result.get("plan") or "—", result.get("verdict", "?"), "—"
+            plan, seconds, peak, large = result.get("plan") or "—", result.get("verdict", "?"), "—", "—"
         lines.append(
             f"| {result['cap_gib']:g} GB | {result['architecture']} | {result.get('quantize', 'none')} | {plan} | "
-            f"{seconds} | {peak} |"
+            f"{seconds} | {peak} | {large} |"
         )
     return "\n".join(lines)
+
+
+def _large_cell(large: dict[str, Any] | None) -> str:
+    if not large:
+        return "not measured"
+    if "error" in large:
+        return "out of memory"
+    return f"{large['seconds']:.2f} ({large['peak_gib']:.1f} GiB)"
 
 
 def write_result(result: dict[str, Any], json_path: Path | None) -> None:

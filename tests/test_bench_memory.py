@@ -99,14 +99,28 @@ def test_the_table_has_a_row_per_card_and_model():
                 "verdict": "ok",
                 "seconds_per_image": 1.0432,
                 "peak_gib": 10.26,
+                "large_image": {"side": 2048, "seconds": 3.512, "peak_gib": 11.43},
+            },
+            {
+                "architecture": "klein-4b",
+                "cap_gib": 8,
+                "quantize": "none",
+                "plan": "block-streaming",
+                "verdict": "ok",
+                "seconds_per_image": 2.5,
+                "peak_gib": 7.0,
+                "large_image": {"side": 2048, "error": "the device ran out of memory for a single image"},
             },
             {"architecture": "dev", "cap_gib": 4, "quantize": "none", "plan": None, "verdict": "does not fit"},
         ]
     )
     lines = table.splitlines()
-    assert lines[0] == "| card memory | model | quantized | plan | s / 1024² image | peak memory |"
-    assert lines[2] == "| 12 GB | klein-4b | none | transformer-resident | 1.04 | 10.3 GiB |"
-    assert lines[3] == "| 4 GB | dev | none | — | does not fit | — |"
+    assert lines[0] == (
+        "| card memory | model | quantized | plan | s / 1024² image | peak memory | s / 2048² image (peak) |"
+    )
+    assert lines[2] == "| 12 GB | klein-4b | none | transformer-resident | 1.04 | 10.3 GiB | 3.51 (11.4 GiB) |"
+    assert lines[3] == "| 8 GB | klein-4b | none | block-streaming | 2.50 | 7.0 GiB | out of memory |"
+    assert lines[4] == "| 4 GB | dev | none | — | does not fit | — | — |"
 
 
 def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
@@ -123,7 +137,12 @@ def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
     )  # fmt: skip
     lines: list[str] = []
     pipe = build_pipeline(arch, "cpu", torch.float32, park_on_host=True)
-    seconds, peak = bench_memory._measure(pipe, arch, plan, Quantization(), 2, 2, lines.append, device="cpu")
+    seconds, peak, large = bench_memory._measure(pipe, arch, plan, Quantization(), 2, 2, lines.append, device="cpu")
     assert seconds > 0 and peak == 0
-    assert [line.split(":")[0] for line in lines[-2:]] == ["image 1/2", "image 2/2"]
+    assert [line.split(":")[0] for line in lines[-3:]] == [
+        "image 1/2",
+        "image 2/2",
+        f"image {2 * arch.size}x{2 * arch.size}",
+    ]
+    assert large["side"] == 2 * arch.size and large["seconds"] > 0
     assert lines[0].startswith("placing as transformer-resident") and "engine ready" in lines[2]
