@@ -367,3 +367,18 @@ def test_a_served_edit_that_repeats_its_references_is_timed_as_a_store_hit(cache
     assert second_timing["references"][1] == "cache hit" and third_timing["references"][1] == "cache hit"
     assert np.array_equal(first, third)
     assert "reference sets' K/V kept across requests (auto: the CPU)" in cached_server.log()
+
+
+def test_dev_keys_its_sets_by_the_guidance_it_embeds(tiny_dev):
+    """dev's transformer embeds the guidance, so the references' K/V depend on it: a set seen at one guidance is
+    computed again at another (klein's transformers do not embed it: there the guidance is not part of the key)."""
+    model = load_model(inspect_model(tiny_dev), decide_placement(weight_params=1, reference_cache="on"))
+    assert model.pipe.transformer.config["guidance_embeds"]
+    refs = (reference(35),)
+    counts = [
+        len(passes(model, dataclasses.replace(job(size=SIZE, steps=2, references=refs), guidance_scale=scale))[1])
+        for scale in (4.0, 4.0, 2.5, 4.0)
+    ]
+    assert counts == [1, 0, 1, 0]
+    keys = list(model.reference_store.entries._entries)  # least recently used first
+    assert [guidance for _, guidance in keys] == [2.5, 4.0]
