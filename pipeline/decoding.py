@@ -6,10 +6,10 @@ the device, so only bytes cross to the CPU.
 The decoder's working memory is the largest of any stage (~2.4 GiB per megapixel per image in bf16, measured on an
 H200: `offload_plan.DECODE_MAPS`), so a 4 MP image or a batch of four may not fit beside the weights on a small card.
 The decode is chosen by the memory free on the device: the whole batch at once; else one image at a time (the same
-pixels); else each image in tiles (diffusers' `tiled_decode`, as `vae.enable_tiling()` does: 1024² tiles, blended over a
-quarter of their side; each tile's mid-block attention sees only the tile, so the image differs slightly from a
-whole decode). A decode that runs out of memory anyway is done again
-tiled, so a finished denoise is never thrown away for the decode's sake."""
+pixels); else each image in tiles (as `vae.enable_tiling()` does, diffusers' `tiled_decode`: 1024² tiles blended
+over a quarter of their side, for images larger than one tile; each tile's mid-block attention sees only the tile,
+so the image differs slightly from a whole decode). A decode that runs out of memory anyway is done again tiled,
+so a finished denoise is never thrown away for the decode's sake."""
 
 from __future__ import annotations
 
@@ -93,15 +93,17 @@ def _decoded(vae: Any, latents: torch.Tensor, way: DecodeWay) -> np.ndarray:
     """(B, H, W, 3) uint8 pixels. One image at a time converts each to bytes before the next."""
     parts = [latents] if way == "whole" else [latents[row : row + 1] for row in range(latents.shape[0])]
     arrays = []
-    for part in parts:
-        part = part.to(vae.device, vae.dtype)
-        if way == "tiled":
-            pixels = vae.tiled_decode(part, return_dict=False)[0]
-        else:
-            pixels = vae.decode(part, return_dict=False)[0]
-        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
-        arrays.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
-        del pixels
+    tiling = vae.use_tiling
+    if way == "tiled":  # through `decode`, as enable_tiling() does: only images above one tile are tiled
+        vae.enable_tiling()
+    try:
+        for part in parts:
+            pixels = vae.decode(part.to(vae.device, vae.dtype), return_dict=False)[0]
+            pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
+            arrays.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
+            del pixels
+    finally:
+        vae.use_tiling = tiling
     return np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
 
 

@@ -76,6 +76,7 @@ def test_tiles_when_not_even_one_image_fits(pipe, latents, whole, caplog):
     finally:
         del pipe.vae.tiled_decode
     assert calls == [(1, 32, SIDE // 8, SIDE // 8)] * 2  # each image alone, in tiles
+    assert not pipe.vae.use_tiling  # switched on for the decode only
     assert [image.size for image in images] == [(SIDE, SIDE)] * 2
     tiled = pixels(images)
     # diffusers' own tiled decode (enable_tiling) of the batch: the same, up to float batch math.
@@ -96,7 +97,12 @@ def test_a_decode_out_of_memory_is_done_again_in_tiles(pipe, latents, monkeypatc
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     expected = pixels(decode(pipe, latents, room=0))  # tiled
-    monkeypatch.setattr(pipe.vae, "decode", no_memory)
+    real = pipe.vae.decode
+
+    def whole_does_not_fit(*args, **kwargs):
+        return real(*args, **kwargs) if pipe.vae.use_tiling else no_memory()
+
+    monkeypatch.setattr(pipe.vae, "decode", whole_does_not_fit)
     with caplog.at_level(logging.WARNING, logger="flux2.decoding"):
         again = pixels(decode(pipe, latents))
     assert np.array_equal(again, expected)
@@ -121,7 +127,8 @@ def test_a_batch_decodes_by_what_the_device_has_free(model, monkeypatch):
         real = getattr(vae, name)
         monkeypatch.setattr(vae, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     two = job(size=SIDE, seeds=(1, 2), steps=2)
-    for room, expected in ((decode_bytes(SIDE * SIDE, 4), ["decode", "decode"]), (0, ["tiled_decode"] * 2)):
+    tiled = ["decode", "tiled_decode"] * 2  # diffusers' decode, tiling on, hands each image to tiled_decode
+    for room, expected in ((decode_bytes(SIDE * SIDE, 4), ["decode", "decode"]), (0, tiled)):
         calls.clear()
         monkeypatch.setattr(decoding, "free_device_bytes", lambda device, room=room: room)
         (result,) = run_batch(model, [Slice(two, two.seeds)], PromptCache(1 << 20))
