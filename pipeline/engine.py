@@ -106,6 +106,9 @@ class Engine:
         self.options = options
         self.on_batch = on_batch
         self.prompt_cache = PromptCache(options.prompt_cache_bytes)
+        # Totals over the loaded models' reference stores, taken by the worker after each batch (the pool is the
+        # worker's; the HTTP side reads this dict, replaced whole).
+        self._reference_stats: dict[str, int] = {}
         self.enhancer = PromptEnhancer(options.enhancer_model, options.enhancer_max_tokens)
         self.safety: SafetyChecker | None = None  # loaded by the worker with the default model
         pool.on_evict = lambda name: self.prompt_cache.drop_model(str(pool.configs[name].spec.path))
@@ -170,6 +173,7 @@ class Engine:
             prompt_cache_hits=self.prompt_cache.hits,
             prompt_cache_misses=self.prompt_cache.misses,
             device_memory_bytes=torch.cuda.memory_allocated() if torch.cuda.is_available() else 0,
+            **self._reference_stats,
         )
 
     def model_specs(self) -> dict[str, ModelSpec]:
@@ -303,7 +307,16 @@ class Engine:
             self._run_slices(model, [Slice(h.job, h.job.seeds) for h in batch], handles, results, failures)
         finally:
             running_request_ids.reset(token)
+        self._reference_stats = self._reference_totals()
         self._finish(batch, failures, results)
+
+    def _reference_totals(self) -> dict[str, int]:
+        stores = [model.reference_store for model in self.pool.loaded_models() if model.reference_store is not None]
+        return {
+            "reference_store_hits": sum(store.entries.hits for store in stores),
+            "reference_store_misses": sum(store.entries.misses for store in stores),
+            "reference_store_bytes": sum(store.entries.size for store in stores),
+        }
 
     def _run_slices(
         self,

@@ -157,6 +157,10 @@ class EngineStats:
     prompt_cache_hits: int
     prompt_cache_misses: int
     device_memory_bytes: int  # allocated on the CUDA device, 0 without one
+    # The loaded models' reference stores (--reference-cache on): sets found, sets computed, bytes kept.
+    reference_store_hits: int = 0
+    reference_store_misses: int = 0
+    reference_store_bytes: int = 0
 
 
 # -- what the engine raises ------------------------------------------------------------------------------------

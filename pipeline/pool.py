@@ -69,6 +69,10 @@ class ModelPool:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
+    def loaded_models(self) -> list[LoadedModel]:
+        """The models in memory (the worker's view: call it on the worker)."""
+        return list(self._loaded.values())
+
     def get(self, name: str | None = None) -> LoadedModel:
         name = name or self.default
         if name in self._loaded:

@@ -36,6 +36,9 @@ class Metrics:
             ("flux2_device_memory_bytes", "Memory allocated on the CUDA device (0 without one)", "device_memory_bytes"),
             ("flux2_prompt_cache_hits", "Prompt embedding cache hits", "prompt_cache_hits"),
             ("flux2_prompt_cache_misses", "Prompt embedding cache misses", "prompt_cache_misses"),
+            ("flux2_reference_store_hits", "Reference sets found in the reference store", "reference_store_hits"),
+            ("flux2_reference_store_misses", "Reference sets computed (not in the store)", "reference_store_misses"),
+            ("flux2_reference_store_bytes", "Device memory held by kept reference K/V", "reference_store_bytes"),
         ):
             Gauge(name, text, registry=registry).set_function(lambda field=field: self._stat(field))
         self.batch_images = Histogram(

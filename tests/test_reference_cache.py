@@ -358,11 +358,22 @@ def test_a_served_edit_that_repeats_its_references_is_timed_as_a_store_hit(cache
         )
         return parse_server_timing(raw.headers["server-timing"]), pixels(decode_b64(raw.parse().data[0].b64_json))
 
+    def store_metrics() -> dict[str, float]:
+        import httpx
+
+        lines = httpx.get(f"{cached_server.base_url}/metrics").text.splitlines()
+        return {line.split()[0]: float(line.split()[1]) for line in lines if line.startswith("flux2_reference_store_")}
+
+    before = store_metrics()
     (first_timing, first), (second_timing, _), (third_timing, third) = (
         edit("a cat", 11),
         edit("a dog", 12),
         edit("a cat", 11),
     )
+    after = store_metrics()
+    assert after["flux2_reference_store_hits"] - before["flux2_reference_store_hits"] == 2
+    assert after["flux2_reference_store_misses"] - before["flux2_reference_store_misses"] == 1
+    assert after["flux2_reference_store_bytes"] > before["flux2_reference_store_bytes"]
     assert first_timing["references"][1] == "computed" and first_timing["references"][0] > 0
     assert second_timing["references"][1] == "cache hit" and third_timing["references"][1] == "cache hit"
     assert np.array_equal(first, third)
