@@ -126,7 +126,31 @@ def _summary(results: dict) -> list[str]:
         lines.append(reference_summary(results["reference_cache"]))
     if results.get("eager_baseline"):
         lines.append(baseline_summary(results))
+    if edit_summary(results):
+        lines.append(edit_summary(results))
     return lines + [f"note: {note}" for note in results["notes"]]
+
+
+def edit_summary(results: dict) -> str:
+    """The served edits as multiples of one served image, the unit of issue 12's goals (4 references <= 2x, 10 <=
+    4x); "" without the one-image figure or any edit."""
+    served = {figure["key"]: figure.get("served_s") for figure in results["figures"] if not figure.get("error")}
+    one = served.get("one_image")
+    if not one:
+        return ""
+    groups = [
+        ("uncached", [(f"{n} ref{'s' if n > 1 else ''}", f"edit_{n}") for n in (1, 4, 10)]),
+        ("--reference-cache on", [(f"{n}", f"edit_{n}_cached") for n in (1, 4, 10)]),
+        ("the same 4 references again (reference store)", [("4", "edit_4_repeated")]),
+    ]
+    parts = []
+    for name, keys in groups:
+        found = [f"{label} {served[key] / one:.2f}x" for label, key in keys if served.get(key)]
+        if found:
+            parts.append(f"{name}: {', '.join(found)}")
+    if not parts:
+        return ""
+    return f"edits against one served image ({one:.3f} s; goals: 4 refs <= 2x, 10 <= 4x): " + "; ".join(parts)
 
 
 def baseline_summary(results: dict) -> str:
@@ -202,6 +226,8 @@ def markdown_section(results: dict, command: str) -> str:
         lines.append(f"- {reference_summary(results['reference_cache'])}.")
     if results.get("eager_baseline"):
         lines.append(f"- {baseline_summary(results)}.")
+    if edit_summary(results):
+        lines.append(f"- {edit_summary(results)}.")
     lines += [f"- {note}" for note in results["notes"]]
     lines += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "---|" * len(_HEADERS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]

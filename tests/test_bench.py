@@ -162,6 +162,20 @@ def test_the_repeated_references_figure_measured_store_hits_and_the_cached_ones_
     assert figures["one_image"]["served_marks"]["text_encode"] == ["encoded"]  # a new prompt every run
 
 
+def test_the_edits_are_summed_up_as_multiples_of_one_image(tiny_run):
+    from server.bench_report import edit_summary
+
+    results = tiny_run["json"]
+    served = {figure["key"]: figure["served_s"] for figure in results["figures"]}
+    line = edit_summary(results)
+    assert line in tiny_run["output"]
+    assert f"4 refs {served['edit_4'] / served['one_image']:.2f}x" in line
+    assert f"10 {served['edit_10_cached'] / served['one_image']:.2f}x" in line
+    assert f"(reference store): 4 {served['edit_4_repeated'] / served['one_image']:.2f}x" in line
+    without = {**results, "figures": [f for f in results["figures"] if f["key"] != "one_image"]}
+    assert edit_summary(without) == ""
+
+
 def test_tiny_bench_table_prints_every_row(tiny_run):
     output = tiny_run["output"]
     for figure in tiny_run["json"]["figures"]:
