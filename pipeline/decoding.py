@@ -14,13 +14,14 @@ so a finished denoise is never thrown away for the decode's sake."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .internals import Flux2Pipe, vae_latents
+from .internals import Flux2Pipe, execution_device, vae_latents
 from .offload_plan import DECODE_MAPS
 
 log = logging.getLogger("flux2.decoding")
@@ -37,15 +38,26 @@ def latents_for_vae(pipe: Flux2Pipe, output: torch.Tensor, width: int, height: i
     return output
 
 
-def decode(pipe: Flux2Pipe, latents: torch.Tensor, room: int | None = None) -> list[Image.Image]:
+def decode(
+    pipe: Flux2Pipe,
+    latents: torch.Tensor,
+    room: int | None = None,
+    make_room: Callable[[int], bool] | None = None,
+) -> list[Image.Image]:
     """VAE-space latents (B, 32, H/8, W/8) -> RGB images, rounded exactly as diffusers' postprocess rounds them.
-    `room`: the device's free bytes (default: read from the device; None on a CPU, where the batch decodes whole)."""
+    `room`: the device's free bytes (default: read from the pipeline's execution device; on a CPU nothing limits
+    the decode). `make_room(lacking)`: asked to free that many bytes (the reference store's sets) before a lighter
+    decode is chosen; True when it freed any."""
     vae = pipe.vae
     if room is None:
-        room = free_device_bytes(vae.device)
+        room = free_device_bytes(execution_device(pipe))
     batch, _, rows, columns = latents.shape
     itemsize = torch.empty((), dtype=vae.dtype).element_size()
-    way = decode_way(batch, rows * columns * LATENT_SCALE**2, itemsize, room)
+    pixels = rows * columns * LATENT_SCALE**2
+    lacking = batch * decode_bytes(pixels, itemsize) - room if room is not None else 0
+    if lacking > 0 and make_room is not None and make_room(lacking):
+        room = free_device_bytes(execution_device(pipe))
+    way = decode_way(batch, pixels, itemsize, room)
     if way != "whole":
         log.info("decode: %s (%d image(s) of %dx%d; %s free)", way, batch, columns * 8, rows * 8, _gib(room))
     with torch.inference_mode():
@@ -54,6 +66,9 @@ def decode(pipe: Flux2Pipe, latents: torch.Tensor, room: int | None = None) -> l
         except torch.OutOfMemoryError:
             if way == "tiled":
                 raise
+            array = None
+        # Outside the handler: the failed attempt's frames (and their feature maps) are released by now.
+        if array is None:
             log.warning("decode: out of device memory decoding %s; decoding again in tiles", way.replace("_", " "))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

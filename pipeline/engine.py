@@ -310,6 +310,46 @@ class Engine:
         self._reference_stats = self._reference_totals()
         self._finish(batch, failures, results)
 
+    def _retry_after_oom(
+        self,
+        model: LoadedModel,
+        slices: list[Slice],
+        handles: dict[int, JobHandle],
+        results: dict[int, list[GenerationResult]],
+        failures: dict[int, BaseException],
+        store_dropped: bool,
+    ) -> bool:
+        """After a batch ran out of device memory: once with every model's kept reference K/V dropped, else split in
+        half, else (one image) fail its job. True when the batch was retried (its outcome is the retries')."""
+        kept = sum(
+            loaded.reference_store.clear() for loaded in self.pool.loaded_models() if loaded.reference_store is not None
+        )
+        release_device_memory()
+        if kept and not store_dropped:  # reference K/V kept from earlier edits held memory: once more without
+            log.warning(
+                "out of device memory for %d images with %.2f GiB of kept reference K/V: dropped them, retrying",
+                images_in(slices),
+                kept / 1024**3,
+            )
+            self._run_slices(model, slices, handles, results, failures, store_dropped=True)
+            return True
+        if images_in(slices) == 1:
+            log.error("out of device memory even for one image")
+            failures[id(handles[id(slices[0].job)])] = OutOfDeviceMemory(
+                "the device ran out of memory for a single image"
+            )
+            return False
+        left, right = split_in_half(slices)
+        log.warning(
+            "out of device memory for %d images: retrying as %d + %d",
+            images_in(slices),
+            images_in(left),
+            images_in(right),
+        )
+        self._run_slices(model, left, handles, results, failures, store_dropped)
+        self._run_slices(model, right, handles, results, failures, store_dropped)
+        return True
+
     def _reference_totals(self) -> dict[str, int]:
         stores = [model.reference_store for model in self.pool.loaded_models() if model.reference_store is not None]
         return {
@@ -356,36 +396,15 @@ class Engine:
                 outcome = "cancelled"
         except torch.OutOfMemoryError:
             outcome = "oom"
-            kept = model.reference_store.clear() if model.reference_store is not None else 0
-            release_device_memory()
-            if kept and not store_dropped:  # reference K/V kept from earlier edits held memory: once more without
-                log.warning(
-                    "out of device memory for %d images with %.2f GiB of kept reference K/V: dropped them, retrying",
-                    images_in(slices),
-                    kept / 1024**3,
-                )
-                self._run_slices(model, slices, handles, results, failures, store_dropped=True)
-                return
-            if images_in(slices) == 1:
-                handle = mine[0]
-                log.error("out of device memory even for one image")
-                failures[id(handle)] = OutOfDeviceMemory("the device ran out of memory for a single image")
-            else:
-                left, right = split_in_half(slices)
-                log.warning(
-                    "out of device memory for %d images: retrying as %d + %d",
-                    images_in(slices),
-                    images_in(left),
-                    images_in(right),
-                )
-                self._run_slices(model, left, handles, results, failures, store_dropped)
-                self._run_slices(model, right, handles, results, failures, store_dropped)
-                return
         except Exception as exc:
             outcome = "error"
             log.exception("a batch of %d images failed", images_in(slices))
             for handle in mine:
                 failures.setdefault(id(handle), exc)
+        # Out of memory: handled here, after the handler, so that the failed call's frames (its activations, the
+        # reference K/V it held) are released before anything is tried again.
+        if outcome == "oom" and self._retry_after_oom(model, slices, handles, results, failures, store_dropped):
+            return
         seconds = time.perf_counter() - started
         if outcome == "ok":
             per_image = seconds / images_in(slices)

@@ -39,6 +39,7 @@ class Flux2Pipe(Protocol):
     system_message: str  # dev only
     vae_scale_factor: int
     _interrupt: bool
+    _attention_kwargs: dict[str, Any] | None
 
     @property
     def _execution_device(self) -> torch.device: ...
@@ -123,6 +124,12 @@ def encode_image_latents(pipe: Flux2Pipe, pixels: torch.Tensor) -> torch.Tensor:
 def stop_after_this_step(pipe: Flux2Pipe) -> None:
     """Inside `callback_on_step_end`: the pipeline skips its remaining steps."""
     pipe._interrupt = True
+
+
+def forget_attention_kwargs(pipe: Flux2Pipe) -> None:
+    """After a call: both pipelines keep the call's `attention_kwargs` on `self._attention_kwargs` until the next
+    call, which would keep an edit's reference K/V (gigabytes on the device) alive between requests."""
+    pipe._attention_kwargs = None
 
 
 def vae_latents(pipe: Flux2Pipe, packed: torch.Tensor, width: int, height: int) -> torch.Tensor:

@@ -54,6 +54,16 @@ class LRU(Generic[K, V]):
                 self.size -= evicted
         return True
 
+    def evict(self, size: int) -> int:
+        """Drop least recently used entries until `size` has been freed or nothing is left; the size freed."""
+        freed = 0
+        with self._lock:
+            while self._entries and freed < size:
+                _, (_, evicted) = self._entries.popitem(last=False)
+                self.size -= evicted
+                freed += evicted
+        return freed
+
     def drop(self, which: Callable[[K], bool] = lambda key: True) -> None:
         """Forget the entries whose key `which` accepts (all by default)."""
         with self._lock:

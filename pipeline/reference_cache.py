@@ -55,6 +55,10 @@ class ReferenceStore:
     def put(self, key: Hashable, layers: Layers) -> None:
         self.entries.put(key, layers)
 
+    def release(self, size: int) -> bool:
+        """Drop the least recently used sets until `size` bytes are freed (for the decode); whether any was."""
+        return self.entries.evict(size) > 0
+
     def clear(self) -> int:
         """Forget every set (after running out of device memory: the memory goes back to the batch); the bytes
         they held."""

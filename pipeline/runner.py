@@ -16,7 +16,7 @@ from PIL import Image
 from .adapters import activate
 from .batching import Slice, images_in
 from .decoding import decode, latents_for_vae
-from .internals import execution_device, pack_latents, stop_after_this_step
+from .internals import execution_device, forget_attention_kwargs, pack_latents, stop_after_this_step
 from .jobs import GenerationResult, StageTimes
 from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
@@ -89,6 +89,7 @@ def run_batch(
                 kv = prefill(pipe, per_row, first.guidance_scale, keys, model.reference_store)
             extra["attention_kwargs"] = {ATTENTION_KWARG: kv}
             references, references_cached = clock.lap(), kv.reused == len(kv.sets)
+            del kv  # held by `extra` until the denoise ends, then freed (the store keeps its own reference)
         else:
             extra["image"] = list(prepared[0])
 
@@ -106,17 +107,21 @@ def run_batch(
 
     # 5. Denoise at the model's size; latents come back undecoded. `prompt` is not passed: the embeddings stand
     #    for it.
-    with torch.inference_mode(), cache_context(pipe.transformer):
-        latents = pipe(
-            prompt_embeds=prompt_embeds,
-            height=first.run_height,
-            width=first.run_width,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            generator=generators,
-            output_type="latent",
-            **extra,
-        ).images
+    try:
+        with torch.inference_mode(), cache_context(pipe.transformer):
+            latents = pipe(
+                prompt_embeds=prompt_embeds,
+                height=first.run_height,
+                width=first.run_width,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                generator=generators,
+                output_type="latent",
+                **extra,
+            ).images
+    finally:  # the call's reference K/V must not outlive it (the decode needs the room; a failed call's retry too)
+        extra.clear()
+        forget_attention_kwargs(pipe)
     denoise = clock.lap()
     if step_callback.stopped:  # every job of the batch was cancelled: nothing to decode
         return [None] * len(slices)
@@ -132,7 +137,11 @@ def run_batch(
         if kept
         for row in range(start, start + len(piece.seeds))
     ]
-    images = iter(decode(pipe, latents[rows]) if rows else [])
+    # Kept reference sets give way to the decode before it goes lighter (per image, tiled): the same request gets
+    # the same decode whatever the store holds, as far as the store can make room.
+    store = model.reference_store
+    make_room = store.release if store is not None else None
+    images = iter(decode(pipe, latents[rows], make_room=make_room) if rows else [])
     stages = StageTimes(
         text_encode=text_encode,
         prompt_cached=prompt_cached,

@@ -30,6 +30,7 @@ class Figure:
     direct: Callable[[], float | None] | None
     direct_label: str = "the same call"
     prepare: Callable[[], object] | None = None  # run once, untimed, before the figure's runs
+    cleanup: Callable[[], object] | None = None  # run once after the figure's runs (what it kept, given back)
 
 
 def figures_for(

@@ -352,25 +352,15 @@ def _guarded(figure: Figure, measure: Callable[[], dict], clock: _Clock) -> dict
 
 
 def _measure(figure: Figure, repeats: int, device: str, clock: _Clock, client: ImageClient | None = None) -> dict:
-    served, direct, served_peaks, direct_peaks = [], [], [], []
     if figure.prepare is not None:
         figure.prepare()
         clock.say(f"{figure.label}: prepared")
     first_timing = len(client.timings) if client is not None else 0
-    for run in range(repeats):
-        line = []
-        if figure.served is not None:
-            seconds, peak = timed(device, figure.served)
-            served.append(seconds)
-            served_peaks.append(peak)
-            line.append(f"served {seconds:.3f} s")
-        if figure.direct is not None:
-            seconds, peak = timed(device, figure.direct)
-            direct.append(seconds)
-            direct_peaks.append(peak)
-            line.append(f"direct {seconds:.3f} s")
-        clock.say(f"{figure.label} ({run + 1}/{repeats}): {', '.join(line)}")
-    result = _figure_result(figure, served, direct, served_peaks, direct_peaks)
+    try:
+        result = _figure_result(figure, *_runs(figure, repeats, device, clock))
+    finally:
+        if figure.cleanup is not None:
+            figure.cleanup()
     timings = client.timings[first_timing:] if client is not None else []
     if timings:  # the served answers' Server-Timing stages: median milliseconds per stage
         stages = sorted({name for timing in timings for name in timing})
@@ -386,6 +376,30 @@ def _measure(figure: Figure, repeats: int, device: str, clock: _Clock, client: I
             + ", ".join(f"{name} {ms:.1f}" for name, ms in result["served_stages_ms"].items())
         )
     return result
+
+
+def _runs(
+    figure: Figure, repeats: int, device: str, clock: _Clock
+) -> tuple[list[float], list[float], list[int], list[int]]:
+    """Each side's seconds and peak memory over `repeats` runs, served then direct in each run."""
+    served: list[float] = []
+    direct: list[float] = []
+    served_peaks: list[int] = []
+    direct_peaks: list[int] = []
+    for run in range(repeats):
+        line = []
+        if figure.served is not None:
+            seconds, peak = timed(device, figure.served)
+            served.append(seconds)
+            served_peaks.append(peak)
+            line.append(f"served {seconds:.3f} s")
+        if figure.direct is not None:
+            seconds, peak = timed(device, figure.direct)
+            direct.append(seconds)
+            direct_peaks.append(peak)
+            line.append(f"direct {seconds:.3f} s")
+        clock.say(f"{figure.label} ({run + 1}/{repeats}): {', '.join(line)}")
+    return served, direct, served_peaks, direct_peaks
 
 
 def _figure_result(

@@ -108,6 +108,7 @@ def reference_cache_figures(
             None,
             "no plain equivalent: diffusers keeps nothing across calls",
             prepare=lambda: served(REPEATED, kept),  # the first edit with these references fills the store
+            cleanup=kept.clear,  # its set leaves the card with the figure
         )
     ]
 

@@ -93,19 +93,29 @@ def test_tiles_when_not_even_one_image_fits(pipe, latents, whole, caplog):
 
 
 def test_a_decode_out_of_memory_is_done_again_in_tiles(pipe, latents, monkeypatch, caplog):
+    import weakref
+
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     expected = pixels(decode(pipe, latents, room=0))  # tiled
     real = pipe.vae.decode
+    held: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
 
     def whole_does_not_fit(*args, **kwargs):
-        return real(*args, **kwargs) if pipe.vae.use_tiling else no_memory()
+        if pipe.vae.use_tiling:  # the retry: the failed attempt's feature maps must be gone by now
+            alive_at_retry.append(held[0]() is not None)
+            return real(*args, **kwargs)
+        feature_maps = torch.ones(1024)  # what a decode holds when it runs out of memory
+        held.append(weakref.ref(feature_maps))
+        no_memory()
 
     monkeypatch.setattr(pipe.vae, "decode", whole_does_not_fit)
     with caplog.at_level(logging.WARNING, logger="flux2.decoding"):
         again = pixels(decode(pipe, latents))
     assert np.array_equal(again, expected)
+    assert alive_at_retry == [False, False]  # one tiled decode per image, after the failed frames were released
     assert "out of device memory decoding whole; decoding again in tiles" in caplog.text
     monkeypatch.setattr(pipe.vae, "tiled_decode", no_memory)
     with pytest.raises(torch.OutOfMemoryError):  # tiles did not fit either: the engine's OOM handling takes over
@@ -134,6 +144,43 @@ def test_a_batch_decodes_by_what_the_device_has_free(model, monkeypatch):
         (result,) = run_batch(model, [Slice(two, two.seeds)], PromptCache(1 << 20))
         assert calls == expected
         assert [image.size for image in result.images] == [(SIDE, SIDE)] * 2
+
+
+def test_kept_reference_sets_make_room_before_the_decode_goes_lighter(pipe, latents, monkeypatch):
+    """Asked with too little room, the decode first asks `make_room` for what it lacks (the runner passes the
+    reference store's release), reads the free memory again and, given enough, decodes whole."""
+    one = decode_bytes(SIDE * SIDE, 4)
+    asked = []
+
+    def make_room(lacking):
+        asked.append(lacking)
+        monkeypatch.setattr(decoding, "free_device_bytes", lambda device: 2 * one)  # the sets' memory is free now
+        return True
+
+    calls = []
+    real = pipe.vae.enable_tiling
+    monkeypatch.setattr(pipe.vae, "enable_tiling", lambda: calls.append("tiling") or real())
+    images = decode(pipe, latents, room=one // 2, make_room=make_room)
+    assert asked == [2 * one - one // 2] and calls == []  # whole: no tiles
+    assert [image.size for image in images] == [(SIDE, SIDE)] * 2
+    asked.clear()
+    decode(pipe, latents, room=2 * one, make_room=make_room)
+    assert asked == []  # nothing lacking: the store is left alone
+
+
+def test_free_device_bytes_counts_the_allocators_reserve_and_the_memory_fraction(monkeypatch):
+    gib = 1024**3
+    cuda = torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device: (10 * gib, 80 * gib))
+    monkeypatch.setattr(cuda, "memory_reserved", lambda device: 30 * gib)
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device: 20 * gib)
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device: 1.0, raising=False)
+    device = torch.device("cuda", 0)
+    assert decoding.free_device_bytes(device) == 20 * gib  # 10 free on the card + 10 reserved, unused
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device: 0.3, raising=False)
+    assert decoding.free_device_bytes(device) == int(0.3 * 80 * gib) - 20 * gib  # a 24 GiB cap, 20 allocated
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device: 0.2, raising=False)
+    assert decoding.free_device_bytes(device) == 0  # allocated beyond the cap: nothing, never negative
 
 
 def test_free_device_bytes_is_none_on_the_cpu():

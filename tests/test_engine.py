@@ -122,6 +122,7 @@ def test_out_of_memory_drops_the_kept_reference_sets_and_retries_once(tiny_klein
     """With the reference cache on, sets kept from earlier edits hold device memory: a batch that runs out of it is
     retried once with the store emptied (not split, not failed); if it runs out again, it is split or fails as
     usual, without looping on a store it refills itself."""
+    import weakref
     from dataclasses import replace
 
     from PIL import Image
@@ -146,10 +147,15 @@ def test_out_of_memory_drops_the_kept_reference_sets_and_retries_once(tiny_klein
         real = engine_module.run_batch
         attempts = []
 
+        held: list[weakref.ref] = []
+
         def oom_while_the_store_holds_sets(model, slices, cache, *args, **options):
             attempts.append(len(model.reference_store.entries))
             if len(model.reference_store.entries):
+                activations = torch.ones(1024)  # what the failed call held: released before the retry
+                held.append(weakref.ref(activations))
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            assert all(ref() is None for ref in held)
             return real(model, slices, cache, *args, **options)
 
         monkeypatch.setattr(engine_module, "run_batch", oom_while_the_store_holds_sets)

@@ -393,3 +393,24 @@ def test_dev_keys_its_sets_by_the_guidance_it_embeds(tiny_dev):
     assert counts == [1, 0, 1, 0]
     keys = list(model.reference_store.entries._entries)  # least recently used first
     assert [guidance for _, guidance in keys] == [2.5, 4.0]
+
+
+def test_an_edits_reference_kv_does_not_outlive_it(cached, monkeypatch):
+    """Without a store nothing keeps the K/V after the call: not the runner, not the pipeline (diffusers keeps a
+    call's attention_kwargs on the pipeline until the next call; the runner clears them)."""
+    import weakref
+
+    from pipeline import runner
+
+    made: list[weakref.ref] = []
+    real = runner.prefill
+
+    def recorded(*args, **kwargs):
+        kv = real(*args, **kwargs)
+        made.append(weakref.ref(kv))
+        return kv
+
+    monkeypatch.setattr(runner, "prefill", recorded)
+    run(cached, job(size=SIZE, steps=2, references=(reference(36),)))
+    assert len(made) == 1 and made[0]() is None
+    assert cached.pipe._attention_kwargs is None
