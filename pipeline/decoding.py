@@ -46,15 +46,17 @@ def decode(
 ) -> list[Image.Image]:
     """VAE-space latents (B, 32, H/8, W/8) -> RGB images, rounded exactly as diffusers' postprocess rounds them.
     `room`: the device's free bytes (default: read from the pipeline's execution device; on a CPU nothing limits
-    the decode). `make_room(lacking)`: asked to free that many bytes (the reference store's sets) before a lighter
-    decode is chosen; True when it freed any."""
+    the decode). `make_room(lacking)`: asked to free that many bytes (the reference store's sets) when not even one
+    image's decode fits, before tiles are chosen; True when it freed any."""
     vae = pipe.vae
     if room is None:
         room = free_device_bytes(execution_device(pipe))
     batch, _, rows, columns = latents.shape
     itemsize = torch.empty((), dtype=vae.dtype).element_size()
     pixels = rows * columns * LATENT_SCALE**2
-    lacking = batch * decode_bytes(pixels, itemsize) - room if room is not None else 0
+    # Kept sets give way only where the decode would otherwise be tiled (different pixels); one image at a time
+    # gives the batch's pixels, so the store stays for that.
+    lacking = decode_bytes(pixels, itemsize) - room if room is not None else 0
     if lacking > 0 and make_room is not None and make_room(lacking):
         room = free_device_bytes(execution_device(pipe))
     way = decode_way(batch, pixels, itemsize, room)

@@ -137,8 +137,8 @@ def run_batch(
         if kept
         for row in range(start, start + len(piece.seeds))
     ]
-    # Kept reference sets give way to the decode before it goes lighter (per image, tiled): the same request gets
-    # the same decode whatever the store holds, as far as the store can make room.
+    # Kept reference sets give way to the decode before it is tiled: a request's pixels do not depend on what the
+    # store holds, as far as the store can make room.
     store = model.reference_store
     make_room = store.release if store is not None else None
     images = iter(decode(pipe, latents[rows], make_room=make_room) if rows else [])

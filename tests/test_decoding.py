@@ -147,8 +147,9 @@ def test_a_batch_decodes_by_what_the_device_has_free(model, monkeypatch):
 
 
 def test_kept_reference_sets_make_room_before_the_decode_goes_lighter(pipe, latents, monkeypatch):
-    """Asked with too little room, the decode first asks `make_room` for what it lacks (the runner passes the
-    reference store's release), reads the free memory again and, given enough, decodes whole."""
+    """With room for less than one image's decode, the decode first asks `make_room` for what it lacks (the runner
+    passes the reference store's release), reads the free memory again and, given enough, decodes without tiles.
+    With room for one image but not the batch it decodes one at a time and leaves the store alone."""
     one = decode_bytes(SIDE * SIDE, 4)
     asked = []
 
@@ -161,11 +162,11 @@ def test_kept_reference_sets_make_room_before_the_decode_goes_lighter(pipe, late
     real = pipe.vae.enable_tiling
     monkeypatch.setattr(pipe.vae, "enable_tiling", lambda: calls.append("tiling") or real())
     images = decode(pipe, latents, room=one // 2, make_room=make_room)
-    assert asked == [2 * one - one // 2] and calls == []  # whole: no tiles
+    assert asked == [one - one // 2] and calls == []  # whole (2 images' room now): no tiles
     assert [image.size for image in images] == [(SIDE, SIDE)] * 2
     asked.clear()
-    decode(pipe, latents, room=2 * one, make_room=make_room)
-    assert asked == []  # nothing lacking: the store is left alone
+    decode(pipe, latents, room=one, make_room=make_room)
+    assert asked == [] and calls == []  # one image fits: per image, the store is left alone
 
 
 def test_free_device_bytes_counts_the_allocators_reserve_and_the_memory_fraction(monkeypatch):
