@@ -16,7 +16,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -299,26 +299,16 @@ class Engine:
             log.exception("model %s failed to load", job.model)
             self._finish(batch, {id(h): exc for h in batch}, {})
             return
-        results: dict[int, list[GenerationResult]] = {id(h): [] for h in batch}
-        failures: dict[int, BaseException] = {}
-        handles = {id(h.job): h for h in batch}
+        book = _BatchBook({id(h.job): h for h in batch}, {id(h): [] for h in batch})
         token = running_request_ids.set(",".join(h.job.request_id for h in batch if h.job.request_id))
         try:
-            self._run_slices(model, [Slice(h.job, h.job.seeds) for h in batch], handles, results, failures)
+            self._run_slices(model, [Slice(h.job, h.job.seeds) for h in batch], book)
         finally:
             running_request_ids.reset(token)
         self._reference_stats = self._reference_totals()
-        self._finish(batch, failures, results)
+        self._finish(batch, book.failures, book.results)
 
-    def _retry_after_oom(
-        self,
-        model: LoadedModel,
-        slices: list[Slice],
-        handles: dict[int, JobHandle],
-        results: dict[int, list[GenerationResult]],
-        failures: dict[int, BaseException],
-        store_dropped: bool,
-    ) -> bool:
+    def _retry_after_oom(self, model: LoadedModel, slices: list[Slice], book: _BatchBook, store_dropped: bool) -> bool:
         """After a batch ran out of device memory: once with every model's kept reference K/V dropped, else split in
         half, else (one image) fail its job. True when the batch was retried (its outcome is the retries')."""
         kept = sum(
@@ -331,11 +321,11 @@ class Engine:
                 images_in(slices),
                 kept / 1024**3,
             )
-            self._run_slices(model, slices, handles, results, failures, store_dropped=True)
+            self._run_slices(model, slices, book, store_dropped=True)
             return True
         if images_in(slices) == 1:
             log.error("out of device memory even for one image")
-            failures[id(handles[id(slices[0].job)])] = OutOfDeviceMemory(
+            book.failures[id(book.handles[id(slices[0].job)])] = OutOfDeviceMemory(
                 "the device ran out of memory for a single image"
             )
             return False
@@ -346,8 +336,8 @@ class Engine:
             images_in(left),
             images_in(right),
         )
-        self._run_slices(model, left, handles, results, failures, store_dropped)
-        self._run_slices(model, right, handles, results, failures, store_dropped)
+        self._run_slices(model, left, book, store_dropped)
+        self._run_slices(model, right, book, store_dropped)
         return True
 
     def _reference_totals(self) -> dict[str, int]:
@@ -362,11 +352,10 @@ class Engine:
         self,
         model: LoadedModel,
         slices: list[Slice],
-        handles: dict[int, JobHandle],
-        results: dict[int, list[GenerationResult]],
-        failures: dict[int, BaseException],
+        book: _BatchBook,
         store_dropped: bool = False,  # a retry after dropping the kept reference K/V: not again (it may refill it)
     ) -> None:
+        handles, results, failures = book.handles, book.results, book.failures
         slices = [s for s in slices if id(handles[id(s.job)]) not in failures]
         if not slices:
             return
@@ -403,7 +392,7 @@ class Engine:
                 failures.setdefault(id(handle), exc)
         # Out of memory: handled here, after the handler, so that the failed call's frames (its activations, the
         # reference K/V it held) are released before anything is tried again.
-        if outcome == "oom" and self._retry_after_oom(model, slices, handles, results, failures, store_dropped):
+        if outcome == "oom" and self._retry_after_oom(model, slices, book, store_dropped):
             return
         seconds = time.perf_counter() - started
         if outcome == "ok":
@@ -434,3 +423,13 @@ class Engine:
                 handle.future.set_exception(failures[id(handle)])
             else:
                 handle.future.set_result(merge_results(handle.job, results[id(handle)]))
+
+
+@dataclass
+class _BatchBook:
+    """One batch's jobs (handles by their job's id) and what each got: its results (several pipeline calls after
+    an out-of-memory split) or its failure."""
+
+    handles: dict[int, JobHandle]
+    results: dict[int, list[GenerationResult]]
+    failures: dict[int, BaseException] = field(default_factory=dict)
