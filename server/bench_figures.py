@@ -8,6 +8,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import torch
+
 from pipeline.architectures import Architecture
 
 from .bench_harness import (
@@ -17,6 +19,7 @@ from .bench_harness import (
     mask_images,
     reference_images,
     transformer_step,
+    vae_decode,
 )
 
 BATCH = 4  # images in the sequential, concurrent and n=N figures
@@ -178,6 +181,18 @@ def figures_for(
             None,
             lambda: transformer_step(pipe.transformer, size),
             "direct transformer call",
+        ),
+        Figure("vae_decode", f"final decode, {size}x{size}", None, lambda: vae_decode(pipe, size), "decode alone"),
+        # The decoder in channels-last memory format (NHWC convolutions), for the next choice of a default: the
+        # pipeline goes back to its own format after the figure.
+        Figure(
+            "vae_decode_channels_last",
+            f"final decode, {size}x{size}, VAE channels-last",
+            None,
+            lambda: vae_decode(pipe, size),
+            "decode alone, channels-last",
+            prepare=lambda: pipe.vae.to(memory_format=torch.channels_last),
+            cleanup=lambda: pipe.vae.to(memory_format=torch.contiguous_format),
         ),
     ]
     if loaded is not None:

@@ -260,6 +260,23 @@ class PeakMemory:
             self._sampler.join()
 
 
+def vae_decode(pipe: Any, size: int, calls: int = 3) -> float:
+    """Median seconds of the server's final decode (pipeline/decoding.py: VAE decode, 8-bit pixels, to the CPU) of
+    one `size`x`size` image from random latents, after a warm-up."""
+    from pipeline.decoding import decode
+
+    vae = pipe.vae
+    latents = torch.randn((1, vae.config.latent_channels, size // 8, size // 8), device=vae.device, dtype=vae.dtype)
+    seconds = []
+    decode(pipe, latents)  # warm-up
+    for _ in range(calls):
+        synchronize(vae.device.type)
+        started = time.perf_counter()
+        decode(pipe, latents)
+        seconds.append(time.perf_counter() - started)
+    return statistics.median(seconds)
+
+
 def timed(device: str, action: Callable[[], float | None]) -> tuple[float, int]:
     """(seconds, peak bytes) of one call of `action`; an action that returns a number reports that instead of
     its wall time (a per-step figure)."""
