@@ -4,7 +4,7 @@ not decoded at all (diffusers would decode the half-denoised latents after an in
 the device, so only bytes cross to the CPU.
 
 The decoder's working memory is the largest of any stage (~2.4 GiB per megapixel per image in bf16, measured on an
-H200: `offload_plan.DECODE_MAPS`), so a 4 MP image or a batch of four may not fit beside the weights on a small card.
+H200: `offload_plan.decode_bytes`), so a 4 MP image or a batch of four may not fit beside the weights on a small card.
 The decode is chosen by the memory free on the device: the whole batch at once; else one image at a time (the same
 pixels); else each image in tiles (as `vae.enable_tiling()` does, diffusers' `tiled_decode`: 1024² tiles blended
 over a quarter of their side, for images larger than one tile; each tile's mid-block attention sees only the tile,
@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .internals import Flux2Pipe, execution_device, vae_latents
-from .offload_plan import DECODE_MAPS
+from .offload_plan import decode_bytes
 
 log = logging.getLogger("flux2.decoding")
 
@@ -61,7 +61,8 @@ def decode(
         room = free_device_bytes(execution_device(pipe))
     way = decode_way(batch, pixels, itemsize, room)
     if way != "whole":
-        log.info("decode: %s (%d image(s) of %dx%d; %s free)", way, batch, columns * 8, rows * 8, _gib(room))
+        side = f"{columns * LATENT_SCALE}x{rows * LATENT_SCALE}"
+        log.info("decode: %s (%d image(s) of %s; %s free)", way, batch, side, _gib(room))
     with torch.inference_mode():
         try:
             array = _decoded(vae, latents, way)
@@ -85,11 +86,6 @@ def decode_way(batch: int, pixels: int, itemsize: int, room: int | None) -> Deco
     if room is None or batch * one <= room:
         return "whole"
     return "per_image" if one <= room else "tiled"
-
-
-def decode_bytes(pixels: int, itemsize: int) -> int:
-    """The decoder's working memory for one image of `pixels` (offload_plan.DECODE_MAPS full-resolution maps)."""
-    return pixels * 128 * DECODE_MAPS * itemsize
 
 
 def free_device_bytes(device: torch.device) -> int | None:

@@ -116,8 +116,14 @@ def estimate_working(
     return Working(
         encode=CONTEXT_BYTES + text_tokens * (text_hidden * (text_layers + 8) + vocab) * itemsize,
         denoise=CONTEXT_BYTES + batch * tokens * inner_dim * 16 * itemsize,
-        decode=CONTEXT_BYTES + batch * pixels * 128 * DECODE_MAPS * itemsize,
+        decode=CONTEXT_BYTES + batch * decode_bytes(pixels, itemsize),
     )
+
+
+def decode_bytes(pixels: int, itemsize: int) -> int:
+    """The VAE decoder's working memory for one image of `pixels` (`DECODE_MAPS` full-resolution maps of 128
+    channels): what the planner sizes the decode stage by and what the final decode checks against free memory."""
+    return pixels * 128 * DECODE_MAPS * itemsize
 
 
 @dataclass(frozen=True)

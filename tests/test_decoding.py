@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from pipeline import decoding
-from pipeline.decoding import decode, decode_bytes, decode_way
+from pipeline.decoding import decode, decode_way
 from pipeline.loader import load_model
+from pipeline.offload_plan import decode_bytes
 from pipeline.placement import decide_placement
 from pipeline.weights import inspect_model
 
