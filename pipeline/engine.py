@@ -343,9 +343,9 @@ class Engine:
     def _reference_totals(self) -> dict[str, int]:
         stores = [model.reference_store for model in self.pool.loaded_models() if model.reference_store is not None]
         return {
-            "reference_store_hits": sum(store.entries.hits for store in stores),
-            "reference_store_misses": sum(store.entries.misses for store in stores),
-            "reference_store_bytes": sum(store.entries.size for store in stores),
+            "reference_store_hits": sum(store.hits for store in stores),
+            "reference_store_misses": sum(store.misses for store in stores),
+            "reference_store_bytes": sum(store.size for store in stores),
         }
 
     def _run_slices(

@@ -47,7 +47,6 @@ class PromptEnhancer:
     ):
         self.model_path = model_path
         self.max_new_tokens = max_new_tokens
-        self.max_entries = max_entries
         self._cache: LRU[tuple[str, str, int, tuple[bytes, ...]], str] = LRU(max_entries)
         self._external: tuple[Any, Any] | None = None  # (causal LM, tokenizer) of --enhancer-model, once loaded
 

@@ -41,29 +41,23 @@ ATTENTION_KWARG = "reference_kv"
 Layers = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-class ReferenceStore:
+class ReferenceStore(LRU[Hashable, Layers]):
     """Recent reference sets' K/V, on the device, at most `capacity` bytes (0: none kept), least recently used
     evicted first. Keys: (the references' digests in order, the active adapters, the guidance when the transformer
     embeds it); the store belongs to one loaded model."""
 
     def __init__(self, capacity: int):
-        self.entries: LRU[Hashable, Layers] = LRU(capacity, _layers_bytes)
-
-    def get(self, key: Hashable) -> Layers | None:
-        return self.entries.get(key)
-
-    def put(self, key: Hashable, layers: Layers) -> None:
-        self.entries.put(key, layers)
+        super().__init__(capacity, _layers_bytes)
 
     def release(self, size: int) -> bool:
         """Drop the least recently used sets until `size` bytes are freed (for the decode); whether any was."""
-        return self.entries.evict(size) > 0
+        return self.evict(size) > 0
 
     def clear(self) -> int:
         """Forget every set (after running out of device memory: the memory goes back to the batch); the bytes
         they held."""
-        held = self.entries.size
-        self.entries.drop()
+        held = self.size
+        self.drop()
         return held
 
 

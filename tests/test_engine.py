@@ -143,15 +143,15 @@ def test_out_of_memory_drops_the_kept_reference_sets_and_retries_once(tiny_klein
     try:
         store = engine.pool.get(None).reference_store
         first = job(references=(Image.new("RGB", (64, 64), (200, 10, 10)),))
-        assert engine.submit(first).future.result(60).images and len(store.entries) == 1
+        assert engine.submit(first).future.result(60).images and len(store) == 1
         real = engine_module.run_batch
         attempts = []
 
         held: list[weakref.ref] = []
 
         def oom_while_the_store_holds_sets(model, slices, cache, *args, **options):
-            attempts.append(len(model.reference_store.entries))
-            if len(model.reference_store.entries):
+            attempts.append(len(model.reference_store))
+            if len(model.reference_store):
                 activations = torch.ones(1024)  # what the failed call held: released before the retry
                 held.append(weakref.ref(activations))
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
@@ -161,10 +161,10 @@ def test_out_of_memory_drops_the_kept_reference_sets_and_retries_once(tiny_klein
         monkeypatch.setattr(engine_module, "run_batch", oom_while_the_store_holds_sets)
         second = replace(first, references=(Image.new("RGB", (64, 64), (10, 200, 10)),))
         assert engine.submit(second).future.result(60).images
-        assert attempts == [1, 0] and len(store.entries) == 1  # the retry kept the new set only
+        assert attempts == [1, 0] and len(store) == 1  # the retry kept the new set only
 
         def always_oom(model, slices, cache, *args, **options):
-            attempts.append(len(model.reference_store.entries))
+            attempts.append(len(model.reference_store))
             kv = torch.zeros(4)
             model.reference_store.put(("filled", "by the batch"), {"x": (kv, kv)})  # as a prefill before an OOM
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")

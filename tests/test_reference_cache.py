@@ -265,30 +265,30 @@ def test_a_repeated_reference_set_comes_from_the_store_with_the_same_image(store
     touched.putpixel((0, 0), (0, 0, 0) if touched.getpixel((0, 0)) != (0, 0, 0) else (1, 1, 1))
     _, changed = passes(stored, job(size=SIZE, seeds=(3,), steps=STEPS, references=(touched, refs[1])))
     assert swapped == [tokens] and changed == [tokens]
-    entries = stored.reference_store.entries
-    assert (entries.hits, entries.misses, len(entries)) == (2, 3, 3)
+    store = stored.reference_store
+    assert (store.hits, store.misses, len(store)) == (2, 3, 3)
 
 
 def test_the_store_keeps_the_most_recent_sets_within_its_bytes(cached):
     one_set = ReferenceStore(1 << 30)
     run(dataclasses.replace(cached, reference_store=one_set), job(size=SIZE, references=(reference(30),)))
-    set_bytes = one_set.entries.size
+    set_bytes = one_set.size
     assert set_bytes > 0
     model = dataclasses.replace(cached, reference_store=ReferenceStore(int(1.5 * set_bytes)))
     a, b = (reference(31),), (reference(32),)
     order = [a, b, b, a, a]
     counts = [len(passes(model, job(size=SIZE, references=refs))[1]) for refs in order]
     assert counts == [1, 1, 0, 1, 0]  # b evicted a; a evicted b
-    assert model.reference_store.entries.size <= 1.5 * set_bytes and len(model.reference_store.entries) == 1
+    assert model.reference_store.size <= 1.5 * set_bytes and len(model.reference_store) == 1
     model.reference_store.clear()
-    assert model.reference_store.entries.size == 0 and len(passes(model, job(size=SIZE, references=a))[1]) == 1
+    assert model.reference_store.size == 0 and len(passes(model, job(size=SIZE, references=a))[1]) == 1
 
 
 def test_a_store_of_zero_bytes_keeps_nothing(cached):
     model = dataclasses.replace(cached, reference_store=ReferenceStore(0))
     refs = (reference(33),)
     counts = [len(passes(model, job(size=SIZE, references=refs))[1]) for _ in range(2)]
-    assert counts == [1, 1] and len(model.reference_store.entries) == 0
+    assert counts == [1, 1] and len(model.reference_store) == 0
 
 
 def test_the_store_keys_sets_by_the_active_lora_adapters(tiny_klein, tmp_path):
@@ -306,7 +306,7 @@ def test_the_store_keys_sets_by_the_active_lora_adapters(tiny_klein, tmp_path):
     runs = [passes(model, edit) for edit in (plain, styled, styled, plain)]
     assert [len(seen) for _, seen in runs] == [1, 1, 0, 0]
     assert np.array_equal(runs[1][0][0], runs[2][0][0]) and np.array_equal(runs[0][0][0], runs[3][0][0])
-    sets = [layers for layers, _ in model.reference_store.entries._entries.values()]
+    sets = [layers for layers, _ in model.reference_store._entries.values()]
     key_plain, key_styled = (next(iter(layers.values()))[0] for layers in sets)
     assert not torch.equal(key_plain, key_styled)  # the LoRA did change the references' keys
 
@@ -391,7 +391,7 @@ def test_dev_keys_its_sets_by_the_guidance_it_embeds(tiny_dev):
         for scale in (4.0, 4.0, 2.5, 4.0)
     ]
     assert counts == [1, 0, 1, 0]
-    keys = list(model.reference_store.entries._entries)  # least recently used first
+    keys = list(model.reference_store._entries)  # least recently used first
     assert [guidance for _, guidance in keys] == [2.5, 4.0]
 
 
