@@ -187,15 +187,20 @@ def transformer_step(transformer: Any, size: int, calls: int = 3, text_tokens: i
         guidance=torch.full((1,), 4.0, device=device, dtype=dtype) if config.guidance_embeds else None,
         return_dict=False,
     )
-    seconds = []
     with torch.inference_mode():
-        transformer(**inputs)  # warm-up
-        for _ in range(calls):
-            synchronize(device.type)
-            started = time.perf_counter()
-            transformer(**inputs)
-            synchronize(device.type)
-            seconds.append(time.perf_counter() - started)
+        return median_seconds(lambda: transformer(**inputs), device.type, calls)
+
+
+def median_seconds(action: Callable[[], object], device: str, calls: int) -> float:
+    """Median seconds of `calls` calls of `action` after one warm-up call, the device's work included."""
+    action()  # warm-up
+    seconds = []
+    for _ in range(calls):
+        synchronize(device)
+        started = time.perf_counter()
+        action()
+        synchronize(device)
+        seconds.append(time.perf_counter() - started)
     return statistics.median(seconds)
 
 
@@ -267,14 +272,7 @@ def vae_decode(pipe: Any, size: int, calls: int = 3) -> float:
 
     vae = pipe.vae
     latents = torch.randn((1, vae.config.latent_channels, size // 8, size // 8), device=vae.device, dtype=vae.dtype)
-    seconds = []
-    decode(pipe, latents)  # warm-up
-    for _ in range(calls):
-        synchronize(vae.device.type)
-        started = time.perf_counter()
-        decode(pipe, latents)
-        seconds.append(time.perf_counter() - started)
-    return statistics.median(seconds)
+    return median_seconds(lambda: decode(pipe, latents), vae.device.type, calls)
 
 
 def timed(device: str, action: Callable[[], float | None]) -> tuple[float, int]:
