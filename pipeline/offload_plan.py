@@ -8,6 +8,11 @@ The plans, from most memory to least (T transformer, E text encoder, V VAE; W th
 - `encoder-swapped`: the transformer and the VAE stay; the text encoder lives in (pinned) host memory and comes
   in only for prompts missing from the prompt-embedding cache, and leaves when the denoise needs the room.
   Needs T + V + max(E + W_encode, W_denoise, W_decode).
+- `encoder-streamed`: the transformer and the VAE stay; the text encoder lives in pinned host memory and streams
+  through the device weight by weight on a side stream (the next weight prefetched while one runs) for prompts
+  missing from the cache. A miss copies the encoder once and nothing else, where `transformer-resident` copies it
+  and then the transformer back (on an H100 under 12 GiB, klein-4B: 0.75 s an image against 0.57 s resident).
+  Needs T + V + max(E' + W_encode, W_denoise, W_decode), E' = the encoder outside its layers + two layers.
 - `transformer-resident`: the transformer is the one big component kept whole on the device for every denoise;
   the text encoder shares its room: on a cache miss the transformer steps out for the encoder and is back before
   the denoise starts, then stays through the denoise and the decode (previews, masks, references and the final
@@ -25,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
-PlanName = Literal["resident", "encoder-swapped", "transformer-resident", "block-streaming"]
+PlanName = Literal["resident", "encoder-swapped", "encoder-streamed", "transformer-resident", "block-streaming"]
 PLAN_NAMES: tuple[PlanName, ...] = get_args(PlanName)
 Where = Literal["device", "swapped", "streamed"]
 Component = Literal["text_encoder", "transformer", "vae"]
@@ -186,8 +191,10 @@ def plan_offload(
     candidates = [
         _resident(sizes, working, free_bytes),
         _encoder_swapped(sizes, working, free_bytes, prompt_cache),
-        _transformer_resident(sizes, working, free_bytes, prompt_cache),
     ]
+    if text_encoder_layers:
+        candidates.append(_encoder_streamed(sizes, working, free_bytes, prompt_cache, text_encoder_layers))
+    candidates.append(_transformer_resident(sizes, working, free_bytes, prompt_cache))
     if transformer_blocks:
         stream_encoder = "text_encoder" in quantized and text_encoder_layers > 0
         candidates.append(
@@ -196,6 +203,8 @@ def plan_offload(
     if force is not None:
         if force == "block-streaming" and not transformer_blocks:
             raise DoesNotFit("block-streaming needs the transformer's block count, which is not known here")
+        if force == "encoder-streamed" and not text_encoder_layers:
+            raise DoesNotFit("encoder-streamed needs the text encoder's layer count, which is not known here")
         chosen = next(plan for plan in candidates if plan.name == force)
         blocked = set(chosen.swapped) & set(quantized)
         if blocked:
@@ -252,6 +261,26 @@ def _encoder_swapped(sizes: ComponentSizes, working: Working, free: int, prompt_
         ComponentPlan("vae", "device", sizes.vae, f"{stays} (previews, masks, references and decodes)"),
     )
     return OffloadPlan("encoder-swapped", parts, needed, free)
+
+
+def _encoder_streamed(
+    sizes: ComponentSizes, working: Working, free: int, prompt_cache: bool, layers: int
+) -> OffloadPlan:
+    encoder = sizes.streamed_text_encoder(layers)
+    needed = sizes.transformer + sizes.vae + max(encoder + working.encode, working.denoise, working.decode)
+    stays = "stays: never moves"
+    parts = (
+        ComponentPlan(
+            "text_encoder",
+            "streamed",
+            encoder,
+            f"pinned host memory, streamed weight by weight {_cache_note(prompt_cache)}, the next weight "
+            "prefetched on a side stream while one runs",
+        ),
+        ComponentPlan("transformer", "device", sizes.transformer, stays),
+        ComponentPlan("vae", "device", sizes.vae, f"{stays} (previews, masks, references and decodes)"),
+    )
+    return OffloadPlan("encoder-streamed", parts, needed, free)
 
 
 def _transformer_resident(sizes: ComponentSizes, working: Working, free: int, prompt_cache: bool) -> OffloadPlan:

@@ -17,12 +17,22 @@ from .step_cache import CacheSpecError, StepCache, parse_cache
 Device = Literal["cuda", "cpu"]
 # The planner's plans (pipeline/offload_plan.py), then diffusers' own offloads, kept from before the planner:
 # model (whole sub-models move in turn, accelerate hooks) and sequential (leaf by leaf).
-Offload = Literal["resident", "encoder-swapped", "transformer-resident", "block-streaming", "model", "sequential"]
+Offload = Literal[
+    "resident", "encoder-swapped", "encoder-streamed", "transformer-resident", "block-streaming", "model", "sequential"
+]
 DeviceChoice = Literal["auto", Device]
 DtypeChoice = Literal["auto", "bfloat16", "float16", "float32"]
 # "none" is the name `resident` had before the planner; it is kept as an alias.
 OffloadChoice = Literal[
-    "auto", "resident", "encoder-swapped", "transformer-resident", "block-streaming", "none", "model", "sequential"
+    "auto",
+    "resident",
+    "encoder-swapped",
+    "encoder-streamed",
+    "transformer-resident",
+    "block-streaming",
+    "none",
+    "model",
+    "sequential",
 ]
 
 # What the CLI offers, in this order: "auto" first.

@@ -37,9 +37,6 @@ _RESIDENCY: dict[str, dict[Stage, frozenset[Component]]] = {
     },
     "block-streaming": {"encode": frozenset({"text_encoder"}), "denoise": frozenset(), "decode": frozenset()},
 }
-# The text encoders' blocks for group offloading: Qwen3ForCausalLM.model.layers, Mistral3's
-# model.language_model.layers (diffusers streams the ModuleLists found inside the named children).
-_ENCODER_BLOCK_MODULES = ["model", "language_model"]
 
 
 @dataclass
@@ -192,9 +189,17 @@ class Swapper:
 
 
 def stream_blocks(module: torch.nn.Module, device: torch.device | str, *, text_encoder: bool = False) -> None:
-    """Block streaming through diffusers' group offloading: each block (transformer block, encoder layer) lives in
-    pinned host memory and is copied on a side stream, the next one prefetched while one runs; the module's other
-    parts are on the device while it runs. On a CPU the same hooks run without a stream (nothing to overlap)."""
+    """Streaming through diffusers' group offloading: the weights live in pinned host memory and are copied on a
+    side stream, the next group prefetched while one runs. A transformer streams block by block (its
+    ModuleLists), the module's other parts on the device while it runs. A text encoder streams weight by weight
+    (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
+    model.language_model.layers), and diffusers' block level reaches them only through `block_modules`, whose
+    recursion gives each level its own prefetch-order hook; with streams the outer one then registers its
+    tracker on modules the inner one already tracks and fails ("Hook with name layer_execution_tracker already
+    exists", on an H100 under an 8 GiB cap; `test_streaming_options_register_with_streams`). Leaf level has one
+    such hook for the whole encoder, keeps a tied embedding and output head right (each its own group), and
+    never brings in what the text encode does not run (dev's vision tower). On a CPU the same hooks run without
+    a stream (nothing to overlap)."""
     from diffusers.hooks.group_offloading import apply_group_offloading
 
     device = torch.device(device)
@@ -203,13 +208,12 @@ def stream_blocks(module: torch.nn.Module, device: torch.device | str, *, text_e
         module,
         onload_device=device,
         offload_device=torch.device("cpu"),
-        offload_type="block_level",
-        num_blocks_per_group=1,
+        offload_type="leaf_level" if text_encoder else "block_level",
+        num_blocks_per_group=None if text_encoder else 1,
         non_blocking=cuda,
         use_stream=cuda,
         record_stream=cuda,
-        low_cpu_mem_usage=False,  # pin every block once at start, not at every copy
-        block_modules=_ENCODER_BLOCK_MODULES if text_encoder else None,
+        low_cpu_mem_usage=False,  # pin every weight once at start, not at every copy
     )
 
 

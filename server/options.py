@@ -127,6 +127,7 @@ OPTIONS: tuple[Option, ...] = (
         help="Where the weights live. auto: the first plan that fits the GPU's free memory, chosen from the "
         "components' sizes (logged one line per component): resident (everything on the GPU), encoder-swapped "
         "(the text encoder in pinned host memory, brought in only for prompts missing from the prompt cache), "
+        "encoder-streamed (the same, streamed weight by weight on a side stream while the transformer stays), "
         "transformer-resident (the text encoder and the transformer take turns; the transformer whole for every "
         "denoise), block-streaming (transformer blocks streamed with prefetch). Each name forces its plan (on a "
         "CPU, forced plans are simulated). none = resident; model and sequential are diffusers' own CPU offloads "

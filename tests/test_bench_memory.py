@@ -51,12 +51,12 @@ def test_the_command_refuses_without_cuda():
     [
         ("klein-4b", 48, "none", "resident"),
         ("klein-4b", 24, "none", "resident"),
-        ("klein-4b", 12, "none", "transformer-resident"),  # 7.2 GiB transformer and 7.5 GiB encoder take turns
+        ("klein-4b", 12, "none", "encoder-streamed"),  # the 7.2 GiB transformer stays, the 7.5 GiB encoder streams
         ("klein-4b", 8, "none", "block-streaming"),
         ("klein-4b", 12, "transformer=int8,text_encoder=int8", "resident"),
-        ("klein-9b", 24, "none", "transformer-resident"),
+        ("klein-9b", 24, "none", "encoder-streamed"),
         ("klein-9b", 16, "none", "block-streaming"),
-        ("dev", 80, "none", "transformer-resident"),
+        ("dev", 80, "none", "encoder-streamed"),
         ("dev", 24, "none", "block-streaming"),
     ],
 )

@@ -61,8 +61,23 @@ def test_encoder_swapped_when_the_encoder_alone_is_too_much():
     assert chosen.where("transformer") == "device" and chosen.where("vae") == "device"
 
 
+def test_encoder_streamed_when_the_transformer_stays_and_the_encoder_streams_past_it():
+    chosen = plan(11)  # transformer + VAE 7.25 + the streamed encoder: outside its layers 0.8 + two 0.2 + working 1
+    assert chosen.name == "encoder-streamed"
+    assert chosen.needed_bytes == int(7.25 * GIB) + 8 * GIB - 34 * (GIB // 5) + GIB
+    assert chosen.swapped == () and chosen.streamed == ("text_encoder",)
+    assert chosen.where("transformer") == "device" and chosen.where("vae") == "device"
+    assert "streamed weight by weight only for prompts missing from the prompt-embedding cache" in chosen.lines()[1]
+    # Without the encoder's layer count nothing can stream: the encoder and the transformer take turns.
+    assert plan_offload(SIZES, WORK, 11 * GIB).name == "transformer-resident"
+    with pytest.raises(DoesNotFit, match="layer count"):
+        plan_offload(SIZES, WORK, 11 * GIB, force="encoder-streamed")
+    forced = plan(80, force="encoder-streamed")
+    assert forced.forced and forced.streamed == ("text_encoder",)
+
+
 def test_transformer_resident_when_encoder_and_transformer_take_turns():
-    chosen = plan(11)  # VAE + max(encoder 8 + 1, transformer 7 + 2) = 9.25
+    chosen = plan(9.3)  # VAE + max(encoder 8 + 1, transformer 7 + 2) = 9.25; streaming the encoder needs 9.45
     assert chosen.name == "transformer-resident"
     assert chosen.needed_bytes == int(9.25 * GIB)
     assert set(chosen.swapped) == {"text_encoder", "transformer"}
@@ -119,8 +134,8 @@ def test_a_forced_plan_is_kept_and_warned_about_when_it_may_not_fit():
 
 
 def test_one_log_line_per_component_saying_where_bytes_and_why():
-    lines = plan(11).lines()
-    assert lines[0].startswith("offload plan: transformer-resident (auto: needs ~9.25 GiB, fits in 11.00 GiB free)")
+    lines = plan(9.3).lines()
+    assert lines[0].startswith("offload plan: transformer-resident (auto: needs ~9.25 GiB, fits in 9.30 GiB free)")
     assert len(lines) == 1 + len(COMPONENTS)
     encoder, transformer, vae = lines[1:]
     assert encoder.startswith("offload plan: text_encoder: swapped (8.00 GiB on the device;")
@@ -161,7 +176,7 @@ def _measured() -> MeasuredSizes:
 
 def test_placement_plans_on_cuda_from_the_measured_sizes():
     placement = decide_placement(weight_params=1, cuda_available=True, cuda_free_bytes=11 * GIB, components=_measured())
-    assert placement.offload == "transformer-resident" and placement.plan is not None
+    assert placement.offload == "encoder-streamed" and placement.plan is not None
     assert sum(reason.startswith("offload plan:") for reason in placement.reasons) == 4
     forced = decide_placement(
         offload="encoder-swapped",
@@ -196,8 +211,10 @@ def test_placement_on_the_cpu_simulates_a_forced_plan():
 
 
 def test_quantized_components_are_never_swapped_whole():
-    # A quantized text encoder: the plans that swap it are passed over; block streaming streams it instead.
+    # A quantized text encoder: the plans that swap it are passed over; it is streamed instead.
     chosen = plan(11, quantized=("text_encoder",))
+    assert chosen.name == "encoder-streamed" and chosen.where("text_encoder") == "streamed"
+    chosen = plan(9.3, quantized=("text_encoder",))
     assert chosen.name == "block-streaming" and chosen.where("text_encoder") == "streamed"
     assert plan(17.5, quantized=("transformer", "text_encoder")).name == "resident"
     with pytest.raises(DoesNotFit, match="swaps the transformer, whose quantized weights"):

@@ -4,6 +4,7 @@ prefetches, evicted weights failing loudly, and the same image from every forced
 
 from __future__ import annotations
 
+import contextlib
 import io
 from types import SimpleNamespace
 
@@ -152,7 +153,7 @@ def resident_images(tiny_klein):
         engine.stop(10)
 
 
-@pytest.mark.parametrize("offload", ["encoder-swapped", "transformer-resident", "block-streaming"])
+@pytest.mark.parametrize("offload", ["encoder-swapped", "encoder-streamed", "transformer-resident", "block-streaming"])
 def test_every_forced_plan_makes_the_resident_image(tiny_klein, resident_images, offload):
     engine = _engine(tiny_klein, offload)
     try:
@@ -172,7 +173,12 @@ def test_every_forced_plan_makes_the_resident_image(tiny_klein, resident_images,
             event.startswith("denoise: evict transformer") or "decode: evict transformer" in event for event in events
         )
         encodes = [event for event in events if event.startswith("encode: load text_encoder")]
-        assert len(encodes) == 2  # two distinct prompts; the third request hit the prompt cache
+        if offload == "encoder-streamed":  # nothing is swapped: the encoder streams through diffusers' hooks
+            assert model.swapper.where("text_encoder") == "streamed" and not events
+            encoder = model.pipe.text_encoder
+            assert all(hasattr(m, "_diffusers_hook") for m in encoder.modules() if isinstance(m, torch.nn.Linear))
+        else:
+            assert len(encodes) == 2  # two distinct prompts; the third request hit the prompt cache
         if offload == "block-streaming":  # the encoder fits whole in RAM: swapped; the transformer streamed
             assert model.swapper.where("transformer") == "streamed"
             assert hasattr(model.pipe.transformer.transformer_blocks[0], "_diffusers_hook")
@@ -241,3 +247,57 @@ def test_a_swapped_component_keeps_its_weights_in_shared_host_buffers(tiny_klein
     weights.load(None, None)
     for name, param in zip(names, weights.params, strict=True):
         assert torch.equal(param.data, before[name]), name
+
+
+@pytest.mark.parametrize("weights", ["tiny_klein", "tiny_dev"])
+def test_streaming_options_register_with_streams(weights, request, monkeypatch):
+    """Under an 8 GiB cap on an H100, block streaming failed at start: diffusers' block level with
+    `block_modules` (how the text encoder's layers, two levels down, used to be reached) registers a prefetch-order
+    hook per level, and with CUDA streams the outer one tracks modules the inner one already tracks. A CPU has
+    no streams, so diffusers' stream backend and pinning are faked here: the error is reproduced with the old
+    options, and the options `stream_blocks` uses register with streams: one prefetch-order hook per component,
+    every text-encoder weight in a group (the tied embedding and output head included)."""
+    import diffusers.hooks.group_offloading as group_offloading
+    from diffusers import DiffusionPipeline
+
+    from pipeline.swapping import stream_blocks
+
+    class StreamBackend:  # what group offloading asks of a device with streams while it registers
+        Stream = object
+
+        def __init__(self, device):
+            pass
+
+        def current_stream(self):
+            return SimpleNamespace(synchronize=lambda: None)
+
+        def stream(self, stream):
+            return contextlib.nullcontext()
+
+    monkeypatch.setattr(group_offloading, "TorchDeviceBackend", StreamBackend)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
+    folder = request.getfixturevalue(weights)
+
+    def fresh():
+        return DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+
+    old = fresh().text_encoder
+    with pytest.raises(ValueError, match="layer_execution_tracker already exists"):
+        group_offloading.apply_group_offloading(
+            old, onload_device=torch.device("cuda"), offload_type="block_level", num_blocks_per_group=1,
+            use_stream=True, block_modules=["model", "language_model"],
+        )  # fmt: skip
+
+    pipe = fresh()
+    stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
+    stream_blocks(pipe.transformer, "cuda")
+    for module in (pipe.text_encoder, pipe.transformer):
+        registries = [sub._diffusers_hook for sub in module.modules() if hasattr(sub, "_diffusers_hook")]
+        lazy = [r for r in registries if r.get_hook(group_offloading._LAZY_PREFETCH_GROUP_OFFLOADING) is not None]
+        assert lazy == [module._diffusers_hook]  # one prefetch-order hook, on the component itself
+        groups = [r.get_hook(group_offloading._GROUP_OFFLOADING) for r in registries]
+        assert all(group is not None and group.group.stream is not None for group in groups[1:])
+    linears = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
+    assert linears and all(m._diffusers_hook.get_hook(group_offloading._GROUP_OFFLOADING) is not None for m in linears)
+    blocks = pipe.transformer.transformer_blocks
+    assert blocks[0]._diffusers_hook.get_hook(group_offloading._GROUP_OFFLOADING).group.stream is not None
