@@ -90,9 +90,14 @@ def decode_way(batch: int, pixels: int, itemsize: int, room: int | None) -> Deco
 
 def free_device_bytes(device: torch.device) -> int | None:
     """Bytes a CUDA device can still hand this process: free on the card plus what PyTorch's allocator holds
-    unused, within a per-process memory fraction if one is set. None on a CPU."""
-    if torch.device(device).type != "cuda":
+    unused, within a per-process memory fraction if one is set. None on a CPU. A device without an index (what
+    diffusers reports as the execution device under group offloading) is the current one: torch 2.11's
+    `mem_get_info` refuses it ("Expected a torch.device with a specified index", on an H100 under 8 and 12 GiB)."""
+    device = torch.device(device)
+    if device.type != "cuda":
         return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     room = free + torch.cuda.memory_reserved(device) - allocated

@@ -204,6 +204,8 @@ def stream_blocks(module: torch.nn.Module, device: torch.device | str, *, text_e
 
     device = torch.device(device)
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # diffusers reports this as the execution device: give it the index
+        device = torch.device("cuda", torch.cuda.current_device())
     apply_group_offloading(
         module,
         onload_device=device,

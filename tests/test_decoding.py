@@ -185,5 +185,29 @@ def test_free_device_bytes_counts_the_allocators_reserve_and_the_memory_fraction
     assert decoding.free_device_bytes(device) == 0  # allocated beyond the cap: nothing, never negative
 
 
+def test_free_device_bytes_of_a_cuda_device_without_an_index(monkeypatch):
+    """Under group offloading diffusers reports the execution device as `cuda`, without an index; torch 2.11's
+    `mem_get_info` refused it on an H100 (both streamed plans failed their first image). The current device is
+    asked instead; the fakes refuse an unindexed device the way torch 2.11 did."""
+    gib = 1024**3
+    cuda = torch.cuda
+
+    def indexed(value):
+        def call(device):
+            if not isinstance(device, int) and torch.device(device).index is None:
+                raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+            return value
+
+        return call
+
+    monkeypatch.setattr(cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cuda, "mem_get_info", indexed((10 * gib, 80 * gib)))
+    monkeypatch.setattr(cuda, "memory_reserved", indexed(30 * gib))
+    monkeypatch.setattr(cuda, "memory_allocated", indexed(20 * gib))
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", indexed(1.0), raising=False)
+    assert decoding.free_device_bytes(torch.device("cuda")) == 20 * gib
+    assert decoding.free_device_bytes("cuda") == 20 * gib
+
+
 def test_free_device_bytes_is_none_on_the_cpu():
     assert decoding.free_device_bytes(torch.device("cpu")) is None

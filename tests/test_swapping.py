@@ -276,6 +276,7 @@ def test_streaming_options_register_with_streams(weights, request, monkeypatch):
 
     monkeypatch.setattr(group_offloading, "TorchDeviceBackend", StreamBackend)
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     folder = request.getfixturevalue(weights)
 
     def fresh():
@@ -300,4 +301,8 @@ def test_streaming_options_register_with_streams(weights, request, monkeypatch):
     linears = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
     assert linears and all(m._diffusers_hook.get_hook(group_offloading._GROUP_OFFLOADING) is not None for m in linears)
     blocks = pipe.transformer.transformer_blocks
-    assert blocks[0]._diffusers_hook.get_hook(group_offloading._GROUP_OFFLOADING).group.stream is not None
+    group = blocks[0]._diffusers_hook.get_hook(group_offloading._GROUP_OFFLOADING).group
+    assert group.stream is not None
+    # The onload device carries its index: diffusers reports it as the pipeline's execution device, and torch
+    # 2.11's memory queries refuse a bare "cuda" (both streamed plans failed their first image on an H100).
+    assert group.onload_device == torch.device("cuda", 0)
