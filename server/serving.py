@@ -145,6 +145,10 @@ class ImageService:
             adapters=self.engine.model_adapters()[model],
             safety_tolerance=safety.tolerance,
         )
+        if references:  # the references' digests (the batch key) hashed here, off the event loop, not in the engine
+            started = time.perf_counter()
+            await asyncio.to_thread(lambda: job.batch_key)
+            timing.inputs += time.perf_counter() - started
         stamp: Provenance | None = None  # the files' metadata (--no-metadata: none)
         if self.settings.embed_metadata:
             stamp = provenance(job, options.output_format, options.codec_quality, sources)
