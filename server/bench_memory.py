@@ -8,7 +8,9 @@ seconds per 1024x1024 image (median after a warm-up, each image a new prompt, so
 time), peak device memory, or "does not fit" (the planner's verdict before building, or an out-of-memory error
 caught while running); then one image of twice the side (2048² for the real architectures: its decode is sized by
 what the cap leaves free, pipeline/decoding.py), its seconds and peak or "out of memory". `--memory-caps 8,12,16`
-runs each cap in a fresh process, the safest way to start every cap from an empty card, and prints one table."""
+runs each cap in a fresh process, the safest way to start every cap from an empty card, and prints one table; a cap
+written `12@transformer-resident` forces that plan instead of auto (`--offload` for one `--memory-cap`), so two
+plans under one cap compare in one run."""
 
 from __future__ import annotations
 
@@ -20,12 +22,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from pipeline.architectures import Architecture, build_pipeline, measured_sizes, model_spec
-from pipeline.offload_plan import COMPONENTS, DoesNotFit, OffloadPlan, plan_offload
+from pipeline.offload_plan import COMPONENTS, PLAN_NAMES, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from pipeline.quantization import Quantization, parse_quantization
 
 from .bench_harness import synchronize
@@ -39,15 +41,42 @@ class MemoryCapError(ValueError):
     """A --memory-cap run that cannot start here (no CUDA, a cap above the card, a bad list)."""
 
 
-def parse_caps(text: str) -> list[float]:
-    """ "8,12,16" -> [8.0, 12.0, 16.0] (GiB, as cards count them)."""
-    try:
-        caps = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise MemoryCapError(f"--memory-caps takes GB values separated by commas, got {text!r}") from exc
-    if not caps or any(cap <= 0 for cap in caps):
+class CapRun(NamedTuple):
+    """One cap of `--memory-caps`: GiB, and the plan forced under it (None: `--offload auto`)."""
+
+    cap: float
+    offload: PlanName | None = None
+
+    def label(self) -> str:
+        return f"{self.cap:g}" + (f"@{self.offload}" if self.offload else "")
+
+
+def parse_caps(text: str) -> list[CapRun]:
+    """ "8,12,12@transformer-resident" -> [8 auto, 12 auto, 12 forced transformer-resident] (GiB, as cards count
+    them)."""
+    runs = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        cap_text, _, offload = part.partition("@")
+        try:
+            cap = float(cap_text)
+        except ValueError as exc:
+            raise MemoryCapError(f"--memory-caps takes GB values separated by commas, got {text!r}") from exc
+        if cap <= 0:
+            raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
+        runs.append(CapRun(cap, check_offload(offload) if offload else None))
+    if not runs:
         raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
-    return caps
+    return runs
+
+
+def check_offload(offload: str) -> PlanName:
+    """A plan name to force under a cap (the planner's plans only: diffusers' own offloads are not planned)."""
+    for name in PLAN_NAMES:
+        if name == offload:
+            return name
+    raise MemoryCapError(f"a cap's plan must be one of {', '.join(PLAN_NAMES)}, got {offload!r}")
 
 
 def check_cap(cap_gib: float, cuda_available: bool, card_bytes: int | None) -> None:
@@ -57,8 +86,15 @@ def check_cap(cap_gib: float, cuda_available: bool, card_bytes: int | None) -> N
         raise MemoryCapError(f"--memory-cap {cap_gib:g} is above this card's {card_bytes / _GIB:.0f} GiB")
 
 
-def plan_for_cap(arch: Architecture, cap_bytes: int, quantization: Quantization, itemsize: int = 2) -> OffloadPlan:
-    """The plan `--offload auto` takes for `arch` under the cap, from its sizes alone (raises DoesNotFit)."""
+def plan_for_cap(
+    arch: Architecture,
+    cap_bytes: int,
+    quantization: Quantization,
+    itemsize: int = 2,
+    force: PlanName | None = None,
+) -> OffloadPlan:
+    """The plan `--offload auto` (or `force`) takes for `arch` under the cap, from its sizes alone (raises
+    DoesNotFit)."""
     measured = measured_sizes(arch, itemsize, quantization)
     return plan_offload(
         measured.sizes,
@@ -66,14 +102,21 @@ def plan_for_cap(arch: Architecture, cap_bytes: int, quantization: Quantization,
         cap_bytes,
         transformer_blocks=measured.transformer_blocks,
         text_encoder_layers=measured.text_encoder_layers,
+        force=force,
         quantized=tuple(c for c in COMPONENTS if c in dict(quantization.schemes)),
     )
 
 
 def run_memory_cap(
-    arch: Architecture, cap_gib: float, quantize: str = "none", steps: int = 4, repeats: int = 3, echo: Echo = print
+    arch: Architecture,
+    cap_gib: float,
+    quantize: str = "none",
+    steps: int = 4,
+    repeats: int = 3,
+    echo: Echo = print,
+    offload: PlanName | None = None,
 ) -> dict[str, Any]:
-    """One cap: the planner's verdict, then (if it fits) seconds per image and peak memory."""
+    """One cap: the planner's verdict (or the forced plan), then (if it fits) seconds per image and peak memory."""
     check_cap(cap_gib, torch.cuda.is_available(), None)
     total = torch.cuda.get_device_properties(0).total_memory
     check_cap(cap_gib, True, total)
@@ -85,8 +128,10 @@ def run_memory_cap(
         "steps": steps,
         **environment("cuda"),
     }
+    if offload is not None:
+        result["forced"] = offload
     try:
-        plan = plan_for_cap(arch, int(cap_gib * _GIB), quantization)
+        plan = plan_for_cap(arch, int(cap_gib * _GIB), quantization, force=offload)
     except DoesNotFit as exc:
         echo(f"{arch.name} under {cap_gib:g} GiB: {exc}")
         return {**result, "plan": None, "verdict": "does not fit", "reason": str(exc)}
@@ -204,33 +249,37 @@ def _job(size: int, steps: int, guidance: float, prompt: str) -> Any:
 
 
 def run_caps_in_subprocesses(
-    name: str, caps: list[float], quantize: str, steps: int, repeats: int, echo: Echo = print
+    name: str, caps: list[CapRun], quantize: str, steps: int, repeats: int, echo: Echo = print
 ) -> list[dict[str, Any]]:
     """Each cap in a fresh `flux2-local bench` process (an empty card, its own memory fraction)."""
     results = []
     with tempfile.TemporaryDirectory(prefix="flux2-caps-") as workdir:
-        for cap in caps:
-            path = Path(workdir) / f"cap-{cap:g}.json"
+        for run in caps:
+            path = Path(workdir) / f"cap-{run.label()}.json"
             command = [
-                sys.executable, "-m", "server.cli", "bench", "--architecture", name, "--memory-cap", f"{cap:g}",
+                sys.executable, "-m", "server.cli", "bench", "--architecture", name, "--memory-cap", f"{run.cap:g}",
                 "--quantize", quantize, "--steps", str(steps), "--repeats", str(repeats), "--json", str(path),
             ]  # fmt: skip
-            echo(f"--- {name} under {cap:g} GiB: {' '.join(command[2:])}")
+            if run.offload is not None:
+                command += ["--offload", run.offload]
+            echo(f"--- {name} under {run.cap:g} GiB: {' '.join(command[2:])}")
             # The child's progress lines stream through as they come (a cap cut short still shows how far it got).
-            run = subprocess.run(command, text=True, stdout=None, stderr=subprocess.PIPE)
+            child = subprocess.run(command, text=True, stdout=None, stderr=subprocess.PIPE)
             if path.is_file():
                 results.append(json.loads(path.read_text()))
-            else:
-                tail = (run.stderr or "").strip().splitlines()[-3:]
-                results.append(
-                    {
-                        "architecture": name,
-                        "cap_gib": cap,
-                        "quantize": quantize,
-                        "verdict": "failed",
-                        "reason": " / ".join(tail),
-                    }
-                )
+                continue
+            lines = (child.stderr or "").strip().splitlines()
+            echo("\n".join(["the run failed; the end of its stderr:", *lines[-40:]]))  # the traceback, for the log
+            result = {
+                "architecture": name,
+                "cap_gib": run.cap,
+                "quantize": quantize,
+                "verdict": "failed",
+                "reason": " / ".join(lines[-3:]),
+            }
+            if run.offload is not None:
+                result["forced"] = run.offload
+            results.append(result)
     return results
 
 
@@ -246,6 +295,8 @@ def caps_table(results: list[dict[str, Any]]) -> str:
             large = _large_cell(result.get("large_image"))
         else:
             plan, seconds, peak, large = result.get("plan") or "—", result.get("verdict", "?"), "—", "—"
+        if result.get("forced"):
+            plan = f"{result['forced']} (forced)"
         lines.append(
             f"| {result['cap_gib']:g} GB | {result['architecture']} | {result.get('quantize', 'none')} | {plan} | "
             f"{seconds} | {peak} | {large} |"
@@ -274,6 +325,7 @@ def memory_command(
     steps: int,
     repeats: int | None,
     json_path: Path | None,
+    offload: str | None = None,
 ) -> list[dict[str, Any]]:
     """`flux2-local bench --architecture NAME --memory-cap GB | --memory-caps GB,GB,...`: run, print the table."""
     import typer
@@ -287,17 +339,21 @@ def memory_command(
         raise typer.BadParameter(str(exc), param_hint="--architecture") from exc
     try:
         parse_quantization(quantize)
-        wanted = parse_caps(caps) if caps is not None else [cap] if cap is not None else []
         if cap is not None and caps is not None:
             raise MemoryCapError("give --memory-cap or --memory-caps, not both")
+        if offload is not None and caps is not None:
+            raise MemoryCapError("--offload goes with one --memory-cap; in --memory-caps write a cap as 12@PLAN")
+        forced = check_offload(offload) if offload is not None else None
+        wanted = parse_caps(caps) if caps is not None else [CapRun(cap, forced)] if cap is not None else []
         for each in wanted:
-            check_cap(each, torch.cuda.is_available(), None)
+            check_cap(each.cap, torch.cuda.is_available(), None)
     except (MemoryCapError, QuantizationError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--memory-cap") from exc
     if caps is not None:
         results = run_caps_in_subprocesses(name, wanted, quantize, steps, repeats or arch.repeats)
     else:
-        results = [run_memory_cap(arch, wanted[0], quantize, steps, repeats or arch.repeats, echo=typer.echo)]
+        one = wanted[0]
+        results = [run_memory_cap(arch, one.cap, quantize, steps, repeats or arch.repeats, typer.echo, one.offload)]
         write_result(results[0], json_path)
     typer.echo("")
     typer.echo(caps_table(results))

@@ -87,6 +87,14 @@ def bench(
             show_default=False,
         ),
     ] = None,
+    offload: Annotated[
+        str | None,
+        typer.Option(
+            help="With --memory-cap: force this offload plan (resident, encoder-swapped, encoder-streamed, "
+            "transformer-resident, block-streaming) instead of auto. In --memory-caps write a cap as 12@PLAN.",
+            show_default=False,
+        ),
+    ] = None,
     quantize: Annotated[
         str,
         typer.Option(
@@ -123,8 +131,10 @@ def bench(
             raise typer.BadParameter("needs --architecture", param_hint="--memory-cap")
         from .bench_memory import memory_command
 
-        memory_command(architecture, memory_cap, memory_caps, quantize, steps, repeats, json_path)
+        memory_command(architecture, memory_cap, memory_caps, quantize, steps, repeats, json_path, offload)
         return
+    if offload is not None:
+        raise typer.BadParameter("goes with --memory-cap", param_hint="--offload")
     if architecture is not None:
         from .bench_fullsize import bench_command
         from .bench_speed import parse_speed_options

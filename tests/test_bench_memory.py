@@ -14,17 +14,55 @@ from pipeline.architectures import build_pipeline, get_architecture
 from pipeline.offload_plan import DoesNotFit
 from pipeline.quantization import Quantization, parse_quantization
 from server import bench_memory
-from server.bench_memory import MemoryCapError, caps_table, check_cap, parse_caps, plan_for_cap
+from server.bench_memory import CapRun, MemoryCapError, caps_table, check_cap, parse_caps, plan_for_cap
 
 GIB = 1024**3
 
 
 def test_caps_are_parsed_and_bad_lists_refused():
-    assert parse_caps("8,12, 16,24,48") == [8, 12, 16, 24, 48]
-    assert parse_caps("7.5") == [7.5]
-    for bad in ("8,x", "", "0", "-4"):
+    assert [run.cap for run in parse_caps("8,12, 16,24,48")] == [8, 12, 16, 24, 48]
+    assert parse_caps("7.5") == [CapRun(7.5)]
+    # A cap can force a plan, so two plans under one cap compare in one run.
+    assert parse_caps("48,12,12@transformer-resident") == [
+        CapRun(48),
+        CapRun(12),
+        CapRun(12, "transformer-resident"),
+    ]
+    assert parse_caps("12@encoder-streamed")[0].label() == "12@encoder-streamed"
+    for bad in ("8,x", "", "0", "-4", "12@model", "12@fast", "x@resident"):
         with pytest.raises(MemoryCapError):
             parse_caps(bad)
+
+
+def test_a_forced_plan_under_a_cap_is_the_planners_forced_plan_and_says_so():
+    arch, quantization = get_architecture("klein-4b"), parse_quantization("none")
+    assert plan_for_cap(arch, 12 * GIB, quantization).name == "encoder-streamed"
+    forced = plan_for_cap(arch, 12 * GIB, quantization, force="transformer-resident")
+    assert forced.name == "transformer-resident" and forced.forced
+    table = caps_table(
+        [
+            {"architecture": "klein-4b", "cap_gib": 12, "plan": "transformer-resident", "forced":
+             "transformer-resident", "verdict": "ok", "seconds_per_image": 0.75, "peak_gib": 11.06},
+            {"architecture": "klein-4b", "cap_gib": 12, "forced": "encoder-streamed", "verdict": "failed"},
+        ]
+    )  # fmt: skip
+    lines = table.splitlines()
+    assert lines[2] == "| 12 GB | klein-4b | none | transformer-resident (forced) | 0.75 | 11.1 GiB | not measured |"
+    assert lines[3] == "| 12 GB | klein-4b | none | encoder-streamed (forced) | failed | — | — |"
+
+
+def test_offload_goes_with_one_cap_only():
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-caps", "8,12",
+         "--offload", "resident"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "12@PLAN" in run.stderr
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--offload", "resident"], capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "goes with --memory-cap" in run.stderr
 
 
 def test_a_cap_needs_cuda_and_a_card_big_enough():
@@ -146,3 +184,15 @@ def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
     ]
     assert large["side"] == 2 * arch.size and large["seconds"] > 0
     assert lines[0].startswith("placing as transformer-resident") and "engine ready" in lines[2]
+
+
+def test_a_failed_cap_leaves_its_traceback_in_the_log():
+    """On the H100 both streamed plans failed in their child process and only three lines of its stderr reached
+    the log; the end of a failed child's stderr is now echoed whole (here the child refuses: no CUDA)."""
+    lines: list[str] = []
+    results = bench_memory.run_caps_in_subprocesses(
+        "tiny", [CapRun(8, "block-streaming")], "none", 2, 1, echo=lines.append
+    )
+    assert results[0]["verdict"] == "failed" and results[0]["forced"] == "block-streaming"
+    assert "--offload block-streaming" in lines[0]
+    assert lines[1].startswith("the run failed; the end of its stderr:") and "needs CUDA" in lines[1]
