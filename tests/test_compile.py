@@ -128,3 +128,43 @@ def test_cached_reference_edits_reuse_one_compiled_graph_for_every_block():
     assert variants["double"] <= 4 and variants["single"] <= 4, variants
     for count in (0, 1, 4):  # the same seed gives the same image, run after run
         assert np.abs(first[count] - again[count]).max() <= 1 / 255
+
+
+def test_the_warm_up_compiles_what_cached_reference_edits_need():
+    """`--compile --reference-cache on`: the warm-up at load also runs a cached-reference edit (batches of 1 and 2),
+    whose prefill and steps are graphs of their own, so the first edits, with any number of references, compile
+    nothing inside their request. Without it (the control) the same edits compile new graphs."""
+    import torch
+    from PIL import Image
+    from torch._dynamo.utils import counters
+
+    from pipeline import compilation
+    from pipeline.reference_cache import ATTENTION_KWARG, install, prefill
+    from pipeline.tiny_weights import build_tiny_pipeline
+
+    sizes = [(112, 80), (80, 64), (96, 112)]  # tiny sizes whose token counts match no other dimension (duck sizing)
+
+    def edit(pipe, references: int, batch: int) -> None:
+        images = tuple(Image.new("RGB", sizes[i], (40 * i, 90, 200 - 30 * i)) for i in range(references))
+        with torch.inference_mode():
+            kv = prefill(pipe, [images] * batch, 1.0)
+            pipe(
+                prompt=[f"an edit {i}" for i in range(batch)], height=96, width=96, num_inference_steps=2,
+                output_type="latent", attention_kwargs={ATTENTION_KWARG: kv},
+            )  # fmt: skip
+
+    compiled = {}
+    for warm_references in (True, False):
+        torch._dynamo.reset()
+        pipe = build_tiny_pipeline("klein")
+        pipe.set_progress_bar_config(disable=True)
+        install(pipe.transformer)
+        compilation.compile_transformer(pipe)
+        compilation.warm_up(pipe, side=96, references=warm_references)
+        before = counters["stats"]["unique_graphs"]
+        for references, batch in ((1, 1), (3, 1), (2, 2)):
+            edit(pipe, references, batch)
+        compiled[warm_references] = counters["stats"]["unique_graphs"] - before
+    torch._dynamo.reset()
+    assert compiled[False] > 0  # the control: edits do compile graphs of their own
+    assert compiled[True] == 0, compiled
