@@ -275,6 +275,41 @@ def vae_decode(pipe: Any, size: int, calls: int = 3) -> float:
     return median_seconds(lambda: decode(pipe, latents), vae.device.type, calls)
 
 
+def text_encode(pipe: Any, calls: int = 3) -> float:
+    """Median seconds of the text encoder on one new prompt, called as the server's runner calls it
+    (`encode_prompt`, 512 tokens), after a warm-up."""
+    from pipeline.internals import execution_device
+
+    device = execution_device(pipe)
+    takes = iter(range(1_000_000))
+
+    def one() -> None:
+        with torch.inference_mode():
+            pipe.encode_prompt(
+                prompt=[f"a lighthouse on a cliff, take {next(takes)}"], device=device, num_images_per_prompt=1
+            )
+
+    return median_seconds(one, device.type, calls)
+
+
+def text_encoder_layers(pipe: Any) -> torch.nn.ModuleList:
+    """The text encoder's decoder layers (Qwen3's model.layers, Mistral3's model.language_model.layers)."""
+    for name, module in pipe.text_encoder.named_modules():
+        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList) and "vision" not in name:
+            return module
+    raise ValueError("no decoder layers found in the text encoder")
+
+
+def compile_text_encoder_layers(pipe: Any, on: bool) -> None:
+    """Regional compilation of the text encoder (each decoder layer compiled in place, one graph for all, as
+    diffusers' `compile_repeated_blocks` does for the transformer), or back to eager."""
+    for layer in text_encoder_layers(pipe):
+        if on:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None
+
+
 def timed(device: str, action: Callable[[], float | None]) -> tuple[float, int]:
     """(seconds, peak bytes) of one call of `action`; an action that returns a number reports that instead of
     its wall time (a per-step figure)."""

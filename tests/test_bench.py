@@ -85,6 +85,8 @@ def _expected_keys(arch):
         "vae_decode",
         "vae_decode_channels_last",
         "vae_decode_cudnn_benchmark",
+        "text_encode",
+        "text_encode_compiled",
         "edit_1_cached",
         "edit_4_cached",
         "edit_10_cached",
@@ -126,13 +128,23 @@ def tiny_run(tmp_path_factory):
     return {"output": result.output, "json": json.loads((folder / "bench.json").read_text()), "docs": docs}
 
 
+DIRECT_ONLY = (
+    "transformer_step",
+    "vae_decode",
+    "vae_decode_channels_last",
+    "vae_decode_cudnn_benchmark",
+    "text_encode",
+    "text_encode_compiled",
+)
+
+
 def _check_figures(results, expected_keys, no_direct=()):
     figures = {figure["key"]: figure for figure in results["figures"]}
     assert sorted(figures) == sorted(expected_keys)
     for key, figure in figures.items():
         assert "error" not in figure, figure
         assert figure["runs"] == 1
-        if key in ("transformer_step", "vae_decode", "vae_decode_channels_last", "vae_decode_cudnn_benchmark"):
+        if key in DIRECT_ONLY:
             assert figure["served_s"] is None and figure["direct_s"] > 0
             continue
         assert figure["served_s"] > 0 and figure["served_peak_gib"] > 0, key
@@ -407,3 +419,32 @@ def test_bad_speed_options_are_refused_by_name(arguments, message):
         app, ["bench", "--architecture", "tiny", "--device", "cpu", *arguments], env={"COLUMNS": "200"}
     )
     assert result.exit_code == 2 and message in result.output
+
+
+def test_the_text_encoder_compiled_layer_by_layer_encodes_the_same_and_goes_back_to_eager():
+    """The `text_encode_compiled` figure's switch: every decoder layer compiled in place (the encoder's, not dev's
+    vision tower's), the same embeddings as eager, and eager again after the figure."""
+    import torch
+
+    from pipeline.tiny_weights import build_tiny_pipeline
+    from server.bench_harness import compile_text_encoder_layers, text_encoder_layers
+
+    dev = build_tiny_pipeline("dev")
+    assert text_encoder_layers(dev) is dev.text_encoder.model.language_model.layers
+    pipe = build_tiny_pipeline("klein")
+    layers = text_encoder_layers(pipe)
+    assert layers is pipe.text_encoder.model.layers
+
+    def embeds():
+        with torch.inference_mode():
+            return pipe.encode_prompt(prompt=["a kite over the sea"], device="cpu", num_images_per_prompt=1)[0]
+
+    eager = embeds()
+    compile_text_encoder_layers(pipe, True)
+    assert all(layer._compiled_call_impl is not None for layer in layers)
+    compiled = embeds()
+    compile_text_encoder_layers(pipe, False)
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(embeds(), eager, atol=0, rtol=0)
