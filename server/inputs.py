@@ -70,8 +70,9 @@ async def decode_edit_images(
 
 
 def _decode(inputs: EditInputs, max_input_pixels: int) -> tuple[tuple[Image.Image, ...], Image.Image | None]:
-    """Several references decode on as many threads (Pillow's decoders release the GIL: 4 uploads of 1024² took
-    108 ms one after another on the H100 machine); an error names the first bad image in the upload's order."""
+    """Several references decode on as many threads (Pillow releases the GIL while it decodes; the inputs stage of
+    a 4-reference edit was 108 ms on the H100 machine; four 1024² PNGs here, on 2 cores, 37 ms -> 33 ms); an
+    error names the first bad image in the upload's order."""
 
     def one(data: bytes) -> Image.Image | ImageDecodeError:
         try:
