@@ -186,17 +186,24 @@ def test_every_forced_plan_makes_the_resident_image(tiny_klein, resident_images,
         engine.stop(10)
 
 
-def test_a_server_with_a_forced_plan_serves_the_resident_image(tiny_klein, client, tmp_path):
+@pytest.mark.parametrize(
+    ("offload", "line"),
+    [
+        ("transformer-resident", "offload plan: transformer: swapped"),
+        ("encoder-streamed", "offload plan: text_encoder: streamed"),
+    ],
+)
+def test_a_server_with_a_forced_plan_serves_the_resident_image(tiny_klein, client, tmp_path, offload, line):
     from openai import OpenAI
 
     body = dict(
         prompt="a quiet bay", size="64x64", response_format="b64_json", extra_body={"seed": 5, "num_inference_steps": 2}
     )
     expected = client.images.generate(**body).data[0].b64_json
-    with RunningServer(["--model", str(tiny_klein), "--offload", "transformer-resident"], tmp_path) as server:
+    with RunningServer(["--model", str(tiny_klein), "--offload", offload], tmp_path) as server:
         log = server.log()
-        assert "offload plan: transformer-resident (forced" in log
-        assert "offload plan: transformer: swapped" in log and "simulated" in log
+        assert f"offload plan: {offload} (forced" in log
+        assert line in log and "simulated" in log
         swapped = OpenAI(base_url=f"{server.base_url}/v1", api_key="k", max_retries=0, timeout=120)
         got = swapped.images.generate(**body).data[0].b64_json
     import base64
