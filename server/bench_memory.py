@@ -58,14 +58,14 @@ def parse_caps(text: str) -> list[CapRun]:
     for part in (part.strip() for part in text.split(",")):
         if not part:
             continue
-        cap_text, _, offload = part.partition("@")
+        cap_text, at, offload = part.partition("@")
         try:
             cap = float(cap_text)
         except ValueError as exc:
             raise MemoryCapError(f"--memory-caps takes GB values separated by commas, got {text!r}") from exc
         if cap <= 0:
             raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
-        runs.append(CapRun(cap, check_offload(offload) if offload else None))
+        runs.append(CapRun(cap, check_offload(offload) if at else None))
     if not runs:
         raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
     return runs

@@ -29,7 +29,7 @@ def test_caps_are_parsed_and_bad_lists_refused():
         CapRun(12, "transformer-resident"),
     ]
     assert parse_caps("12@encoder-streamed")[0].label() == "12@encoder-streamed"
-    for bad in ("8,x", "", "0", "-4", "12@model", "12@fast", "x@resident"):
+    for bad in ("8,x", "", "0", "-4", "12@model", "12@fast", "x@resident", "12@"):
         with pytest.raises(MemoryCapError):
             parse_caps(bad)
 
