@@ -145,9 +145,9 @@ class ImageService:
             adapters=self.engine.model_adapters()[model],
             safety_tolerance=safety.tolerance,
         )
-        if references:  # the references' digests (the batch key) hashed here, off the event loop, not in the engine
+        if references:  # the references' digests (and the batch key) here, off the event loop, not in the engine
             started = time.perf_counter()
-            await asyncio.to_thread(lambda: job.batch_key)
+            await asyncio.to_thread(lambda: (job.reference_digests, job.batch_key))
             timing.inputs += time.perf_counter() - started
         stamp: Provenance | None = None  # the files' metadata (--no-metadata: none)
         if self.settings.embed_metadata:
