@@ -259,9 +259,28 @@ def test_a_missing_adapter_file_stops_the_server_at_start(tiny_klein, lora_files
         resolve_models(choice)
     with pytest.raises(ModelChoiceError, match="--compile"):
         resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(f"x={lora_files['style']}",), compile=True))
-    with pytest.raises(ModelChoiceError, match="offload plan 'transformer-resident'"):
-        style = f"x={lora_files['style']}"
-        resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(style,), offload="transformer-resident"))
+    style = f"x={lora_files['style']}"
+    for moved in ("transformer-resident", "block-streaming"):  # plans that move or stream the transformer
+        with pytest.raises(ModelChoiceError, match=f"offload plan '{moved}'.*encoder-streamed"):
+            resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(style,), offload=moved))
+
+
+@pytest.mark.parametrize("offload", ["encoder-swapped", "encoder-streamed"])
+def test_a_plan_that_keeps_the_transformer_in_place_takes_adapters(
+    tiny_klein, lora_files, lora_client, tmp_path, offload
+):
+    """Adapters go into the transformer only: under the plans that move or stream only the text encoder a LoRA
+    server makes the resident LoRA server's images (the encoder's streaming hooks re-applied by diffusers when the
+    adapter loads)."""
+    args = ["--model", str(tiny_klein), "--offload", offload, "--lora", f"style={lora_files['style']}"]
+    with RunningServer(args, tmp_path) as running:
+        assert f"offload plan: {offload} (forced" in running.log()
+        planned = openai.OpenAI(base_url=f"{running.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+        styled = image(planned, loras=[{"name": "style", "scale": 1.0}])
+        base = image(planned)
+    assert np.abs(styled - image(lora_client, loras=[{"name": "style", "scale": 1.0}])).max() <= 1
+    assert np.abs(base - image(lora_client)).max() <= 1
+    assert np.abs(styled - base).mean() > 5  # the adapter is on
 
 
 def test_an_image_file_records_its_adapters_and_is_reproduced_with_them(lora_server, lora_client):

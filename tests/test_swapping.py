@@ -305,6 +305,12 @@ def test_streaming_options_register_with_streams(weights, request, monkeypatch):
         assert lazy == [module._diffusers_hook]  # one prefetch-order hook, on the component itself
         groups = [r.get_hook(group_offloading._GROUP_OFFLOADING) for r in registries]
         assert all(group is not None and group.group.stream is not None for group in groups[1:])
+    # What diffusers does to every group-offloaded component when a LoRA loads (into the transformer): remove the
+    # hooks and apply them again with the same options; with streams that must register as cleanly.
+    group_offloading._maybe_remove_and_reapply_group_offloading(pipe.text_encoder)
+    registries = [sub._diffusers_hook for sub in pipe.text_encoder.modules() if hasattr(sub, "_diffusers_hook")]
+    lazy = [r for r in registries if r.get_hook(group_offloading._LAZY_PREFETCH_GROUP_OFFLOADING) is not None]
+    assert lazy == [pipe.text_encoder._diffusers_hook]
     linears = [m for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)]
     assert linears and all(m._diffusers_hook.get_hook(group_offloading._GROUP_OFFLOADING) is not None for m in linears)
     blocks = pipe.transformer.transformer_blocks
