@@ -94,11 +94,11 @@ def decide_placement(
     be passed (a CLI's or an environment variable's). With `components` (sizes read from the weights), auto and
     the plan names go through the offload planner; without, auto keeps everything resident when the weights fit
     with a margin, else uses diffusers' model offload."""
-    if not _one_of(device, DEVICE_CHOICES):
+    if not one_of(device, DEVICE_CHOICES):
         raise PlacementError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
-    if not _one_of(dtype, DTYPE_CHOICES):
+    if not one_of(dtype, DTYPE_CHOICES):
         raise PlacementError(f"dtype must be one of {DTYPE_CHOICES}, got {dtype!r}")
-    if not _one_of(offload, OFFLOAD_CHOICES):
+    if not one_of(offload, OFFLOAD_CHOICES):
         raise PlacementError(f"offload must be one of {OFFLOAD_CHOICES}, got {offload!r}")
     if cuda_available is None:
         cuda_available = torch.cuda.is_available()
@@ -286,7 +286,7 @@ def _plan(
 ) -> OffloadPlan:
     if components is None:
         raise PlacementError(f"offload {asked!r} needs the components' sizes, which are not known for this model")
-    force: PlanName | None = asked if _one_of(asked, PLAN_NAMES) else None
+    force: PlanName | None = asked if one_of(asked, PLAN_NAMES) else None
     try:
         return plan_offload(
             components.sizes,
@@ -320,7 +320,8 @@ def count_weight_params(folder: Path) -> int:
 _Choice = TypeVar("_Choice", bound=str)
 
 
-def _one_of(value: str, choices: tuple[_Choice, ...]) -> TypeGuard[_Choice]:
+def one_of(value: str, choices: tuple[_Choice, ...]) -> TypeGuard[_Choice]:
+    """Whether `value` is one of `choices` (a Literal's values), narrowing its type to that Literal."""
     return value in choices
 
 

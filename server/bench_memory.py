@@ -28,6 +28,7 @@ import torch
 
 from pipeline.architectures import Architecture, build_pipeline, measured_sizes, model_spec
 from pipeline.offload_plan import COMPONENTS, PLAN_NAMES, DoesNotFit, OffloadPlan, PlanName, plan_offload
+from pipeline.placement import one_of
 from pipeline.quantization import Quantization, parse_quantization
 
 from .bench_harness import synchronize
@@ -73,9 +74,8 @@ def parse_caps(text: str) -> list[CapRun]:
 
 def check_offload(offload: str) -> PlanName:
     """A plan name to force under a cap (the planner's plans only: diffusers' own offloads are not planned)."""
-    for name in PLAN_NAMES:
-        if name == offload:
-            return name
+    if one_of(offload, PLAN_NAMES):
+        return offload
     raise MemoryCapError(f"a cap's plan must be one of {', '.join(PLAN_NAMES)}, got {offload!r}")
 
 
