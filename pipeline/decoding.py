@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .internals import Flux2Pipe, execution_device, vae_latents
+from .internals import Flux2Pipe, execution_device, indexed_device, vae_latents
 from .offload_plan import decode_bytes
 
 log = logging.getLogger("flux2.decoding")
@@ -90,14 +90,11 @@ def decode_way(batch: int, pixels: int, itemsize: int, room: int | None) -> Deco
 
 def free_device_bytes(device: torch.device) -> int | None:
     """Bytes a CUDA device can still hand this process: free on the card plus what PyTorch's allocator holds
-    unused, within a per-process memory fraction if one is set. None on a CPU. A device without an index (what
-    diffusers reports as the execution device under group offloading) is the current one: torch 2.11's
-    `mem_get_info` refuses it ("Expected a torch.device with a specified index", on an H100 under 8 and 12 GiB)."""
-    device = torch.device(device)
+    unused, within a per-process memory fraction if one is set. None on a CPU. A device without an index is the
+    current one (`indexed_device`: torch 2.11 refused it here on an H100 under 8 and 12 GiB)."""
+    device = indexed_device(device)
     if device.type != "cuda":
         return None
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
     room = free + torch.cuda.memory_reserved(device) - allocated

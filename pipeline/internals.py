@@ -107,6 +107,16 @@ REQUIRED_ELSEWHERE = (
 )
 
 
+def indexed_device(device: torch.device | str) -> torch.device:
+    """`device` with its CUDA index: a bare `cuda` is the current device. diffusers reports an unindexed device as
+    the execution device under group offloading, and torch 2.11's memory queries refuse it (on an H100: "Expected a
+    torch.device with a specified index")."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def execution_device(pipe: Flux2Pipe) -> torch.device:
     return pipe._execution_device
 

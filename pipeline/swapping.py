@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .internals import indexed_device
 from .offload_plan import STAGE_NEEDS, STAGES, Component, OffloadPlan, Stage
 
 log = logging.getLogger("flux2.swapping")
@@ -202,10 +203,8 @@ def stream_blocks(module: torch.nn.Module, device: torch.device | str, *, text_e
     a stream (nothing to overlap)."""
     from diffusers.hooks.group_offloading import apply_group_offloading
 
-    device = torch.device(device)
+    device = indexed_device(device)  # diffusers reports the onload device as the execution device
     cuda = device.type == "cuda"
-    if cuda and device.index is None:  # diffusers reports this as the execution device: give it the index
-        device = torch.device("cuda", torch.cuda.current_device())
     apply_group_offloading(
         module,
         onload_device=device,

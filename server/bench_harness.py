@@ -4,6 +4,7 @@ speaks the image API, plain diffusers calls on the same pipeline, and meters for
 from __future__ import annotations
 
 import io
+import itertools
 import socket
 import statistics
 import threading
@@ -281,7 +282,7 @@ def text_encode(pipe: Any, calls: int = 3) -> float:
     from pipeline.internals import execution_device
 
     device = execution_device(pipe)
-    takes = iter(range(1_000_000))
+    takes = itertools.count()
 
     def one() -> None:
         with torch.inference_mode():
