@@ -199,6 +199,15 @@ def figures_for(
         # The text encode (44 ms of a served 1024² image on an H200, every prompt new), eager and with the
         # encoder's decoder layers compiled, for the choice of compiling it under --compile.
         Figure("text_encode", "text encode, one new prompt", None, lambda: text_encode(pipe), "encoder alone"),
+        # As the server encodes: only the layers up to the deepest hidden state FLUX.2 reads, no logits
+        # (pipeline/encoder_depth.py); the figure above is plain diffusers' whole encoder.
+        Figure(
+            "text_encode_read_depth",
+            "text encode, one new prompt, up to the deepest layer read",
+            None,
+            lambda: text_encode(pipe, read_depth=True),
+            "encoder alone, read depth",
+        ),
         Figure(
             "text_encode_compiled",
             "text encode, one new prompt, layers compiled",

@@ -3,6 +3,7 @@ speaks the image API, plain diffusers calls on the same pipeline, and meters for
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import socket
@@ -276,16 +277,18 @@ def vae_decode(pipe: Any, size: int, calls: int = 3) -> float:
     return median_seconds(lambda: decode(pipe, latents), vae.device.type, calls)
 
 
-def text_encode(pipe: Any, calls: int = 3) -> float:
-    """Median seconds of the text encoder on one new prompt, called as the server's runner calls it
-    (`encode_prompt`, 512 tokens), after a warm-up."""
+def text_encode(pipe: Any, calls: int = 3, *, read_depth: bool = False) -> float:
+    """Median seconds of the text encoder on one new prompt through `encode_prompt` (512 tokens), after a
+    warm-up: the whole encoder as plain diffusers runs it, or (`read_depth`) as the server's runner runs it, up to
+    the deepest layer FLUX.2 reads and without logits (pipeline/encoder_depth.py)."""
+    from pipeline.encoder_depth import reading_depth
     from pipeline.internals import execution_device
 
     device = execution_device(pipe)
     takes = itertools.count()
 
     def one() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), reading_depth(pipe) if read_depth else contextlib.nullcontext():
             pipe.encode_prompt(
                 prompt=[f"a lighthouse on a cliff, take {next(takes)}"], device=device, num_images_per_prompt=1
             )
@@ -295,10 +298,12 @@ def text_encode(pipe: Any, calls: int = 3) -> float:
 
 def text_encoder_layers(pipe: Any) -> torch.nn.ModuleList:
     """The text encoder's decoder layers (Qwen3's model.layers, Mistral3's model.language_model.layers)."""
-    for name, module in pipe.text_encoder.named_modules():
-        if name.endswith("layers") and isinstance(module, torch.nn.ModuleList) and "vision" not in name:
-            return module
-    raise ValueError("no decoder layers found in the text encoder")
+    from pipeline.encoder_depth import decoder_layers
+
+    layers = decoder_layers(pipe.text_encoder)
+    if layers is None:
+        raise ValueError("no decoder layers found in the text encoder")
+    return layers
 
 
 def compile_text_encoder_layers(pipe: Any, on: bool) -> None:

@@ -75,6 +75,7 @@ DIRECT_ONLY = (
     "vae_decode_channels_last",
     "vae_decode_cudnn_benchmark",
     "text_encode",
+    "text_encode_read_depth",
     "text_encode_compiled",
 )
 
