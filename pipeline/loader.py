@@ -106,10 +106,15 @@ def apply_plan(pipe: Any, placement: Placement) -> Swapper:
     plan = placement.plan
     assert plan is not None
     device = placement.device
-    for name in plan.streamed:
-        stream_blocks(getattr(pipe, name), device, text_encoder=name == "text_encoder")
     for part in plan.components:
-        if part.where == "device":
+        if part.where == "streamed":
+            stream_blocks(
+                getattr(pipe, part.component),
+                device,
+                text_encoder=part.component == "text_encoder",
+                resident_blocks=part.resident_blocks,
+            )
+        elif part.where == "device":
             getattr(pipe, part.component).to(device)
         elif part.where == "swapped":
             check_swappable(getattr(pipe, part.component), part.component)

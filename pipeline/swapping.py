@@ -189,33 +189,64 @@ class Swapper:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
 
 
-def stream_blocks(module: torch.nn.Module, device: torch.device | str, *, text_encoder: bool = False) -> None:
+def stream_blocks(
+    module: torch.nn.Module, device: torch.device | str, *, text_encoder: bool = False, resident_blocks: int = 0
+) -> None:
     """Streaming through diffusers' group offloading: the weights live in pinned host memory and are copied on a
     side stream, the next group prefetched while one runs. A transformer streams block by block (its
-    ModuleLists), the module's other parts on the device while it runs. A text encoder streams weight by weight
-    (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
+    ModuleLists), the module's other parts on the device while it runs; `resident_blocks` of its blocks, spread
+    evenly through their order (`spread`), go to the device for good instead and are left out of the offloading,
+    so each step copies only the others and each copy overlaps the resident blocks that run before it is needed
+    (diffusers' lazy prefetch chains the streamed groups in the order they run). A text encoder streams weight
+    by weight (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
     model.language_model.layers), and diffusers' block level reaches them only through `block_modules`, whose
     recursion gives each level its own prefetch-order hook; with streams the outer one then registers its
     tracker on modules the inner one already tracks and fails ("Hook with name layer_execution_tracker already
     exists", on an H100 under an 8 GiB cap; `test_streaming_options_register_with_streams`). Leaf level has one
     such hook for the whole encoder, keeps a tied embedding and output head right (each its own group), and
-    never brings in what the text encode does not run (dev's vision tower). On a CPU the same hooks run without
-    a stream (nothing to overlap)."""
+    never brings in what the text encode does not run (dev's vision tower, the layers above the deepest one
+    read). On a CPU the same hooks run without a stream (nothing to overlap)."""
     from diffusers.hooks.group_offloading import apply_group_offloading
 
     device = indexed_device(device)  # diffusers reports the onload device as the execution device
     cuda = device.type == "cuda"
-    apply_group_offloading(
-        module,
-        onload_device=device,
-        offload_device=torch.device("cpu"),
-        offload_type="leaf_level" if text_encoder else "block_level",
-        num_blocks_per_group=None if text_encoder else 1,
-        non_blocking=cuda,
-        use_stream=cuda,
-        record_stream=cuda,
-        low_cpu_mem_usage=False,  # pin every weight once at start, not at every copy
-    )
+    lists = [] if text_encoder else _block_lists(module)
+    blocks = [block for _, blocks_of in lists for block in blocks_of]
+    staying = [blocks[index] for index in spread(len(blocks), resident_blocks)]
+    for name, blocks_of in lists:  # offloading sees only the streamed blocks
+        setattr(module, name, torch.nn.ModuleList([b for b in blocks_of if not any(b is s for s in staying)]))
+    try:
+        apply_group_offloading(
+            module,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level" if text_encoder else "block_level",
+            num_blocks_per_group=None if text_encoder else 1,
+            non_blocking=cuda,
+            use_stream=cuda,
+            record_stream=cuda,
+            low_cpu_mem_usage=False,  # pin every weight once at start, not at every copy
+        )
+    finally:
+        for name, blocks_of in lists:
+            setattr(module, name, blocks_of)
+    for block in staying:
+        block.to(device)
+
+
+def _block_lists(module: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList | torch.nn.Sequential]]:
+    """The module's lists of blocks, as diffusers' block-level offloading finds them (direct children), in order."""
+    return [
+        (name, child)
+        for name, child in module.named_children()
+        if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential)
+    ]
+
+
+def spread(count: int, chosen: int) -> list[int]:
+    """`chosen` of `count` positions, spread evenly (each in the middle of its share): 2 of 10 -> [2, 7]."""
+    chosen = max(0, min(chosen, count))
+    return [(2 * index + 1) * count // (2 * chosen) for index in range(chosen)]
 
 
 def _parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -84,24 +84,50 @@ def test_transformer_resident_when_encoder_and_transformer_take_turns():
     assert chosen.where("vae") == "device"  # previews, masks and decodes never evict the transformer
 
 
-def test_block_streaming_with_the_encoder_swapped_whole():
+def test_block_streaming_streams_the_encoder_and_swaps_it_whole_only_when_its_layers_are_unknown():
     chosen = plan(9.25)  # encoder whole: 0.25 + 8 + 1 = 9.25 fits; the whole transformer (9.25) would too,
     assert chosen.name == "transformer-resident"  # so one step less:
     chosen = plan(9.2)
     assert chosen.name == "block-streaming"
     assert chosen.where("transformer") == "streamed" and chosen.where("text_encoder") == "streamed"
-    roomy = plan_offload(
-        ComponentSizes(transformer=12 * GIB, text_encoder=4 * GIB, vae=GIB // 4, transformer_block=GIB // 4),
-        WORK,
-        9 * GIB,
-        transformer_blocks=BLOCKS,
-        text_encoder_layers=LAYERS,
-    )
-    assert roomy.name == "block-streaming"
-    assert roomy.where("text_encoder") == "swapped" and roomy.where("transformer") == "streamed"
+    roomy = ComponentSizes(transformer=12 * GIB, text_encoder=4 * GIB, vae=GIB // 4, transformer_block=GIB // 4)
+    unknown = plan_offload(roomy, WORK, 9 * GIB, transformer_blocks=BLOCKS)
+    assert unknown.name == "block-streaming"
+    assert unknown.where("text_encoder") == "swapped" and unknown.where("transformer") == "streamed"
     # The transformer's part on the device: what is outside its blocks plus two blocks (running, prefetched).
-    transformer = next(part for part in roomy.components if part.component == "transformer")
-    assert transformer.device_bytes == 12 * GIB - 23 * (GIB // 4)
+    transformer = next(part for part in unknown.components if part.component == "transformer")
+    assert transformer.device_bytes == 12 * GIB - 23 * (GIB // 4) and transformer.resident_blocks == 0
+
+
+def test_block_streaming_keeps_as_many_blocks_as_the_room_holds():
+    """What the streamed plan leaves free, less room for a 4 MP image's denoise (3x the 1024² denoise's working
+    memory beyond the context), holds transformer blocks that never move, counted at the largest block's size."""
+    sizes = ComponentSizes(
+        transformer=12 * GIB, text_encoder=4 * GIB, vae=GIB // 4, transformer_block=GIB // 4,
+        text_encoder_layer=GIB // 8,
+    )  # fmt: skip
+    streamed_transformer = 12 * GIB - 23 * (GIB // 4)  # outside the blocks + two blocks: 6.25 GiB
+    needed = GIB // 4 + max(4 * GIB - 34 * (GIB // 8) + WORK.encode, streamed_transformer + WORK.denoise, WORK.decode)
+    spare_for_4mp = 3 * (WORK.denoise - CONTEXT_BYTES)
+
+    def at(free: int):
+        return plan_offload(sizes, WORK, free, transformer_blocks=BLOCKS, text_encoder_layers=LAYERS)
+
+    tight = at(needed + spare_for_4mp + GIB // 8)  # less than one block's room
+    assert tight.name == "block-streaming" and tight.needed_bytes == needed
+    part = next(part for part in tight.components if part.component == "transformer")
+    assert part.resident_blocks == 0 and "25 blocks streamed" in part.why
+    roomy = at(needed + spare_for_4mp + 6 * (GIB // 4) + GIB // 8)
+    assert roomy.name == "block-streaming" and roomy.where("text_encoder") == "streamed"
+    part = next(part for part in roomy.components if part.component == "transformer")
+    assert part.resident_blocks == 6 and "6 of its 25 blocks stay on the device" in part.why
+    assert part.device_bytes == streamed_transformer + 6 * (GIB // 4)
+    assert roomy.needed_bytes == needed + 6 * (GIB // 4) <= roomy.free_bytes
+    # Never all of them: streaming holds two blocks anyway (a plan with all of them is transformer-resident's).
+    assert at(60 * GIB).name == "resident"
+    forced = plan_offload(sizes, WORK, 60 * GIB, transformer_blocks=BLOCKS, text_encoder_layers=LAYERS,
+                          force="block-streaming")  # fmt: skip
+    assert next(p for p in forced.components if p.component == "transformer").resident_blocks == BLOCKS - 2
 
 
 def test_block_streaming_streams_the_encoder_when_it_does_not_fit_whole():

@@ -173,15 +173,20 @@ def test_every_forced_plan_makes_the_resident_image(tiny_klein, resident_images,
             event.startswith("denoise: evict transformer") or "decode: evict transformer" in event for event in events
         )
         encodes = [event for event in events if event.startswith("encode: load text_encoder")]
-        if offload == "encoder-streamed":  # nothing is swapped: the encoder streams through diffusers' hooks
+        if offload in ("encoder-streamed", "block-streaming"):  # the encoder streams through diffusers' hooks
             assert model.swapper.where("text_encoder") == "streamed" and not events
             encoder = model.pipe.text_encoder
             assert all(hasattr(m, "_diffusers_hook") for m in encoder.modules() if isinstance(m, torch.nn.Linear))
         else:
             assert len(encodes) == 2  # two distinct prompts; the third request hit the prompt cache
-        if offload == "block-streaming":  # the encoder fits whole in RAM: swapped; the transformer streamed
+        if offload == "block-streaming":  # the transformer streamed, but for the blocks the room holds (here, RAM:
+            # all but two of its three): the middle one stays, the first and the last stream
+            transformer = model.pipe.transformer
             assert model.swapper.where("transformer") == "streamed"
-            assert hasattr(model.pipe.transformer.transformer_blocks[0], "_diffusers_hook")
+            assert model.swapper.plan.components[1].resident_blocks == 1
+            hooked = [hasattr(b, "_diffusers_hook") for b in (*transformer.transformer_blocks,
+                                                              *transformer.single_transformer_blocks)]  # fmt: skip
+            assert hooked == [True, False, True]
     finally:
         engine.stop(10)
 
@@ -319,3 +324,41 @@ def test_streaming_options_register_with_streams(weights, request, monkeypatch):
     # The onload device carries its index: diffusers reports it as the pipeline's execution device, and torch
     # 2.11's memory queries refuse a bare "cuda" (both streamed plans failed their first image on an H100).
     assert group.onload_device == torch.device("cuda", 0)
+
+
+def test_resident_blocks_stay_on_the_device_spread_evenly_and_the_rest_streams():
+    """`stream_blocks` with resident blocks: those (spread evenly through the blocks' order) get no offloading hook
+    and go to the device; the others are streamed; the module's block lists are whole and in order again after;
+    and the transformer computes what it did before."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    from pipeline.swapping import spread, stream_blocks
+    from pipeline.tiny_weights import build_tiny_pipeline
+
+    assert spread(10, 2) == [2, 7] and spread(25, 6) == [2, 6, 10, 14, 18, 22] and spread(3, 0) == []
+    assert spread(4, 9) == [0, 1, 2, 3]  # never more than there are
+    transformer = build_tiny_pipeline("klein").transformer
+    lists = (transformer.transformer_blocks, transformer.single_transformer_blocks)
+    blocks = [block for blocks_of in lists for block in blocks_of]
+    torch.manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 128),
+        encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(1, 16, 4),
+        txt_ids=torch.zeros(1, 8, 4),
+        return_dict=False,
+    )
+    with torch.inference_mode():
+        before = transformer(**inputs)[0]
+    stream_blocks(transformer, "cpu", resident_blocks=1)
+    assert (transformer.transformer_blocks, transformer.single_transformer_blocks) == lists
+    assert [b for blocks_of in lists for b in blocks_of] == blocks
+
+    def hooked(block):
+        registry = getattr(block, "_diffusers_hook", None)
+        return registry is not None and registry.get_hook(_GROUP_OFFLOADING) is not None
+
+    assert [hooked(block) for block in blocks] == [True, False, True]
+    with torch.inference_mode():
+        assert torch.equal(transformer(**inputs)[0], before)
