@@ -5,15 +5,14 @@ and in the served path (a real server on weights whose encoder is deeper than wh
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import logging
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from conftest import RunningServer
+from fake_streams import fake_streams
 from PIL import Image
 
 from pipeline.encoder_depth import read_layers, reading_depth
@@ -122,25 +121,10 @@ def test_under_group_offloading_with_streams(monkeypatch):
     import diffusers.hooks.group_offloading as group_offloading
     import diffusers.pipelines.flux2.pipeline_flux2_klein as klein_module
 
-    class StreamBackend:
-        class Stream:
-            def synchronize(self):
-                pass
-
-        def __init__(self, device):
-            pass
-
-        def current_stream(self):
-            return SimpleNamespace(synchronize=lambda: None)
-
-        def stream(self, stream):
-            return contextlib.nullcontext()
-
-    monkeypatch.setattr(group_offloading, "TorchDeviceBackend", StreamBackend)
+    fake_streams(monkeypatch)
     monkeypatch.setattr(group_offloading, "send_to_device", lambda value, *args, **kwargs: value)
     monkeypatch.setattr(group_offloading.ModuleGroup, "onload_", lambda self: None)
     monkeypatch.setattr(group_offloading.ModuleGroup, "offload_", lambda self: None)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
     monkeypatch.setattr(klein_module, "get_module_execution_device", lambda module: torch.device("cpu"))
     records: list[logging.LogRecord] = []
     handler = logging.Handler()

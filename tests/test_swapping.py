@@ -4,7 +4,6 @@ prefetches, evicted weights failing loudly, and the same image from every forced
 
 from __future__ import annotations
 
-import contextlib
 import io
 from types import SimpleNamespace
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from conftest import RunningServer
 from engine_helpers import job
+from fake_streams import fake_streams
 from PIL import Image
 
 from pipeline.component_sizes import measure_folder
@@ -274,20 +274,7 @@ def test_streaming_options_register_with_streams(weights, request, monkeypatch):
 
     from pipeline.swapping import stream_blocks
 
-    class StreamBackend:  # what group offloading asks of a device with streams while it registers
-        Stream = object
-
-        def __init__(self, device):
-            pass
-
-        def current_stream(self):
-            return SimpleNamespace(synchronize=lambda: None)
-
-        def stream(self, stream):
-            return contextlib.nullcontext()
-
-    monkeypatch.setattr(group_offloading, "TorchDeviceBackend", StreamBackend)
-    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self)
+    fake_streams(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     folder = request.getfixturevalue(weights)
 
