@@ -4,7 +4,8 @@ FLUX.2's pipelines build the prompt embeddings from three hidden states of their
 `text_encoder_out_layers`: klein reads Qwen3's 9, 18 and 27 of 36 layers, dev reads Mistral 3's 10, 20 and 30 of
 40) and never read its logits. Run whole, the encoder computes 9 (klein) or 10 (dev) layers, its final norm and a
 vocabulary-wide head over 512 tokens for nothing; under the streamed plans it also copies their weights to the
-device for nothing (klein-4B: 2.2 of 7.5 GiB; dev: ~11 of 45 GiB).
+device for nothing (klein-4B: ~2.4 of the ~8.2 GiB a whole streamed encode copies, its tied embedding counted
+once for the lookup and once for the head; dev: ~11.6 of ~45 GiB).
 
 `reading_depth(pipe)` runs the calls inside it on the layers below the deepest one read: for that time the decoder's
 layer list is cut after it, its final norm is an identity (the deepest state read is then the last one, which

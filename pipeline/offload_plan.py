@@ -19,12 +19,12 @@ The plans, from most memory to least (T transformer, E text encoder, V VAE; W th
   decode use the VAE, which always stays). Needs V + max(E + W_encode, T + W_denoise, T + W_decode).
 - `block-streaming`: the transformer does not fit whole: its blocks stream from pinned host memory with the next
   block prefetched on a side stream while one runs (diffusers' group offloading). The text encoder streams
-  weight by weight too (swapped whole only when its layers are not known). Needs V + max(E' + W_encode, T' + W_denoise,
-  W_decode), T' = the transformer outside its blocks + two blocks, E' likewise or E. The room left over keeps
-  as many blocks as it holds on the device for good (`resident_blocks`, counted at the largest block's size),
-  spread evenly through the blocks' order, so each step copies only the others and each copy overlaps the
-  blocks that run before it is needed (klein-4B under 8 GiB on an H100 peaked at 2.6 GiB with every block
-  streamed: 2.00 s an image against 0.51 s resident).
+  weight by weight too (swapped whole only when its layers are not known). Needs V + max(E' + W_encode,
+  T' + W_denoise, W_decode), T' = the transformer outside its blocks + two blocks, E' likewise or E. The room
+  left over keeps as many blocks as it holds on the device for good (`resident_blocks`, counted at the largest
+  block's size), spread evenly through the blocks' order, so each step copies only the others and each copy
+  overlaps the blocks that run before it is needed (klein-4B under 8 GiB on an H100 peaked at 2.6 GiB with every
+  block streamed: 2.00 s an image against 0.51 s resident).
 
 Auto picks the first plan that fits; a plan can be forced (with a warning when the estimate says it will not fit).
 Nothing fitting at all is refused with the numbers (`DoesNotFit`)."""

@@ -210,7 +210,7 @@ def stream_blocks(
 
     device = indexed_device(device)  # diffusers reports the onload device as the execution device
     cuda = device.type == "cuda"
-    lists = [] if text_encoder else _block_lists(module)
+    lists = [] if text_encoder or not resident_blocks else _block_lists(module)
     blocks = [block for _, blocks_of in lists for block in blocks_of]
     staying = [blocks[index] for index in spread(len(blocks), resident_blocks)]
     for name, blocks_of in lists:  # offloading sees only the streamed blocks
