@@ -24,7 +24,7 @@ import torch
 
 from .component_sizes import MeasuredSizes, measure_modules
 from .internals import Flux2Pipe
-from .quantization import Quantization
+from .quantization import Quantization, quantize_module
 from .tiny_weights import Variant
 from .weights import _DEV_DEFAULTS, _KLEIN_DISTILLED_DEFAULTS, ModelSpec
 
@@ -157,8 +157,10 @@ def _building_on(device: str | torch.device, dtype: torch.dtype) -> Iterator[Non
 _Module = TypeVar("_Module", bound=torch.nn.Module)
 
 
-def _parked(module: _Module, park: bool) -> _Module:
-    """`module` moved to the host (its device memory released) when `park`, else as it is."""
+def _parked(module: _Module, park: bool, component: str, quantization: Quantization) -> _Module:
+    """`module` quantized where it was built, if `quantization` names its `component`, then moved to the host (its
+    device memory released) when `park`, else left where it is."""
+    quantize_module(module, component, quantization)
     if park:
         module.to("cpu")
         if torch.cuda.is_available():
@@ -208,12 +210,21 @@ def _mistral3(arch: Architecture, image_token_index: int) -> Mistral3ForConditio
     )
 
 
-def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype, park_on_host: bool = False) -> Flux2Pipe:
+def build_pipeline(
+    arch: Architecture,
+    device: str,
+    dtype: torch.dtype,
+    park_on_host: bool = False,
+    quantization: Quantization = Quantization(),
+) -> Flux2Pipe:
     """The whole diffusers pipeline with random weights, on `device` in `dtype`, progress bars off.
 
     `park_on_host`: each component is initialised on `device` and moved to the host at once (one component on the
     card at a time), for runs that place the weights themselves: the random initialisation runs on the GPU in
-    seconds, where the CPU's takes minutes (~40 s for klein-4B's 3.9 B-parameter transformer on 2 cores)."""
+    seconds, where the CPU's takes minutes (~40 s for klein-4B's 3.9 B-parameter transformer on 2 cores).
+    `quantization`: the components it names are quantized where they were built, before parking, so the host
+    holds them quantized (dev: ~56 GB with `transformer=fp8,text_encoder=fp8` instead of ~112 GB in bf16) and the
+    GPU does the quantizing (torchao's fp8 refuses a CPU)."""
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
     from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 
@@ -224,12 +235,14 @@ def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype, park_on_
         pipe = build_tiny_pipeline(arch.family)
         if device != "cpu" or dtype != torch.float32:  # built on the CPU in float32 (`to` would only warn)
             pipe.to(device, dtype)
+        for component in ("transformer", "vae", "text_encoder"):
+            quantize_module(getattr(pipe, component), component, quantization)
     elif arch.family == "klein":
         tokenizer = klein_tokenizer()
         with _building_on(device, dtype):
-            transformer = _parked(_transformer(arch), park_on_host)
-            vae = _parked(_vae(), park_on_host)
-            qwen = _parked(_qwen3(arch), park_on_host)
+            transformer = _parked(_transformer(arch), park_on_host, "transformer", quantization)
+            vae = _parked(_vae(), park_on_host, "vae", quantization)
+            qwen = _parked(_qwen3(arch), park_on_host, "text_encoder", quantization)
         # (diffusers annotates `scheduler` and dev's `tokenizer` with types its real arguments do not match: see
         # tiny_weights._build_klein.)
         pipe = Flux2KleinPipeline(
@@ -244,9 +257,9 @@ def build_pipeline(arch: Architecture, device: str, dtype: torch.dtype, park_on_
         processor = dev_text_processor()
         image_token = processor.tokenizer.convert_tokens_to_ids("[IMG]")
         with _building_on(device, dtype):
-            transformer = _parked(_transformer(arch), park_on_host)
-            vae = _parked(_vae(), park_on_host)
-            mistral = _parked(_mistral3(arch, image_token), park_on_host)
+            transformer = _parked(_transformer(arch), park_on_host, "transformer", quantization)
+            vae = _parked(_vae(), park_on_host, "vae", quantization)
+            mistral = _parked(_mistral3(arch, image_token), park_on_host, "text_encoder", quantization)
         pipe = Flux2Pipeline(
             scheduler=flow_match_scheduler(),  # type: ignore[arg-type]
             vae=vae,

@@ -131,9 +131,17 @@ def quantize_modules(pipe: Any, quantization: Quantization) -> None:
     """Quantize the components of a pipeline already in memory (the benchmark's random-weight pipelines, which
     are built, not loaded from files) with torchao's `quantize_`. nf4 (bitsandbytes) quantizes only while loading
     from files, so it is refused here."""
-    for component, scheme in quantization.schemes:
-        if scheme == "nf4":
-            raise QuantizationError(f"{component}=nf4 quantizes while loading from files: not for in-memory pipelines")
-        from torchao.quantization import quantize_
+    for component, _ in quantization.schemes:
+        quantize_module(getattr(pipe, component), component, quantization)
 
-        quantize_(getattr(pipe, component), _torchao_config(scheme))
+
+def quantize_module(module: Any, component: str, quantization: Quantization) -> None:
+    """`module` (the pipeline's `component`) quantized in place as `quantization` says, or left as it is."""
+    scheme = dict(quantization.schemes).get(component)
+    if scheme is None:
+        return
+    if scheme == "nf4":
+        raise QuantizationError(f"{component}=nf4 quantizes while loading from files: not for in-memory pipelines")
+    from torchao.quantization import quantize_
+
+    quantize_(module, _torchao_config(scheme))

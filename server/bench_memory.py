@@ -142,7 +142,8 @@ def run_memory_cap(
     started = time.perf_counter()
     # Built before the cap: each component initialised on the card (seconds; the CPU takes minutes) and parked on
     # the host, the card then emptied; the cap holds for everything the plan places and runs.
-    pipe = build_pipeline(arch, "cuda", torch.bfloat16, park_on_host=True)  # parking empties the card's cache
+    # Quantized on the card before parking (the host holds the quantized weights; torchao's fp8 refuses a CPU).
+    pipe = build_pipeline(arch, "cuda", torch.bfloat16, park_on_host=True, quantization=quantization)
     echo(f"built on the card and parked on the host in {time.perf_counter() - started:.1f} s")
     torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     try:
@@ -163,19 +164,18 @@ def _measure(
     echo: Echo,
     device: str = "cuda",
 ) -> tuple[float, int, dict[str, Any]]:
-    """Median seconds per image and peak device memory (0 on a CPU, where this runs only as a test), then one image
+    """`pipe` (built with `quantization` applied: `build_pipeline`) placed by `plan` and served by an engine: median
+    seconds per image and peak device memory (0 on a CPU, where this runs only as a test), then one image
     of twice the side (4 MP for the real architectures: the decode's working memory is 4x, so small cards decode it
     one image at a time or tiled, pipeline/decoding.py): its seconds and peak, or the error it met."""
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel, apply_plan
     from pipeline.placement import Placement
     from pipeline.pool import ModelConfig, ModelPool
-    from pipeline.quantization import quantize_modules
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
-    quantize_modules(pipe, quantization)  # `pipe` is on the host: the plan decides what goes to the card
     placement = Placement(
         device=device, dtype=dtype, offload=plan.name, reasons=tuple(plan.lines()), quantization=quantization, plan=plan
     )

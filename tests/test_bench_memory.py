@@ -186,6 +186,32 @@ def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
     assert lines[0].startswith("placing as transformer-resident") and "engine ready" in lines[2]
 
 
+def test_a_quantized_run_is_quantized_where_it_is_built_and_streams_its_blocks():
+    """Quantized components are quantized where they are built, before parking (on the card, for torchao's fp8
+    and a host holding dev quantized), then placed: here int8 on the CPU, block-streaming forced, the quantized
+    transformer's blocks streamed through group offloading but for the one the room keeps."""
+    pytest.importorskip("torchao")
+    from pipeline.architectures import measured_sizes
+    from pipeline.offload_plan import plan_offload
+
+    arch = get_architecture("tiny")
+    quantization = parse_quantization("transformer=int8")
+    pipe = build_pipeline(arch, "cpu", torch.float32, park_on_host=True, quantization=quantization)
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    assert type(weight).__module__.startswith("torchao"), type(weight)
+    assert type(pipe.text_encoder.get_decoder().layers[0].mlp.up_proj.weight) is torch.nn.Parameter
+    measured = measured_sizes(arch, 4, quantization)
+    plan = plan_offload(
+        measured.sizes, measured.working, 64 * GIB, transformer_blocks=measured.transformer_blocks,
+        text_encoder_layers=measured.text_encoder_layers, force="block-streaming", quantized=("transformer",),
+    )  # fmt: skip
+    assert plan.components[1].resident_blocks == 1
+    lines: list[str] = []
+    seconds, _, large = bench_memory._measure(pipe, arch, plan, quantization, 2, 1, lines.append, device="cpu")
+    assert seconds > 0 and large["seconds"] > 0
+    assert hasattr(pipe.transformer.transformer_blocks[0], "_diffusers_hook")
+
+
 def test_a_failed_cap_leaves_its_traceback_in_the_log():
     """On the H100 both streamed plans failed in their child process and only three lines of its stderr reached
     the log; the end of a failed child's stderr is now echoed whole (here the child refuses: no CUDA)."""
