@@ -45,6 +45,7 @@ def measure_folder(folder: Path, itemsize: int, quantization: Quantization = Qua
         transformer_block=transformer.largest,
         text_encoder_layer=encoder.largest,
         transformer_blocks_bytes=transformer.blocks,
+        transformer_block_sizes=transformer.each,
         text_encoder_layers_bytes=encoder.blocks,
     )
     return MeasuredSizes(sizes, blocks, layers, _working(folder, itemsize))
@@ -69,6 +70,7 @@ def measure_modules(
         transformer_block=transformer_size.largest,
         text_encoder_layer=encoder_size.largest,
         transformer_blocks_bytes=transformer_size.blocks,
+        transformer_block_sizes=transformer_size.each,
         text_encoder_layers_bytes=encoder_size.blocks,
     )
     config, text = dict(transformer.config), text_encoder.config
@@ -91,7 +93,7 @@ def _module_bytes(module: Any, block: re.Pattern[str] | None, itemsize: int) -> 
         found = block.match(name) if block is not None else None
         if found and "vision" not in name:
             per_block[found.group(0)] += param.numel() * itemsize
-    return _Bytes(total, max(per_block.values(), default=0), sum(per_block.values())), len(per_block)
+    return _counted(total, per_block)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,19 @@ class _Bytes:
     total: int
     largest: int  # the largest block or layer
     blocks: int = 0  # all blocks or layers together
+    each: tuple[int, ...] = ()  # every block's or layer's bytes, in the order they run
+
+
+def _counted(total: int, per_block: dict[str, int]) -> tuple[_Bytes, int]:
+    """The bytes of a component from its total and its blocks' (keyed by their name prefix), and the block count.
+    FLUX.2's transformer runs its double-stream blocks (`transformer_blocks`) before its single-stream ones."""
+
+    def run_order(prefix: str) -> tuple[int, int]:
+        found = re.search(r"(\d+)\.$", prefix)
+        return (1 if prefix.startswith("single_") else 0, int(found.group(1)) if found else 0)
+
+    each = tuple(per_block[prefix] for prefix in sorted(per_block, key=run_order))
+    return _Bytes(total, max(each, default=0), sum(each), each), len(each)
 
 
 def _component(path: Path, block: re.Pattern[str] | None, itemsize: int) -> tuple[_Bytes, int]:
@@ -117,12 +132,17 @@ def _component(path: Path, block: re.Pattern[str] | None, itemsize: int) -> tupl
                 found = block.match(name) if block is not None else None
                 if found and "vision" not in name:  # dev's Pixtral vision tower is not streamed
                     per_block[found.group(0)] += numel * itemsize
-    return _Bytes(total, max(per_block.values(), default=0), sum(per_block.values())), len(per_block)
+    return _counted(total, per_block)
 
 
 def _scaled(size: _Bytes, scheme: str, itemsize: int) -> _Bytes:
     factor = _SCHEME_BYTES[scheme] / itemsize
-    return _Bytes(int(size.total * factor), int(size.largest * factor), int(size.blocks * factor))
+    return _Bytes(
+        int(size.total * factor),
+        int(size.largest * factor),
+        int(size.blocks * factor),
+        tuple(int(block * factor) for block in size.each),
+    )
 
 
 def _working(folder: Path, itemsize: int) -> Working:

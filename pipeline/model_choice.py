@@ -162,7 +162,9 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
 
 def _with_gguf(measured: MeasuredSizes, transformer_bytes: int, block_bytes: int) -> MeasuredSizes:
     """The folder's sizes with the GGUF file's transformer in place of the folder's."""
-    sizes = replace(measured.sizes, transformer=transformer_bytes, transformer_block=block_bytes)
+    sizes = replace(
+        measured.sizes, transformer=transformer_bytes, transformer_block=block_bytes, transformer_block_sizes=()
+    )
     return replace(measured, sizes=sizes)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .internals import indexed_device
-from .offload_plan import STAGE_NEEDS, STAGES, Component, OffloadPlan, Stage
+from .offload_plan import STAGE_NEEDS, STAGES, Component, OffloadPlan, Stage, spread
 
 log = logging.getLogger("flux2.swapping")
 
@@ -241,12 +241,6 @@ def _block_lists(module: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList
         for name, child in module.named_children()
         if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential)
     ]
-
-
-def spread(count: int, chosen: int) -> list[int]:
-    """`chosen` of `count` positions, spread evenly (each in the middle of its share): 2 of 10 -> [2, 7]."""
-    chosen = max(0, min(chosen, count))
-    return [(2 * index + 1) * count // (2 * chosen) for index in range(chosen)]
 
 
 def _parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:

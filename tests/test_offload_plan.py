@@ -194,6 +194,38 @@ def test_measure_folder_reads_component_sizes_from_the_headers(tiny_klein):
     quantized = measure_folder(tiny_klein, itemsize=2, quantization=parse_quantization("transformer=int8"))
     assert quantized.sizes.transformer == sizes.transformer // 2
     assert quantized.sizes.text_encoder == sizes.text_encoder
+    # Each block's bytes in the order they run: the double-stream blocks, then the single-stream ones (the
+    # headers list them alphabetically, single first), the same as the modules' own.
+    from diffusers import Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel.from_pretrained(tiny_klein, subfolder="transformer")
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert sizes.transformer_block_sizes == tuple(sum(p.numel() for p in b.parameters()) * 2 for b in blocks)
+    assert sizes.transformer_block_sizes[0] != sizes.transformer_block_sizes[-1]
+    assert quantized.sizes.transformer_block_sizes == tuple(size // 2 for size in sizes.transformer_block_sizes)
+
+
+def test_resident_blocks_are_counted_by_their_own_sizes():
+    """With each block's size known, the room holds the blocks `spread` picks by their bytes, not each at the
+    largest block's: here 5 large double-stream blocks before 20 single-stream ones of half the size."""
+    from pipeline.offload_plan import resident_blocks, spread
+
+    each = (GIB // 2,) * 5 + (GIB // 4,) * 20
+    sizes = ComponentSizes(
+        transformer=8 * GIB, text_encoder=4 * GIB, vae=GIB // 4, transformer_block=GIB // 2,
+        transformer_blocks_bytes=sum(each), transformer_block_sizes=each, text_encoder_layer=GIB // 8,
+    )  # fmt: skip
+    room = 3 * GIB
+    kept = resident_blocks(room, each)
+    assert kept > resident_blocks(room, (GIB // 2,) * 25) == 6
+    assert sum(each[index] for index in spread(25, kept)) <= room < sum(each[index] for index in spread(25, kept + 1))
+    chosen = plan_offload(sizes, WORK, 9 * GIB, transformer_blocks=25, text_encoder_layers=LAYERS)
+    part = next(part for part in chosen.components if part.component == "transformer")
+    assert chosen.name == "block-streaming" and part.resident_blocks > 0
+    assert part.device_bytes == sizes.streamed_transformer(25) + sum(
+        each[index] for index in spread(25, part.resident_blocks)
+    )
+    assert chosen.needed_bytes <= chosen.free_bytes
 
 
 def _measured() -> MeasuredSizes:

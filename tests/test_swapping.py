@@ -319,7 +319,8 @@ def test_resident_blocks_stay_on_the_device_spread_evenly_and_the_rest_streams()
     and the transformer computes what it did before."""
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
-    from pipeline.swapping import spread, stream_blocks
+    from pipeline.offload_plan import spread
+    from pipeline.swapping import stream_blocks
     from pipeline.tiny_weights import build_tiny_pipeline
 
     assert spread(10, 2) == [2, 7] and spread(25, 6) == [2, 6, 10, 14, 18, 22] and spread(3, 0) == []
