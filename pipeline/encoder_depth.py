@@ -43,8 +43,15 @@ def read_layers(pipe: Any) -> tuple[int, ...] | None:
 def decoder_layers(text_encoder: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The text encoder's decoder layers (Qwen3's `model.layers`, Mistral 3's `model.language_model.layers`), or
     None for an encoder that keeps them elsewhere."""
-    layers = getattr(_decoder(text_encoder), "layers", None)
-    return layers if isinstance(layers, torch.nn.ModuleList) else None
+    found = decoder_owner(text_encoder)
+    return None if found is None else found[1]
+
+
+def decoder_owner(text_encoder: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.ModuleList] | None:
+    """The decoder module that holds the layers, and the layers, or None."""
+    decoder = _decoder(text_encoder)
+    layers = getattr(decoder, "layers", None)
+    return (decoder, layers) if decoder is not None and isinstance(layers, torch.nn.ModuleList) else None
 
 
 def _decoder(text_encoder: torch.nn.Module) -> torch.nn.Module | None:

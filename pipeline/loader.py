@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from .compilation import compile_transformer, warm_up
+from .encoder_depth import read_layers
 from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe
 from .offload_plan import Stage
@@ -108,11 +109,14 @@ def apply_plan(pipe: Any, placement: Placement) -> Swapper:
     device = placement.device
     for part in plan.components:
         if part.where == "streamed":
+            encoder = part.component == "text_encoder"
+            read = read_layers(pipe) if encoder else None
             stream_blocks(
                 getattr(pipe, part.component),
                 device,
-                text_encoder=part.component == "text_encoder",
+                text_encoder=encoder,
                 resident_blocks=part.resident_blocks,
+                reach=max(read) if read else None,  # the encoder's resident layers among those it runs
             )
         elif part.where == "device":
             getattr(pipe, part.component).to(device)

@@ -12,7 +12,8 @@ The plans, from most memory to least (T transformer, E text encoder, V VAE; W th
   through the device weight by weight on a side stream (the next weight prefetched while one runs) for prompts
   missing from the cache. A miss copies the encoder once and nothing else, where `transformer-resident` copies it
   and then the transformer back (on an H100 under 12 GiB, klein-4B: 0.75 s an image against 0.57 s resident).
-  Needs T + V + max(E' + W_encode, W_denoise, W_decode), E' = the encoder outside its layers + two layers.
+  Needs T + V + max(E' + W_encode, W_denoise, W_decode), E' = the encoder outside its layers + two layers; the
+  room left keeps encoder layers on the device (`resident_blocks`), as `block-streaming` keeps blocks.
 - `transformer-resident`: the transformer is the one big component kept whole on the device for every denoise;
   the text encoder shares its room: on a cache miss the transformer steps out for the encoder and is back before
   the denoise starts, then stays through the denoise and the decode (previews, masks, references and the final
@@ -271,19 +272,29 @@ def _encoder_streamed(
 ) -> OffloadPlan:
     encoder = sizes.streamed_text_encoder(layers)
     needed = sizes.transformer + sizes.vae + max(encoder + working.encode, working.denoise, working.decode)
+    # The room left (less a 4 MP denoise's) keeps encoder layers on the device: fewer to copy on every miss.
+    resident = resident_blocks(spare_room(free, needed, working), (sizes.text_encoder_layer,) * layers)
+    kept = resident * sizes.text_encoder_layer
     stays = "stays: never moves"
     parts = (
         ComponentPlan(
             "text_encoder",
             "streamed",
-            encoder,
-            f"pinned host memory, streamed weight by weight {_cache_note(prompt_cache)}, the next weight "
+            encoder + kept,
+            (
+                f"{resident} of its {layers} layers stay on the device (spread evenly through those the encode runs), "
+                "the others in "
+                if resident
+                else ""
+            )
+            + f"pinned host memory, streamed weight by weight {_cache_note(prompt_cache)}, the next weight "
             "prefetched on a side stream while one runs",
+            resident_blocks=resident,
         ),
         ComponentPlan("transformer", "device", sizes.transformer, stays),
         ComponentPlan("vae", "device", sizes.vae, f"{stays} (previews, masks, references and decodes)"),
     )
-    return OffloadPlan("encoder-streamed", parts, needed, free)
+    return OffloadPlan("encoder-streamed", parts, needed + kept, free)
 
 
 def _transformer_resident(sizes: ComponentSizes, working: Working, free: int, prompt_cache: bool) -> OffloadPlan:
@@ -318,13 +329,10 @@ def _block_streaming(sizes: ComponentSizes, working: Working, free: int, blocks:
     encoder_whole = not layers
     encoder = sizes.text_encoder if encoder_whole else sizes.streamed_text_encoder(layers)
     needed = sizes.vae + max(encoder + working.encode, transformer + working.denoise, working.decode)
-    # The plan is sized at 1024²; a 4 MP image's denoise holds ~4x the tokens (its decode is tiled to the free
-    # memory at run time): that much stays free of resident blocks.
-    larger_denoise = 3 * max(0, working.denoise - CONTEXT_BYTES)
     block_sizes = sizes.transformer_block_sizes
     if len(block_sizes) != blocks:  # unknown: each block counted at the largest's size
         block_sizes = (sizes.transformer_block,) * blocks
-    resident = resident_blocks(free - needed - larger_denoise, block_sizes)
+    resident = resident_blocks(spare_room(free, needed, working), block_sizes)
     resident_bytes = sum(block_sizes[index] for index in spread(blocks, resident))
     encoder_plan = (
         ComponentPlan(
@@ -356,6 +364,13 @@ def _block_streaming(sizes: ComponentSizes, working: Working, free: int, blocks:
         ComponentPlan("vae", "device", sizes.vae, "stays (previews, masks, references and decodes)"),
     )
     return OffloadPlan("block-streaming", parts, needed + resident_bytes, free)
+
+
+def spare_room(free: int, needed: int, working: Working) -> int:
+    """What a streamed plan needing `needed` of `free` bytes leaves for resident blocks or layers. The plans are
+    sized at 1024²; a 4 MP image's denoise holds ~4x the tokens (its decode is tiled to the free memory at run
+    time): that much stays free."""
+    return free - needed - 3 * max(0, working.denoise - CONTEXT_BYTES)
 
 
 def resident_blocks(room: int, block_sizes: tuple[int, ...]) -> int:

@@ -190,31 +190,39 @@ class Swapper:
 
 
 def stream_blocks(
-    module: torch.nn.Module, device: torch.device | str, *, text_encoder: bool = False, resident_blocks: int = 0
+    module: torch.nn.Module,
+    device: torch.device | str,
+    *,
+    text_encoder: bool = False,
+    resident_blocks: int = 0,
+    reach: int | None = None,
 ) -> None:
     """Streaming through diffusers' group offloading: the weights live in pinned host memory and are copied on a
     side stream, the next group prefetched while one runs. A transformer streams block by block (its
-    ModuleLists), the module's other parts on the device while it runs; `resident_blocks` of its blocks, spread
-    evenly through their order (`spread`), go to the device for good instead and are left out of the offloading,
-    so each step copies only the others and each copy overlaps the resident blocks that run before it is needed
-    (diffusers' lazy prefetch chains the streamed groups in the order they run). A text encoder streams weight
-    by weight (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
+    ModuleLists), the module's other parts on the device while it runs. A text encoder streams weight by weight
+    (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
     model.language_model.layers), and diffusers' block level reaches them only through `block_modules`, whose
     recursion gives each level its own prefetch-order hook; with streams the outer one then registers its
     tracker on modules the inner one already tracks and fails ("Hook with name layer_execution_tracker already
     exists", on an H100 under an 8 GiB cap; `test_streaming_options_register_with_streams`). Leaf level has one
     such hook for the whole encoder, keeps a tied embedding and output head right (each its own group), and
     never brings in what the text encode does not run (dev's vision tower, the layers above the deepest one
-    read). On a CPU the same hooks run without a stream (nothing to overlap)."""
+    read). On a CPU the same hooks run without a stream (nothing to overlap).
+
+    `resident_blocks` of the blocks (of the encoder's layers: among its first `reach`, the ones the encode runs),
+    spread evenly through their order (`spread`), go to the device for good instead and are left out of the
+    offloading, so each pass copies only the others and each copy overlaps the resident ones that run before it
+    is needed (diffusers' lazy prefetch chains the streamed groups in the order they run)."""
     from diffusers.hooks.group_offloading import apply_group_offloading
 
     device = indexed_device(device)  # diffusers reports the onload device as the execution device
     cuda = device.type == "cuda"
-    lists = [] if text_encoder or not resident_blocks else _block_lists(module)
-    blocks = [block for _, blocks_of in lists for block in blocks_of]
-    staying = [blocks[index] for index in spread(len(blocks), resident_blocks)]
-    for name, blocks_of in lists:  # offloading sees only the streamed blocks
-        setattr(module, name, torch.nn.ModuleList([b for b in blocks_of if not any(b is s for s in staying)]))
+    lists = _block_lists(module, text_encoder) if resident_blocks else []
+    blocks = [block for _, _, blocks_of in lists for block in blocks_of]
+    candidates = len(blocks) if reach is None else min(reach, len(blocks))
+    staying = [blocks[index] for index in spread(candidates, resident_blocks)]
+    for owner, name, blocks_of in lists:  # offloading sees only the streamed ones
+        setattr(owner, name, torch.nn.ModuleList([b for b in blocks_of if not any(b is s for s in staying)]))
     try:
         apply_group_offloading(
             module,
@@ -228,16 +236,24 @@ def stream_blocks(
             low_cpu_mem_usage=False,  # pin every weight once at start, not at every copy
         )
     finally:
-        for name, blocks_of in lists:
-            setattr(module, name, blocks_of)
+        for owner, name, blocks_of in lists:
+            setattr(owner, name, blocks_of)
     for block in staying:
         block.to(device)
 
 
-def _block_lists(module: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList | torch.nn.Sequential]]:
-    """The module's lists of blocks, as diffusers' block-level offloading finds them (direct children), in order."""
+def _block_lists(
+    module: torch.nn.Module, text_encoder: bool
+) -> list[tuple[torch.nn.Module, str, torch.nn.ModuleList | torch.nn.Sequential]]:
+    """(owner, attribute, list) of the blocks that can stay: a transformer's lists of blocks, as diffusers'
+    block-level offloading finds them (direct children), in order; a text encoder's decoder layers."""
+    if text_encoder:
+        from .encoder_depth import decoder_owner
+
+        found = decoder_owner(module)
+        return [] if found is None else [(found[0], "layers", found[1])]
     return [
-        (name, child)
+        (module, name, child)
         for name, child in module.named_children()
         if isinstance(child, torch.nn.ModuleList | torch.nn.Sequential)
     ]

@@ -76,6 +76,20 @@ def test_encoder_streamed_when_the_transformer_stays_and_the_encoder_streams_pas
     assert forced.forced and forced.streamed == ("text_encoder",)
 
 
+def test_encoder_streamed_keeps_the_layers_the_room_holds():
+    """Under 11 GiB nothing is left once a 4 MP denoise's room (3 GiB beyond the 1024² one) is kept; under 14 GiB
+    1.55 GiB is, which holds 7 of the 0.2 GiB layers: they stay on the device, the others stream."""
+    part = next(part for part in plan(11).components if part.component == "text_encoder")
+    assert part.resident_blocks == 0 and "stay on the device" not in part.why
+    roomy = plan(14)
+    assert roomy.name == "encoder-streamed"
+    part = next(part for part in roomy.components if part.component == "text_encoder")
+    assert part.resident_blocks == 7 and part.why.startswith("7 of its 36 layers stay on the device")
+    streamed = 8 * GIB - 34 * (GIB // 5)
+    assert part.device_bytes == streamed + 7 * (GIB // 5)
+    assert roomy.needed_bytes == int(7.25 * GIB) + streamed + GIB + 7 * (GIB // 5) <= roomy.free_bytes
+
+
 def test_transformer_resident_when_encoder_and_transformer_take_turns():
     chosen = plan(9.3)  # VAE + max(encoder 8 + 1, transformer 7 + 2) = 9.25; streaming the encoder needs 9.45
     assert chosen.name == "transformer-resident"

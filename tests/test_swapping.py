@@ -18,7 +18,7 @@ from PIL import Image
 from pipeline.component_sizes import measure_folder
 from pipeline.engine import Engine
 from pipeline.jobs import Preview
-from pipeline.offload_plan import ComponentSizes, Working, plan_offload
+from pipeline.offload_plan import ComponentSizes, Working, plan_offload, spread
 from pipeline.placement import decide_placement
 from pipeline.pool import ModelConfig, ModelPool
 from pipeline.swapping import Swapper
@@ -175,8 +175,16 @@ def test_every_forced_plan_makes_the_resident_image(tiny_klein, resident_images,
         encodes = [event for event in events if event.startswith("encode: load text_encoder")]
         if offload in ("encoder-streamed", "block-streaming"):  # the encoder streams through diffusers' hooks
             assert model.swapper.where("text_encoder") == "streamed" and not events
+            # Its layers stream but for those the room keeps (here, RAM: all but two, under encoder-streamed),
+            # spread through the 27 the encode runs; the embedding streams.
             encoder = model.pipe.text_encoder
-            assert all(hasattr(m, "_diffusers_hook") for m in encoder.modules() if isinstance(m, torch.nn.Linear))
+            part = next(part for part in model.swapper.plan.components if part.component == "text_encoder")
+            assert part.resident_blocks == (25 if offload == "encoder-streamed" else 0)
+            staying = set(spread(27, part.resident_blocks))
+            for index, layer in enumerate(encoder.get_decoder().layers):
+                linears = [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+                assert all(hasattr(m, "_diffusers_hook") != (index in staying) for m in linears), index
+            assert hasattr(encoder.get_decoder().embed_tokens, "_diffusers_hook")
         else:
             assert len(encodes) == 2  # two distinct prompts; the third request hit the prompt cache
         if offload == "block-streaming":  # the transformer streamed, but for the blocks the room holds (here, RAM:
@@ -319,7 +327,6 @@ def test_resident_blocks_stay_on_the_device_spread_evenly_and_the_rest_streams()
     and the transformer computes what it did before."""
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
-    from pipeline.offload_plan import spread
     from pipeline.swapping import stream_blocks
     from pipeline.tiny_weights import build_tiny_pipeline
 
