@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .encoder_depth import decoder_owner
 from .internals import indexed_device
 from .offload_plan import STAGE_NEEDS, STAGES, Component, OffloadPlan, Stage, spread
 
@@ -248,8 +249,6 @@ def _block_lists(
     """(owner, attribute, list) of the blocks that can stay: a transformer's lists of blocks, as diffusers'
     block-level offloading finds them (direct children), in order; a text encoder's decoder layers."""
     if text_encoder:
-        from .encoder_depth import decoder_owner
-
         found = decoder_owner(module)
         return [] if found is None else [(found[0], "layers", found[1])]
     return [
