@@ -93,7 +93,11 @@ def test_a_killed_replica_is_replaced_and_its_requests_are_retryable(ray_server)
     before, kept = _generate(client, response_format="url")
     kept_url = kept.data[0].url
     victim = before.rsplit(":", 1)[1]
-    slow = {"prompt": "a slow lighthouse", "size": "512x512", "num_inference_steps": 12}
+    # Long enough to be running when the replica dies 1.5 s in: a 512² 12-step image took 0.29 s on this CPU and
+    # five of them 1.3 s, so with 12 steps every request could finish first (it did once, with the CPU otherwise
+    # idle).
+    steps = 100
+    slow = {"prompt": "a slow lighthouse", "size": "512x512", "num_inference_steps": steps}
 
     raw_answers: list[httpx.Response] = []
     sdk_answers: list = []
@@ -104,7 +108,7 @@ def test_a_killed_replica_is_replaced_and_its_requests_are_retryable(ray_server)
     def sdk_request() -> None:  # the SDK as users run it: retries on (max_retries=3)
         sdk_answers.append(
             _client(ray_server, retries=3).images.generate(
-                prompt=slow["prompt"], size="512x512", extra_body={"num_inference_steps": 12}
+                prompt=slow["prompt"], size="512x512", extra_body={"num_inference_steps": steps}
             )
         )
 
