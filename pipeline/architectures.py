@@ -24,7 +24,7 @@ import torch
 
 from .component_sizes import MeasuredSizes, measure_modules
 from .internals import Flux2Pipe
-from .quantization import Quantization, quantize_module
+from .quantization import Quantization, quantize_module, quantize_modules
 from .tiny_weights import Variant
 from .weights import _DEV_DEFAULTS, _KLEIN_DISTILLED_DEFAULTS, ModelSpec
 
@@ -235,8 +235,7 @@ def build_pipeline(
         pipe = build_tiny_pipeline(arch.family)
         if device != "cpu" or dtype != torch.float32:  # built on the CPU in float32 (`to` would only warn)
             pipe.to(device, dtype)
-        for component in ("transformer", "vae", "text_encoder"):
-            quantize_module(getattr(pipe, component), component, quantization)
+        quantize_modules(pipe, quantization)
     elif arch.family == "klein":
         tokenizer = klein_tokenizer()
         with _building_on(device, dtype):
