@@ -85,14 +85,15 @@ def reading_depth(pipe: Any) -> Iterator[None]:
     layers, without the head; one whose layers or head are not where transformers keeps them runs as it is."""
     text_encoder = pipe.text_encoder
     read = read_layers(pipe)
-    decoder = _decoder(text_encoder)
-    layers = decoder_layers(text_encoder)
-    norm = getattr(decoder, "norm", None)
+    found = decoder_owner(text_encoder)
     head = _head(text_encoder)
     deepest = max(read) if read is not None else 0
     cut: tuple[torch.nn.Module, torch.nn.ModuleList, torch.nn.Module] | None = None
-    if decoder is not None and layers is not None and isinstance(norm, torch.nn.Module) and 0 < deepest < len(layers):
-        cut = (decoder, layers, norm)  # state `deepest` is a layer's raw output, not the normed last one
+    if found is not None:
+        decoder, layers = found
+        norm = getattr(decoder, "norm", None)
+        if isinstance(norm, torch.nn.Module) and 0 < deepest < len(layers):
+            cut = (decoder, layers, norm)  # state `deepest` is a layer's raw output, not the normed last one
     offload_log = logging.getLogger(_OFFLOAD_LOGGER)
     quiet = _UnexecutedLayersWarning()
     offload_log.addFilter(quiet)
