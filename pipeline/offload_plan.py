@@ -143,7 +143,7 @@ class ComponentPlan:
     where: Where
     device_bytes: int  # what it occupies on the device while it runs (streamed: its resident part + two blocks)
     why: str
-    resident_blocks: int = 0  # streamed: the blocks that stay on the device (block-streaming's transformer)
+    resident_blocks: int = 0  # streamed: its blocks or layers that stay on the device
 
     def line(self) -> str:
         return f"{self.component}: {self.where} ({self.device_bytes / _GIB:.2f} GiB on the device; {self.why})"
@@ -374,8 +374,8 @@ def spare_room(free: int, needed: int, working: Working) -> int:
 
 
 def resident_blocks(room: int, block_sizes: tuple[int, ...]) -> int:
-    """How many of the transformer's blocks (`block_sizes`, in the order they run) stay on the device in `room`
-    bytes left over by the streamed plan, chosen where `spread` puts them: the most whose bytes fit, at most all
+    """How many blocks or layers (`block_sizes`, in the order they run) stay on the device in `room` bytes left
+    over by a streamed plan, chosen where `spread` puts them: the most whose bytes fit, at most all
     but two (streaming holds two anyway)."""
     count = len(block_sizes)
     if room <= 0 or count <= 2:
