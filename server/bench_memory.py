@@ -139,6 +139,8 @@ def run_memory_cap(
     result["plan_lines"] = plan.lines()
     for line in plan.lines():
         echo(line)
+    if result["cuda_allocator"] != "default":
+        echo(f"CUDA allocator: PYTORCH_CUDA_ALLOC_CONF={result['cuda_allocator']}")
     started = time.perf_counter()
     # Built before the cap: each component initialised on the card (seconds; the CPU takes minutes) and parked on
     # the host, the card then emptied; the cap holds for everything the plan places and runs.
@@ -147,11 +149,58 @@ def run_memory_cap(
     echo(f"built on the card and parked on the host in {time.perf_counter() - started:.1f} s")
     torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     try:
-        seconds, peak, large = _measure(pipe, arch, plan, quantization, steps, repeats, echo)
+        measured = _measure(pipe, arch, plan, quantization, steps, repeats, echo)
     except torch.cuda.OutOfMemoryError as exc:
         echo(f"{arch.name} under {cap_gib:g} GiB with {plan.name}: out of memory")
         return {**result, "verdict": "does not fit", "reason": f"out of memory while running: {str(exc)[:300]}"}
-    return {**result, "verdict": "ok", "seconds_per_image": seconds, "peak_gib": peak / _GIB, "large_image": large}
+    return {
+        **result,
+        "verdict": "ok",
+        "seconds_per_image": measured.seconds,
+        "peak_gib": measured.peak / _GIB,
+        "large_image": measured.large,
+        "images": measured.images,
+    }
+
+
+class Measured(NamedTuple):
+    """What `_measure` found: the median seconds per image, the peak allocation, the 2x-side image, and each timed
+    image (its seconds and, on CUDA, what the caching allocator did meanwhile)."""
+
+    seconds: float
+    peak: int
+    large: dict[str, Any]
+    images: list[dict[str, Any]]
+
+
+# The caching allocator's counters that tell a streamed plan's slow image apart: retries (an allocation that failed
+# under the cap, so the allocator synchronised, released its cached blocks and tried again) and cudaMalloc/cudaFree
+# calls (each synchronous). Their differences over one image go into the JSON beside its seconds.
+_ALLOCATOR_COUNTERS = ("num_alloc_retries", "num_device_alloc", "num_device_free")
+
+
+def allocator_counts(cuda: bool) -> dict[str, int]:
+    """The allocator's counters now (empty off CUDA)."""
+    if not cuda:
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {name: int(stats.get(name, 0)) for name in _ALLOCATOR_COUNTERS}
+
+
+def image_record(seconds: float, before: dict[str, int], after: dict[str, int]) -> dict[str, Any]:
+    """One timed image: {"seconds", and per counter the calls during it}."""
+    return {"seconds": seconds, **{name: after[name] - before.get(name, 0) for name in after}}
+
+
+def describe_image(record: dict[str, Any]) -> str:
+    """'1.003 s' or '1.003 s (allocator: 12 retries, 340 cudaMalloc, 300 cudaFree)'."""
+    text = f"{record['seconds']:.3f} s"
+    if "num_alloc_retries" in record:
+        text += (
+            f" (allocator: {record['num_alloc_retries']} retries, {record['num_device_alloc']} cudaMalloc, "
+            f"{record['num_device_free']} cudaFree)"
+        )
+    return text
 
 
 def _measure(
@@ -163,11 +212,11 @@ def _measure(
     repeats: int,
     echo: Echo,
     device: str = "cuda",
-) -> tuple[float, int, dict[str, Any]]:
+) -> Measured:
     """`pipe` (built with `quantization` applied: `build_pipeline`) placed by `plan` and served by an engine: median
-    seconds per image and peak device memory (0 on a CPU, where this runs only as a test), then one image
-    of twice the side (4 MP for the real architectures: the decode's working memory is 4x, so small cards decode it
-    one image at a time or tiled, pipeline/decoding.py): its seconds and peak, or the error it met."""
+    seconds per image, each image's record and peak device memory (0 on a CPU, where this runs only as a test),
+    then one image of twice the side (4 MP for the real architectures: the decode's working memory is 4x, so small
+    cards decode it one image at a time or tiled, pipeline/decoding.py): its seconds and peak, or the error it met."""
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel, apply_plan
     from pipeline.placement import Placement
@@ -193,22 +242,24 @@ def _measure(
         if not engine.wait_ready(600):
             raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
         echo("engine ready; a warm-up image, then the timed ones")
-        seconds = []
+        images = []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         for run in range(repeats + 1):  # the first is the warm-up
             job = _job(arch.size, steps, spec.defaults.guidance_scale, f"a lighthouse on a cliff, take {run}")
+            counts = allocator_counts(cuda)
             begun = time.perf_counter()
             engine.submit(job).future.result(3600)
             synchronize(device)
             if run:
-                seconds.append(time.perf_counter() - begun)
-                echo(f"image {run}/{repeats}: {seconds[-1]:.3f} s")
+                images.append(image_record(time.perf_counter() - begun, counts, allocator_counts(cuda)))
+                echo(f"image {run}/{repeats}: {describe_image(images[-1])}")
         peak = torch.cuda.max_memory_allocated() if cuda else 0
-        return (
-            statistics.median(seconds),
+        return Measured(
+            statistics.median(image["seconds"] for image in images),
             peak,
             _large_image(engine, arch, spec.defaults.guidance_scale, steps, cuda, echo),
+            images,
         )
     finally:
         engine.stop(60)

@@ -44,6 +44,8 @@ def environment(device: str) -> dict:
     return {
         "device": name,
         "device_memory_gib": memory / _GIB,
+        # The caching allocator's settings change streamed plans' times (expandable segments, ...): said with them.
+        "cuda_allocator": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or "default",
         "date": datetime.date.today().isoformat(),
         "versions": {
             "torch": torch.__version__,
