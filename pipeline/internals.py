@@ -3,7 +3,7 @@
 FLUX.2's pipelines keep a few helpers private (`_pack_latents`, `_unpatchify_latents`, `_encode_vae_image`,
 `_execution_device`, `_interrupt`). We need them for previews, masks, our own final decode and stopping a batch;
 the reference cache needs the transformer's `_get_qkv_projections` and the image processor's
-`_resize_to_target_area`.
+`_resize_to_target_area`; the warm-up of streamed components, group offloading's name for its prefetch-order hook.
 `diffusers` is pinned to the range these were checked against (pyproject.toml); `tests/test_internals.py` fails,
 naming the call, when an upgrade moves one of them."""
 
@@ -104,6 +104,7 @@ REQUIRED = tuple(
 REQUIRED_ELSEWHERE = (
     ("diffusers.models.transformers.transformer_flux2", "_get_qkv_projections"),
     ("diffusers.pipelines.flux2.image_processor.Flux2ImageProcessor", "_resize_to_target_area"),
+    ("diffusers.hooks.group_offloading", "_LAZY_PREFETCH_GROUP_OFFLOADING"),
 )
 
 
@@ -115,6 +116,15 @@ def indexed_device(device: torch.device | str) -> torch.device:
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def prefetch_order_pending(module: torch.nn.Module | None) -> bool:
+    """Whether `module` is streamed by diffusers' group offloading with prefetching and its first forward pass,
+    which traces the order its groups run in (copying each in the foreground meanwhile), has not run yet."""
+    from diffusers.hooks.group_offloading import _LAZY_PREFETCH_GROUP_OFFLOADING
+
+    registry = getattr(module, "_diffusers_hook", None)
+    return registry is not None and registry.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) is not None
 
 
 def execution_device(pipe: Flux2Pipe) -> torch.device:

@@ -14,6 +14,7 @@ import torch
 from .adapters import Adapters, LoadedAdapters
 from .loader import LoadedModel, load_model
 from .placement import Device, Placement
+from .stream_warm_up import warm_up_streams
 from .weights import ModelSpec
 
 log = logging.getLogger("flux2.pool")
@@ -84,6 +85,8 @@ class ModelPool:
         model = self._load(config.spec, config.placement)
         if config.adapters:
             model.adapters = LoadedAdapters(model, config.adapters)
+        # After the adapters: loading them makes diffusers apply a streamed component's offloading hooks again.
+        warm_up_streams(model)
         self._loaded[name] = model
         return model
 

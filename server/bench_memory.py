@@ -237,11 +237,13 @@ def _measure(
     spec = model_spec(arch)
     config = ModelConfig(name=arch.name, spec=spec, placement=placement, weight_bytes=0)
     engine = Engine(ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe, swapper)))
+    started = time.perf_counter()
     engine.start()
     try:
         if not engine.wait_ready(600):
             raise RuntimeError(f"the engine did not become ready: {engine.load_error}")
-        echo("engine ready; a warm-up image, then the timed ones")
+        # A streamed plan's load runs its first passes (pipeline/stream_warm_up.py), as a server's does.
+        echo(f"engine ready in {time.perf_counter() - started:.1f} s; a warm-up image, then the timed ones")
         images = []
         if cuda:
             torch.cuda.reset_peak_memory_stats()
