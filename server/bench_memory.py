@@ -10,7 +10,7 @@ caught while running); then one image of twice the side (2048² for the real arc
 what the cap leaves free, pipeline/decoding.py), its seconds and peak or "out of memory". `--memory-caps 8,12,16`
 runs each cap in a fresh process, the safest way to start every cap from an empty card, and prints one table; a cap
 written `12@transformer-resident` forces that plan instead of auto (`--offload` for one `--memory-cap`), so two
-plans under one cap compare in one run."""
+plans under one cap compare in one run. `--only one_image` leaves the 2x-side image out (dev at 50 steps: minutes)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,9 @@ from .bench_report import environment, write_json
 
 _GIB = 1024**3
 Echo = Callable[[str], None]
+
+
+MEMORY_FIGURES = ("one_image", "large_image")  # what `--only` may name with --memory-cap(s)
 
 
 class MemoryCapError(ValueError):
@@ -70,6 +73,16 @@ def parse_caps(text: str) -> list[CapRun]:
     if not runs:
         raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
     return runs
+
+
+def parse_memory_only(only: str | None) -> bool:
+    """`--only` with --memory-cap(s): whether the 2x-side image is measured (the timed images always are)."""
+    if only is None:
+        return True
+    keys = {key.strip() for key in only.split(",") if key.strip()}
+    if "one_image" not in keys or not keys <= set(MEMORY_FIGURES):
+        raise MemoryCapError(f"--only with --memory-cap takes one_image and optionally large_image, got {only!r}")
+    return "large_image" in keys
 
 
 def check_offload(offload: str) -> PlanName:
@@ -115,8 +128,10 @@ def run_memory_cap(
     repeats: int = 3,
     echo: Echo = print,
     offload: PlanName | None = None,
+    large: bool = True,
 ) -> dict[str, Any]:
-    """One cap: the planner's verdict (or the forced plan), then (if it fits) seconds per image and peak memory."""
+    """One cap: the planner's verdict (or the forced plan), then (if it fits) seconds per image and peak memory
+    (and, with `large`, one image of twice the side)."""
     check_cap(cap_gib, torch.cuda.is_available(), None)
     total = torch.cuda.get_device_properties(0).total_memory
     check_cap(cap_gib, True, total)
@@ -149,7 +164,7 @@ def run_memory_cap(
     echo(f"built on the card and parked on the host in {time.perf_counter() - started:.1f} s")
     torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     try:
-        measured = _measure(pipe, arch, plan, quantization, steps, repeats, echo)
+        measured = _measure(pipe, arch, plan, quantization, steps, repeats, echo, large=large)
     except torch.cuda.OutOfMemoryError as exc:
         echo(f"{arch.name} under {cap_gib:g} GiB with {plan.name}: out of memory")
         return {**result, "verdict": "does not fit", "reason": f"out of memory while running: {str(exc)[:300]}"}
@@ -169,7 +184,7 @@ class Measured(NamedTuple):
 
     seconds: float
     peak: int
-    large: dict[str, Any]
+    large: dict[str, Any] | None  # None: not asked for
     images: list[dict[str, Any]]
 
 
@@ -212,6 +227,7 @@ def _measure(
     repeats: int,
     echo: Echo,
     device: str = "cuda",
+    large: bool = True,
 ) -> Measured:
     """`pipe` (built with `quantization` applied: `build_pipeline`) placed by `plan` and served by an engine: median
     seconds per image, each image's record and peak device memory (0 on a CPU, where this runs only as a test),
@@ -260,7 +276,7 @@ def _measure(
         return Measured(
             statistics.median(image["seconds"] for image in images),
             peak,
-            _large_image(engine, arch, spec.defaults.guidance_scale, steps, cuda, echo),
+            _large_image(engine, arch, spec.defaults.guidance_scale, steps, cuda, echo) if large else None,
             images,
         )
     finally:
@@ -302,7 +318,7 @@ def _job(size: int, steps: int, guidance: float, prompt: str) -> Any:
 
 
 def run_caps_in_subprocesses(
-    name: str, caps: list[CapRun], quantize: str, steps: int, repeats: int, echo: Echo = print
+    name: str, caps: list[CapRun], quantize: str, steps: int, repeats: int, echo: Echo = print, large: bool = True
 ) -> list[dict[str, Any]]:
     """Each cap in a fresh `flux2-local bench` process (an empty card, its own memory fraction)."""
     results = []
@@ -315,6 +331,8 @@ def run_caps_in_subprocesses(
             ]  # fmt: skip
             if run.offload is not None:
                 command += ["--offload", run.offload]
+            if not large:
+                command += ["--only", "one_image"]
             echo(f"--- {name} under {run.cap:g} GiB: {' '.join(command[2:])}")
             # The child's progress lines stream through as they come (a cap cut short still shows how far it got).
             child = subprocess.run(command, text=True, stdout=None, stderr=subprocess.PIPE)
@@ -379,6 +397,7 @@ def memory_command(
     repeats: int | None,
     json_path: Path | None,
     offload: str | None = None,
+    only: str | None = None,
 ) -> list[dict[str, Any]]:
     """`flux2-local bench --architecture NAME --memory-cap GB | --memory-caps GB,GB,...`: run, print the table."""
     import typer
@@ -397,16 +416,19 @@ def memory_command(
         if offload is not None and caps is not None:
             raise MemoryCapError("--offload goes with one --memory-cap; in --memory-caps write a cap as 12@PLAN")
         forced = check_offload(offload) if offload is not None else None
+        large = parse_memory_only(only)
         wanted = parse_caps(caps) if caps is not None else [CapRun(cap, forced)] if cap is not None else []
         for each in wanted:
             check_cap(each.cap, torch.cuda.is_available(), None)
     except (MemoryCapError, QuantizationError) as exc:
         raise typer.BadParameter(str(exc), param_hint="--memory-cap") from exc
     if caps is not None:
-        results = run_caps_in_subprocesses(name, wanted, quantize, steps, repeats or arch.repeats)
+        results = run_caps_in_subprocesses(name, wanted, quantize, steps, repeats or arch.repeats, large=large)
     else:
         one = wanted[0]
-        results = [run_memory_cap(arch, one.cap, quantize, steps, repeats or arch.repeats, typer.echo, one.offload)]
+        results = [
+            run_memory_cap(arch, one.cap, quantize, steps, repeats or arch.repeats, typer.echo, one.offload, large)
+        ]
         write_result(results[0], json_path)
     typer.echo("")
     typer.echo(caps_table(results))

@@ -114,7 +114,8 @@ def bench(
         str | None,
         typer.Option(
             help="With --architecture: measure only these figures/checks (keys as in the JSON, comma-separated, "
-            "e.g. one_image,sequential_4,pipeline_step,step_cache,reference_cache).",
+            "e.g. one_image,sequential_4,pipeline_step,step_cache,reference_cache); with --memory-cap(s): "
+            "one_image leaves out the image of twice the side.",
             show_default=False,
         ),
     ] = None,
@@ -131,7 +132,7 @@ def bench(
             raise typer.BadParameter("needs --architecture", param_hint="--memory-cap")
         from .bench_memory import memory_command
 
-        memory_command(architecture, memory_cap, memory_caps, quantize, steps, repeats, json_path, offload)
+        memory_command(architecture, memory_cap, memory_caps, quantize, steps, repeats, json_path, offload, only)
         return
     if offload is not None:
         raise typer.BadParameter("goes with --memory-cap", param_hint="--offload")

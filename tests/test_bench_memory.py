@@ -65,6 +65,26 @@ def test_offload_goes_with_one_cap_only():
     assert run.returncode == 2 and "goes with --memory-cap" in run.stderr
 
 
+def test_only_one_image_leaves_the_large_image_out_and_other_keys_are_refused():
+    """dev at 50 steps takes ~40 s an image under 24 GiB: `--only one_image` skips the 2x-side image (4x the work)."""
+    assert bench_memory.parse_memory_only(None) is True
+    assert bench_memory.parse_memory_only("one_image,large_image") is True
+    assert bench_memory.parse_memory_only(" one_image ") is False
+    for bad in ("large_image", "one_image,edit_1", ""):
+        with pytest.raises(MemoryCapError, match="takes one_image"):
+            bench_memory.parse_memory_only(bad)
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-cap", "8",
+         "--only", "one_image,stream_2"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "takes one_image" in run.stderr
+    # Each cap's child process is told too (here it refuses: no CUDA; its command line is echoed first).
+    lines: list[str] = []
+    bench_memory.run_caps_in_subprocesses("tiny", [CapRun(8)], "none", 2, 1, echo=lines.append, large=False)
+    assert lines[0].endswith("--only one_image")
+
+
 def test_a_cap_needs_cuda_and_a_card_big_enough():
     with pytest.raises(MemoryCapError, match="needs CUDA"):
         check_cap(12, cuda_available=False, card_bytes=None)
@@ -214,6 +234,13 @@ def test_a_quantized_run_is_quantized_where_it_is_built_and_streams_its_blocks()
     lines: list[str] = []
     seconds, _, large, _ = bench_memory._measure(pipe, arch, plan, quantization, 2, 1, lines.append, device="cpu")
     assert seconds > 0 and large["seconds"] > 0
+    # Without the large image (`--only one_image`): the timed images only.
+    lines.clear()
+    seconds, _, large, images = bench_memory._measure(
+        pipe, arch, plan, quantization, 2, 1, lines.append, device="cpu", large=False
+    )
+    assert seconds > 0 and large is None and len(images) == 1
+    assert not [line for line in lines if f"{2 * arch.size}x" in line]
     assert hasattr(pipe.transformer.transformer_blocks[0], "_diffusers_hook")
 
 
