@@ -321,6 +321,43 @@ def test_streaming_options_register_with_streams(weights, request, monkeypatch):
     assert group.onload_device == torch.device("cuda", 0)
 
 
+def test_streamed_weights_are_packed_into_host_buffers_that_diffusers_keeps_as_its_copies(tiny_klein, monkeypatch):
+    """diffusers' group offloading with streams pins a host copy of every weight, one by one (torch's host allocator
+    rounds each up to a power of two: up to twice the bytes, and slow); `stream_blocks` first packs the streamed
+    weights into a few host buffers (pinned on a GPU), so diffusers finds them pinned and keeps them as its copies.
+    Here (a CPU, streams faked) the buffers are not pinned and the faked pinning returns the tensor, as a real
+    `pin_memory()` returns an already pinned one: every streamed weight of the text encoder and of the transformer
+    is a view into one buffer, diffusers' host copy is that view, the values and the tie hold. (The resident blocks
+    stay out of the buffers: `test_resident_blocks_stay_on_the_device_spread_evenly_and_the_rest_streams`.)"""
+    import diffusers.hooks.group_offloading as group_offloading
+    from diffusers import DiffusionPipeline
+
+    from pipeline.swapping import stream_blocks
+
+    fake_streams(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    pipe = DiffusionPipeline.from_pretrained(tiny_klein, dtype=torch.float32)
+    encoder, transformer = pipe.text_encoder, pipe.transformer
+    before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
+    tied = encoder.get_input_embeddings().weight is encoder.get_output_embeddings().weight
+    stream_blocks(encoder, "cuda", text_encoder=True)
+    stream_blocks(transformer, "cuda")
+
+    def storages(module):
+        return {p.untyped_storage().data_ptr() for p in [*module.parameters(), *module.buffers()]}
+
+    # One buffer each for the whole (tiny) encoder and transformer, not one allocation per weight.
+    assert len(storages(encoder)) == 1 and len(storages(transformer)) == 1
+    for module in (encoder, transformer):
+        for sub in module.modules():
+            hook = getattr(sub, "_diffusers_hook", None)
+            group = hook.get_hook(group_offloading._GROUP_OFFLOADING) if hook is not None else None
+            for param, host in group.group.cpu_param_dict.items() if group is not None else ():
+                assert host.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
+    assert all(torch.equal(p, before[name]) for name, p in encoder.named_parameters())
+    assert (encoder.get_input_embeddings().weight is encoder.get_output_embeddings().weight) == tied
+
+
 def test_resident_blocks_stay_on_the_device_spread_evenly_and_the_rest_streams():
     """`stream_blocks` with resident blocks: those (spread evenly through the blocks' order) get no offloading hook
     and go to the device; the others are streamed; the module's block lists are whole and in order again after;
