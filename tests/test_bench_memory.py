@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.architectures import build_pipeline, get_architecture
+from pipeline.jobs import StageTimes
 from pipeline.offload_plan import DoesNotFit
 from pipeline.quantization import Quantization, parse_quantization
 from server import bench_memory
@@ -199,8 +200,11 @@ def test_a_planned_run_builds_places_and_times_images_on_the_cpu():
         pipe, arch, plan, Quantization(), 2, 2, lines.append, device="cpu"
     )
     assert seconds > 0 and peak == 0
-    # Each timed image is recorded (the median is theirs); off CUDA there are no allocator counters beside them.
-    assert [sorted(image) for image in images] == [["seconds"], ["seconds"]]
+    # Each timed image is recorded with its stages (the median is theirs); off CUDA no allocator counters.
+    assert [sorted(image) for image in images] == [["decode", "denoise", "seconds", "text_encode"]] * 2
+    assert all(0 < image["denoise"] < image["seconds"] for image in images)
+    assert all(image["text_encode"] + image["denoise"] + image["decode"] <= image["seconds"] for image in images)
+    assert "denoise" in lines[-3] and lines[-3].endswith(" ms)")
     assert seconds == pytest.approx((images[0]["seconds"] + images[1]["seconds"]) / 2)
     assert [line.split(":")[0] for line in lines[-3:]] == [
         "image 1/2",
@@ -262,8 +266,14 @@ def test_each_image_carries_what_the_allocator_did_meanwhile():
     allocator synchronise and release its cache) and how many cudaMalloc/cudaFree calls ran during it."""
     before = {"num_alloc_retries": 3, "num_device_alloc": 100, "num_device_free": 40}
     after = {"num_alloc_retries": 5, "num_device_alloc": 130, "num_device_free": 41}
-    record = bench_memory.image_record(1.0034, before, after)
-    assert record == {"seconds": 1.0034, "num_alloc_retries": 2, "num_device_alloc": 30, "num_device_free": 1}
-    assert bench_memory.describe_image(record) == "1.003 s (allocator: 2 retries, 30 cudaMalloc, 1 cudaFree)"
+    stages = StageTimes(text_encode=0.104, denoise=0.7801, decode=0.11)
+    record = bench_memory.image_record(1.0034, before, after, stages)
+    assert record == {
+        "seconds": 1.0034, "text_encode": 0.104, "denoise": 0.7801, "decode": 0.11,
+        "num_alloc_retries": 2, "num_device_alloc": 30, "num_device_free": 1,
+    }  # fmt: skip
+    assert bench_memory.describe_image(record) == (
+        "1.003 s (text_encode 104 ms, denoise 780 ms, decode 110 ms; allocator: 2 retries, 30 cudaMalloc, 1 cudaFree)"
+    )
     assert bench_memory.describe_image(bench_memory.image_record(0.5, {}, {})) == "0.500 s"
     assert bench_memory.allocator_counts(False) == {}
