@@ -10,7 +10,9 @@ caught while running); then one image of twice the side (2048² for the real arc
 what the cap leaves free, pipeline/decoding.py), its seconds and peak or "out of memory". `--memory-caps 8,12,16`
 runs each cap in a fresh process, the safest way to start every cap from an empty card, and prints one table; a cap
 written `12@transformer-resident` forces that plan instead of auto (`--offload` for one `--memory-cap`), so two
-plans under one cap compare in one run. `--only one_image` leaves the 2x-side image out (dev at 50 steps: minutes)."""
+plans under one cap compare in one run; a cap written `12+compile` (or `--compile` with one `--memory-cap`)
+compiles the transformer's repeated blocks and warms them up after placing, as `serve --compile` does.
+`--only one_image` leaves the 2x-side image out (dev at 50 steps: minutes)."""
 
 from __future__ import annotations
 
@@ -46,22 +48,29 @@ class MemoryCapError(ValueError):
 
 
 class CapRun(NamedTuple):
-    """One cap of `--memory-caps`: GiB, and the plan forced under it (None: `--offload auto`)."""
+    """One cap of `--memory-caps`: GiB, the plan forced under it (None: `--offload auto`), and whether the
+    transformer is compiled (`+compile`)."""
 
     cap: float
     offload: PlanName | None = None
+    compile: bool = False
 
     def label(self) -> str:
-        return f"{self.cap:g}" + (f"@{self.offload}" if self.offload else "")
+        return f"{self.cap:g}" + (f"@{self.offload}" if self.offload else "") + ("+compile" if self.compile else "")
+
+
+_COMPILE_SUFFIX = "+compile"
 
 
 def parse_caps(text: str) -> list[CapRun]:
-    """ "8,12,12@transformer-resident" -> [8 auto, 12 auto, 12 forced transformer-resident] (GiB, as cards count
-    them)."""
+    """ "8,12,12@transformer-resident,12+compile" -> [8 auto, 12 auto, 12 forced transformer-resident, 12 auto
+    compiled] (GiB, as cards count them)."""
     runs = []
     for part in (part.strip() for part in text.split(",")):
         if not part:
             continue
+        compiled = part.endswith(_COMPILE_SUFFIX)
+        part = part.removesuffix(_COMPILE_SUFFIX)
         cap_text, at, offload = part.partition("@")
         try:
             cap = float(cap_text)
@@ -69,7 +78,7 @@ def parse_caps(text: str) -> list[CapRun]:
             raise MemoryCapError(f"--memory-caps takes GB values separated by commas, got {text!r}") from exc
         if cap <= 0:
             raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
-        runs.append(CapRun(cap, check_offload(offload) if at else None))
+        runs.append(CapRun(cap, check_offload(offload) if at else None, compiled))
     if not runs:
         raise MemoryCapError(f"--memory-caps takes positive GB values separated by commas, got {text!r}")
     return runs
@@ -129,6 +138,7 @@ def run_memory_cap(
     echo: Echo = print,
     offload: PlanName | None = None,
     large: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """One cap: the planner's verdict (or the forced plan), then (if it fits) seconds per image and peak memory
     (and, with `large`, one image of twice the side)."""
@@ -145,6 +155,8 @@ def run_memory_cap(
     }
     if offload is not None:
         result["forced"] = offload
+    if compile:
+        result["compiled"] = True
     try:
         plan = plan_for_cap(arch, int(cap_gib * _GIB), quantization, force=offload)
     except DoesNotFit as exc:
@@ -164,7 +176,7 @@ def run_memory_cap(
     echo(f"built on the card and parked on the host in {time.perf_counter() - started:.1f} s")
     torch.cuda.set_per_process_memory_fraction(cap_gib * _GIB / total)
     try:
-        measured = _measure(pipe, arch, plan, quantization, steps, repeats, echo, large=large)
+        measured = _measure(pipe, arch, plan, quantization, steps, repeats, echo, large=large, compile=compile)
     except torch.cuda.OutOfMemoryError as exc:
         echo(f"{arch.name} under {cap_gib:g} GiB with {plan.name}: out of memory")
         return {**result, "verdict": "does not fit", "reason": f"out of memory while running: {str(exc)[:300]}"}
@@ -238,6 +250,7 @@ def _measure(
     echo: Echo,
     device: str = "cuda",
     large: bool = True,
+    compile: bool = False,
 ) -> Measured:
     """`pipe` (built with `quantization` applied: `build_pipeline`) placed by `plan` and served by an engine: median
     seconds per image, each image's record and peak device memory (0 on a CPU, where this runs only as a test),
@@ -252,7 +265,13 @@ def _measure(
     dtype = torch.bfloat16 if cuda else torch.float32
     started = time.perf_counter()
     placement = Placement(
-        device=device, dtype=dtype, offload=plan.name, reasons=tuple(plan.lines()), quantization=quantization, plan=plan
+        device=device,
+        dtype=dtype,
+        offload=plan.name,
+        reasons=tuple(plan.lines()),
+        quantization=quantization,
+        plan=plan,
+        compile=compile,
     )
     echo(f"placing as {plan.name} (swapped components are copied into pinned host memory first)")
     swapper = apply_plan(pipe, placement) if plan.name != "resident" else None
@@ -260,6 +279,13 @@ def _measure(
         pipe.to(device)
     synchronize(device)
     echo(f"placed in {time.perf_counter() - started:.1f} s")
+    if compile:  # as load_model does for `serve --compile`, after placing
+        from pipeline.compilation import compile_transformer, warm_up
+
+        started = time.perf_counter()
+        compile_transformer(pipe)
+        warm_up(pipe, side=arch.size)
+        echo(f"compiled and warmed up in {time.perf_counter() - started:.1f} s")
     spec = model_spec(arch)
     config = ModelConfig(name=arch.name, spec=spec, placement=placement, weight_bytes=0)
     engine = Engine(ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe, swapper)))
@@ -341,6 +367,8 @@ def run_caps_in_subprocesses(
             ]  # fmt: skip
             if run.offload is not None:
                 command += ["--offload", run.offload]
+            if run.compile:
+                command += ["--compile"]
             if not large:
                 command += ["--only", "one_image"]
             echo(f"--- {name} under {run.cap:g} GiB: {' '.join(command[2:])}")
@@ -360,6 +388,8 @@ def run_caps_in_subprocesses(
             }
             if run.offload is not None:
                 result["forced"] = run.offload
+            if run.compile:
+                result["compiled"] = True
             results.append(result)
     return results
 
@@ -378,6 +408,8 @@ def caps_table(results: list[dict[str, Any]]) -> str:
             plan, seconds, peak, large = result.get("plan") or "—", result.get("verdict", "?"), "—", "—"
         if result.get("forced"):
             plan = f"{result['forced']} (forced)"
+        if result.get("compiled"):
+            plan += " + compile"
         lines.append(
             f"| {result['cap_gib']:g} GB | {result['architecture']} | {result.get('quantize', 'none')} | {plan} | "
             f"{seconds} | {peak} | {large} |"
@@ -408,6 +440,7 @@ def memory_command(
     json_path: Path | None,
     offload: str | None = None,
     only: str | None = None,
+    compile: bool = False,
 ) -> list[dict[str, Any]]:
     """`flux2-local bench --architecture NAME --memory-cap GB | --memory-caps GB,GB,...`: run, print the table."""
     import typer
@@ -425,9 +458,11 @@ def memory_command(
             raise MemoryCapError("give --memory-cap or --memory-caps, not both")
         if offload is not None and caps is not None:
             raise MemoryCapError("--offload goes with one --memory-cap; in --memory-caps write a cap as 12@PLAN")
+        if compile and caps is not None:
+            raise MemoryCapError("--compile goes with one --memory-cap; in --memory-caps write a cap as 12+compile")
         forced = check_offload(offload) if offload is not None else None
         large = parse_memory_only(only)
-        wanted = parse_caps(caps) if caps is not None else [CapRun(cap, forced)] if cap is not None else []
+        wanted = parse_caps(caps) if caps is not None else [CapRun(cap, forced, compile)] if cap is not None else []
         for each in wanted:
             check_cap(each.cap, torch.cuda.is_available(), None)
     except (MemoryCapError, QuantizationError) as exc:
@@ -437,7 +472,9 @@ def memory_command(
     else:
         one = wanted[0]
         results = [
-            run_memory_cap(arch, one.cap, quantize, steps, repeats or arch.repeats, typer.echo, one.offload, large)
+            run_memory_cap(
+                arch, one.cap, quantize, steps, repeats or arch.repeats, typer.echo, one.offload, large, one.compile
+            )
         ]
         write_result(results[0], json_path)
     typer.echo("")

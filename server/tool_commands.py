@@ -107,7 +107,8 @@ def bench(
         typer.Option(
             "--compile",
             help="With --architecture: compile the pipeline as serve --compile does (after timing plain diffusers "
-            "on the eager pipeline); both columns then run the compiled modules.",
+            "on the eager pipeline); both columns then run the compiled modules. With one --memory-cap: compile "
+            "after placing (in --memory-caps write a cap as 12+compile).",
         ),
     ] = False,
     only: Annotated[
@@ -132,7 +133,9 @@ def bench(
             raise typer.BadParameter("needs --architecture", param_hint="--memory-cap")
         from .bench_memory import memory_command
 
-        memory_command(architecture, memory_cap, memory_caps, quantize, steps, repeats, json_path, offload, only)
+        memory_command(
+            architecture, memory_cap, memory_caps, quantize, steps, repeats, json_path, offload, only, compile
+        )
         return
     if offload is not None:
         raise typer.BadParameter("goes with --memory-cap", param_hint="--offload")

@@ -30,7 +30,16 @@ def test_caps_are_parsed_and_bad_lists_refused():
         CapRun(12, "transformer-resident"),
     ]
     assert parse_caps("12@encoder-streamed")[0].label() == "12@encoder-streamed"
-    for bad in ("8,x", "", "0", "-4", "12@model", "12@fast", "x@resident", "12@"):
+    # ... and compile the transformer (the server compiles only resident plans by default).
+    assert parse_caps("48+compile,12@encoder-streamed+compile") == [
+        CapRun(48, None, True),
+        CapRun(12, "encoder-streamed", True),
+    ]
+    assert [run.label() for run in parse_caps("12+compile,12@encoder-streamed+compile")] == [
+        "12+compile",
+        "12@encoder-streamed+compile",
+    ]
+    for bad in ("8,x", "", "0", "-4", "12@model", "12@fast", "x@resident", "12@", "12+fast", "+compile"):
         with pytest.raises(MemoryCapError):
             parse_caps(bad)
 
@@ -50,6 +59,11 @@ def test_a_forced_plan_under_a_cap_is_the_planners_forced_plan_and_says_so():
     lines = table.splitlines()
     assert lines[2] == "| 12 GB | klein-4b | none | transformer-resident (forced) | 0.75 | 11.1 GiB | not measured |"
     assert lines[3] == "| 12 GB | klein-4b | none | encoder-streamed (forced) | failed | — | — |"
+    compiled = {"architecture": "klein-4b", "cap_gib": 12, "plan": "encoder-streamed", "compiled": True,
+                "verdict": "ok", "seconds_per_image": 0.55, "peak_gib": 10.2}  # fmt: skip
+    assert caps_table([compiled]).splitlines()[2] == (
+        "| 12 GB | klein-4b | none | encoder-streamed + compile | 0.55 | 10.2 GiB | not measured |"
+    )
 
 
 def test_offload_goes_with_one_cap_only():
@@ -84,6 +98,15 @@ def test_only_one_image_leaves_the_large_image_out_and_other_keys_are_refused():
     lines: list[str] = []
     bench_memory.run_caps_in_subprocesses("tiny", [CapRun(8)], "none", 2, 1, echo=lines.append, large=False)
     assert lines[0].endswith("--only one_image")
+    lines.clear()
+    results = bench_memory.run_caps_in_subprocesses("tiny", [CapRun(8, None, True)], "none", 2, 1, echo=lines.append)
+    assert lines[0].endswith("--compile") and results[0]["compiled"] is True
+    run = subprocess.run(
+        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-caps", "8,12",
+         "--compile"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2 and "12+compile" in run.stderr
 
 
 def test_a_cap_needs_cuda_and_a_card_big_enough():
@@ -277,3 +300,27 @@ def test_each_image_carries_what_the_allocator_did_meanwhile():
     )
     assert bench_memory.describe_image(bench_memory.image_record(0.5, {}, {})) == "0.500 s"
     assert bench_memory.allocator_counts(False) == {}
+
+
+def test_a_compiled_cap_compiles_the_transformer_after_placing_and_times_images_on_the_cpu():
+    """`12+compile`: the planner's plan (here encoder-streamed, forced: the transformer stays on the device while
+    the encoder streams), then the transformer's repeated blocks compiled and warmed up as `serve --compile` does,
+    and the images timed through the compiled blocks."""
+    from pipeline.architectures import measured_sizes
+    from pipeline.offload_plan import plan_offload
+
+    arch = get_architecture("tiny")
+    measured = measured_sizes(arch, 4)
+    plan = plan_offload(
+        measured.sizes, measured.working, 64 * GIB, transformer_blocks=measured.transformer_blocks,
+        text_encoder_layers=measured.text_encoder_layers, force="encoder-streamed",
+    )  # fmt: skip
+    pipe = build_pipeline(arch, "cpu", torch.float32, park_on_host=True)
+    lines: list[str] = []
+    seconds, _, _, images = bench_memory._measure(
+        pipe, arch, plan, Quantization(), 2, 1, lines.append, device="cpu", large=False, compile=True
+    )
+    assert seconds > 0 and len(images) == 1
+    assert any(line.startswith("compiled and warmed up in") for line in lines)
+    block = pipe.transformer.transformer_blocks[0]
+    assert block._compiled_call_impl is not None  # diffusers' compile_repeated_blocks: each block compiled
