@@ -20,6 +20,12 @@ from server.bench_memory import CapRun, MemoryCapError, caps_table, check_cap, p
 GIB = 1024**3
 
 
+def bench_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """`flux2-local bench ARGS` in a fresh process, its output captured."""
+    command = [sys.executable, "-m", "server.cli", "bench", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
 def test_caps_are_parsed_and_bad_lists_refused():
     assert [run.cap for run in parse_caps("8,12, 16,24,48")] == [8, 12, 16, 24, 48]
     assert parse_caps("7.5") == [CapRun(7.5)]
@@ -67,16 +73,9 @@ def test_a_forced_plan_under_a_cap_is_the_planners_forced_plan_and_says_so():
 
 
 def test_offload_goes_with_one_cap_only():
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-caps", "8,12",
-         "--offload", "resident"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = bench_cli("--architecture", "klein-4b", "--memory-caps", "8,12", "--offload", "resident")
     assert run.returncode == 2 and "12@PLAN" in run.stderr
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "bench", "--offload", "resident"], capture_output=True, text=True,
-        timeout=120,
-    )  # fmt: skip
+    run = bench_cli("--offload", "resident")
     assert run.returncode == 2 and "goes with --memory-cap" in run.stderr
 
 
@@ -88,11 +87,7 @@ def test_only_one_image_leaves_the_large_image_out_and_other_keys_are_refused():
     for bad in ("large_image", "one_image,edit_1", ""):
         with pytest.raises(MemoryCapError, match="takes one_image"):
             bench_memory.parse_memory_only(bad)
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-cap", "8",
-         "--only", "one_image,stream_2"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = bench_cli("--architecture", "klein-4b", "--memory-cap", "8", "--only", "one_image,stream_2")
     assert run.returncode == 2 and "takes one_image" in run.stderr
     # Each cap's child process is told too (here it refuses: no CUDA; its command line is echoed first).
     lines: list[str] = []
@@ -101,11 +96,7 @@ def test_only_one_image_leaves_the_large_image_out_and_other_keys_are_refused():
     lines.clear()
     results = bench_memory.run_caps_in_subprocesses("tiny", [CapRun(8, None, True)], "none", 2, 1, echo=lines.append)
     assert lines[0].endswith("--compile") and results[0]["compiled"] is True
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-caps", "8,12",
-         "--compile"],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    run = bench_cli("--architecture", "klein-4b", "--memory-caps", "8,12", "--compile")
     assert run.returncode == 2 and "12+compile" in run.stderr
 
 
@@ -118,12 +109,7 @@ def test_a_cap_needs_cuda_and_a_card_big_enough():
 
 
 def test_the_command_refuses_without_cuda():
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "bench", "--architecture", "klein-4b", "--memory-caps", "8,12"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    run = bench_cli("--architecture", "klein-4b", "--memory-caps", "8,12")
     assert run.returncode == 2
     assert "needs CUDA" in run.stderr
 
