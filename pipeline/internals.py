@@ -3,7 +3,8 @@
 FLUX.2's pipelines keep a few helpers private (`_pack_latents`, `_unpatchify_latents`, `_encode_vae_image`,
 `_execution_device`, `_interrupt`). We need them for previews, masks, our own final decode and stopping a batch;
 the reference cache needs the transformer's `_get_qkv_projections` and the image processor's
-`_resize_to_target_area`; the warm-up of streamed components, group offloading's name for its prefetch-order hook.
+`_resize_to_target_area`; the warm-up of streamed components, group offloading's name for its prefetch-order hook;
+block streaming, the group group offloading makes of a module's parts outside its blocks.
 `diffusers` is pinned to the range these were checked against (pyproject.toml); `tests/test_internals.py` fails,
 naming the call, when an upgrade moves one of them."""
 
@@ -105,6 +106,7 @@ REQUIRED_ELSEWHERE = (
     ("diffusers.models.transformers.transformer_flux2", "_get_qkv_projections"),
     ("diffusers.pipelines.flux2.image_processor.Flux2ImageProcessor", "_resize_to_target_area"),
     ("diffusers.hooks.group_offloading", "_LAZY_PREFETCH_GROUP_OFFLOADING"),
+    ("diffusers.hooks.group_offloading", "_GROUP_OFFLOADING"),
 )
 
 
@@ -125,6 +127,23 @@ def prefetch_order_pending(module: torch.nn.Module | None) -> bool:
 
     registry = getattr(module, "_diffusers_hook", None)
     return registry is not None and registry.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) is not None
+
+
+def top_level_offload_group(module: torch.nn.Module) -> Any:
+    """The group diffusers' block-level group offloading makes of `module`'s parts outside its block lists (FLUX.2's
+    embedders, modulations, final norm and projection; `_apply_group_offloading_block_level`'s "unmatched group"), or
+    None. That group has no stream: it is copied synchronously from pageable host memory at every forward and back
+    (newly allocated) at its end, whatever the blocks' groups use."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
+    return hook.group if hook is not None else None
+
+
+def empty_offload_group(group: Any) -> None:
+    """Make a group offloading group move nothing (its onload and offload walk these lists)."""
+    group.modules, group.parameters, group.buffers = [], [], []
 
 
 def execution_device(pipe: Flux2Pipe) -> torch.device:
