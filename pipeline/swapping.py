@@ -268,15 +268,21 @@ def _keep_outside_blocks(module: torch.nn.Module, device: torch.device) -> int:
     group = top_level_offload_group(module)
     if group is None:
         return 0
-    tensors = [t for m in group.modules for t in [*m.parameters(), *m.buffers()]] + [*group.parameters, *group.buffers]
-    for tensor in tensors:
-        tensor.data = _moved(tensor.data, device)
+    modules, tensors = list(group.modules), [*group.parameters, *group.buffers]
+    size = int(
+        sum(t.numel() * t.element_size() for t in [*tensors, *(t for m in modules for t in m.state_dict().values())])
+    )
+    _settle(modules, tensors, device)
     empty_offload_group(group)
-    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+    return size
 
 
-def _moved(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return tensor.to(device)
+def _settle(modules: list[torch.nn.Module], tensors: list[torch.Tensor], device: torch.device) -> None:
+    """Move `modules` (as modules: quantized weights move whole) and loose `tensors` to `device` for good."""
+    for module in modules:
+        module.to(device)
+    for tensor in tensors:
+        tensor.data = tensor.data.to(device)
 
 
 def _block_lists(

@@ -286,7 +286,7 @@ def test_streaming_options_register_with_streams(weights, request, monkeypatch):
 
     fake_streams(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(swapping, "_moved", lambda tensor, device: tensor)  # no CUDA to keep them on
+    monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
     folder = request.getfixturevalue(weights)
 
     def fresh():
@@ -340,7 +340,7 @@ def test_streamed_weights_are_packed_into_host_buffers_that_diffusers_keeps_as_i
 
     fake_streams(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(swapping, "_moved", lambda tensor, device: tensor)  # no CUDA to keep them on
+    monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
     pipe = DiffusionPipeline.from_pretrained(tiny_klein, dtype=torch.float32)
     encoder, transformer = pipe.text_encoder, pipe.transformer
     before = {name: p.detach().clone() for name, p in encoder.named_parameters()}
