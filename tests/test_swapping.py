@@ -365,6 +365,19 @@ def test_streamed_weights_are_packed_into_host_buffers_that_diffusers_keeps_as_i
     assert (encoder.get_input_embeddings().weight is encoder.get_output_embeddings().weight) == tied
 
 
+def transformer_inputs(transformer) -> dict:
+    """Seeded inputs for one call of a tiny FLUX.2 transformer: 16 image and 8 text tokens."""
+    torch.manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(1, 16, 128),
+        encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim),
+        timestep=torch.tensor([0.5]),
+        img_ids=torch.zeros(1, 16, 4),
+        txt_ids=torch.zeros(1, 8, 4),
+        return_dict=False,
+    )
+
+
 def test_the_transformers_parts_outside_its_blocks_stay_on_the_device(monkeypatch, caplog):
     """diffusers' block-level offloading groups a module's parts outside its block lists (FLUX.2's embedders,
     modulations, final norm and projection: 0.4 GB for klein-4B, 1.6 GB for dev) without a stream: copied
@@ -378,15 +391,7 @@ def test_the_transformers_parts_outside_its_blocks_stay_on_the_device(monkeypatc
     from pipeline.tiny_weights import build_tiny_pipeline
 
     transformer = build_tiny_pipeline("klein").transformer
-    torch.manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 128),
-        encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(1, 16, 4),
-        txt_ids=torch.zeros(1, 8, 4),
-        return_dict=False,
-    )
+    inputs = transformer_inputs(transformer)
     with torch.inference_mode():
         before = transformer(**inputs)[0]
     outside = sum(
@@ -427,15 +432,7 @@ def test_resident_blocks_stay_on_the_device_spread_evenly_and_the_rest_streams()
     transformer = build_tiny_pipeline("klein").transformer
     lists = (transformer.transformer_blocks, transformer.single_transformer_blocks)
     blocks = [block for blocks_of in lists for block in blocks_of]
-    torch.manual_seed(0)
-    inputs = dict(
-        hidden_states=torch.randn(1, 16, 128),
-        encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(1, 16, 4),
-        txt_ids=torch.zeros(1, 8, 4),
-        return_dict=False,
-    )
+    inputs = transformer_inputs(transformer)
     with torch.inference_mode():
         before = transformer(**inputs)[0]
     stream_blocks(transformer, "cpu", resident_blocks=1)
