@@ -200,7 +200,7 @@ def stream_blocks(
 ) -> None:
     """Streaming through diffusers' group offloading: the weights live in pinned host memory and are copied on a
     side stream, the next group prefetched while one runs. A transformer streams block by block (its
-    ModuleLists), the module's other parts on the device while it runs. A text encoder streams weight by weight
+    ModuleLists), its other parts on the device for good (`_keep_outside_blocks`). A text encoder streams weight by weight
     (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
     model.language_model.layers), and diffusers' block level reaches them only through `block_modules`, whose
     recursion gives each level its own prefetch-order hook; with streams the outer one then registers its
@@ -268,10 +268,9 @@ def _keep_outside_blocks(module: torch.nn.Module, device: torch.device) -> int:
     group = top_level_offload_group(module)
     if group is None:
         return 0
-    modules, tensors = list(group.modules), [*group.parameters, *group.buffers]
-    size = int(
-        sum(t.numel() * t.element_size() for t in [*tensors, *(t for m in modules for t in m.state_dict().values())])
-    )
+    modules: list[torch.nn.Module] = list(group.modules)
+    tensors: list[torch.Tensor] = [*group.parameters, *group.buffers]
+    size = sum(t.numel() * t.element_size() for t in [*tensors, *(t for m in modules for t in _tensors_of(m))])
     _settle(modules, tensors, device)
     empty_offload_group(group)
     return size
@@ -305,12 +304,16 @@ def _lists_of(module: torch.nn.Module) -> list[tuple[str, torch.nn.ModuleList | 
     ]
 
 
+def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
 def pack_on_host(modules: list[torch.nn.Module], pin: bool) -> HostArena:
     """Every plain weight and buffer of `modules` moved into one `HostArena` (pinned with `pin`): each tensor's data
     becomes a view into the arena's buffers (tied weights stay tied: they are one parameter). Quantized weights
     (tensor subclasses) are left where they are, to diffusers' own pinning."""
     arena = HostArena(pin)
-    for tensor in dict.fromkeys(t for m in modules for t in [*m.parameters(), *m.buffers()]):
+    for tensor in dict.fromkeys(t for m in modules for t in _tensors_of(m)):
         if type(tensor.data) is torch.Tensor:
             tensor.data = arena.copy_of(tensor.data)  # one at a time: the old copy is freed as the next is made
     return arena

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 
 from pipeline.architectures import Architecture, build_pipeline, measured_sizes, model_spec
+from pipeline.jobs import StageTimes
 from pipeline.offload_plan import COMPONENTS, PLAN_NAMES, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from pipeline.placement import one_of
 from pipeline.quantization import Quantization, parse_quantization
@@ -217,7 +218,9 @@ def allocator_counts(cuda: bool) -> dict[str, int]:
 _STAGES = ("text_encode", "denoise", "decode")  # the runner's synchronised stages (pipeline/jobs.py StageTimes)
 
 
-def image_record(seconds: float, before: dict[str, int], after: dict[str, int], stages: Any = None) -> dict[str, Any]:
+def image_record(
+    seconds: float, before: dict[str, int], after: dict[str, int], stages: StageTimes | None = None
+) -> dict[str, Any]:
     """One timed image: {"seconds", its stages' seconds (`stages`: the result's StageTimes), and per allocator
     counter the calls during it}."""
     timed = {name: getattr(stages, name) for name in _STAGES} if stages is not None else {}
