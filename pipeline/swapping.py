@@ -200,8 +200,8 @@ def stream_blocks(
 ) -> None:
     """Streaming through diffusers' group offloading: the weights live in pinned host memory and are copied on a
     side stream, the next group prefetched while one runs. A transformer streams block by block (its
-    ModuleLists), its other parts on the device for good (`_keep_outside_blocks`). A text encoder streams weight by weight
-    (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
+    ModuleLists), its other parts on the device for good (`_keep_outside_blocks`). A text encoder streams weight
+    by weight (leaf level): its layers sit two levels down (Qwen3ForCausalLM.model.layers, Mistral3's
     model.language_model.layers), and diffusers' block level reaches them only through `block_modules`, whose
     recursion gives each level its own prefetch-order hook; with streams the outer one then registers its
     tracker on modules the inner one already tracks and fails ("Hook with name layer_execution_tracker already
