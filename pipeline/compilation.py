@@ -22,6 +22,7 @@ from PIL import Image
 
 from .decoding import decode, latents_for_vae
 from .encoder_depth import reading_depth
+from .encoder_graphs import graphed
 from .internals import Flux2Pipe, forget_attention_kwargs
 from .reference_cache import ATTENTION_KWARG, installed, prefill
 from .references import prepare_reference
@@ -53,9 +54,10 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
     # size) would be specialised on by torch's duck sizing, and other reference sizes would compile again.
     reference = prepare_reference(Image.new("RGB", (side, side - 32), (128, 128, 128)))
     for batch in (1, 2):
-        # The text encode as requests run it (up to the deepest state read): a streamed encoder (encoder-streamed
-        # with --compile) learns its prefetch order from this first pass.
-        with torch.inference_mode(), cache_context(pipe.transformer), reading_depth(pipe):
+        # The text encode as requests run it (up to the deepest state read, from a CUDA graph where the encoder has
+        # them: captured here): a streamed encoder (encoder-streamed with --compile) learns its prefetch order from
+        # this first pass.
+        with torch.inference_mode(), cache_context(pipe.transformer), reading_depth(pipe), graphed(pipe):
             latents = pipe(
                 prompt=[f"warm-up {index}" for index in range(batch)],
                 height=side,

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from .compilation import compile_transformer, warm_up
 from .encoder_depth import read_layers
+from .encoder_graphs import install as install_encoder_graphs
 from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe
 from .offload_plan import Stage
@@ -80,6 +81,8 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     apply_cache(pipe.transformer, placement.cache)
     if placement.reference_cache:
         install_reference_processors(pipe.transformer)
+    if placement.encoder_graphs:
+        install_encoder_graphs(pipe.text_encoder)  # captured by the warm-up's encodes
     if placement.compile:
         compile_transformer(pipe)
         warm_up(pipe)

@@ -63,6 +63,7 @@ class Placement:
     offload: Offload
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
     compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
+    encoder_graphs: bool = False  # the text encode replayed from CUDA graphs (pipeline/encoder_graphs.py)
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
     transformer_file: Path | None = None  # a GGUF transformer loaded in place of the folder's (gguf_weights.py)
@@ -182,6 +183,10 @@ def decide_placement(
     )
     if compile_reason:
         reasons.append(compile_reason)
+    # With the compile, where the encoder never moves: a graph reads the weights where they were at its capture.
+    encoder_graphs = compile and chosen_device == "cuda" and chosen_offload == "resident"
+    if encoder_graphs:
+        reasons.append("encoder graphs: a new prompt's text encode replayed from a CUDA graph (with compile, resident)")
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
     if reference_cache not in REFERENCE_CACHE_CHOICES:
@@ -204,6 +209,7 @@ def decide_placement(
         offload=chosen_offload,
         reasons=tuple(reasons),
         compile=compile,
+        encoder_graphs=encoder_graphs,
         cache=step_cache,
         quantization=quantization,
         plan=plan,

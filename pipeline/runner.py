@@ -17,6 +17,7 @@ from .adapters import activate
 from .batching import Slice, images_in
 from .decoding import decode, latents_for_vae
 from .encoder_depth import reading_depth
+from .encoder_graphs import graphed
 from .internals import execution_device, forget_attention_kwargs, pack_latents, stop_after_this_step
 from .jobs import GenerationResult, StageTimes
 from .loader import LoadedModel
@@ -206,7 +207,8 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
     missing = [prompt for prompt, entry in encoded.items() if entry is None]
     if missing:
         model.enter("encode")  # the offload plan's boundary: the text encoder in, only on a cache miss
-        with torch.inference_mode(), reading_depth(model.pipe):  # only the layers FLUX.2 reads, no logits
+        # Only the layers FLUX.2 reads, no logits; replayed from a CUDA graph where the encoder has them.
+        with torch.inference_mode(), reading_depth(model.pipe), graphed(model.pipe):
             embeds, _ = model.pipe.encode_prompt(
                 prompt=missing, device=execution_device(model.pipe), num_images_per_prompt=1
             )

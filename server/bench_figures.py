@@ -7,6 +7,7 @@ import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -229,6 +230,20 @@ def figures_for(
             cleanup=lambda: _cudnn_benchmark(False),
         ),
     ]
+    if device == "cuda":
+        # As the server encodes under --compile: the cut encode replayed from a CUDA graph (the encode is bound by
+        # the host's launches). The graphs stay where the bench's --compile installed them, as a server's do.
+        figures.append(
+            Figure(
+                "text_encode_graphed",
+                "text encode, one new prompt, read depth, CUDA graph",
+                None,
+                lambda: text_encode(pipe, read_depth=True, graph=True),
+                "encoder alone, read depth, graphed",
+                prepare=lambda: _graphs(pipe, True),
+                cleanup=lambda: _graphs(pipe, False),
+            )
+        )
     if loaded is not None:
         from .bench_references import reference_cache_figures
 
@@ -236,6 +251,19 @@ def figures_for(
             arch.family, pipe, loaded, client, prompts, references, reference_pils, size, steps, compiled
         )
     return figures
+
+
+def _graphs(pipe: Any, on: bool) -> None:
+    """The text encoder's CUDA graphs for the graphed figure: installed for it when the bench's --compile has not
+    installed them already (then they stay), and dropped after it when the figure installed them."""
+    from pipeline.encoder_graphs import install, installed, uninstall
+
+    if on and installed(pipe.text_encoder) is None:
+        install(pipe.text_encoder)
+        pipe._bench_installed_graphs = True
+    elif not on and getattr(pipe, "_bench_installed_graphs", False):
+        uninstall(pipe.text_encoder)
+        del pipe._bench_installed_graphs
 
 
 def _cudnn_benchmark(on: bool) -> None:

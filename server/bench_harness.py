@@ -277,18 +277,24 @@ def vae_decode(pipe: Any, size: int, calls: int = 3) -> float:
     return median_seconds(lambda: decode(pipe, latents), vae.device.type, calls)
 
 
-def text_encode(pipe: Any, calls: int = 3, *, read_depth: bool = False) -> float:
+def text_encode(pipe: Any, calls: int = 3, *, read_depth: bool = False, graph: bool = False) -> float:
     """Median seconds of the text encoder on one new prompt through `encode_prompt` (512 tokens), after a
     warm-up: the whole encoder as plain diffusers runs it, or (`read_depth`) as the server's runner runs it, up to
-    the deepest layer FLUX.2 reads and without logits (pipeline/encoder_depth.py)."""
+    the deepest layer FLUX.2 reads and without logits (pipeline/encoder_depth.py), and (`graph`) replayed from the
+    encoder's CUDA graphs where it has them (pipeline/encoder_graphs.py)."""
     from pipeline.encoder_depth import reading_depth
+    from pipeline.encoder_graphs import graphed
     from pipeline.internals import execution_device
 
     device = execution_device(pipe)
     takes = itertools.count()
 
     def one() -> None:
-        with torch.inference_mode(), reading_depth(pipe) if read_depth else contextlib.nullcontext():
+        with (
+            torch.inference_mode(),
+            reading_depth(pipe) if read_depth else contextlib.nullcontext(),
+            graphed(pipe) if graph else contextlib.nullcontext(),
+        ):
             pipe.encode_prompt(
                 prompt=[f"a lighthouse on a cliff, take {next(takes)}"], device=device, num_images_per_prompt=1
             )

@@ -275,6 +275,7 @@ def _measure(
         quantization=quantization,
         plan=plan,
         compile=compile,
+        encoder_graphs=compile and cuda and plan.name == "resident",
     )
     echo(f"placing as {plan.name} (swapped components are copied into pinned host memory first)")
     swapper = apply_plan(pipe, placement) if plan.name != "resident" else None
@@ -284,8 +285,11 @@ def _measure(
     echo(f"placed in {time.perf_counter() - started:.1f} s")
     if compile:  # as load_model does for `serve --compile`, after placing
         from pipeline.compilation import compile_transformer, warm_up
+        from pipeline.encoder_graphs import install as install_encoder_graphs
 
         started = time.perf_counter()
+        if placement.encoder_graphs:
+            install_encoder_graphs(pipe.text_encoder)
         compile_transformer(pipe)
         warm_up(pipe, side=arch.size)
         echo(f"compiled and warmed up in {time.perf_counter() - started:.1f} s")

@@ -43,6 +43,19 @@ def test_compile_is_on_by_default_on_cuda_with_everything_resident_only():
     assert forced.compile
 
 
+def test_encoder_graphs_come_with_the_compile_where_the_encoder_stays_on_the_device():
+    """The text encode's CUDA graphs (pipeline/encoder_graphs.py) read the weights where they were at the capture:
+    only with the compile on, on CUDA, everything resident (never with an encoder that streams or swaps)."""
+    options = {"weight_params": KLEIN_4B_PARAMS, "cuda_available": True, "cuda_free_bytes": 79 * GIB}
+    on = decide_placement(**options)
+    assert on.compile and on.encoder_graphs and "CUDA graph" in _line(on, "encoder graphs:")
+    for kwargs in ({"compile": False}, {"cuda_free_bytes": 16 * GIB, "compile": True}):
+        off = decide_placement(**{**options, **kwargs})
+        assert not off.encoder_graphs and not any(r.startswith("encoder graphs:") for r in off.reasons), kwargs
+    cpu = decide_placement(weight_params=1000, cuda_available=False, compile=True)
+    assert cpu.compile and not cpu.encoder_graphs
+
+
 def test_cpu_defaults_to_fp32_without_offload():
     placement = decide_placement(weight_params=1000, cuda_available=False)
     assert (placement.device, placement.dtype, placement.offload) == ("cpu", torch.float32, "resident")

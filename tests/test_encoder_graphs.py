@@ -1,0 +1,201 @@
+"""The text encode replayed from a CUDA graph (pipeline/encoder_graphs.py), on a CPU: the graph is faked with CUDA
+graphs' semantics that matter to a caller (the captured run's output tensors are the graph's own, overwritten in
+place by every replay; a replay computes from the graph's own input tensors), so what is tested is the wrapping
+around it: which calls replay, that rows and outputs come out right and are not overwritten later, the keys, and
+every way back to eager. The CUDA capture itself runs on a GPU only (`.ci/gpu-checks`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+import torch
+from engine_helpers import job, model_config
+
+from pipeline.encoder_depth import reading_depth
+from pipeline.encoder_graphs import MAX_GRAPHS, _tensors, graphed, install, installed, uninstall
+from pipeline.tiny_weights import build_tiny_pipeline
+
+PROMPTS = ["a red kite over the sea", "a lighthouse at dusk, oil painting", "three pears on a plate"]
+
+
+class FakeGraph:
+    """A replay reruns the captured function and writes its results into the captured output's tensors."""
+
+    def __init__(self, run, output, corrupt: bool = False):
+        self.run, self.output, self.corrupt = run, output, corrupt
+
+    def replay(self) -> None:
+        for static, fresh in zip(_tensors(self.output), _tensors(self.run()), strict=True):
+            static.copy_(fresh + 1 if self.corrupt else fresh)
+
+
+def fake_capture(run):
+    expected = run()
+    output = run()
+    return FakeGraph(run, output), output, expected
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    pipe = build_tiny_pipeline("klein")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def graphs(pipe):
+    graphs = install(pipe.text_encoder, fake_capture)
+    yield graphs
+    uninstall(pipe.text_encoder)  # back to the module's own forward for the other tests
+    assert installed(pipe.text_encoder) is None and "forward" not in vars(pipe.text_encoder)
+
+
+def encode(pipe, prompts, *, graph: bool = True, cut: bool = True) -> torch.Tensor:
+    with torch.inference_mode(), reading_depth(pipe) if cut else _nothing(), graphed(pipe) if graph else _nothing():
+        return pipe.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1)[0]
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_replayed_encodes_are_the_eager_ones_row_by_row_and_stay_as_returned(pipe, graphs):
+    eager = [encode(pipe, [prompt], graph=False) for prompt in PROMPTS]
+    first = encode(pipe, PROMPTS[:2])  # two rows: one graph of one row, replayed twice
+    kept = first.clone()
+    assert graphs.captures == 1 and graphs.replays == 2
+    assert torch.equal(first[0:1], eager[0]) and torch.equal(first[1:2], eager[1])
+    third = encode(pipe, PROMPTS[2:])
+    assert graphs.captures == 1 and graphs.replays == 3
+    assert torch.equal(third, eager[2])
+    # The replay overwrote the graph's own output; what the first call returned is untouched (copied out).
+    assert torch.equal(first, kept)
+
+
+def test_only_calls_inside_graphed_on_its_thread_in_inference_mode_replay(pipe, graphs):
+    encode(pipe, PROMPTS[:1], graph=False)
+    assert (graphs.captures, graphs.replays) == (0, 0)
+    with torch.no_grad(), reading_depth(pipe), graphed(pipe):  # no_grad is not inference mode
+        pipe.encode_prompt(prompt=PROMPTS[:1], device="cpu", num_images_per_prompt=1)
+    assert (graphs.captures, graphs.replays) == (0, 0)
+    seen = []
+    with torch.inference_mode(), reading_depth(pipe), graphed(pipe):
+        other = threading.Thread(target=lambda: seen.append(graphs.active))
+        other.start()
+        other.join()
+        assert graphs.active
+    assert seen == [False] and not graphs.active
+    # The encoder called as prompt enhancement calls it (generation, a cache): eager, even inside graphed.
+    ids = torch.ones((1, 8), dtype=torch.long)
+    with torch.inference_mode(), graphed(pipe):
+        pipe.text_encoder(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
+    assert (graphs.captures, graphs.replays) == (0, 0)
+
+
+def test_each_form_of_the_encoder_is_its_own_graph_and_past_the_limit_calls_run_eager(pipe, graphs, caplog):
+    cut = encode(pipe, PROMPTS[:1])
+    whole = encode(pipe, PROMPTS[:1], cut=False)  # the whole encoder: other modules run, another graph
+    assert graphs.captures == 2 == MAX_GRAPHS
+    assert torch.equal(cut, encode(pipe, PROMPTS[:1], graph=False))
+    assert torch.equal(whole, encode(pipe, PROMPTS[:1], graph=False, cut=False))
+    ids = torch.arange(16).reshape(1, 16)
+    with caplog.at_level(logging.WARNING, logger="flux2.encoder_graphs"), torch.inference_mode(), graphed(pipe):
+        short = pipe.text_encoder(
+            input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
+        )
+        pipe.text_encoder(
+            input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
+        )
+    assert graphs.captures == 2 and f"{MAX_GRAPHS} graphs are kept at most" in caplog.text
+    assert caplog.text.count("runs eager") == 1  # refused once, then eager without a word
+    with torch.inference_mode():
+        eager = pipe.text_encoder(
+            input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True, use_cache=False
+        )
+    assert all(torch.equal(a, b) for a, b in zip(short.hidden_states, eager.hidden_states, strict=True))
+
+
+def test_a_moved_weight_makes_a_new_capture_rather_than_a_stale_read(pipe, graphs):
+    encode(pipe, PROMPTS[:1])
+    weight = pipe.text_encoder.get_decoder().layers[0].mlp.down_proj.weight
+    original = weight.data
+    try:
+        weight.data = original.clone()  # same values, another address: a graph would read the old one
+        encode(pipe, PROMPTS[:1])
+        assert graphs.captures == 2
+    finally:
+        weight.data = original
+
+
+def test_a_failed_capture_or_a_replay_unlike_the_eager_pass_leaves_the_encode_eager(pipe, caplog):
+    def failing(run):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    def corrupting(run):
+        _, output, expected = fake_capture(run)
+        return FakeGraph(run, output, corrupt=True), output, expected
+
+    eager = encode(pipe, PROMPTS[:1], graph=False)
+    for capture, words in ((failing, "the capture failed (RuntimeError"), (corrupting, "differs from the eager pass")):
+        graphs = install(pipe.text_encoder, capture)
+        try:
+            with caplog.at_level(logging.WARNING, logger="flux2.encoder_graphs"):
+                caplog.clear()
+                assert torch.equal(encode(pipe, PROMPTS[:1]), eager)
+                assert torch.equal(encode(pipe, PROMPTS[1:2]), encode(pipe, PROMPTS[1:2], graph=False))
+            assert (graphs.captures, graphs.replays) == (0, 0) and len(graphs.refused) == 1
+            assert words in caplog.text and caplog.text.count("runs eager") == 1
+        finally:
+            uninstall(pipe.text_encoder)
+
+
+def test_the_engine_encodes_through_the_graphs_and_makes_the_same_images(tiny_klein):
+    """The runner's encode replays the graphs of a model that has them: the same images as without them, and a
+    repeated prompt comes from the prompt cache (no replay)."""
+    from pipeline.engine import Engine
+    from pipeline.pool import ModelPool
+
+    images = {}
+    for graph in (False, True):
+        engine = Engine(ModelPool([model_config(tiny_klein)]))
+        engine.start()
+        try:
+            assert engine.wait_ready(60)
+            model = engine.pool.get("tiny")
+            graphs = install(model.pipe.text_encoder, fake_capture) if graph else None
+            results = [engine.submit(job(prompt=prompt)).future.result(60) for prompt in (*PROMPTS[:2], PROMPTS[0])]
+            images[graph] = [result.images[0].tobytes() for result in results]
+            if graphs is not None:
+                assert installed(model.pipe.text_encoder) is graphs
+                assert (graphs.captures, graphs.replays) == (1, 2)
+        finally:
+            engine.stop()
+    assert images[True] == images[False]
+
+
+def test_the_bench_figure_times_replayed_encodes_and_leaves_the_graphs_as_it_found_them(pipe):
+    """`text_encode_graphed` (on CUDA only; here with the graph faked): its encodes replay, and it installs the
+    graphs only where the bench's --compile has not, dropping only those it installed."""
+    from server.bench_figures import _graphs
+    from server.bench_harness import text_encode
+
+    graphs = install(pipe.text_encoder, fake_capture)  # as the bench's --compile installs them
+    try:
+        _graphs(pipe, True)
+        assert installed(pipe.text_encoder) is graphs
+        assert text_encode(pipe, calls=2, read_depth=True, graph=True) > 0
+        assert graphs.captures == 1 and graphs.replays == 3  # the warm-up call and the two timed ones
+        _graphs(pipe, False)
+        assert installed(pipe.text_encoder) is graphs  # the bench's own stay
+    finally:
+        uninstall(pipe.text_encoder)
+    _graphs(pipe, True)  # not compiled: the figure installs them (the real capture: eager on a CPU) ...
+    assert installed(pipe.text_encoder) is not None
+    _graphs(pipe, False)  # ... and drops them after
+    assert installed(pipe.text_encoder) is None
