@@ -199,3 +199,13 @@ def test_the_bench_figure_times_replayed_encodes_and_leaves_the_graphs_as_it_fou
     assert installed(pipe.text_encoder) is not None
     _graphs(pipe, False)  # ... and drops them after
     assert installed(pipe.text_encoder) is None
+
+
+def test_the_self_check_takes_rounding_and_refuses_anything_more():
+    from pipeline.encoder_graphs import _agree
+
+    eager = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0] * 7 + [300.0])
+    rounded = eager.to(torch.bfloat16).float()  # bf16's rounding of every element
+    assert _agree((rounded, None), (eager, None)) is None
+    for wrong in (eager + 0.1, eager.roll(1, dims=1), eager * float("nan"), eager[:1]):
+        assert _agree((wrong, None), (eager, None)) is not None
