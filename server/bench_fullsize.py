@@ -38,6 +38,7 @@ from .bench_harness import (
     timed,
     transformer_step,
 )
+from .bench_profile import profile_stages
 from .bench_references import COUNTS as REFERENCE_COUNTS
 from .bench_references import reference_cache_check
 from .bench_report import count_label, environment, write_json
@@ -278,6 +279,9 @@ def _whole_pipeline(
         finally:
             client.close()
             shutil.rmtree(workdir, ignore_errors=True)
+    if speed.wants("profile"):  # where the stages' time goes, kernel by kernel (server/bench_profile.py)
+        results["profile"] = profile_stages(pipe, arch.size, device, clock.say)
+        save()
     if speed.wants("step_cache"):
         results["step_cache"] = _step_cache_check(pipe, arch.size, max(spec.defaults.steps, 20), device, clock)
         save()

@@ -173,6 +173,13 @@ def plain_png(image: Image.Image) -> bytes:
 def transformer_step(transformer: Any, size: int, calls: int = 3, text_tokens: int = 512) -> float:
     """Median seconds of one transformer forward at `size`x`size` (batch 1, `text_tokens` of text), called
     directly with the inputs a pipeline step gives it."""
+    inputs = step_inputs(transformer, size, text_tokens)
+    with torch.inference_mode():
+        return median_seconds(lambda: transformer(**inputs), transformer.device.type, calls)
+
+
+def step_inputs(transformer: Any, size: int, text_tokens: int = 512) -> dict[str, Any]:
+    """Random inputs of one transformer forward at `size`x`size` (batch 1), as a pipeline step gives them."""
     from diffusers import Flux2KleinPipeline
 
     device, dtype = transformer.device, transformer.dtype
@@ -189,8 +196,7 @@ def transformer_step(transformer: Any, size: int, calls: int = 3, text_tokens: i
         guidance=torch.full((1,), 4.0, device=device, dtype=dtype) if config.guidance_embeds else None,
         return_dict=False,
     )
-    with torch.inference_mode():
-        return median_seconds(lambda: transformer(**inputs), device.type, calls)
+    return inputs
 
 
 def median_seconds(action: Callable[[], object], device: str, calls: int) -> float:

@@ -115,7 +115,7 @@ def bench(
         str | None,
         typer.Option(
             help="With --architecture: measure only these figures/checks (keys as in the JSON, comma-separated, "
-            "e.g. one_image,sequential_4,pipeline_step,step_cache,reference_cache); with --memory-cap(s): "
+            "e.g. one_image,sequential_4,pipeline_step,step_cache,reference_cache,profile); with --memory-cap(s): "
             "one_image leaves out the image of twice the side.",
             show_default=False,
         ),

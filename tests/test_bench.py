@@ -356,6 +356,23 @@ def test_tiny_bench_reports_the_step_cache_speedup_and_psnr(tiny_run):
     assert "step cache taylorseer:5" in tiny_run["output"] and "PSNR" in tiny_run["output"]
 
 
+def test_tiny_bench_profiles_the_stages_operator_by_operator(tiny_run):
+    """On a CPU the profile lists operators (on CUDA, kernels): each stage's largest entries, in order, within its
+    busy time, which is within its wall time, and a line per stage in the output."""
+    profile = tiny_run["json"]["profile"]
+    assert set(profile) == {"text_encode", "transformer_step", "decode"}
+    for stage, found in profile.items():
+        top = found["top"]
+        assert found["measures"] == "CPU operators" and top, stage
+        assert [entry["ms"] for entry in top] == sorted((entry["ms"] for entry in top), reverse=True)
+        assert 0 < sum(entry["ms"] for entry in top) <= found["busy_ms"] * 1.0001
+        assert found["busy_ms"] <= found["wall_ms"] * 1.05, stage  # the profiler's own time aside
+        assert all(entry["calls"] >= 1 and entry["name"] for entry in top)
+        assert f"profile {stage}: " in tiny_run["output"]
+    assert any("conv" in entry["name"] for entry in profile["decode"]["top"])
+    assert any("linear" in entry["name"] or "mm" in entry["name"] for entry in profile["transformer_step"]["top"])
+
+
 def test_compile_and_only_measure_the_eager_baseline_first_and_get_their_own_docs_section(tmp_path, tiny_run):
     """`--compile --only ...`: plain diffusers timed on the eager pipeline, then the pipeline compiled (as serve
     --compile) and only the named figures measured; the docs gain a separate section, the plain one stays."""

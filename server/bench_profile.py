@@ -1,0 +1,107 @@
+"""The bench's `profile`: where the time of a served image's stages goes, kernel by kernel.
+
+A served 1024² klein-4B image under `--compile` spends ~0.1 s in the VAE decode and ~35 ms in the text encode on an
+H100 (docs/PERFORMANCE.md), both far above what their arithmetic needs (~25 ms and ~6 ms at the card's rates): the
+next speed-up depends on whether a stage waits on the host (launches, Python) or on kernels, and on which. Each
+stage runs once untimed, then once under `torch.profiler`: its wall time, the time the device spent in kernels
+(on a CPU, in operators) and the operators and kernels that took most of it. Written into the bench's JSON
+(`profile`) and printed."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .bench_harness import step_inputs, synchronize
+
+TOP = 12  # the kernels (or operators) listed per stage
+_NAME_CHARACTERS = 100
+
+
+def profile_stages(pipe: Any, size: int, device: str, say: Callable[[str], None]) -> dict[str, Any]:
+    """{stage: {"wall_ms", "busy_ms", "top": [{"name", "calls", "ms"}...]}} for the text encode as the server runs
+    it (cut at the deepest state read, replayed from CUDA graphs where the encoder has them), one transformer step
+    at `size`² and the final decode of one `size`² image."""
+    from pipeline.decoding import decode
+    from pipeline.encoder_depth import reading_depth
+    from pipeline.encoder_graphs import graphed
+    from pipeline.internals import execution_device
+
+    prompts = iter(range(10**6))
+    encode_device = execution_device(pipe)
+    vae = pipe.vae
+    latents = torch.randn((1, vae.config.latent_channels, size // 8, size // 8), device=vae.device, dtype=vae.dtype)
+    inputs = step_inputs(pipe.transformer, size)
+
+    def text_encode() -> None:
+        with torch.inference_mode(), reading_depth(pipe), graphed(pipe):
+            pipe.encode_prompt(prompt=[f"profile {next(prompts)}: a lighthouse"], device=encode_device)
+
+    def transformer_step() -> None:
+        with torch.inference_mode():
+            pipe.transformer(**inputs)
+
+    stages: dict[str, Callable[[], object]] = {
+        "text_encode": text_encode,
+        "transformer_step": transformer_step,
+        "decode": lambda: decode(pipe, latents),
+    }
+    found = {}
+    for stage, action in stages.items():
+        found[stage] = profile_one(action, device)
+        say(line(stage, found[stage]))
+    return found
+
+
+def profile_one(action: Callable[[], object], device: str) -> dict[str, Any]:
+    """One untimed call of `action`, then one profiled: wall and busy milliseconds and the `TOP` entries."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device == "cuda"
+    action()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        action()
+        synchronize(device)
+        wall = time.perf_counter() - started
+    events = [event for event in profiler.key_averages() if _self_us(event, cuda) > 0]
+    if cuda:  # the kernels (device work), not the operators that launched them
+        events = [event for event in events if _is_kernel(event)]
+    events.sort(key=lambda event: _self_us(event, cuda), reverse=True)
+    return {
+        "wall_ms": wall * 1000,
+        "busy_ms": sum(_self_us(event, cuda) for event in events) / 1000,
+        "measures": "CUDA kernels" if cuda else "CPU operators",
+        "top": [
+            {"name": event.key[:_NAME_CHARACTERS], "calls": event.count, "ms": _self_us(event, cuda) / 1000}
+            for event in events[:TOP]
+        ],
+    }
+
+
+def line(stage: str, found: dict[str, Any]) -> str:
+    """'profile decode: 101.2 ms wall, 96.0 ms in CUDA kernels; top: 41.0 ms cudnn... (x24), ...'"""
+    top = ", ".join(f"{entry['ms']:.1f} ms {entry['name'][:60]} (x{entry['calls']})" for entry in found["top"][:5])
+    return (
+        f"profile {stage}: {found['wall_ms']:.1f} ms wall, {found['busy_ms']:.1f} ms in {found['measures']}; top: {top}"
+    )
+
+
+def _self_us(event: Any, cuda: bool) -> float:
+    if not cuda:
+        return float(event.self_cpu_time_total)
+    for name in ("self_device_time_total", "self_cuda_time_total"):  # the name before torch 2.4
+        with contextlib.suppress(AttributeError):
+            return float(getattr(event, name))
+    return 0.0
+
+
+def _is_kernel(event: Any) -> bool:
+    """A device-side entry (a kernel, a memcpy or memset), not an operator whose time counts its kernels again."""
+    return str(getattr(event, "device_type", "")).endswith("CUDA")
