@@ -14,9 +14,13 @@ How: `install` puts our attention processors on every block (once, at load; they
 cache is given). `prefill` runs each distinct reference set once through the transformer at timestep 0 with no text,
 the processors recording every layer's post-RoPE keys and values. The pipeline is then called as for a generation,
 with `attention_kwargs={"reference_kv": cache}`: each layer appends the batch rows' reference K/V to its own keys
-and values. Rows may have different references (per-row caches; rows with fewer reference tokens are masked).
-One copy of each distinct set's K/V is kept for the batch: per layer, (reference tokens x heads x head_dim) keys
-and values, about 5 GB for 4 references of 1024² on klein-4B in bf16 (diffusers' KV pipeline keeps one per row).
+and values. Hooks on the transformer hand each call's references to the processors as tensors and take them back
+after it, so under `--compile` the blocks trace them like any input: one graph for every layer, no graph break
+(a tiny klein's compile warm-up with the edit graphs: 10 graphs in 29 s on this project's CPU, 26 in 60 s with
+the attention left outside the compiled blocks). Rows may have different references (per-row caches; rows with
+fewer reference tokens are masked). One copy of each distinct set's K/V is kept for the batch: per layer,
+(reference tokens x heads x head_dim) keys and values, about 5 GB for 4 references of 1024² on klein-4B in bf16
+(diffusers' KV pipeline keeps one per row).
 
 Across requests (`ReferenceStore`, `--reference-memory`): under these semantics a set's K/V depend only on its images
 (in order), the weights with their active LoRA adapters and, for dev, the guidance; recent sets are kept on the
@@ -75,53 +79,70 @@ class ReferenceKV:
         self.rows = rows  # the set of each batch row
         self.reused = reused  # how many of the sets came from a ReferenceStore instead of a pass
         self.lengths = [next(iter(sets[index].values()))[0].shape[1] for index in rows]
-        self.uses = 0  # attention calls served from the cache (for tests)
+        self.uses = 0  # transformer calls that attended to these references (for tests)
+        self._mask: torch.Tensor | None = None
 
-    def keys_values(
-        self, layer: str, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The step's keys and values with each row's references appended, and the attention mask (None when every
-        row has as many reference tokens)."""
-        self.uses += 1
-        batch, tokens = key.shape[:2]
-        if batch != len(self.rows):
-            raise ValueError(f"reference cache built for {len(self.rows)} rows, the step has {batch}")
+    def layer(self, layer: str) -> LayerReference:
+        """What layer `layer`'s attention appends in a step: the one set every row uses, or each row's (padded to the
+        longest in the attention, with the mask of each row's real tokens when their lengths differ)."""
+        if len(set(self.rows)) == 1:
+            key, value = self.sets[self.rows[0]][layer]
+            return (key,), (value,), None
+        keys, values = zip(*(self.sets[index][layer] for index in self.rows), strict=True)
         longest = max(self.lengths)
-        if len(set(self.rows)) == 1:  # one set for every row: a broadcast view, no copy
-            ref_key, ref_value = self.sets[self.rows[0]][layer]
-            ref_key, ref_value = ref_key.expand(batch, -1, -1, -1), ref_value.expand(batch, -1, -1, -1)
-        else:
-            ref_key, ref_value = (
-                torch.cat([self._padded(index, layer, part, longest) for index in self.rows]) for part in (0, 1)
-            )
-        mask = None
-        if min(self.lengths) != longest:  # rows with fewer reference tokens must not attend to the padding
-            mask = torch.ones((batch, 1, 1, tokens + longest), dtype=torch.bool, device=key.device)
+        if self._mask is None and min(self.lengths) != longest:  # rows with fewer tokens must not attend to padding
+            device = keys[0].device
+            self._mask = torch.ones((len(self.rows), 1, 1, longest), dtype=torch.bool, device=device)
             for row, length in enumerate(self.lengths):
-                mask[row, :, :, tokens + length :] = False
-        return (
-            torch.cat([key, ref_key.to(key.dtype)], dim=1),
-            torch.cat([value, ref_value.to(value.dtype)], dim=1),
-            mask,
-        )
+                self._mask[row, :, :, length:] = False
+        return tuple(keys), tuple(values), self._mask
 
-    def _padded(self, index: int, layer: str, part: int, length: int) -> torch.Tensor:
-        tensor = self.sets[index][layer][part]
-        missing = length - tensor.shape[1]
-        if not missing:
-            return tensor
-        return torch.cat([tensor, tensor.new_zeros((1, missing, *tensor.shape[2:]))], dim=1)
+
+# One layer's references for a step, as the attention reads them (`ReferenceKV.layer`): the keys and values of
+# one set for every row, or of each row (1, tokens, heads, head_dim), and each row's real reference tokens
+# (batch, 1, 1, longest) when their lengths differ. Tensors only: traced under --compile, a layer's name or a
+# dict keyed by it would be a guard, and every layer would need its own graph.
+LayerReference = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], torch.Tensor | None]
+
+
+def with_references(
+    key: torch.Tensor, value: torch.Tensor, reference: LayerReference
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The step's keys and values with each row's references appended, and the attention mask (None when every
+    row has as many reference tokens)."""
+    keys, values, tail = reference
+    batch, tokens = key.shape[:2]
+    if len(keys) == 1:  # one set for every row: a broadcast view, no copy
+        ref_key, ref_value = keys[0].expand(batch, -1, -1, -1), values[0].expand(batch, -1, -1, -1)
+    else:
+        longest = max(part.shape[1] for part in keys)
+        ref_key = torch.cat([_padded(part, longest) for part in keys])
+        ref_value = torch.cat([_padded(part, longest) for part in values])
+    mask = None
+    if tail is not None:
+        mask = torch.cat([tail.new_ones((batch, 1, 1, tokens)), tail], dim=-1)
+    return torch.cat([key, ref_key.to(key.dtype)], dim=1), torch.cat([value, ref_value.to(value.dtype)], dim=1), mask
+
+
+def _padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    missing = length - tensor.shape[1]
+    if not missing:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros((1, missing, *tensor.shape[2:]))], dim=1)
 
 
 class _Recorder:
-    """Handed to the processors during the prefill: they store each layer's keys and values here."""
-
-    def __init__(self) -> None:
-        self.layers: Layers = {}
+    """Handed to the processors during the prefill: each keeps its layer's keys and values, collected after."""
 
 
 class _ReferenceAttention:
-    """Shared by the two processors: attention with a recorded or cached reference K/V, else diffusers' own."""
+    """Shared by the two processors: attention with recorded or cached reference K/V, else diffusers' own.
+
+    The references reach each processor as tensors on itself (`reference`, `recorded`), set and cleared around
+    every transformer call by the hooks `install` puts on the transformer: traced under --compile, the processor's
+    per-layer name or a dict keyed by it would be a guard, so every layer would need its own graph (past the
+    recompile limit, the blocks ran eager: seen on an H200); tensors are guarded by their shapes, and one graph
+    serves every layer."""
 
     # Read and set by diffusers' `set_attention_backend` / context parallelism, as on its own processors.
     _attention_backend = None
@@ -129,6 +150,9 @@ class _ReferenceAttention:
 
     def __init__(self, layer: str):
         self.layer = layer
+        self.reference: LayerReference | None = None  # during an edit step's transformer call
+        self.recording = False  # during a prefill's transformer call
+        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def attend(
         self,
@@ -138,27 +162,10 @@ class _ReferenceAttention:
         attention_mask: torch.Tensor | None,
         reference_kv: ReferenceKV | _Recorder | None,
     ) -> torch.Tensor:
-        if reference_kv is None:  # a generation or an uncached edit: diffusers' own attention, compiled with the block
-            return self._dispatch(query, key, value, attention_mask)
-        return self._attend_with_references(query, key, value, attention_mask, reference_kv)  # type: ignore[no-any-return]
-
-    # Outside torch.compile (a graph break under `--compile`; the rest of the block stays compiled): traced, the
-    # per-layer keys (`self.layer`) and the recorder's growing dict became guards, so every layer of every block
-    # needed its own graph and past the recompile limit the blocks ran eager (seen on an H200, klein-4B). Here the
-    # projections, norms and RoPE around it stay compiled; the attention itself is one SDPA call either way.
-    @torch.compiler.disable  # type: ignore[untyped-decorator]
-    def _attend_with_references(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        reference_kv: ReferenceKV | _Recorder,
-    ) -> torch.Tensor:
-        if isinstance(reference_kv, _Recorder):
-            reference_kv.layers[self.layer] = (key.clone(), value.clone())  # the prefill has no text: all references
-        elif isinstance(reference_kv, ReferenceKV):
-            key, value, attention_mask = reference_kv.keys_values(self.layer, key, value)
+        if self.recording:  # the prefill has no text: all the tokens are references
+            self.recorded = (key.clone(), value.clone())
+        elif self.reference is not None:
+            key, value, attention_mask = with_references(key, value, self.reference)
         return self._dispatch(query, key, value, attention_mask)
 
     def _dispatch(
@@ -239,11 +246,53 @@ class ReferenceParallelAttnProcessor(_ReferenceAttention):
 
 
 def install(transformer: Any) -> None:
-    """Our processors on every attention layer of a FLUX.2 transformer (at load, when the cache is on)."""
+    """Our processors on every attention layer of a FLUX.2 transformer (at load, when the cache is on), and the
+    hooks that hand them a call's references (`attention_kwargs={"reference_kv": ...}`) before it and take them
+    back after it, even when it fails."""
     for index, block in enumerate(transformer.transformer_blocks):
         block.attn.set_processor(ReferenceAttnProcessor(f"double.{index}"))
     for index, block in enumerate(transformer.single_transformer_blocks):
         block.attn.set_processor(ReferenceParallelAttnProcessor(f"single.{index}"))
+    if not getattr(transformer, _HOOKED, False):
+        transformer.register_forward_pre_hook(_hand_out, with_kwargs=True)
+        transformer.register_forward_hook(_take_back, always_call=True)
+        setattr(transformer, _HOOKED, True)
+
+
+_HOOKED = "_flux2_reference_hooks"
+
+
+def _processors(transformer: Any) -> list[_ReferenceAttention]:
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    return [block.attn.processor for block in blocks if isinstance(block.attn.processor, _ReferenceAttention)]
+
+
+def _hand_out(transformer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Before a transformer call: its `reference_kv` (a prefill's recorder or an edit's references) onto the
+    processors, as tensors."""
+    given = (kwargs.get("joint_attention_kwargs") or {}).get(ATTENTION_KWARG)
+    if given is None:
+        return
+    processors = _processors(transformer)
+    if isinstance(given, _Recorder):
+        for processor in processors:
+            processor.recording = True
+        return
+    if not isinstance(given, ReferenceKV):
+        raise TypeError(f"{ATTENTION_KWARG} must come from reference_cache.prefill, got {type(given).__name__}")
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if isinstance(hidden, torch.Tensor) and hidden.shape[0] != len(given.rows):
+        raise ValueError(f"reference cache built for {len(given.rows)} rows, the step has {hidden.shape[0]}")
+    given.uses += 1
+    for processor in processors:
+        processor.reference = given.layer(processor.layer)
+
+
+def _take_back(transformer: Any, args: tuple[Any, ...], output: Any) -> None:
+    """After a transformer call, whatever its end: no processor keeps a call's references."""
+    for processor in _processors(transformer):
+        processor.reference = None
+        processor.recording = False
 
 
 def installed(transformer: Any) -> bool:
@@ -290,19 +339,26 @@ def _reference_pass(pipe: Flux2Pipe, images: list[Image.Image], guidance_scale: 
     device = execution_device(pipe)
     dtype = transformer.dtype
     latents, ids = reference_tokens(pipe, images)
-    recorder = _Recorder()
     no_text = torch.zeros((1, 0, transformer.config["joint_attention_dim"]), device=device, dtype=dtype)
     guidance = None
     if guidance_scale is not None:
         guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
-    transformer(
-        hidden_states=latents.to(device, dtype),
-        encoder_hidden_states=no_text,
-        timestep=torch.zeros(1, device=device, dtype=dtype),
-        img_ids=ids.to(device),
-        txt_ids=torch.zeros((1, 0, ids.shape[-1]), device=device, dtype=ids.dtype),
-        guidance=guidance,
-        joint_attention_kwargs={ATTENTION_KWARG: recorder},
-        return_dict=False,
-    )
-    return recorder.layers
+    layers: Layers = {}
+    try:
+        transformer(
+            hidden_states=latents.to(device, dtype),
+            encoder_hidden_states=no_text,
+            timestep=torch.zeros(1, device=device, dtype=dtype),
+            img_ids=ids.to(device),
+            txt_ids=torch.zeros((1, 0, ids.shape[-1]), device=device, dtype=ids.dtype),
+            guidance=guidance,
+            joint_attention_kwargs={ATTENTION_KWARG: _Recorder()},
+            return_dict=False,
+        )
+        for processor in _processors(transformer):
+            if processor.recorded is not None:
+                layers[processor.layer] = processor.recorded
+    finally:
+        for processor in _processors(transformer):
+            processor.recorded = None
+    return layers
