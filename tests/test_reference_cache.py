@@ -414,3 +414,45 @@ def test_an_edits_reference_kv_does_not_outlive_it(cached, monkeypatch):
     run(cached, job(size=SIZE, steps=2, references=(reference(36),)))
     assert len(made) == 1 and made[0]() is None
     assert cached.pipe._attention_kwargs is None
+
+
+def test_the_processors_hold_references_only_during_a_call_even_one_that_fails(cached):
+    """The transformer's hooks hand a call's references to every attention processor before it and take them back
+    after it, also when it fails: a call whose batch does not match the references' rows is refused, anything but
+    a prefill's references is refused, and in every case no processor keeps a tensor afterwards."""
+    from pipeline.reference_cache import _processors, prefill
+
+    pipe = cached.pipe
+    transformer = pipe.transformer
+    processors = _processors(transformer)
+    assert len(processors) == len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)
+    with torch.inference_mode():
+        kv = prefill(pipe, [(reference(40),), (reference(41), reference(42))], 1.0)  # two rows, two sets
+    seen = []
+    watch = transformer.single_transformer_blocks[0].attn.register_forward_pre_hook(
+        lambda module, args: seen.append(module.processor.reference)
+    )
+    inputs = {
+        "hidden_states": torch.randn(2, 16, transformer.config.in_channels),
+        "encoder_hidden_states": torch.randn(2, 8, transformer.config.joint_attention_dim),
+        "timestep": torch.full((2,), 0.5),
+        "img_ids": torch.zeros(2, 16, 4),
+        "txt_ids": torch.zeros(2, 8, 4),
+        "return_dict": False,
+    }
+    with torch.inference_mode():
+        transformer(**inputs, joint_attention_kwargs={reference_cache.ATTENTION_KWARG: kv})
+        keys, values, mask = seen[-1]
+        assert len(keys) == len(values) == 2 and keys[0].shape[1] * 2 == keys[1].shape[1]  # each row its own set
+        assert mask is not None and mask.shape == (2, 1, 1, keys[1].shape[1]) and not mask[0, 0, 0, -1]
+        assert all(p.reference is None and not p.recording for p in processors)
+        one_row = {name: value[:1] if isinstance(value, torch.Tensor) else value for name, value in inputs.items()}
+        with pytest.raises(ValueError, match="built for 2 rows, the step has 1"):
+            transformer(**one_row, joint_attention_kwargs={reference_cache.ATTENTION_KWARG: kv})
+        with pytest.raises(TypeError, match=r"must come from reference_cache\.prefill"):
+            transformer(**inputs, joint_attention_kwargs={reference_cache.ATTENTION_KWARG: "not a cache"})
+        broken = {**inputs, "img_ids": torch.zeros(2, 15, 4)}  # fails inside the blocks, references handed out
+        with pytest.raises(RuntimeError):
+            transformer(**broken, joint_attention_kwargs={reference_cache.ATTENTION_KWARG: kv})
+    watch.remove()
+    assert all(p.reference is None and not p.recording and p.recorded is None for p in processors)
