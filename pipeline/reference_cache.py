@@ -245,6 +245,9 @@ class ReferenceParallelAttnProcessor(_ReferenceAttention):
         return attn.to_out(torch.cat([attended, attn.mlp_act_fn(mlp)], dim=-1))  # type: ignore[no-any-return]
 
 
+_HOOKED = "_flux2_reference_hooks"  # set on a transformer once its hooks are registered
+
+
 def install(transformer: Any) -> None:
     """Our processors on every attention layer of a FLUX.2 transformer (at load, when the cache is on), and the
     hooks that hand them a call's references (`attention_kwargs={"reference_kv": ...}`) before it and take them
@@ -257,9 +260,6 @@ def install(transformer: Any) -> None:
         transformer.register_forward_pre_hook(_hand_out, with_kwargs=True)
         transformer.register_forward_hook(_take_back, always_call=True)
         setattr(transformer, _HOOKED, True)
-
-
-_HOOKED = "_flux2_reference_hooks"
 
 
 def _processors(transformer: Any) -> list[_ReferenceAttention]:

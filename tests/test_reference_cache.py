@@ -442,6 +442,7 @@ def test_the_processors_hold_references_only_during_a_call_even_one_that_fails(c
     }
     with torch.inference_mode():
         transformer(**inputs, joint_attention_kwargs={reference_cache.ATTENTION_KWARG: kv})
+        assert kv.uses == 1
         keys, values, mask = seen[-1]
         assert len(keys) == len(values) == 2 and keys[0].shape[1] * 2 == keys[1].shape[1]  # each row its own set
         assert mask is not None and mask.shape == (2, 1, 1, keys[1].shape[1]) and not mask[0, 0, 0, -1]
