@@ -6,6 +6,7 @@ every way back to eager. The CUDA capture itself runs on a GPU only (`.ci/gpu-ch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -53,16 +54,12 @@ def graphs(pipe):
 
 
 def encode(pipe, prompts, *, graph: bool = True, cut: bool = True) -> torch.Tensor:
-    with torch.inference_mode(), reading_depth(pipe) if cut else _nothing(), graphed(pipe) if graph else _nothing():
+    with (
+        torch.inference_mode(),
+        reading_depth(pipe) if cut else contextlib.nullcontext(),
+        graphed(pipe) if graph else contextlib.nullcontext(),
+    ):
         return pipe.encode_prompt(prompt=prompts, device="cpu", num_images_per_prompt=1)[0]
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_replayed_encodes_are_the_eager_ones_row_by_row_and_stay_as_returned(pipe, graphs):
