@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 
 log = logging.getLogger("flux2.encoder_graphs")
 
@@ -89,7 +90,8 @@ class EncoderGraphs:
             if output is None:  # not captured (refused or over the limit): the whole call eager
                 return self.eager(*args, **kwargs)
             rows.append(output)
-        return rows[0] if len(rows) == 1 else _joined(rows)
+        # Rows' outputs as the whole batch's (transformers registers its ModelOutputs with torch's pytree).
+        return rows[0] if len(rows) == 1 else pytree.tree_map(lambda *parts: torch.cat(parts), *rows)
 
     def _graphable(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if args or not self.active or set(kwargs) != _CALL or not torch.is_inference_mode_enabled():
@@ -126,7 +128,7 @@ class EncoderGraphs:
         graph.inputs["attention_mask"].copy_(mask)
         graph.graph.replay()
         self.replays += 1
-        return _mapped(graph.output, torch.clone)
+        return pytree.tree_map_only(torch.Tensor, torch.clone, graph.output)
 
     def _captured(self, key: tuple[Any, ...], ids: torch.Tensor, mask: torch.Tensor) -> _Graph | None:
         inputs = {"input_ids": ids.clone(), "attention_mask": mask.clone()}
@@ -214,38 +216,9 @@ def _owns_tensors(module: torch.nn.Module) -> bool:
     return bool(module._parameters) or bool(module._buffers)
 
 
-def _mapped(value: Any, function: Callable[[torch.Tensor], torch.Tensor]) -> Any:
-    """`value` (a ModelOutput, tuple, tensor or None) with `function` applied to every tensor in it."""
-    if isinstance(value, torch.Tensor):
-        return function(value)
-    if isinstance(value, tuple):
-        return tuple(_mapped(item, function) for item in value)
-    if hasattr(value, "items") and hasattr(value, "keys"):  # transformers' ModelOutput (an ordered dict)
-        return type(value)(**{name: _mapped(item, function) for name, item in value.items()})
-    return value
-
-
-def _joined(rows: list[Any]) -> Any:
-    """Rows' outputs (each of one prompt row) as the output of the whole batch: tensors joined along rows."""
-    first = rows[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(rows)
-    if isinstance(first, tuple):
-        return tuple(_joined([row[index] for row in rows]) for index in range(len(first)))
-    if hasattr(first, "items") and hasattr(first, "keys"):
-        return type(first)(**{name: _joined([row[name] for row in rows]) for name in first})
-    return first
-
-
 def _tensors(value: Any) -> list[torch.Tensor]:
     """The tensors of an output (a ModelOutput, tuple, tensor or None), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, tuple):
-        return [tensor for item in value for tensor in _tensors(item)]
-    if hasattr(value, "items") and hasattr(value, "keys"):
-        return [tensor for item in value.values() for tensor in _tensors(item)]
-    return []
+    return [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
 
 def _agree(replayed: Any, eager: Any) -> str | None:
