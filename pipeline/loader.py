@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from .compilation import compile_transformer, warm_up
+from .compilation import WARM_UP_SIDE, compile_transformer, warm_up
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
 from .gguf_weights import load_gguf_transformer
@@ -81,11 +81,7 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     apply_cache(pipe.transformer, placement.cache)
     if placement.reference_cache:
         install_reference_processors(pipe.transformer)
-    if placement.encoder_graphs:
-        install_encoder_graphs(pipe.text_encoder)  # captured by the warm-up's encodes
-    if placement.compile:
-        compile_transformer(pipe)
-        warm_up(pipe)
+    compile_and_warm_up(pipe, placement)
     log.info(
         "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",
         spec.path,
@@ -102,6 +98,16 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         swapper=swapper,
         reference_store=ReferenceStore(placement.reference_memory) if placement.reference_cache else None,
     )
+
+
+def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SIDE) -> None:
+    """After placing, as `placement` says: the text encoder's CUDA graphs installed (the warm-up's encodes capture
+    them), the transformer's blocks compiled, and the warm-up at `side`x`side`."""
+    if placement.encoder_graphs:
+        install_encoder_graphs(pipe.text_encoder)
+    if placement.compile:
+        compile_transformer(pipe)
+        warm_up(pipe, side)
 
 
 def apply_plan(pipe: Any, placement: Placement) -> Swapper:

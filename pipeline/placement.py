@@ -183,8 +183,7 @@ def decide_placement(
     )
     if compile_reason:
         reasons.append(compile_reason)
-    # With the compile, where the encoder never moves: a graph reads the weights where they were at its capture.
-    encoder_graphs = compile and chosen_device == "cuda" and chosen_offload == "resident"
+    encoder_graphs = encoder_graphs_fit(compile, chosen_device, chosen_offload)
     if encoder_graphs:
         reasons.append("encoder graphs: a new prompt's text encode replayed from a CUDA graph (with compile, resident)")
     if step_cache.kind != "off":
@@ -245,6 +244,13 @@ def _reference_memory(asked: str, cache_on: bool, device: Device, spare: int) ->
     if not size:
         return 0, f"no reference sets kept across requests ({why})"
     return size, f"up to {size / _GIB:.2f} GiB of recent reference sets' K/V kept across requests ({why})"
+
+
+def encoder_graphs_fit(compile: bool, device: str, offload: str) -> bool:
+    """Whether a new prompt's text encode is replayed from CUDA graphs (pipeline/encoder_graphs.py): with the
+    compile, on CUDA, everything resident (a graph reads the weights where they were at its capture; an encoder
+    that streams or swaps moves them)."""
+    return compile and device == "cuda" and offload == "resident"
 
 
 def _compile_choice(

@@ -194,7 +194,7 @@ def _whole_pipeline(
     from pipeline.encoder_graphs import install as install_encoder_graphs
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel
-    from pipeline.placement import Placement
+    from pipeline.placement import Placement, encoder_graphs_fit
     from pipeline.pool import ModelConfig, ModelPool
 
     from .app import create_app
@@ -217,7 +217,7 @@ def _whole_pipeline(
             # As serve --reference-cache on --compile does: the cache's processors go on before compiling (they act
             # as diffusers' own without a cache), so no figure swaps processors under the compiled blocks.
             install_reference_processors(pipe.transformer)
-        if speed.compile and device == "cuda":  # as serve --compile does for a resident encoder: the warm-up captures
+        if encoder_graphs_fit(speed.compile, device, "resident"):  # as serve --compile: the warm-up captures them,
             install_encoder_graphs(pipe.text_encoder)  # only the served column's encodes replay them
         # One warm-up serves both columns: they both run in inference mode.
         results["speed_setup_s"] = apply_speed_options(pipe, speed, device, lambda: warm_up(pipe, arch.size))
@@ -228,7 +228,7 @@ def _whole_pipeline(
         offload="resident",
         reasons=("built in memory by the bench",),
         compile=speed.compile,
-        encoder_graphs=speed.compile and device == "cuda",
+        encoder_graphs=encoder_graphs_fit(speed.compile, device, "resident"),
         quantization=speed.quantization,
     )
     config = ModelConfig(

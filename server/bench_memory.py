@@ -260,8 +260,8 @@ def _measure(
     then one image of twice the side (4 MP for the real architectures: the decode's working memory is 4x, so small
     cards decode it one image at a time or tiled, pipeline/decoding.py): its seconds and peak, or the error it met."""
     from pipeline.engine import Engine
-    from pipeline.loader import LoadedModel, apply_plan
-    from pipeline.placement import Placement
+    from pipeline.loader import LoadedModel, apply_plan, compile_and_warm_up
+    from pipeline.placement import Placement, encoder_graphs_fit
     from pipeline.pool import ModelConfig, ModelPool
 
     cuda = device == "cuda"
@@ -275,7 +275,7 @@ def _measure(
         quantization=quantization,
         plan=plan,
         compile=compile,
-        encoder_graphs=compile and cuda and plan.name == "resident",
+        encoder_graphs=encoder_graphs_fit(compile, device, plan.name),
     )
     echo(f"placing as {plan.name} (swapped components are copied into pinned host memory first)")
     swapper = apply_plan(pipe, placement) if plan.name != "resident" else None
@@ -284,14 +284,8 @@ def _measure(
     synchronize(device)
     echo(f"placed in {time.perf_counter() - started:.1f} s")
     if compile:  # as load_model does for `serve --compile`, after placing
-        from pipeline.compilation import compile_transformer, warm_up
-        from pipeline.encoder_graphs import install as install_encoder_graphs
-
         started = time.perf_counter()
-        if placement.encoder_graphs:
-            install_encoder_graphs(pipe.text_encoder)
-        compile_transformer(pipe)
-        warm_up(pipe, side=arch.size)
+        compile_and_warm_up(pipe, placement, side=arch.size)
         echo(f"compiled and warmed up in {time.perf_counter() - started:.1f} s")
     spec = model_spec(arch)
     config = ModelConfig(name=arch.name, spec=spec, placement=placement, weight_bytes=0)
