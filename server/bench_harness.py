@@ -173,9 +173,18 @@ def plain_png(image: Image.Image) -> bytes:
 def transformer_step(transformer: Any, size: int, calls: int = 3, text_tokens: int = 512) -> float:
     """Median seconds of one transformer forward at `size`x`size` (batch 1, `text_tokens` of text), called
     directly with the inputs a pipeline step gives it."""
+    return median_seconds(step_action(transformer, size, text_tokens), transformer.device.type, calls)
+
+
+def step_action(transformer: Any, size: int, text_tokens: int = 512) -> Callable[[], object]:
+    """One transformer forward at `size`x`size` on the same random inputs at every call, in inference mode."""
     inputs = step_inputs(transformer, size, text_tokens)
-    with torch.inference_mode():
-        return median_seconds(lambda: transformer(**inputs), transformer.device.type, calls)
+
+    def step() -> object:
+        with torch.inference_mode():
+            return transformer(**inputs)
+
+    return step
 
 
 def step_inputs(transformer: Any, size: int, text_tokens: int = 512) -> dict[str, Any]:
@@ -276,11 +285,16 @@ class PeakMemory:
 def vae_decode(pipe: Any, size: int, calls: int = 3) -> float:
     """Median seconds of the server's final decode (pipeline/decoding.py: VAE decode, 8-bit pixels, to the CPU) of
     one `size`x`size` image from random latents, after a warm-up."""
+    return median_seconds(decode_action(pipe, size), pipe.vae.device.type, calls)
+
+
+def decode_action(pipe: Any, size: int) -> Callable[[], object]:
+    """The server's final decode of one `size`x`size` image from the same random latents at every call."""
     from pipeline.decoding import decode
 
     vae = pipe.vae
     latents = torch.randn((1, vae.config.latent_channels, size // 8, size // 8), device=vae.device, dtype=vae.dtype)
-    return median_seconds(lambda: decode(pipe, latents), vae.device.type, calls)
+    return lambda: decode(pipe, latents)
 
 
 def text_encode(pipe: Any, calls: int = 3, *, read_depth: bool = False, graph: bool = False) -> float:
@@ -288,6 +302,13 @@ def text_encode(pipe: Any, calls: int = 3, *, read_depth: bool = False, graph: b
     warm-up: the whole encoder as plain diffusers runs it, or (`read_depth`) as the server's runner runs it, up to
     the deepest layer FLUX.2 reads and without logits (pipeline/encoder_depth.py), and (`graph`) replayed from the
     encoder's CUDA graphs where it has them (pipeline/encoder_graphs.py)."""
+    from pipeline.internals import execution_device
+
+    return median_seconds(encode_action(pipe, read_depth=read_depth, graph=graph), execution_device(pipe).type, calls)
+
+
+def encode_action(pipe: Any, *, read_depth: bool = False, graph: bool = False) -> Callable[[], None]:
+    """The text encode of a new prompt at every call (`text_encode` says what `read_depth` and `graph` change)."""
     from pipeline.encoder_depth import reading_depth
     from pipeline.encoder_graphs import graphed
     from pipeline.internals import execution_device
@@ -305,7 +326,7 @@ def text_encode(pipe: Any, calls: int = 3, *, read_depth: bool = False, graph: b
                 prompt=[f"a lighthouse on a cliff, take {next(takes)}"], device=device, num_images_per_prompt=1
             )
 
-    return median_seconds(one, device.type, calls)
+    return one
 
 
 def text_encoder_layers(pipe: Any) -> torch.nn.ModuleList:

@@ -14,9 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
-from .bench_harness import step_inputs, synchronize
+from .bench_harness import decode_action, encode_action, step_action, synchronize
 
 TOP = 12  # the kernels (or operators) listed per stage
 _NAME_CHARACTERS = 100
@@ -26,29 +24,10 @@ def profile_stages(pipe: Any, size: int, device: str, say: Callable[[str], None]
     """{stage: {"wall_ms", "busy_ms", "top": [{"name", "calls", "ms"}...]}} for the text encode as the server runs
     it (cut at the deepest state read, replayed from CUDA graphs where the encoder has them), one transformer step
     at `size`² and the final decode of one `size`² image."""
-    from pipeline.decoding import decode
-    from pipeline.encoder_depth import reading_depth
-    from pipeline.encoder_graphs import graphed
-    from pipeline.internals import execution_device
-
-    prompts = iter(range(10**6))
-    encode_device = execution_device(pipe)
-    vae = pipe.vae
-    latents = torch.randn((1, vae.config.latent_channels, size // 8, size // 8), device=vae.device, dtype=vae.dtype)
-    inputs = step_inputs(pipe.transformer, size)
-
-    def text_encode() -> None:
-        with torch.inference_mode(), reading_depth(pipe), graphed(pipe):
-            pipe.encode_prompt(prompt=[f"profile {next(prompts)}: a lighthouse"], device=encode_device)
-
-    def transformer_step() -> None:
-        with torch.inference_mode():
-            pipe.transformer(**inputs)
-
     stages: dict[str, Callable[[], object]] = {
-        "text_encode": text_encode,
-        "transformer_step": transformer_step,
-        "decode": lambda: decode(pipe, latents),
+        "text_encode": encode_action(pipe, read_depth=True, graph=True),
+        "transformer_step": step_action(pipe.transformer, size),
+        "decode": decode_action(pipe, size),
     }
     found = {}
     for stage, action in stages.items():
