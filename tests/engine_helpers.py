@@ -1,6 +1,8 @@
-"""Building engines on tiny weights for in-process tests."""
+"""Building engines, jobs and transformer inputs on tiny weights for in-process tests."""
 
 from __future__ import annotations
+
+import torch
 
 from pipeline.engine import Engine
 from pipeline.jobs import GenerationJob
@@ -33,4 +35,17 @@ def job(prompt="a cat", size=64, seeds=(1,), steps=2, **fields) -> GenerationJob
         steps=steps,
         guidance_scale=1.0,
         **fields,
+    )
+
+
+def transformer_inputs(transformer, batch: int = 1) -> dict:
+    """Seeded inputs for one call of a tiny FLUX.2 transformer: `batch` rows of 16 image and 8 text tokens."""
+    torch.manual_seed(0)
+    return dict(
+        hidden_states=torch.randn(batch, 16, transformer.config.in_channels),
+        encoder_hidden_states=torch.randn(batch, 8, transformer.config.joint_attention_dim),
+        timestep=torch.full((batch,), 0.5),
+        img_ids=torch.zeros(batch, 16, 4),
+        txt_ids=torch.zeros(batch, 8, 4),
+        return_dict=False,
     )

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from engine_helpers import job
+from engine_helpers import job, transformer_inputs
 from imaging import decode_b64, pixels
 from PIL import Image
 
@@ -432,14 +432,7 @@ def test_the_processors_hold_references_only_during_a_call_even_one_that_fails(c
     watch = transformer.single_transformer_blocks[0].attn.register_forward_pre_hook(
         lambda module, args: seen.append(module.processor.reference)
     )
-    inputs = {
-        "hidden_states": torch.randn(2, 16, transformer.config.in_channels),
-        "encoder_hidden_states": torch.randn(2, 8, transformer.config.joint_attention_dim),
-        "timestep": torch.full((2,), 0.5),
-        "img_ids": torch.zeros(2, 16, 4),
-        "txt_ids": torch.zeros(2, 8, 4),
-        "return_dict": False,
-    }
+    inputs = transformer_inputs(transformer, batch=2)
     with torch.inference_mode():
         transformer(**inputs, joint_attention_kwargs={reference_cache.ATTENTION_KWARG: kv})
         assert kv.uses == 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import RunningServer
-from engine_helpers import job
+from engine_helpers import job, transformer_inputs
 from fake_streams import fake_streams
 from PIL import Image
 
@@ -363,19 +363,6 @@ def test_streamed_weights_are_packed_into_host_buffers_that_diffusers_keeps_as_i
                 assert host.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()
     assert all(torch.equal(p, before[name]) for name, p in encoder.named_parameters())
     assert (encoder.get_input_embeddings().weight is encoder.get_output_embeddings().weight) == tied
-
-
-def transformer_inputs(transformer) -> dict:
-    """Seeded inputs for one call of a tiny FLUX.2 transformer: 16 image and 8 text tokens."""
-    torch.manual_seed(0)
-    return dict(
-        hidden_states=torch.randn(1, 16, 128),
-        encoder_hidden_states=torch.randn(1, 8, transformer.config.joint_attention_dim),
-        timestep=torch.tensor([0.5]),
-        img_ids=torch.zeros(1, 16, 4),
-        txt_ids=torch.zeros(1, 8, 4),
-        return_dict=False,
-    )
 
 
 def test_the_transformers_parts_outside_its_blocks_stay_on_the_device(monkeypatch, caplog):
