@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from .encoder_depth import decoder_owner
+from .flat_weights import flatten_weights
 from .internals import empty_offload_group, indexed_device, top_level_offload_group
 from .offload_plan import STAGE_NEEDS, STAGES, Component, OffloadPlan, Stage, spread
 
@@ -208,7 +209,8 @@ def stream_blocks(
     exists", on an H100 under an 8 GiB cap; `test_streaming_options_register_with_streams`). Leaf level has one
     such hook for the whole encoder, keeps a tied embedding and output head right (each its own group), and
     never brings in what the text encode does not run (dev's vision tower, the layers above the deepest one
-    read). On a CPU the same hooks run without a stream (nothing to overlap).
+    read). On a CPU the same hooks run without a stream (nothing to overlap). Quantized weights stream as their
+    plain inner tensors (`flat_weights.flatten_weights`), rebuilt where the layers read them.
 
     `resident_blocks` of the blocks (of the encoder's layers: among its first `reach`, the ones the encode runs),
     spread evenly through their order (`spread`), go to the device for good instead and are left out of the
@@ -218,6 +220,9 @@ def stream_blocks(
 
     device = indexed_device(device)  # diffusers reports the onload device as the execution device
     cuda = device.type == "cuda"
+    held = flatten_weights(module)  # quantized weights as plain tensors: pipeline/flat_weights.py says why
+    if held:
+        log.info("offload: %s streams %d quantized weights as plain tensors", type(module).__name__, held)
     lists = _block_lists(module, text_encoder) if resident_blocks else []
     blocks = [block for _, _, blocks_of in lists for block in blocks_of]
     candidates = len(blocks) if reach is None else min(reach, len(blocks))
@@ -310,8 +315,9 @@ def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
 
 def pack_on_host(modules: list[torch.nn.Module], pin: bool) -> HostArena:
     """Every plain weight and buffer of `modules` moved into one `HostArena` (pinned with `pin`): each tensor's data
-    becomes a view into the arena's buffers (tied weights stay tied: they are one parameter). Quantized weights
-    (tensor subclasses) are left where they are, to diffusers' own pinning."""
+    becomes a view into the arena's buffers (tied weights stay tied: they are one parameter). Other tensor types
+    are left where they are, to diffusers' own pinning; torchao's quantized weights are plain tensors by now
+    (`stream_blocks`)."""
     arena = HostArena(pin)
     for tensor in dict.fromkeys(t for m in modules for t in _tensors_of(m)):
         if type(tensor.data) is torch.Tensor:

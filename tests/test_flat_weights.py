@@ -1,0 +1,122 @@
+"""Quantized weights held as plain tensors for streaming (pipeline/flat_weights.py): the same values and outputs,
+only plain tensors where diffusers' group offloading and the pinned host buffers see them, and a quantized tiny
+model streamed block by block making the image it makes resident. (On an H200, fp8 weights streamed with CUDA
+streams failed at the first forward pass; a CPU has no streams, so that failure is not reproduced here: the
+streams are faked where the hooks register, as in test_swapping.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from engine_helpers import job
+from fake_streams import fake_streams
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+pytest.importorskip("torchao")
+
+from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # noqa: E402
+
+from pipeline.flat_weights import flatten, flatten_weights, unflatten  # noqa: E402
+
+
+def _quantized(config) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32, bias=False))
+    model = model.to(torch.bfloat16)
+    quantize_(model, config)
+    return model
+
+
+@pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig])
+def test_a_quantized_weight_comes_apart_into_plain_tensors_and_back(config):
+    weight = _quantized(config())[0].weight
+    leaves, spec = flatten(weight)
+    assert len(leaves) >= 2 and all(type(leaf) is torch.Tensor for leaf in leaves)
+    rebuilt = unflatten(leaves, spec)
+    assert type(rebuilt) is type(weight) and rebuilt.shape == weight.shape and rebuilt.dtype == weight.dtype
+    assert torch.equal(rebuilt.dequantize(), weight.dequantize())
+    plain = torch.randn(3)
+    assert flatten(plain) == ([plain], None) and unflatten([plain], None) is plain
+
+
+@pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig])
+def test_flattened_layers_compute_what_the_quantized_ones_did(config):
+    model = _quantized(config())
+    inputs = torch.randn(5, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        expected = model(inputs)
+    kind = type(model[0].weight)
+    assert flatten_weights(model) == 2
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+    originals = [p for name, p in model.named_parameters() if ".original" in name]
+    assert len(originals) >= 4 and not any(p.requires_grad for p in originals)
+    assert {p.dtype for p in model.parameters()} > {torch.bfloat16}  # the quantized values' own dtype is there
+    assert type(model[0].weight) is kind and type(model[2].weight) is kind  # rebuilt where the layer reads it
+    with torch.inference_mode():
+        assert torch.equal(model(inputs), expected)
+    assert flatten_weights(model) == 0  # held once
+    model.to(torch.device("meta"))  # the plain tensors move with the module, and the weight is rebuilt there
+    assert model[0].weight.device.type == "meta"
+
+
+def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading(tiny_klein, monkeypatch):
+    """With (faked) streams diffusers keeps a host copy of every streamed tensor and moves it at each pass: all of
+    them plain, each a view into the packed host buffers."""
+    import diffusers.hooks.group_offloading as group_offloading
+    from diffusers import DiffusionPipeline
+
+    import pipeline.swapping as swapping
+    from pipeline.swapping import stream_blocks
+
+    fake_streams(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
+    pipe = DiffusionPipeline.from_pretrained(tiny_klein, dtype=torch.bfloat16)
+    quantize_(pipe.transformer, Int8WeightOnlyConfig())
+    quantize_(pipe.text_encoder, Float8WeightOnlyConfig())
+    stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
+    stream_blocks(pipe.transformer, "cuda")
+    copies = 0
+    for module in (pipe.text_encoder, pipe.transformer):
+        assert not any(is_traceable_wrapper_subclass(p) for p in module.parameters())
+        for sub in module.modules():
+            hook = getattr(sub, "_diffusers_hook", None)
+            group = hook.get_hook(group_offloading._GROUP_OFFLOADING) if hook is not None else None
+            for param, host in group.group.cpu_param_dict.items() if group is not None else ():
+                assert type(param) in (torch.nn.Parameter, torch.Tensor) and type(host) is torch.Tensor
+                copies += 1
+    assert copies > 0
+    assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Int8Tensor"
+
+
+def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny_klein):
+    from pipeline.component_sizes import measure_folder
+    from pipeline.engine import Engine
+    from pipeline.placement import decide_placement
+    from pipeline.pool import ModelConfig, ModelPool
+    from pipeline.weights import inspect_model
+
+    images = {}
+    components = measure_folder(tiny_klein, itemsize=4)
+    for offload in ("resident", "block-streaming"):
+        placement = decide_placement(
+            offload=offload,
+            weight_params=1,
+            cuda_available=False,
+            components=components,
+            quantize="transformer=int8,text_encoder=fp8-weight",
+        )
+        config = ModelConfig(name="tiny", spec=inspect_model(tiny_klein), placement=placement, weight_bytes=1)
+        engine = Engine(ModelPool([config]))
+        engine.start()
+        try:
+            assert engine.wait_ready(120), engine.load_error
+            pipe = engine.pool.get().pipe
+            streamed = offload != "resident"
+            assert any(is_traceable_wrapper_subclass(p) for p in pipe.transformer.parameters()) != streamed
+            request = job(prompt="a lighthouse", size=64, seeds=(2,), steps=2)
+            images[offload] = np.asarray(engine.submit(request).future.result(120).images[0], dtype=np.int16)
+        finally:
+            engine.stop(10)
+    assert np.abs(images["block-streaming"] - images["resident"]).max() <= 1
