@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from .compilation import WARM_UP_SIDE, compile_transformer, warm_up
+from .compilation import WARM_UP_SIDE, compile_decoder_norms, compile_transformer, warm_up
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
 from .gguf_weights import load_gguf_transformer
@@ -102,11 +102,12 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
 
 def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SIDE) -> None:
     """After placing, as `placement` says: the text encoder's CUDA graphs installed (the warm-up's encodes capture
-    them), the transformer's blocks compiled, and the warm-up at `side`x`side`."""
+    them), the transformer's blocks and the VAE decoder's norms compiled, and the warm-up at `side`x`side`."""
     if placement.encoder_graphs:
         install_encoder_graphs(pipe.text_encoder)
     if placement.compile:
         compile_transformer(pipe)
+        compile_decoder_norms(pipe)
         warm_up(pipe, side)
 
 

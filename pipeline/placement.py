@@ -62,7 +62,7 @@ class Placement:
     dtype: torch.dtype
     offload: Offload
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
-    compile: bool = False  # regional torch.compile of the transformer's repeated blocks, warmed up at load
+    compile: bool = False  # torch.compile of the transformer's repeated blocks and the decoder's norms, warmed up
     encoder_graphs: bool = False  # the text encode replayed from CUDA graphs (pipeline/encoder_graphs.py)
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
@@ -267,7 +267,8 @@ def _compile_choice(
     0.71 s for plain diffusers, for ~40 s of compiling at start. Offloaded, quantized, GGUF and step-cached
     transformers stay eager until measured compiled."""
     if asked is not None:
-        what = "the transformer's repeated blocks, compiled and warmed up at load" if asked else "off"
+        what = "the transformer's repeated blocks and the VAE decoder's norms, compiled and warmed up at load"
+        what = what if asked else "off"
         return asked, f"compile: {what} (asked)"
     if device != "cuda":  # the CPU: compiling costs more than it saves; no line, as for any default left alone
         return False, ""
@@ -284,8 +285,8 @@ def _compile_choice(
     if held_back:
         return False, f"compile: off (auto: not measured with {', '.join(held_back)}; --compile forces it)"
     return True, (
-        "compile: the transformer's repeated blocks (auto: CUDA, everything resident; compiled and warmed up at "
-        "load, about 40 s; --no-compile skips it)"
+        "compile: the transformer's repeated blocks and the VAE decoder's norms (auto: CUDA, everything resident; "
+        "compiled and warmed up at load, about 50 s; --no-compile skips it)"
     )
 
 

@@ -17,6 +17,7 @@ compiles the transformer's repeated blocks and warms them up after placing, as `
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -373,13 +374,15 @@ def run_caps_in_subprocesses(
             if not large:
                 command += ["--only", "one_image"]
             echo(f"--- {name} under {run.cap:g} GiB: {' '.join(command[2:])}")
-            # The child's progress lines stream through as they come (a cap cut short still shows how far it got).
-            child = subprocess.run(command, text=True, stdout=None, stderr=subprocess.PIPE)
+            # The child's progress lines stream through as they come (a cap cut short still shows how far it got);
+            # its traceback, if any, is Python's plain one (typer's boxed one showed two frames in 40 lines).
+            child_env = {**os.environ, "_TYPER_STANDARD_TRACEBACK": "1"}
+            child = subprocess.run(command, text=True, stdout=None, stderr=subprocess.PIPE, env=child_env)
             if path.is_file():
                 results.append(json.loads(path.read_text()))
                 continue
             lines = (child.stderr or "").strip().splitlines()
-            echo("\n".join(["the run failed; the end of its stderr:", *lines[-40:]]))  # the traceback, for the log
+            echo("\n".join(["the run failed; the end of its stderr:", *lines[-120:]]))  # the traceback, for the log
             result = {
                 "architecture": name,
                 "cap_gib": run.cap,

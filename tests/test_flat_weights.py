@@ -15,9 +15,9 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 pytest.importorskip("torchao")
 
-from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_  # noqa: E402
+from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-from pipeline.flat_weights import flatten, flatten_weights, unflatten  # noqa: E402
+from pipeline.flat_weights import flatten, flatten_weights, unflatten
 
 
 def _quantized(config) -> torch.nn.Module:
