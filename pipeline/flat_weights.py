@@ -8,11 +8,13 @@ cuda:0 to a storage on different device cpu", a view of a weight whose wrapper a
 devices), for an fp8 transformer and for an fp8 text encoder alike: dev under 24 GiB could not run.
 
 So before a quantized component is streamed, each such weight is replaced by its inner tensors, held as plain
-parameters, with torch's parametrization (`torch.nn.utils.parametrize`) rebuilding the quantized weight from them
+buffers, with torch's parametrization (`torch.nn.utils.parametrize`) rebuilding the quantized weight from them
 (`__tensor_unflatten__`, the protocol traceable subclasses implement for torch.compile) whenever the module reads
 it: the same values, the same quantized matmul. Everything that moves weights (group offloading, the pinned host
 buffers) then sees plain tensors only, on the one device they are on. Rebuilding a wrapper costs microseconds a
-layer, against a matmul's milliseconds."""
+layer, against a matmul's milliseconds. Buffers, not parameters: diffusers and transformers take a model's dtype
+from its first floating-point parameter, which would otherwise be fp8 values (the wrapper says bfloat16), and the
+pipeline would draw its noise in fp8 (the H200's next run: "normal_kernel_cpu not implemented for Float8_e4m3fn")."""
 
 from __future__ import annotations
 
@@ -69,13 +71,15 @@ class Rebuilt(torch.nn.Module):
 
 
 def flatten_weights(module: torch.nn.Module) -> int:
-    """Every traceable-subclass parameter of `module` held as plain tensors from now on (see the module's
+    """Every traceable-subclass parameter of `module` held as plain buffers from now on (see the module's
     docstring); the number of weights so held."""
     held = 0
     for owner in list(module.modules()):
         for name, param in list(owner.named_parameters(recurse=False)):
             if parametrize.is_parametrized(owner, name) or not is_traceable_wrapper_subclass(param):
                 continue
+            del owner._parameters[name]  # a buffer now: parametrize then keeps the inner tensors as buffers too
+            owner.register_buffer(name, param.detach())
             parametrize.register_parametrization(owner, name, Rebuilt(flatten(param)[1]), unsafe=True)
             held += 1
     return held

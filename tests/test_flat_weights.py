@@ -48,10 +48,12 @@ def test_flattened_layers_compute_what_the_quantized_ones_did(config):
         expected = model(inputs)
     kind = type(model[0].weight)
     assert flatten_weights(model) == 2
-    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
-    originals = [p for name, p in model.named_parameters() if ".original" in name]
-    assert len(originals) >= 4 and not any(p.requires_grad for p in originals)
-    assert {p.dtype for p in model.parameters()} > {torch.bfloat16}  # the quantized values' own dtype is there
+    # Buffers, plain: the parameters left are the biases, so the model's dtype (its first floating-point
+    # parameter's, for diffusers and transformers) stays bfloat16 and not the quantized values' own.
+    assert [name for name, _ in model.named_parameters()] == ["0.bias"]
+    originals = [buffer for name, buffer in model.named_buffers() if ".original" in name]
+    assert len(originals) >= 4 and all(type(buffer) is torch.Tensor for buffer in originals)
+    assert {buffer.dtype for buffer in originals} > {torch.float32}  # the quantized values' own dtype is there
     assert type(model[0].weight) is kind and type(model[2].weight) is kind  # rebuilt where the layer reads it
     with torch.inference_mode():
         assert torch.equal(model(inputs), expected)
@@ -73,10 +75,11 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
     pipe = DiffusionPipeline.from_pretrained(tiny_klein, dtype=torch.bfloat16)
-    quantize_(pipe.transformer, Int8WeightOnlyConfig())
-    quantize_(pipe.text_encoder, Float8WeightOnlyConfig())
+    quantize_(pipe.transformer, Float8WeightOnlyConfig())
+    quantize_(pipe.text_encoder, Int8WeightOnlyConfig())
     stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
     stream_blocks(pipe.transformer, "cuda")
+    assert pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16  # what the pipeline computes in
     copies = 0
     for module in (pipe.text_encoder, pipe.transformer):
         assert not any(is_traceable_wrapper_subclass(p) for p in module.parameters())
@@ -87,7 +90,7 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
                 assert type(param) in (torch.nn.Parameter, torch.Tensor) and type(host) is torch.Tensor
                 copies += 1
     assert copies > 0
-    assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Int8Tensor"
+    assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Float8Tensor"
 
 
 def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny_klein):
@@ -105,7 +108,7 @@ def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny
             weight_params=1,
             cuda_available=False,
             components=components,
-            quantize="transformer=int8,text_encoder=fp8-weight",
+            quantize="transformer=fp8-weight,text_encoder=fp8-weight",
         )
         config = ModelConfig(name="tiny", spec=inspect_model(tiny_klein), placement=placement, weight_bytes=1)
         engine = Engine(ModelPool([config]))
@@ -115,6 +118,7 @@ def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny
             pipe = engine.pool.get().pipe
             streamed = offload != "resident"
             assert any(is_traceable_wrapper_subclass(p) for p in pipe.transformer.parameters()) != streamed
+            assert pipe.transformer.dtype == torch.float32  # the noise is drawn in it (fp8 values, on an H200)
             request = job(prompt="a lighthouse", size=64, seeds=(2,), steps=2)
             images[offload] = np.asarray(engine.submit(request).future.result(120).images[0], dtype=np.int16)
         finally:
