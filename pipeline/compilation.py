@@ -1,7 +1,8 @@
-"""Regional compilation: `torch.compile` on the transformer's repeated blocks only (diffusers'
+"""Regional compilation: `torch.compile` on the transformer's repeated blocks (diffusers'
 `compile_repeated_blocks`), which compiles one block once and reuses it for all, so compiling takes seconds
-instead of minutes. Shapes are marked dynamic and recompiles bounded, so a new image size costs at most one more
-compile; a warm-up at load (one image, then a batch of two) makes the first request and the first batch fast.
+instead of minutes, and on the VAE decoder's group norms (below). Shapes are marked dynamic and recompiles
+bounded, so a new image size costs at most one more compile; a warm-up at load (one image, then a batch of two)
+makes the first request and the first batch fast.
 
 Not `fullgraph=True`: with it, torch turns the recompile limit into a hard error (`FailOnRecompileLimitHit`), and
 what the blocks see changes more than sizes do (attention processors swapped, the reference cache's per-batch

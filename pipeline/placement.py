@@ -263,9 +263,9 @@ def _compile_choice(
 ) -> tuple[bool, str]:
     """Whether to compile, and the log line ("" for none). Asked (--compile / --no-compile) is obeyed; auto
     compiles on CUDA when everything is resident and nothing else changes the transformer: measured on an H200
-    (klein-4B, 1024², torch 2.11), a step takes 0.060 s instead of 0.082 s and a served image 0.44 s instead of
-    0.71 s for plain diffusers, for ~40 s of compiling at start. Offloaded, quantized, GGUF and step-cached
-    transformers stay eager until measured compiled."""
+    (klein-4B, 1024², torch 2.11), a step takes 0.060 s instead of 0.082 s and a served image 0.41 s instead of
+    0.67 s for plain diffusers (the decoder's norms compiled too), for ~55 s of compiling at start. Offloaded,
+    quantized, GGUF and step-cached transformers stay eager until measured compiled."""
     if asked is not None:
         what = "the transformer's repeated blocks and the VAE decoder's norms, compiled and warmed up at load"
         what = what if asked else "off"
