@@ -11,16 +11,16 @@ from pipeline.pool import ModelConfig, ModelPool
 from pipeline.weights import inspect_model
 
 
-def model_config(folder, name="tiny") -> ModelConfig:
-    return ModelConfig(
-        name=name, spec=inspect_model(folder), placement=decide_placement(weight_params=1), weight_bytes=1
-    )
+def model_config(folder, name="tiny", placement=None) -> ModelConfig:
+    placement = placement if placement is not None else decide_placement(weight_params=1)
+    return ModelConfig(name=name, spec=inspect_model(folder), placement=placement, weight_bytes=1)
 
 
-def make_engine(folder, **options) -> Engine:
-    engine = Engine(ModelPool([model_config(folder)]), **options)
+def make_engine(folder, placement=None, **options) -> Engine:
+    """A started engine serving `folder` (placed by `placement`, default: decide_placement's), ready."""
+    engine = Engine(ModelPool([model_config(folder, placement=placement)]), **options)
     engine.start()
-    assert engine.wait_ready(60)
+    assert engine.wait_ready(120), engine.load_error
     return engine
 
 

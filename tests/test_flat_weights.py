@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from engine_helpers import job
+from engine_helpers import job, make_engine
 from fake_streams import fake_streams
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
@@ -95,10 +95,7 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
 
 def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny_klein):
     from pipeline.component_sizes import measure_folder
-    from pipeline.engine import Engine
     from pipeline.placement import decide_placement
-    from pipeline.pool import ModelConfig, ModelPool
-    from pipeline.weights import inspect_model
 
     images = {}
     components = measure_folder(tiny_klein, itemsize=4)
@@ -110,11 +107,8 @@ def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny
             components=components,
             quantize="transformer=fp8-weight,text_encoder=fp8-weight",
         )
-        config = ModelConfig(name="tiny", spec=inspect_model(tiny_klein), placement=placement, weight_bytes=1)
-        engine = Engine(ModelPool([config]))
-        engine.start()
+        engine = make_engine(tiny_klein, placement)
         try:
-            assert engine.wait_ready(120), engine.load_error
             pipe = engine.pool.get().pipe
             streamed = offload != "resident"
             assert any(is_traceable_wrapper_subclass(p) for p in pipe.transformer.parameters()) != streamed

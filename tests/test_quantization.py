@@ -6,14 +6,11 @@ import subprocess
 import sys
 
 import pytest
-from engine_helpers import job
+from engine_helpers import job, make_engine
 
 from pipeline import quantization
-from pipeline.engine import Engine
 from pipeline.placement import PlacementError, decide_placement
-from pipeline.pool import ModelConfig, ModelPool
 from pipeline.quantization import Quantization, QuantizationError, check_quantization, parse_quantization
-from pipeline.weights import inspect_model
 
 
 def test_specs():
@@ -68,11 +65,8 @@ def test_the_server_refuses_nf4_on_the_cpu_at_start(tiny_klein):
 def test_int8_weights_load_and_generate(tiny_klein):
     placement = decide_placement(weight_params=1, quantize="transformer=int8,text_encoder=int8")
     assert "quantize: transformer int8 (torchao)" in placement.reasons
-    config = ModelConfig(name="tiny", spec=inspect_model(tiny_klein), placement=placement, weight_bytes=1)
-    engine = Engine(ModelPool([config]))
-    engine.start()
+    engine = make_engine(tiny_klein, placement)
     try:
-        assert engine.wait_ready(120), engine.load_error
         pipe = engine.pool.get().pipe
         assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Int8Tensor"
         assert type(pipe.text_encoder.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
