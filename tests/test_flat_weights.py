@@ -62,7 +62,8 @@ def test_flattened_layers_compute_what_the_quantized_ones_did(config):
     assert model[0].weight.device.type == "meta"
 
 
-def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading(tiny_klein, monkeypatch):
+@pytest.mark.parametrize("weights", ["tiny_klein", "tiny_dev"])
+def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading(weights, request, monkeypatch):
     """With (faked) streams diffusers keeps a host copy of every streamed tensor and moves it at each pass: all of
     them plain, each a view into the packed host buffers."""
     import diffusers.hooks.group_offloading as group_offloading
@@ -74,7 +75,7 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
     fake_streams(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
-    pipe = DiffusionPipeline.from_pretrained(tiny_klein, dtype=torch.bfloat16)
+    pipe = DiffusionPipeline.from_pretrained(request.getfixturevalue(weights), dtype=torch.bfloat16)
     quantize_(pipe.transformer, Float8WeightOnlyConfig())
     quantize_(pipe.text_encoder, Int8WeightOnlyConfig())
     stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
@@ -93,12 +94,15 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
     assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Float8Tensor"
 
 
-def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny_klein):
+@pytest.mark.parametrize("weights", ["tiny_klein", "tiny_dev"])
+def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(weights, request):
+    """klein (a Qwen3 encoder) and dev (Mistral 3's, the shape of the 24 GiB run), both components quantized."""
     from pipeline.component_sizes import measure_folder
     from pipeline.placement import decide_placement
 
+    folder = request.getfixturevalue(weights)
     images = {}
-    components = measure_folder(tiny_klein, itemsize=4)
+    components = measure_folder(folder, itemsize=4)
     for offload in ("resident", "block-streaming"):
         placement = decide_placement(
             offload=offload,
@@ -107,7 +111,7 @@ def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(tiny
             components=components,
             quantize="transformer=fp8-weight,text_encoder=fp8-weight",
         )
-        engine = make_engine(tiny_klein, placement)
+        engine = make_engine(folder, placement)
         try:
             pipe = engine.pool.get().pipe
             streamed = offload != "resident"
