@@ -89,6 +89,7 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
             group = hook.get_hook(group_offloading._GROUP_OFFLOADING) if hook is not None else None
             for param, host in group.group.cpu_param_dict.items() if group is not None else ():
                 assert type(param) in (torch.nn.Parameter, torch.Tensor) and type(host) is torch.Tensor
+                assert host.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()  # packed, kept
                 copies += 1
     assert copies > 0
     assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Float8Tensor"
@@ -117,8 +118,8 @@ def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(weig
             streamed = offload != "resident"
             assert any(is_traceable_wrapper_subclass(p) for p in pipe.transformer.parameters()) != streamed
             assert pipe.transformer.dtype == torch.float32  # the noise is drawn in it (fp8 values, on an H200)
-            request = job(prompt="a lighthouse", size=64, seeds=(2,), steps=2)
-            images[offload] = np.asarray(engine.submit(request).future.result(120).images[0], dtype=np.int16)
+            generation = job(prompt="a lighthouse", size=64, seeds=(2,), steps=2)
+            images[offload] = np.asarray(engine.submit(generation).future.result(120).images[0], dtype=np.int16)
         finally:
             engine.stop(10)
     assert np.abs(images["block-streaming"] - images["resident"]).max() <= 1
