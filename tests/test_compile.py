@@ -186,7 +186,7 @@ def test_the_decoders_group_norms_compile_to_a_few_graphs_and_decode_the_same_pi
     block: half of a 1024² decode on an H200). One compiled function serves every norm of the decoder, 4-D
     feature maps and the mid-block attention's transposed 3-D input, at any size, in two graphs (a batch of one
     and larger ones; `functional.group_norm` compiled as is made 7 here, past 8 a size runs eager); the encoder's
-    norms stay eager; the pixels are the eager decode's."""
+    norms stay eager; the pixels are the eager decode's; with autograd on, a norm is the module's own."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -211,5 +211,13 @@ def test_the_decoders_group_norms_compile_to_a_few_graphs_and_decode_the_same_pi
     assert graphs == 2, graphs  # compiled (not silently eager): batches of one and of more, whatever the norm or size
     again = counters["stats"]["unique_graphs"]
     decode(pipe, torch.randn(1, 32, 10, 14, generator=generator))  # a new size: the dynamic graphs serve it
+    assert counters["stats"]["unique_graphs"] == again
+    norm = decoder_norms[0]
+    with torch.inference_mode():  # as the decodes run: the compiled statistics (no new graph for a new shape)
+        hidden = torch.randn(2, norm.num_channels, 5, 3, generator=generator)
+        expected = torch.nn.functional.group_norm(hidden, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        assert torch.allclose(norm(hidden), expected, atol=1e-5)
+    hidden = hidden.clone()
+    assert torch.equal(norm(hidden), expected)  # autograd on: the module's own forward
     assert counters["stats"]["unique_graphs"] == again
     torch._dynamo.reset()
