@@ -51,6 +51,13 @@ def compile_transformer(pipe: Flux2Pipe) -> None:
     pipe.transformer.compile_repeated_blocks(fullgraph=False, dynamic=True)
 
 
+def compile_pipeline(pipe: Flux2Pipe) -> None:
+    """What `--compile` compiles (the server's load and the bench's `--compile` alike): the transformer's repeated
+    blocks and the VAE decoder's group norms; the warm-up is the caller's."""
+    compile_transformer(pipe)
+    compile_decoder_norms(pipe)
+
+
 def compile_decoder_norms(pipe: Flux2Pipe) -> int:
     """The VAE decoder's group norms with their statistics compiled; the number of norms. Every input is handed to
     the compiled function as a contiguous (batch, channels, positions) tensor, the feature maps and the mid-block

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
-from .compilation import WARM_UP_SIDE, compile_decoder_norms, compile_transformer, warm_up
+from .compilation import WARM_UP_SIDE, compile_pipeline, warm_up
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
 from .gguf_weights import load_gguf_transformer
@@ -106,8 +106,7 @@ def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SID
     if placement.encoder_graphs:
         install_encoder_graphs(pipe.text_encoder)
     if placement.compile:
-        compile_transformer(pipe)
-        compile_decoder_norms(pipe)
+        compile_pipeline(pipe)
         warm_up(pipe, side)
 
 

@@ -55,7 +55,7 @@ def parse_speed_options(compile: bool, quantize: str, only: str | None) -> Speed
 def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Callable[[], Any]) -> float:
     """Quantize, then compile (the transformer's repeated blocks and the VAE decoder's norms, as serve --compile),
     then `warm_up()`. Returns the seconds."""
-    from pipeline.compilation import compile_decoder_norms, compile_transformer
+    from pipeline.compilation import compile_pipeline
     from pipeline.quantization import check_quantization, quantize_modules
 
     started = time.perf_counter()
@@ -63,8 +63,7 @@ def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Ca
         check_quantization(speed.quantization, device, _capability(device))
         quantize_modules(pipe, speed.quantization)
     if speed.compile:
-        compile_transformer(pipe)
-        compile_decoder_norms(pipe)
+        compile_pipeline(pipe)
     warm_up()
     synchronize(device)
     return time.perf_counter() - started
