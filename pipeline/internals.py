@@ -141,6 +141,20 @@ def top_level_offload_group(module: torch.nn.Module) -> Any:
     return hook.group if hook is not None else None
 
 
+def offload_groups(module: torch.nn.Module) -> list[Any]:
+    """Every group diffusers' group offloading made of `module` and its submodules (each registered on the module
+    that leads it, under the same hook name)."""
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    groups = []
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook(_GROUP_OFFLOADING) if registry is not None else None
+        if hook is not None:
+            groups.append(hook.group)
+    return groups
+
+
 def empty_offload_group(group: Any) -> None:
     """Make a group offloading group move nothing (its onload and offload walk these lists)."""
     group.modules, group.parameters, group.buffers = [], [], []

@@ -96,6 +96,49 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
 
 
 @pytest.mark.parametrize("weights", ["tiny_klein", "tiny_dev"])
+def test_streamed_groups_hand_every_tensor_back_at_offload(weights, request, monkeypatch):
+    """Each streamed group (the encoder's leaves, the transformer's blocks) brought in and sent back holds only its
+    host copies again: its buffers (the flattened quantized weights) as well as its parameters. diffusers 0.42's
+    stream branch sends back only parameters: on an H200 under a 24 GiB cap the text encoder's streamed layers piled
+    up on the card until it ran out (6.7 GiB after 12 of dev's layers). A CPU has no second device: each copy to
+    the device is a clone here (a storage of its own), the rest of diffusers' onload and offload runs as it is."""
+    import diffusers.hooks.group_offloading as group_offloading
+    from diffusers import DiffusionPipeline
+
+    import pipeline.swapping as swapping
+    from pipeline.internals import offload_groups
+    from pipeline.swapping import stream_blocks
+
+    fake_streams(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
+    pipe = DiffusionPipeline.from_pretrained(request.getfixturevalue(weights), dtype=torch.bfloat16)
+    quantize_(pipe.transformer, Float8WeightOnlyConfig())
+    quantize_(pipe.text_encoder, Int8WeightOnlyConfig())
+    stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
+    stream_blocks(pipe.transformer, "cuda")
+
+    def to_device(group, tensor, source, default_stream):
+        tensor.data = source.clone()  # stands for the copy on the device
+
+    monkeypatch.setattr(group_offloading.ModuleGroup, "_transfer_tensor_to_device", to_device)
+    for module in (pipe.text_encoder, pipe.transformer):
+        groups = [group for group in offload_groups(module) if group.stream is not None]
+        host = {id(tensor): copy.data_ptr() for group in groups for tensor, copy in group.cpu_param_dict.items()}
+        buffers = [buffer for group in groups for member in group.modules for buffer in member.buffers()]
+        assert groups and buffers  # streamed groups holding flattened weights as buffers
+        for group in groups:
+            group.onload_()
+        assert not any(buffer.data_ptr() == host[id(buffer)] for buffer in buffers)  # each one brought in
+        for group in groups:
+            group.offload_()
+        tensors = [*module.named_parameters(), *module.named_buffers()]
+        kept = [name for name, tensor in tensors if id(tensor) in host and tensor.data_ptr() != host[id(tensor)]]
+        assert not kept, kept[:5]
+        assert all(id(buffer) in host for buffer in buffers)
+
+
+@pytest.mark.parametrize("weights", ["tiny_klein", "tiny_dev"])
 def test_a_quantized_model_streamed_block_by_block_makes_the_resident_image(weights, request):
     """klein (a Qwen3 encoder) and dev (Mistral 3's, the shape of the 24 GiB run), both components quantized."""
     from pipeline.component_sizes import measure_folder
