@@ -11,6 +11,13 @@ file from the pixels:
 - the filtered rows are split into strips, each deflated on a thread of a shared pool (zlib releases the GIL)
   with a sync flush, so the pieces join into one valid zlib stream (what pigz does); the Adler-32 of the whole is
   computed meanwhile; each piece becomes one IDAT chunk;
+- at level 1 (the served level) each strip picks zlib's strategy from its own bytes: busy data (photographs,
+  generated images, noise: filtered bytes above `RLE_ENTROPY_BITS` of entropy) is deflated with `Z_RLE`, which
+  zlib's manual says is "designed to be almost as fast as Z_HUFFMAN_ONLY, but give better compression for PNG image
+  data"; flat graphics and text (low entropy, long repeats at any distance) keep the default string matching.
+  Measured here (2 cores, 1024x1024 RGB): noise 42 -> 15 ms (3.1 MB either way), a photograph 31 -> 22 ms and
+  1.90 -> 1.88 MB, a smooth generated-like image 31 -> 19 ms and 2.05 -> 1.81 MB; `Z_RLE` on a gradient would be
+  32x larger, on text 3.7x, which is why those keep the default;
 - ancillary chunks (the file metadata's text/XMP chunks, as a Pillow `PngInfo`) are written before the IDATs.
 
 It takes 8-bit L, LA, RGB and RGBA images without an ICC profile or a transparency entry (every image the
@@ -36,6 +43,11 @@ _SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPES: dict[str, tuple[int, int]] = {"L": (0, 1), "LA": (4, 2), "RGB": (2, 3), "RGBA": (6, 4)}
 _UP = 2  # PNG filter type "Up"
 STRIP_BYTES = 256 * 1024  # below this much filtered data per strip, threads cost more than they save
+# Above this entropy (bits per byte of the Up-filtered rows) a level-1 strip is deflated with Z_RLE. Measured on
+# 1024x1024 images: noise 8.0, a photograph 4.9, a smooth image with grain 4.6 (Z_RLE smaller and faster for all
+# three); rendered text 2.3, a gradient 0.95 (Z_RLE 3.7x and 32x larger).
+RLE_ENTROPY_BITS = 3.5
+_SAMPLE_STEP = 61  # every 61st byte (4,300 of a 256 KiB strip): prime to the 1-4 bytes of a pixel, all channels seen
 MAX_THREADS = 8
 
 _pool: ThreadPoolExecutor | None = None
@@ -92,7 +104,8 @@ def _zlib_pieces(rows: np.ndarray, level: int, threads: int | None) -> list[byte
 
     def deflate(index: int) -> bytes:
         start, stop = bounds[index]
-        compressor = zlib.compressobj(level, zlib.DEFLATED, -15)  # raw deflate: the zlib header is ours
+        strategy = _strategy(rows.reshape(-1)[start:stop], level)
+        compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 8, strategy)  # raw deflate: the header is ours
         last = index == len(bounds) - 1
         return compressor.compress(data[start:stop]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
 
@@ -106,6 +119,19 @@ def _zlib_pieces(rows: np.ndarray, level: int, threads: int | None) -> list[byte
     pieces[0] = _zlib_header(level) + pieces[0]
     pieces[-1] += struct.pack(">I", checksum)
     return pieces
+
+
+def _strategy(strip: np.ndarray, level: int) -> int:
+    """zlib's strategy for one strip of filtered rows: `Z_RLE` at level 1 for busy data, else the default."""
+    import numpy as np
+
+    if level != 1 or not strip.size:
+        return zlib.Z_DEFAULT_STRATEGY
+    sample = strip[:: max(1, min(_SAMPLE_STEP, strip.size // 4096))]  # 4,096 bytes or more, all of a small strip
+    counts = np.bincount(sample, minlength=256)
+    shares = counts[counts > 0] / sample.size
+    entropy = float(-(shares * np.log2(shares)).sum())
+    return zlib.Z_RLE if entropy > RLE_ENTROPY_BITS else zlib.Z_DEFAULT_STRATEGY
 
 
 def _zlib_header(level: int) -> bytes:

@@ -140,3 +140,56 @@ def test_other_images_go_to_pillow():
     for image in (palette, grey16, keyed):
         decoded = Image.open(io.BytesIO(encode_image(image, "png")))
         assert decoded.size == (8, 8)
+
+
+def _text_image() -> Image.Image:
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (512, 512), "white")
+    draw = ImageDraw.Draw(image)
+    for line in range(30):
+        draw.text((8, line * 17), "The quick brown fox jumps over the lazy dog 0123456789 " * 2, fill="black")
+    return image
+
+
+def _strategies(image: Image.Image, level: int = 1) -> list[int]:
+    """The strategy each strip of `image` was deflated with (strips of 64 KiB: several per image)."""
+    chosen: list[int] = []
+    choose = png_encoding._strategy
+
+    def spy(strip, level):
+        chosen.append(choose(strip, level))
+        return chosen[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(png_encoding, "_strategy", spy)
+        patch.setattr(png_encoding, "STRIP_BYTES", 65536)
+        encode_png(image, level=level, threads=4)
+    assert len(chosen) > 1
+    return chosen
+
+
+def test_busy_images_are_run_length_deflated_and_graphics_keep_string_matching():
+    """At level 1, photographs, generated-looking images and noise are deflated with Z_RLE, flat graphics and text
+    with zlib's default; other levels keep the default everywhere."""
+    noise = Image.fromarray(np.random.default_rng(1).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    grainy = Image.fromarray(_smooth(256, 256, 3))
+    gradient = Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), (512, 2)))
+    assert set(_strategies(noise)) == set(_strategies(grainy)) == {zlib.Z_RLE}
+    assert set(_strategies(_text_image())) == set(_strategies(gradient)) == {zlib.Z_DEFAULT_STRATEGY}
+    assert set(_strategies(noise, level=6)) == {zlib.Z_DEFAULT_STRATEGY}
+
+
+@pytest.mark.parametrize("kind", ["grainy", "text"])
+def test_the_chosen_strategy_is_never_larger_than_the_default(kind, monkeypatch):
+    """Byte counts of the same 1 MP image with the strategy chosen per strip and with zlib's default everywhere:
+    Z_RLE makes the grainy one smaller; the text keeps the default, so the same file."""
+    image = Image.fromarray(_smooth(1024, 1024, 3)) if kind == "grainy" else _text_image().resize((1024, 1024))
+    chosen = encode_png(image, level=1)
+    monkeypatch.setattr(png_encoding, "_strategy", lambda strip, level: zlib.Z_DEFAULT_STRATEGY)
+    default = encode_png(image, level=1)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(chosen))), np.asarray(image))
+    if kind == "grainy":
+        assert len(chosen) < len(default)
+    else:
+        assert chosen == default
