@@ -183,10 +183,11 @@ def test_the_warm_up_compiles_what_cached_reference_edits_need():
 
 def test_the_decoders_group_norms_compile_to_a_few_graphs_and_decode_the_same_pixels():
     """`--compile` also compiles the VAE decoder's group norms (PyTorch's eager kernel gives each group one thread
-    block: half of a 1024² decode on an H200). One compiled function serves every norm of the decoder, 4-D
-    feature maps and the mid-block attention's transposed 3-D input, at any size, in two graphs (a batch of one
-    and larger ones; `functional.group_norm` compiled as is made 7 here, past 8 a size runs eager); the encoder's
-    norms stay eager; the pixels are the eager decode's; with autograd on, a norm is the module's own."""
+    block: half of a 1024² decode on an H200). Their statistics: one compiled function for every norm, 4-D feature
+    maps and the mid-block attention's transposed 3-D input, at any size, in two graphs (a batch of one and larger
+    ones; `functional.group_norm` compiled as is made 7 here, past 8 a size runs eager). The pass over the values:
+    a graph per feature-map size (positions), whatever the batch, up to `STATIC_POSITIONS` sizes, then eager. The
+    encoder's norms stay eager; the pixels are the eager decode's; with autograd on, a norm is the module's own."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -197,24 +198,29 @@ def test_the_decoders_group_norms_compile_to_a_few_graphs_and_decode_the_same_pi
     torch._dynamo.reset()
     pipe = build_tiny_pipeline("klein")
     generator = torch.Generator().manual_seed(3)
-    latents = {shape: torch.randn(shape, generator=generator) for shape in ((1, 32, 8, 8), (2, 32, 12, 8))}
+    shapes = ((1, 32, 8, 8), (2, 32, 8, 8), (3, 32, 8, 8), (1, 32, 12, 8), (2, 32, 10, 14))
+    latents = {shape: torch.randn(shape, generator=generator) for shape in shapes}
     eager = {shape: [np.asarray(image, dtype=np.int16) for image in decode(pipe, x)] for shape, x in latents.items()}
     decoder_norms = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
     assert compilation.compile_decoder_norms(pipe) == len(decoder_norms) > 0
     assert all("forward" in vars(norm) for norm in decoder_norms)
     assert not any("forward" in vars(m) for m in pipe.vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm))
-    start = counters["stats"]["unique_graphs"]
+    apply = decoder_norms[0].forward.args[2]
+    new_graphs = []
     for shape, x in latents.items():
+        start = counters["stats"]["unique_graphs"]
         for image, expected in zip(decode(pipe, x), eager[shape], strict=True):
             assert np.abs(np.asarray(image, dtype=np.int16) - expected).max() <= 1, shape
-    graphs = counters["stats"]["unique_graphs"] - start
-    assert graphs == 2, graphs  # compiled (not silently eager): batches of one and of more, whatever the norm or size
-    again = counters["stats"]["unique_graphs"]
-    decode(pipe, torch.randn(1, 32, 10, 14, generator=generator))  # a new size: the dynamic graphs serve it
-    assert counters["stats"]["unique_graphs"] == again
+        new_graphs.append(counters["stats"]["unique_graphs"] - start)
+    # The first decode: the statistics' graph and one apply graph for each of the tiny decoder's 4 feature-map
+    # sizes (compiled, not silently eager); a batch of 2: the statistics' batched graph; of 3: nothing new; a new
+    # size: its first 2 feature-map sizes (6 in all), the rest eager; a third size: all eager.
+    assert new_graphs == [5, 1, 0, 2, 0], new_graphs
+    assert len(apply.positions) == compilation.STATIC_POSITIONS
     norm = decoder_norms[0]
-    with torch.inference_mode():  # as the decodes run: the compiled statistics (no new graph for a new shape)
-        hidden = torch.randn(2, norm.num_channels, 5, 3, generator=generator)
+    again = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():  # as the decodes run: compiled (the statistics' graph serves a new shape)
+        hidden = torch.randn(2, norm.num_channels, 8, 8, generator=generator)
         expected = torch.nn.functional.group_norm(hidden, norm.num_groups, norm.weight, norm.bias, norm.eps)
         assert torch.allclose(norm(hidden), expected, atol=1e-5)
     hidden = hidden.clone()
