@@ -11,6 +11,7 @@ does not fit the card (~112 GB in bf16) is replaced by its transformer alone, an
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import shutil
@@ -38,7 +39,7 @@ from .bench_harness import (
     timed,
     transformer_step,
 )
-from .bench_profile import profile_stages
+from .bench_profile import profile_served, profile_stages
 from .bench_references import COUNTS as REFERENCE_COUNTS
 from .bench_references import reference_cache_check
 from .bench_report import count_label, environment, write_json
@@ -249,6 +250,7 @@ def _whole_pipeline(
     if arch.family == "dev" and steps < spec.defaults.steps:
         results["notes"].append(f"dev runs {steps} steps here (its default is {spec.defaults.steps}).")
     logging.getLogger("flux2").setLevel(logging.WARNING)
+    served_profile: dict[str, Any] | None = None
     with InProcessServer(create_app(settings, engine)) as server:
         client = ImageClient(server.url, steps)
         try:
@@ -276,11 +278,18 @@ def _whole_pipeline(
                     _guarded(figure, lambda f=figure: _measure(f, repeats, device, clock, client), clock)
                 )
                 save()
+            if speed.wants("profile"):  # a new prompt at each call, as the served figures send
+                takes = itertools.count()
+                served_profile = profile_served(
+                    lambda: client.generate(f"a lighthouse on a cliff, profiled {next(takes)}", arch.size),
+                    device,
+                    clock.say,
+                )
         finally:
             client.close()
             shutil.rmtree(workdir, ignore_errors=True)
     if speed.wants("profile"):  # where the stages' time goes, kernel by kernel (server/bench_profile.py)
-        results["profile"] = profile_stages(pipe, arch.size, device, clock.say)
+        results["profile"] = profile_stages(pipe, arch.size, device, clock.say, served_profile)
         save()
     if speed.wants("step_cache"):
         results["step_cache"] = _step_cache_check(pipe, arch.size, max(spec.defaults.steps, 20), device, clock)
