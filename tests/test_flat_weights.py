@@ -62,11 +62,9 @@ def test_flattened_layers_compute_what_the_quantized_ones_did(config):
     assert model[0].weight.device.type == "meta"
 
 
-@pytest.mark.parametrize("weights", ["tiny_klein", "tiny_dev"])
-def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading(weights, request, monkeypatch):
-    """With (faked) streams diffusers keeps a host copy of every streamed tensor and moves it at each pass: all of
-    them plain, each a view into the packed host buffers."""
-    import diffusers.hooks.group_offloading as group_offloading
+def _streamed_quantized(folder, monkeypatch):
+    """The tiny pipeline in `folder`, both components quantized (fp8 transformer, int8 encoder) and streamed as
+    under a small card's plan, with CUDA streams faked where the hooks register."""
     from diffusers import DiffusionPipeline
 
     import pipeline.swapping as swapping
@@ -75,19 +73,27 @@ def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading
     fake_streams(monkeypatch)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
-    pipe = DiffusionPipeline.from_pretrained(request.getfixturevalue(weights), dtype=torch.bfloat16)
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
     quantize_(pipe.transformer, Float8WeightOnlyConfig())
     quantize_(pipe.text_encoder, Int8WeightOnlyConfig())
     stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
     stream_blocks(pipe.transformer, "cuda")
+    return pipe
+
+
+@pytest.mark.parametrize("weights", ["tiny_klein", "tiny_dev"])
+def test_streamed_quantized_components_hand_only_plain_tensors_to_the_offloading(weights, request, monkeypatch):
+    """With (faked) streams diffusers keeps a host copy of every streamed tensor and moves it at each pass: all of
+    them plain, each a view into the packed host buffers."""
+    from pipeline.internals import offload_groups
+
+    pipe = _streamed_quantized(request.getfixturevalue(weights), monkeypatch)
     assert pipe.transformer.dtype == pipe.text_encoder.dtype == torch.bfloat16  # what the pipeline computes in
     copies = 0
     for module in (pipe.text_encoder, pipe.transformer):
         assert not any(is_traceable_wrapper_subclass(p) for p in module.parameters())
-        for sub in module.modules():
-            hook = getattr(sub, "_diffusers_hook", None)
-            group = hook.get_hook(group_offloading._GROUP_OFFLOADING) if hook is not None else None
-            for param, host in group.group.cpu_param_dict.items() if group is not None else ():
+        for group in offload_groups(module):
+            for param, host in group.cpu_param_dict.items():
                 assert type(param) in (torch.nn.Parameter, torch.Tensor) and type(host) is torch.Tensor
                 assert host.untyped_storage().data_ptr() == param.untyped_storage().data_ptr()  # packed, kept
                 copies += 1
@@ -103,20 +109,10 @@ def test_streamed_groups_hand_every_tensor_back_at_offload(weights, request, mon
     up on the card until it ran out (6.7 GiB after 12 of dev's layers). A CPU has no second device: each copy to
     the device is a clone here (a storage of its own), the rest of diffusers' onload and offload runs as it is."""
     import diffusers.hooks.group_offloading as group_offloading
-    from diffusers import DiffusionPipeline
 
-    import pipeline.swapping as swapping
     from pipeline.internals import offload_groups
-    from pipeline.swapping import stream_blocks
 
-    fake_streams(monkeypatch)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
-    pipe = DiffusionPipeline.from_pretrained(request.getfixturevalue(weights), dtype=torch.bfloat16)
-    quantize_(pipe.transformer, Float8WeightOnlyConfig())
-    quantize_(pipe.text_encoder, Int8WeightOnlyConfig())
-    stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
-    stream_blocks(pipe.transformer, "cuda")
+    pipe = _streamed_quantized(request.getfixturevalue(weights), monkeypatch)
 
     def to_device(group, tensor, source, default_stream):
         tensor.data = source.clone()  # stands for the copy on the device
