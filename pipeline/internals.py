@@ -10,6 +10,8 @@ naming the call, when an upgrade moves one of them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
 import torch
@@ -107,6 +109,7 @@ REQUIRED_ELSEWHERE = (
     ("diffusers.pipelines.flux2.image_processor.Flux2ImageProcessor", "_resize_to_target_area"),
     ("diffusers.hooks.group_offloading", "_LAZY_PREFETCH_GROUP_OFFLOADING"),
     ("diffusers.hooks.group_offloading", "_GROUP_OFFLOADING"),
+    ("diffusers.hooks.group_offloading.ModuleGroup", "_offload_to_memory"),
 )
 
 
@@ -153,6 +156,25 @@ def offload_groups(module: torch.nn.Module) -> list[Any]:
         if hook is not None:
             groups.append(hook.group)
     return groups
+
+
+def offload_buffers_too(group: Any) -> bool:
+    """Make a streamed group's offload also point its modules' buffers back at their host copies. diffusers 0.42's
+    group offloading with streams copies a group's modules' parameters and buffers to the device at onload, but its
+    offload (`ModuleGroup._offload_to_memory`, the stream branch) points only the parameters back: the buffers stay
+    on the device. True when the group needed it (a stream, and buffers among its modules)."""
+    held = [buffer for member in group.modules for buffer in member.buffers()]
+    if group.stream is None or not held or getattr(group, "offloads_buffers", False):
+        return False
+    group._offload_to_memory = partial(_offload_with_buffers, group._offload_to_memory, group, held)
+    group.offloads_buffers = True
+    return True
+
+
+def _offload_with_buffers(offload: Callable[[], None], group: Any, held: list[torch.Tensor]) -> None:
+    offload()
+    for buffer in held:
+        buffer.data = group.cpu_param_dict[buffer]
 
 
 def empty_offload_group(group: Any) -> None:

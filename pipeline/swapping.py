@@ -17,14 +17,19 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 
 from .encoder_depth import decoder_owner
 from .flat_weights import flatten_weights
-from .internals import empty_offload_group, indexed_device, offload_groups, top_level_offload_group
+from .internals import (
+    empty_offload_group,
+    indexed_device,
+    offload_buffers_too,
+    offload_groups,
+    top_level_offload_group,
+)
 from .offload_plan import STAGE_NEEDS, STAGES, Component, OffloadPlan, Stage, spread
 
 log = logging.getLogger("flux2.swapping")
@@ -268,29 +273,12 @@ def stream_blocks(
 
 
 def return_buffers_at_offload(module: torch.nn.Module) -> int:
-    """diffusers 0.42's group offloading with streams copies a group's modules' parameters and buffers to the device
-    at onload, but at offload points only the parameters back at their host copies (`ModuleGroup._offload_to_memory`,
-    its stream branch): the buffers stay on the device, each pass adding more. Streamed quantized weights are
-    buffers (`flat_weights`), so dev under a 24 GiB cap (H200, fp8) filled the card with the text encoder's layers
-    after 12 of them: 6.7 GiB of onloaded copies live at the first out-of-memory, 12.3 GiB with 6 GiB more room.
-    Each such group's offload now also points its modules' buffers back at their host copies (what the stream
-    branch does for parameters); groups without buffers, or without a stream, are left as they are. Returns the
-    number of groups mended."""
-    mended = 0
-    for group in offload_groups(module):
-        held = [buffer for member in group.modules for buffer in member.buffers()]
-        if group.stream is None or not held or getattr(group, "returns_buffers", False):
-            continue
-        group._offload_to_memory = partial(_offload_with_buffers, group._offload_to_memory, group, held)
-        group.returns_buffers = True
-        mended += 1
-    return mended
-
-
-def _offload_with_buffers(offload: Any, group: Any, held: list[torch.Tensor]) -> None:
-    offload()
-    for buffer in held:
-        buffer.data = group.cpu_param_dict[buffer]
+    """Each streamed group of `module` hands its buffers back to their host copies at offload, as its parameters
+    (`internals.offload_buffers_too`: diffusers' stream branch leaves buffers on the device, each pass adding more).
+    Streamed quantized weights are buffers (`flat_weights`), so dev under a 24 GiB cap (H200, fp8) filled the card
+    with the text encoder's layers after 12 of them: 6.7 GiB of onloaded copies live at the first out-of-memory,
+    12.3 GiB with 6 GiB more room. Returns the number of groups mended."""
+    return sum(offload_buffers_too(group) for group in offload_groups(module))
 
 
 def _keep_outside_blocks(module: torch.nn.Module, device: torch.device) -> int:
