@@ -212,10 +212,10 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
             embeds, _ = model.pipe.encode_prompt(
                 prompt=missing, device=execution_device(model.pipe), num_images_per_prompt=1
             )
+        # Counted on the CPU while the device still runs the encode (the copies to the host below wait for it).
+        tokens = [measure_prompt(model.pipe, model.spec.family, prompt) for prompt in missing]
         for row, prompt in enumerate(missing):
-            entry = EncodedPrompt(
-                embeds=embeds[row : row + 1].cpu(), tokens=measure_prompt(model.pipe, model.spec.family, prompt)
-            )
+            entry = EncodedPrompt(embeds=embeds[row : row + 1].cpu(), tokens=tokens[row])
             cache.put(name, prompt, entry)
             encoded[prompt] = entry
     return {prompt: entry for prompt, entry in encoded.items() if entry is not None}
