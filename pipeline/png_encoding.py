@@ -96,7 +96,8 @@ def _filtered_rows(pixels: np.ndarray) -> np.ndarray:
 
 def _zlib_pieces(rows: np.ndarray, level: int, threads: int | None) -> list[bytes]:
     """One zlib stream over `rows`, as pieces: the header, deflated strips joined by sync flushes, the Adler-32."""
-    data = memoryview(rows.reshape(-1).data)
+    flat = rows.reshape(-1)
+    data = memoryview(flat.data)
     workers = threads or min(MAX_THREADS, os.cpu_count() or 1)
     strips = max(1, min(workers, len(data) // STRIP_BYTES))
     step = -(-len(data) // strips)
@@ -104,7 +105,7 @@ def _zlib_pieces(rows: np.ndarray, level: int, threads: int | None) -> list[byte
 
     def deflate(index: int) -> bytes:
         start, stop = bounds[index]
-        strategy = _strategy(rows.reshape(-1)[start:stop], level)
+        strategy = _strategy(flat[start:stop], level)
         compressor = zlib.compressobj(level, zlib.DEFLATED, -15, 8, strategy)  # raw deflate: the header is ours
         last = index == len(bounds) - 1
         return compressor.compress(data[start:stop]) + compressor.flush(zlib.Z_FINISH if last else zlib.Z_SYNC_FLUSH)
