@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .internals import Flux2Pipe, execution_device, indexed_device, vae_latents
+from .internals import Flux2Pipe, execution_device, indexed_device, vae_dtype, vae_latents
 from .offload_plan import decode_bytes
 
 log = logging.getLogger("flux2.decoding")
@@ -48,24 +48,24 @@ def decode(
     `room`: the device's free bytes (default: read from the pipeline's execution device; on a CPU nothing limits
     the decode). `make_room(lacking)`: asked to free that many bytes (the reference store's sets) when not even one
     image's decode fits, before tiles are chosen; True when it freed any."""
-    vae = pipe.vae
+    vae, device, dtype = pipe.vae, execution_device(pipe), vae_dtype(pipe)
     if room is None:
-        room = free_device_bytes(execution_device(pipe))
+        room = free_device_bytes(device)
     batch, _, rows, columns = latents.shape
-    itemsize = torch.empty((), dtype=vae.dtype).element_size()
+    itemsize = torch.empty((), dtype=dtype).element_size()
     pixels = rows * columns * LATENT_SCALE**2
     # Kept sets give way only where the decode would otherwise be tiled (different pixels); one image at a time
     # gives the batch's pixels, so the store stays for that.
     lacking = decode_bytes(pixels, itemsize) - room if room is not None else 0
     if lacking > 0 and make_room is not None and make_room(lacking):
-        room = free_device_bytes(execution_device(pipe))
+        room = free_device_bytes(device)
     way = decode_way(batch, pixels, itemsize, room)
     if way != "whole":
         side = f"{columns * LATENT_SCALE}x{rows * LATENT_SCALE}"
         log.info("decode: %s (%d image(s) of %s; %s free)", way, batch, side, _gib(room))
     with torch.inference_mode():
         try:
-            array = _decoded(vae, latents, way)
+            array = _decoded(vae, latents.to(device, dtype), way)
         except torch.OutOfMemoryError:
             if way == "tiled":
                 raise
@@ -75,7 +75,7 @@ def decode(
             log.warning("decode: out of device memory decoding %s; decoding again in tiles", way.replace("_", " "))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            array = _decoded(vae, latents, "tiled")
+            array = _decoded(vae, latents.to(device, dtype), "tiled")
     return [Image.fromarray(np.ascontiguousarray(row)) for row in array]
 
 
@@ -105,7 +105,8 @@ def free_device_bytes(device: torch.device) -> int | None:
 
 
 def _decoded(vae: Any, latents: torch.Tensor, way: DecodeWay) -> np.ndarray:
-    """(B, H, W, 3) uint8 pixels. One image at a time converts each to bytes before the next."""
+    """(B, H, W, 3) uint8 pixels from latents on the VAE's device, in its dtype. One image at a time converts each
+    to bytes before the next."""
     parts = [latents] if way == "whole" else [latents[row : row + 1] for row in range(latents.shape[0])]
     arrays = []
     tiling = vae.use_tiling
@@ -113,7 +114,7 @@ def _decoded(vae: Any, latents: torch.Tensor, way: DecodeWay) -> np.ndarray:
         vae.enable_tiling()
     try:
         for part in parts:
-            pixels = vae.decode(part.to(vae.device, vae.dtype), return_dict=False)[0]
+            pixels = vae.decode(part, return_dict=False)[0]
             pixels = (pixels.float() / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8)
             arrays.append(pixels.permute(0, 2, 3, 1).cpu().numpy())
             del pixels

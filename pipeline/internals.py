@@ -11,6 +11,7 @@ naming the call, when an upgrade moves one of them."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, Self, cast
 
@@ -182,8 +183,47 @@ def empty_offload_group(group: Any) -> None:
     group.modules, group.parameters, group.buffers = [], [], []
 
 
+@dataclass(frozen=True)
+class Placed:
+    """Where a placed pipeline runs: its execution device and its transformer's and VAE's dtypes."""
+
+    device: torch.device
+    transformer_dtype: torch.dtype
+    vae_dtype: torch.dtype
+
+
+_PLACED = "_flux2_placed"  # the pinned `Placed` record, in the pipeline's instance dictionary
+
+
+def pin_placement(pipe: Flux2Pipe) -> Placed:
+    """Once a pipeline is placed (its offloading applied, its components where they stay or where its offload plan
+    moves them from), record where it runs, for `execution_device`, `transformer_dtype` and `vae_dtype`.
+
+    diffusers answers each of these by walking every module of the components for offloading or casting hooks:
+    `_execution_device` walks all three (klein-4B at full size: ~1,300 modules; ~4 ms a call on this project's
+    2-core CPU, ~2 ms on the tiny weights), a model's `dtype` and `device` their own. The runner asked 4 times a
+    batch at the stage boundaries, where the device waits for the host. The answers cannot change once placed: the
+    VAE, diffusers' fallback, never moves, a streamed component's onload device is fixed, LoRA adapters and
+    `torch.compile` change neither device nor dtype."""
+    placed = Placed(pipe._execution_device, pipe.transformer.dtype, pipe.vae.dtype)
+    vars(pipe)[_PLACED] = placed
+    return placed
+
+
 def execution_device(pipe: Flux2Pipe) -> torch.device:
-    return pipe._execution_device
+    """The device a pipeline's inputs go to (pinned once placed: `pin_placement`)."""
+    pinned: Placed | None = vars(pipe).get(_PLACED)
+    return pinned.device if pinned is not None else pipe._execution_device
+
+
+def transformer_dtype(pipe: Flux2Pipe) -> torch.dtype:
+    pinned: Placed | None = vars(pipe).get(_PLACED)
+    return pinned.transformer_dtype if pinned is not None else pipe.transformer.dtype
+
+
+def vae_dtype(pipe: Flux2Pipe) -> torch.dtype:
+    pinned: Placed | None = vars(pipe).get(_PLACED)
+    return pinned.vae_dtype if pinned is not None else pipe.vae.dtype
 
 
 def pack_latents(pipe: Flux2Pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -258,6 +298,6 @@ def reference_tokens(pipe: Flux2Pipe, images: list[Image.Image]) -> tuple[torch.
         width, height = (image.width // multiple) * multiple, (image.height // multiple) * multiple
         tensors.append(processor.preprocess(image, height=height, width=width, resize_mode="crop"))
     latents, ids = pipe.prepare_image_latents(
-        images=tensors, batch_size=1, generator=None, device=execution_device(pipe), dtype=pipe.vae.dtype
+        images=tensors, batch_size=1, generator=None, device=execution_device(pipe), dtype=vae_dtype(pipe)
     )
     return latents, ids

@@ -10,7 +10,7 @@ from .compilation import WARM_UP_SIDE, compile_pipeline, warm_up
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
 from .gguf_weights import load_gguf_transformer
-from .internals import Flux2Pipe
+from .internals import Flux2Pipe, pin_placement
 from .offload_plan import Stage
 from .placement import Placement
 from .quantization import pipeline_quantization_config
@@ -37,6 +37,9 @@ class LoadedModel:
     adapters: LoadedAdapters | None = None  # its LoRA adapters, when it has any (pipeline/adapters.py)
     # Recent reference sets' K/V, kept across requests (with the reference cache on; pipeline/reference_cache.py).
     reference_store: ReferenceStore | None = None
+
+    def __post_init__(self) -> None:
+        pin_placement(self.pipe)  # placed by now: where it runs is recorded once, not asked of diffusers per batch
 
     def enter(self, stage: Stage) -> None:
         """The runner's stage boundary (encode, denoise, decode): the offload plan's moves, if any."""

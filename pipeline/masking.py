@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .internals import Flux2Pipe, encode_image_latents, execution_device, pack_latents
+from .internals import Flux2Pipe, encode_image_latents, execution_device, pack_latents, transformer_dtype, vae_dtype
 from .sizes import MODEL_MULTIPLE
 
 LATENT_PIXELS = MODEL_MULTIPLE  # one packed latent token covers 16 x 16 pixels
@@ -25,7 +25,7 @@ def initial_noise(pipe: Flux2Pipe, generators: list[torch.Generator], width: int
     generators: (B, C*4, H/16, W/16) on the CPU, in the transformer's dtype."""
     channels = pipe.transformer.config["in_channels"]
     shape = (1, channels, height // LATENT_PIXELS, width // LATENT_PIXELS)
-    dtype = pipe.transformer.dtype
+    dtype = transformer_dtype(pipe)
     return torch.cat([torch.randn(shape, generator=g, dtype=dtype) for g in generators])
 
 
@@ -36,12 +36,12 @@ class MaskBlend:
         self, pipe: Flux2Pipe, source: Image.Image, mask: Image.Image, noise: torch.Tensor, width: int, height: int
     ):
         device = execution_device(pipe)
-        dtype = pipe.transformer.dtype
+        dtype = transformer_dtype(pipe)
         pixels = pipe.image_processor.preprocess(
             source.resize((width, height), Image.Resampling.LANCZOS), height=height, width=width
         )
         with torch.inference_mode():
-            source_latents = encode_image_latents(pipe, pixels.to(device, pipe.vae.dtype))
+            source_latents = encode_image_latents(pipe, pixels.to(device, vae_dtype(pipe)))
         self.source = pack_latents(pipe, source_latents.to(dtype))  # (1, tokens, C)
         self.noise = pack_latents(pipe, noise.to(device, dtype))  # (B, tokens, C)
         grid = mask.resize((width // LATENT_PIXELS, height // LATENT_PIXELS), Image.Resampling.BOX)

@@ -35,7 +35,15 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .internals import Flux2Pipe, attention_dispatch, execution_device, qkv_projections, reference_tokens, rotary
+from .internals import (
+    Flux2Pipe,
+    attention_dispatch,
+    execution_device,
+    qkv_projections,
+    reference_tokens,
+    rotary,
+    transformer_dtype,
+)
 from .lru import LRU
 
 ATTENTION_KWARG = "reference_kv"
@@ -337,7 +345,7 @@ def _reference_pass(pipe: Flux2Pipe, images: list[Image.Image], guidance_scale: 
     """One set's K/V: its tokens alone through the transformer at timestep 0, with no text."""
     transformer = pipe.transformer
     device = execution_device(pipe)
-    dtype = transformer.dtype
+    dtype = transformer_dtype(pipe)
     latents, ids = reference_tokens(pipe, images)
     no_text = torch.zeros((1, 0, transformer.config["joint_attention_dim"]), device=device, dtype=dtype)
     guidance = None

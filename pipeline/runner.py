@@ -18,7 +18,7 @@ from .batching import Slice, images_in
 from .decoding import decode, latents_for_vae
 from .encoder_depth import reading_depth
 from .encoder_graphs import graphed
-from .internals import execution_device, forget_attention_kwargs, pack_latents, stop_after_this_step
+from .internals import execution_device, forget_attention_kwargs, pack_latents, stop_after_this_step, transformer_dtype
 from .jobs import GenerationResult, StageTimes
 from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
@@ -63,7 +63,7 @@ def run_batch(
     # 1. Text: the distinct prompts not in the cache encoded in one call, then one row per image.
     misses = cache.misses
     encoded = _encode(model, cache, [r.prompt for r in rewrites])
-    dtype = pipe.transformer.dtype
+    dtype = transformer_dtype(pipe)
     prompt_embeds = torch.cat(
         [encoded[r.prompt].embeds for s, r in zip(slices, rewrites, strict=True) for _ in s.seeds]
     ).to(device, dtype)

@@ -6,6 +6,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from engine_helpers import job
 
 from pipeline import decoding, internals
 
@@ -65,3 +66,48 @@ def test_our_decode_of_latent_output_matches_diffusers_pil_output(family, tiny_k
     assert ours.size == theirs.size == (96, 64)
     difference = np.abs(np.asarray(ours, np.int16) - np.asarray(theirs, np.int16))
     assert difference.max() <= 1, difference.max()
+
+
+def test_a_placed_pipeline_is_not_asked_where_it_runs_per_batch(tiny_klein, monkeypatch):
+    """diffusers' `_execution_device` and its models' `dtype` walk every module of the components for offloading
+    hooks at each call; once placed (`LoadedModel` pins it) the runner reads the record instead. Only diffusers'
+    own `__call__` still asks, once a batch; the images are the same as an unpinned pipeline's."""
+    from diffusers import DiffusionPipeline
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from pipeline.batching import Slice
+    from pipeline.loader import load_model
+    from pipeline.placement import decide_placement
+    from pipeline.runner import run_batch
+    from pipeline.text_cache import PromptCache
+    from pipeline.weights import inspect_model
+
+    model = load_model(inspect_model(tiny_klein), decide_placement(weight_params=1, device="cpu"))
+    pipe = model.pipe
+    assert vars(pipe)[internals._PLACED] == internals.Placed(
+        pipe._execution_device, pipe.transformer.dtype, pipe.vae.dtype
+    )
+    asked = {"execution_device": 0, "dtype": 0}
+    execution, dtype = DiffusionPipeline._execution_device, ModelMixin.dtype
+
+    def counting(name, prop):
+        def get(self):
+            asked[name] += 1
+            return prop.fget(self)
+
+        return property(get)
+
+    monkeypatch.setattr(DiffusionPipeline, "_execution_device", counting("execution_device", execution))
+    monkeypatch.setattr(ModelMixin, "dtype", counting("dtype", dtype))
+
+    def image(prompt):
+        return np.asarray(run_batch(model, [Slice(job(prompt, size=32), (7,))], PromptCache(1 << 20))[0].images[0])
+
+    pinned = image("a fox")
+    assert asked["execution_device"] == 1, asked  # diffusers' __call__ (4 before the pin)
+    assert asked["dtype"] == 2, asked  # diffusers' denoise loop reads the transformer's once a step (2 steps)
+    del vars(pipe)[internals._PLACED]
+    asked.update(execution_device=0, dtype=0)
+    unpinned = image("a fox")
+    assert asked == {"execution_device": 4, "dtype": 5}, asked
+    np.testing.assert_array_equal(pinned, unpinned)
