@@ -1,6 +1,6 @@
 """Regional compilation: `torch.compile` on the transformer's repeated blocks (diffusers'
 `compile_repeated_blocks`), which compiles one block once and reuses it for all, so compiling takes seconds
-instead of minutes, and on the VAE decoder's group norms (below). Shapes are marked dynamic and recompiles
+instead of minutes, and on the VAE's group norms (below). Shapes are marked dynamic and recompiles
 bounded, so a new image size costs at most one more compile; a warm-up at load (one image, then a batch of two)
 makes the first request and the first batch fast.
 
@@ -13,18 +13,20 @@ The VAE decoder stays eager but for its group norms: compiling it whole (channel
 finished its warm-up within 230 s on an H200 (klein-4B, torch 2.11, batches of 1 and 2, inference mode and
 no_grad), against ~20 s for the transformer's blocks. Its 30 group norms, though, took half of a 1024² decode's
 time (H200: 45 of 85 ms of kernels in PyTorch's moments kernel, which gives each of the 32 groups of an image one
-thread block however large the group), and compiled alone (`compile_decoder_norms`: Inductor splits each
+thread block however large the group), and compiled alone (`compile_vae_norms`: Inductor splits each
 group's reduction across the card) the decode took 49.7 ms instead of 86.5 ms. Its pixels are as close to a
 float32 decode as the eager norms' (this project's CPU, 256², random weights: a mean error of 0.76 of 255 for
 both); a rewrite with bf16 statistics and no compile was faster too (56.9 ms on the H200) but further off (0.90).
 Served (run 5, H200), the decode went from 104.8 to 77.0 ms with the whole norm compiled, and to 74.5 ms (run 6)
-with only the statistics compiled (`compile_decoder_norms` says why); the decode alone (run 6's probe): eager 86.7 ms,
-the whole norm compiled 59.9 ms, statistics compiled 50.4 ms."""
+with only the statistics compiled (`compile_vae_norms` says why); the decode alone (run 6's probe): eager 86.7 ms,
+the whole norm compiled 59.9 ms, statistics compiled 50.4 ms. The encoder's norms, which every reference of an edit
+runs through, are compiled the same way (their statistics only)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -54,31 +56,45 @@ def compile_transformer(pipe: Flux2Pipe) -> None:
 
 def compile_pipeline(pipe: Flux2Pipe) -> None:
     """What `--compile` compiles (the server's load and the bench's `--compile` alike): the transformer's repeated
-    blocks and the VAE decoder's group norms; the warm-up is the caller's."""
+    blocks and the VAE's group norms; the warm-up is the caller's."""
     compile_transformer(pipe)
-    compile_decoder_norms(pipe)
+    compile_vae_norms(pipe)
 
 
-def compile_decoder_norms(pipe: Flux2Pipe) -> int:
-    """The VAE decoder's group norms compiled in two parts; the number of norms. Every input is handed over as a
-    contiguous (batch, channels, positions) tensor, the feature maps and the mid-block attention's transposed 3-D
-    input alike.
+def compile_vae_norms(pipe: Flux2Pipe) -> int:
+    """The VAE's group norms, decoder's and encoder's, compiled in two parts; the number of norms. Every input is
+    handed over as a contiguous (batch, channels, positions) tensor, the feature maps and the mid-block attention's
+    transposed 3-D input alike.
 
     The statistics (`_group_affine`: each channel's scale and shift) are compiled with dynamic sizes: two graphs at
-    any image size, one for a batch of one (torch specialises a size of 1) and one for larger batches.
+    any image size, one for a batch of one (torch specialises a size of 1) and one for larger batches, shared by
+    the decoder and the encoder.
 
-    The pass over the values (`NormApply`) is compiled for each feature map's number of positions exactly, with
-    only its rows (batch x channels) dynamic, so that its per-element index arithmetic divides by constants. With
-    every size dynamic that pass took 17.1 of the decode's 56.8 ms of kernels on the H200 (run 5), where PyTorch's
-    own apply pass had taken 4.6 ms; the decode alone (run 6's probe): 50.4 ms with an eager `addcmul` for it,
-    43.9 ms with it compiled for the exact sizes. A 1024² decode has 4 such sizes; past `STATIC_POSITIONS` sizes
-    (a few image sizes' worth) the pass is the eager `addcmul`."""
+    The decoder's pass over the values (`NormApply`) is compiled for each feature map's number of positions
+    exactly, with only its rows (batch x channels) dynamic, so that its per-element index arithmetic divides by
+    constants. With every size dynamic that pass took 17.1 of the decode's 56.8 ms of kernels on the H200 (run 5),
+    where PyTorch's own apply pass had taken 4.6 ms; the decode alone (run 6's probe): 50.4 ms with an eager
+    `addcmul` for it, 43.9 ms with it compiled for the exact sizes. A 1024² decode has 4 such sizes; past
+    `STATIC_POSITIONS` sizes (a few image sizes' worth) the pass is the eager `addcmul`.
+
+    The encoder (each edit's references, one at a time, and a masked edit's source) runs the same slow eager kernel
+    over ~60 % of a decode's values at 1024² (its feature maps are the decoder's, with 2 resnets a level instead of
+    3): its statistics take the shared graphs, its pass over the values is the eager `addcmul`, as references come
+    in any size (an exact-size graph per reference shape would be compiled inside requests)."""
     statistics = torch.compile(_group_affine, dynamic=True)
-    apply = NormApply()
-    norms = [module for module in pipe.vae.decoder.modules() if isinstance(module, torch.nn.GroupNorm)]
-    for norm in norms:
-        norm.forward = partial(_compiled_norm, norm, statistics, apply)  # type: ignore[method-assign]
-    return len(norms)
+    decoder = [module for module in pipe.vae.decoder.modules() if isinstance(module, torch.nn.GroupNorm)]
+    encoder = [module for module in pipe.vae.encoder.modules() if isinstance(module, torch.nn.GroupNorm)]
+    decoder_apply = NormApply()
+    for norms, apply in ((decoder, decoder_apply), (encoder, eager_apply)):
+        for norm in norms:
+            norm.forward = partial(_compiled_norm, norm, statistics, apply)  # type: ignore[method-assign]
+    return len(decoder) + len(encoder)
+
+
+def eager_apply(flat: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """normed = hidden * scale + shift over a (batch, channels, positions) tensor, per channel, by PyTorch's
+    `addcmul` (float32 arithmetic, stored in the input's dtype)."""
+    return torch.addcmul(shift[:, :, None], flat, scale[:, :, None], out=torch.empty_like(flat))
 
 
 STATIC_POSITIONS = 6  # feature-map sizes (positions) whose apply pass gets a graph of its own; 1024² has 4
@@ -96,7 +112,7 @@ class NormApply:
     def __call__(self, flat: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
         positions = flat.shape[-1]
         if positions not in self.positions and len(self.positions) >= STATIC_POSITIONS:
-            return torch.addcmul(shift[:, :, None], flat, scale[:, :, None], out=torch.empty_like(flat))
+            return eager_apply(flat, scale, shift)
         self.positions.add(positions)
         rows, scale, shift = flat.view(-1, positions), scale.reshape(-1, 1), shift.reshape(-1, 1)
         for tensor in (rows, scale, shift):  # batch x channels: never 1, so never specialised
@@ -109,7 +125,9 @@ def _scale_shift(rows: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -
     return (rows.float() * scale + shift).to(rows.dtype)
 
 
-def _compiled_norm(norm: torch.nn.GroupNorm, statistics: Any, apply: NormApply, hidden: torch.Tensor) -> torch.Tensor:
+def _compiled_norm(
+    norm: torch.nn.GroupNorm, statistics: Any, apply: Callable[..., torch.Tensor], hidden: torch.Tensor
+) -> torch.Tensor:
     if torch.is_grad_enabled():  # decodes run without autograd; anything else gets the module's own forward
         return functional.group_norm(hidden, norm.num_groups, norm.weight, norm.bias, norm.eps)
     batch, channels = hidden.shape[:2]

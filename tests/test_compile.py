@@ -181,13 +181,15 @@ def test_the_warm_up_compiles_what_cached_reference_edits_need():
     assert warm_up_graphs[True] <= warm_up_graphs[False] + 6, warm_up_graphs
 
 
-def test_the_decoders_group_norms_compile_to_a_few_graphs_and_decode_the_same_pixels():
-    """`--compile` also compiles the VAE decoder's group norms (PyTorch's eager kernel gives each group one thread
-    block: half of a 1024² decode on an H200). Their statistics: one compiled function for every norm, 4-D feature
-    maps and the mid-block attention's transposed 3-D input, at any size, in two graphs (a batch of one and larger
-    ones; `functional.group_norm` compiled as is made 7 here, past 8 a size runs eager). The pass over the values:
-    a graph per feature-map size (positions), whatever the batch, up to `STATIC_POSITIONS` sizes, then eager. The
-    encoder's norms stay eager; the pixels are the eager decode's; with autograd on, a norm is the module's own."""
+def test_the_vaes_group_norms_compile_to_a_few_graphs_and_decode_and_encode_the_same():
+    """`--compile` also compiles the VAE's group norms (PyTorch's eager kernel gives each group one thread block:
+    half of a 1024² decode on an H200). Their statistics: one compiled function for every norm, 4-D feature maps and
+    the mid-block attention's transposed 3-D input, at any size, in two graphs (a batch of one and larger ones;
+    `functional.group_norm` compiled as is made 7 here, past 8 a size runs eager). The decoder's pass over the
+    values: a graph per feature-map size (positions), whatever the batch, up to `STATIC_POSITIONS` sizes, then
+    eager. The encoder's norms (references, a masked edit's source) share the statistics' graphs and apply them
+    eagerly: references of any size compile nothing once the decoder's graphs are there. The pixels are the eager
+    decode's, the latents the eager encode's; with autograd on, a norm is the module's own."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -201,10 +203,14 @@ def test_the_decoders_group_norms_compile_to_a_few_graphs_and_decode_the_same_pi
     shapes = ((1, 32, 8, 8), (2, 32, 8, 8), (3, 32, 8, 8), (1, 32, 12, 8), (2, 32, 10, 14))
     latents = {shape: torch.randn(shape, generator=generator) for shape in shapes}
     eager = {shape: [np.asarray(image, dtype=np.int16) for image in decode(pipe, x)] for shape, x in latents.items()}
+    references = [torch.rand((1, 3, *size), generator=generator) * 2 - 1 for size in ((64, 48), (80, 96), (64, 48))]
+    with torch.inference_mode():
+        eager_latents = [pipe.vae.encode(pixels).latent_dist.mean for pixels in references]
     decoder_norms = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
-    assert compilation.compile_decoder_norms(pipe) == len(decoder_norms) > 0
-    assert all("forward" in vars(norm) for norm in decoder_norms)
-    assert not any("forward" in vars(m) for m in pipe.vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm))
+    encoder_norms = [m for m in pipe.vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert compilation.compile_vae_norms(pipe) == len(decoder_norms) + len(encoder_norms)
+    assert decoder_norms and encoder_norms
+    assert all("forward" in vars(norm) for norm in decoder_norms + encoder_norms)
     apply = decoder_norms[0].forward.args[2]
     new_graphs = []
     for shape, x in latents.items():
@@ -217,6 +223,11 @@ def test_the_decoders_group_norms_compile_to_a_few_graphs_and_decode_the_same_pi
     # size: its first 2 feature-map sizes (6 in all), the rest eager; a third size: all eager.
     assert new_graphs == [5, 1, 0, 2, 0], new_graphs
     assert len(apply.positions) == compilation.STATIC_POSITIONS
+    before = counters["stats"]["unique_graphs"]
+    with torch.inference_mode():
+        for pixels, expected in zip(references, eager_latents, strict=True):
+            torch.testing.assert_close(pipe.vae.encode(pixels).latent_dist.mean, expected, atol=1e-4, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == before  # the decoder's statistics graph served every reference
     norm = decoder_norms[0]
     again = counters["stats"]["unique_graphs"]
     with torch.inference_mode():  # as the decodes run: compiled (the statistics' graph serves a new shape)
