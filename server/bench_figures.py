@@ -23,6 +23,7 @@ from .bench_harness import (
     text_encode,
     transformer_step,
     vae_decode,
+    vae_encode,
 )
 
 BATCH = 4  # images in the sequential, concurrent and n=N figures
@@ -197,6 +198,9 @@ def figures_for(
             prepare=lambda: pipe.vae.to(memory_format=torch.channels_last),
             cleanup=lambda: pipe.vae.to(memory_format=torch.contiguous_format),
         ),
+        # One reference's VAE encode (every edit pays it per reference, 10 for a 10-reference edit): under --compile
+        # its group norms are compiled (pipeline/compilation.py), and the next figure times it with them eager.
+        Figure("vae_encode", f"reference encode, {size}x{size}", None, lambda: vae_encode(pipe, size), "encode alone"),
         # The text encode (44 ms of a served 1024² image on an H200, every prompt new), eager and with the
         # encoder's decoder layers compiled, for the choice of compiling it under --compile.
         Figure("text_encode", "text encode, one new prompt", None, lambda: text_encode(pipe), "encoder alone"),
@@ -230,6 +234,18 @@ def figures_for(
             cleanup=lambda: _cudnn_benchmark(False),
         ),
     ]
+    if compiled:
+        figures.append(
+            Figure(
+                "vae_encode_eager_norms",
+                f"reference encode, {size}x{size}, group norms eager",
+                None,
+                lambda: vae_encode(pipe, size),
+                "encode alone, norms eager",
+                prepare=lambda: _eager_encoder_norms(pipe, True),
+                cleanup=lambda: _eager_encoder_norms(pipe, False),
+            )
+        )
     if device == "cuda":
         # As the server encodes under --compile: the cut encode replayed from a CUDA graph (the encode is bound by
         # the host's launches). The graphs stay where the bench's --compile installed them, as a server's do.
@@ -264,6 +280,19 @@ def _graphs(pipe: Any, on: bool) -> None:
     elif not on and getattr(pipe, "_bench_installed_graphs", False):
         uninstall(pipe.text_encoder)
         del pipe._bench_installed_graphs
+
+
+def _eager_encoder_norms(pipe: Any, on: bool) -> None:
+    """The VAE encoder's group norms back on their own (eager) forward for a figure, and their compiled forward
+    (pipeline/compilation.py) back after it."""
+    norms = [module for module in pipe.vae.encoder.modules() if isinstance(module, torch.nn.GroupNorm)]
+    if on:
+        pipe._bench_compiled_norms = [vars(norm).pop("forward", None) for norm in norms]
+        return
+    for norm, forward in zip(norms, pipe._bench_compiled_norms, strict=True):
+        if forward is not None:
+            norm.forward = forward
+    del pipe._bench_compiled_norms
 
 
 def _cudnn_benchmark(on: bool) -> None:

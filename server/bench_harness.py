@@ -297,6 +297,22 @@ def decode_action(pipe: Any, size: int) -> Callable[[], object]:
     return lambda: decode(pipe, latents)
 
 
+def vae_encode(pipe: Any, size: int, calls: int = 3) -> float:
+    """Median seconds of one `size`x`size` reference's VAE encode as an edit runs it (diffusers'
+    `_encode_vae_image`: the encoder, then the latents' patchify and normalisation), after a warm-up."""
+    from pipeline.internals import encode_image_latents
+
+    vae = pipe.vae
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    pixels = (torch.rand((1, 3, size, size), generator=generator) * 2 - 1).to(vae.device, vae.dtype)
+
+    def one() -> None:
+        with torch.inference_mode():
+            encode_image_latents(pipe, pixels)
+
+    return median_seconds(one, vae.device.type, calls)
+
+
 def text_encode(pipe: Any, calls: int = 3, *, read_depth: bool = False, graph: bool = False) -> float:
     """Median seconds of the text encoder on one new prompt through `encode_prompt` (512 tokens), after a
     warm-up: the whole encoder as plain diffusers runs it, or (`read_depth`) as the server's runner runs it, up to

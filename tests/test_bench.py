@@ -393,7 +393,8 @@ def test_compile_and_only_measure_the_eager_baseline_first_and_get_their_own_doc
         app,
         [
             "bench", "--architecture", "tiny", "--device", "cpu", "--repeats", "1", "--compile",
-            "--only", "one_image,pipeline_step", "--json", str(tmp_path / "bench.json"), "--update-docs",
+            "--only", "one_image,pipeline_step,vae_encode,vae_encode_eager_norms", "--json",
+            str(tmp_path / "bench.json"), "--update-docs",
             "--docs", str(docs),
         ],
         env={"COLUMNS": "200"},
@@ -401,8 +402,10 @@ def test_compile_and_only_measure_the_eager_baseline_first_and_get_their_own_doc
     assert result.exit_code == 0, result.output + repr(result.exception)
     results = json.loads((tmp_path / "bench.json").read_text())
     assert results["complete"] and results["variant"] == "--compile"
-    assert [f["key"] for f in results["figures"]] == ["one_image", "pipeline_step"]
-    assert all(f["served_s"] > 0 and f["direct_s"] > 0 for f in results["figures"])
+    keys = [f["key"] for f in results["figures"]]
+    assert keys == ["one_image", "pipeline_step", "vae_encode", "vae_encode_eager_norms"]
+    assert all(f["served_s"] > 0 for f in results["figures"][:2])
+    assert all(f["direct_s"] > 0 for f in results["figures"])
     assert "step_cache" not in results and "reference_cache" not in results
     assert results["eager_baseline"]["key"] == "one_image" and results["eager_baseline"]["direct_s"] > 0
     assert results["speed_setup_s"] > 0
@@ -410,7 +413,27 @@ def test_compile_and_only_measure_the_eager_baseline_first_and_get_their_own_doc
     text = docs.read_text()
     assert "<!-- bench:tiny --compile -->" in text and "<!-- /bench:tiny --compile -->" in text
     assert text.count("<!-- bench:tiny -->") == 1  # the plain run's section is kept
-    assert "`flux2-local bench --architecture tiny --repeats 1 --compile --only one_image,pipeline_step`" in text
+    command = "--compile --only one_image,pipeline_step,vae_encode,vae_encode_eager_norms`"
+    assert f"`flux2-local bench --architecture tiny --repeats 1 {command}" in text
+
+
+def test_the_eager_norms_figure_takes_the_encoders_compiled_norms_off_and_puts_them_back():
+    import torch
+
+    from pipeline.compilation import compile_vae_norms
+    from pipeline.tiny_weights import build_tiny_pipeline
+    from server.bench_figures import _eager_encoder_norms
+
+    pipe = build_tiny_pipeline("klein")
+    compile_vae_norms(pipe)
+    encoder = [m for m in pipe.vae.encoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    decoder = [m for m in pipe.vae.decoder.modules() if isinstance(m, torch.nn.GroupNorm)]
+    compiled = [vars(norm)["forward"] for norm in encoder]
+    _eager_encoder_norms(pipe, True)
+    assert not any("forward" in vars(norm) for norm in encoder)
+    assert all("forward" in vars(norm) for norm in decoder)  # the decode keeps its own
+    _eager_encoder_norms(pipe, False)
+    assert [vars(norm)["forward"] for norm in encoder] == compiled
 
 
 def test_quantized_transformer_alone_is_measured_against_its_eager_baseline():
