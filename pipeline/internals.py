@@ -202,9 +202,10 @@ def pin_placement(pipe: Flux2Pipe) -> Placed:
     diffusers answers each of these by walking every module of the components for offloading or casting hooks:
     `_execution_device` walks all three (klein-4B at full size: ~1,300 modules; ~4 ms a call on this project's
     2-core CPU, ~2 ms on the tiny weights), a model's `dtype` and `device` their own. The runner asked 4 times a
-    batch at the stage boundaries, where the device waits for the host. The answers cannot change once placed: the
-    VAE, diffusers' fallback, never moves, a streamed component's onload device is fixed, LoRA adapters and
-    `torch.compile` change neither device nor dtype."""
+    batch at the stage boundaries, where the device waits for the host. The answers cannot change once placed: under
+    this project's plans the VAE, diffusers' fallback, never moves and a streamed component's onload device is fixed;
+    under diffusers' own offloads (`--offload model|sequential`) the answer is their hooks' fixed execution device;
+    LoRA adapters and `torch.compile` change neither device nor dtype."""
     placed = Placed(pipe._execution_device, pipe.transformer.dtype, pipe.vae.dtype)
     vars(pipe)[_PLACED] = placed
     return placed
