@@ -211,3 +211,16 @@ def test_free_device_bytes_of_a_cuda_device_without_an_index(monkeypatch):
 
 def test_free_device_bytes_is_none_on_the_cpu():
     assert decoding.free_device_bytes(torch.device("cpu")) is None
+
+
+def test_a_vae_whose_weights_wait_on_the_meta_device_decodes_on_the_execution_device(tiny_klein, latents):
+    """Under diffusers' sequential offload (accelerate's `cpu_offload`: the weights on the meta device until a
+    hook brings each in) a model's `device` is "meta"; the decode sends the latents to the pipeline's execution
+    device, where the hooks run the layers, and gets the resident VAE's pixels."""
+    from accelerate import cpu_offload
+
+    model = load_model(inspect_model(tiny_klein), decide_placement(weight_params=1))
+    expected = pixels(decode(model.pipe, latents[:1]))
+    cpu_offload(model.pipe.vae, execution_device=torch.device("cpu"))
+    assert model.pipe.vae.device.type == "meta"
+    assert np.abs(pixels(decode(model.pipe, latents[:1])) - expected).max() == 0
