@@ -72,6 +72,7 @@ def test_dev_pipeline_fits_an_h200_not_an_h100():
 DIRECT_ONLY = (
     "transformer_step",
     "vae_decode",
+    "vae_encode",
     "vae_decode_channels_last",
     "vae_decode_cudnn_benchmark",
     "text_encode",
