@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from .loader import LoadedModel
 from .masking import MaskBlend, composite, initial_noise
 from .previews import decode_preview, predict_clean, preview_steps
 from .prompt_enhancement import PromptEnhancer, Rewrite
-from .prompts import measure_prompt
+from .prompts import PromptTokens, measure_prompt
 from .reference_cache import ATTENTION_KWARG, prefill
 from .references import prepare_reference
 from .step_cache import cache_context
@@ -64,19 +65,22 @@ def run_batch(
     misses = cache.misses
     encoded = _encode(model, cache, [r.prompt for r in rewrites])
     dtype = transformer_dtype(pipe)
+
+    # 2. Noise: one CPU generator per image, so image i depends on its seed alone (and is the same on any device);
+    #    drawn on the CPU while the device runs the text encode (the new prompts' copies to the cache wait for it).
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for s in slices for seed in s.seeds]
+    noise = initial_noise(pipe, generators, first.run_width, first.run_height)
+    encoded.store(cache)
     prompt_embeds = torch.cat(
-        [encoded[r.prompt].embeds for s, r in zip(slices, rewrites, strict=True) for _ in s.seeds]
-    ).to(device, dtype)
+        [encoded.rows[r.prompt].to(device, dtype) for s, r in zip(slices, rewrites, strict=True) for _ in s.seeds]
+    )
     extra: dict[str, Any] = {}
     if model.spec.family == "klein" and not model.spec.is_distilled and first.guidance_scale > 1:
-        empty = _encode(model, cache, [""])[""].embeds  # the klein base model's CFG runs against the empty prompt
-        extra["negative_prompt_embeds"] = empty.repeat(images_in(slices), 1, 1).to(device, dtype)
+        empty = _encode(model, cache, [""]).store(cache).rows[""]  # the klein base model's CFG: the empty prompt
+        extra["negative_prompt_embeds"] = empty.to(device, dtype).repeat(images_in(slices), 1, 1)
     text_encode = clock.lap()
     prompt_cached = cache.misses == misses
     model.enter("denoise")  # the offload plan's boundary: the transformer in (the VAE never moves)
-
-    # 2. Noise: one CPU generator per image, so image i depends on its seed alone (and is the same on any device).
-    generators = [torch.Generator(device="cpu").manual_seed(seed) for s in slices for seed in s.seeds]
 
     # 3. Conditioning: every reference goes to the pipeline (it resizes each to <= 1 MP, sides floored to 16), or,
     #    with the reference cache, each row's references are run once here and every step reuses their K/V.
@@ -95,10 +99,9 @@ def run_batch(
         else:
             extra["image"] = list(prepared[0])
 
-    # 4. The starting noise, drawn here exactly as the pipeline would draw it, so that previews can predict the
-    #    clean image from it. A masked edit (always alone in its batch) stays on the source image's trajectory
+    # 4. The starting noise (drawn in 2 exactly as the pipeline would draw it, so that previews can predict the
+    #    clean image from it). A masked edit (always alone in its batch) stays on the source image's trajectory
     #    outside the mask.
-    noise = initial_noise(pipe, generators, first.run_width, first.run_height)
     extra["latents"] = noise
     blend = None
     if first.mask is not None:
@@ -166,7 +169,7 @@ def run_batch(
             GenerationResult(
                 images=mine,
                 seeds=piece.seeds,
-                prompt=encoded[rewrite.prompt].tokens,
+                prompt=encoded.tokens[rewrite.prompt],
                 batch_images=images_in(slices),
                 stages=stages,
                 warnings=rewrite.warnings,
@@ -199,12 +202,33 @@ def _starts(slices: list[Slice]) -> list[int]:
     return starts
 
 
-def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[str, EncodedPrompt]:
+@dataclass
+class _Encoded:
+    """Each distinct prompt's embeddings (1, sequence, dim) for one batch, and its measure: the prompts just
+    encoded still on the device (their encode may still be running there), the others from the cache."""
+
+    model: str
+    rows: dict[str, torch.Tensor]
+    tokens: dict[str, PromptTokens]
+    fresh: list[str]
+
+    def store(self, cache: PromptCache) -> _Encoded:
+        """The fresh prompts' host copies into the cache (each copy waits for the device's encode)."""
+        for prompt in self.fresh:
+            cache.put(self.model, prompt, EncodedPrompt(embeds=self.rows[prompt].cpu(), tokens=self.tokens[prompt]))
+        self.fresh = []
+        return self
+
+
+def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> _Encoded:
     """Each distinct prompt's embeddings: from the cache, or encoded together in one batched encoder call (every
-    prompt is padded to the same 512 tokens, so a row is the same as when encoded alone, up to batch math)."""
+    prompt is padded to the same 512 tokens, so a row is the same as when encoded alone, up to batch math). The
+    encoded rows stay on the device for the batch; `store` puts them in the cache."""
     name = str(model.spec.path)
-    encoded = {prompt: cache.get(name, prompt) for prompt in dict.fromkeys(prompts)}
-    missing = [prompt for prompt, entry in encoded.items() if entry is None]
+    cached = {prompt: cache.get(name, prompt) for prompt in dict.fromkeys(prompts)}
+    rows = {prompt: entry.embeds for prompt, entry in cached.items() if entry is not None}
+    tokens = {prompt: entry.tokens for prompt, entry in cached.items() if entry is not None}
+    missing = [prompt for prompt, entry in cached.items() if entry is None]
     if missing:
         model.enter("encode")  # the offload plan's boundary: the text encoder in, only on a cache miss
         # Only the layers FLUX.2 reads, no logits; replayed from a CUDA graph where the encoder has them.
@@ -212,13 +236,11 @@ def _encode(model: LoadedModel, cache: PromptCache, prompts: list[str]) -> dict[
             embeds, _ = model.pipe.encode_prompt(
                 prompt=missing, device=execution_device(model.pipe), num_images_per_prompt=1
             )
-        # Counted on the CPU while the device still runs the encode (the copies to the host below wait for it).
-        tokens = [measure_prompt(model.pipe, model.spec.family, prompt) for prompt in missing]
+        # Counted on the CPU while the device still runs the encode.
         for row, prompt in enumerate(missing):
-            entry = EncodedPrompt(embeds=embeds[row : row + 1].cpu(), tokens=tokens[row])
-            cache.put(name, prompt, entry)
-            encoded[prompt] = entry
-    return {prompt: entry for prompt, entry in encoded.items() if entry is not None}
+            rows[prompt] = embeds[row : row + 1]
+            tokens[prompt] = measure_prompt(model.pipe, model.spec.family, prompt)
+    return _Encoded(name, rows, tokens, missing)
 
 
 class _StepCallback:

@@ -306,3 +306,36 @@ def test_a_lone_job_starts_at_once_and_arriving_requests_are_waited_for(tiny_kle
         assert first.future.result(60).batch_images == 2 == second.future.result(60).batch_images
     finally:
         engine.stop(10)
+
+
+def test_a_base_klein_with_guidance_is_plain_diffusers_cfg_image_encoded_or_cached(tiny_klein, tmp_path):
+    """klein base (not distilled) with guidance > 1 runs classifier-free guidance against the empty prompt: the
+    engine hands the pipeline both prompts' embeddings (new ones from the device, then from the prompt cache) and
+    gets plain diffusers' image for the same prompt and seed, both times."""
+    import json
+    import shutil
+    from dataclasses import replace
+
+    from diffusers import DiffusionPipeline
+
+    folder = tmp_path / "base-klein"
+    shutil.copytree(tiny_klein, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "is_distilled": False}))
+    pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a lantern in fog", height=64, width=64, num_inference_steps=2, guidance_scale=4.0)
+    theirs = _array(pipe(**call, generator=torch.Generator().manual_seed(5)).images[0])
+    unguided = _array(pipe(**{**call, "guidance_scale": 1.0}, generator=torch.Generator().manual_seed(5)).images[0])
+    assert np.abs(theirs - unguided).max() > 8  # the guidance changes the image: the check below can fail
+    engine = make_engine(folder, batch_window=0)
+    try:
+        assert not engine.pool.get().spec.is_distilled
+        for _ in range(2):  # encoded, then both prompts from the cache
+            misses = engine.prompt_cache.misses
+            guided = replace(job("a lantern in fog", seeds=(5,)), guidance_scale=4.0)
+            image = engine.submit(guided).future.result(60).images[0]
+            assert np.abs(_array(image) - theirs).max() <= 1
+        assert engine.prompt_cache.misses == misses
+    finally:
+        engine.stop(10)
