@@ -74,6 +74,8 @@ def run_batch(
     prompt_embeds = torch.cat(
         [encoded.rows[r.prompt].to(device, dtype) for s, r in zip(slices, rewrites, strict=True) for _ in s.seeds]
     )
+    tokens = encoded.tokens
+    del encoded  # its device rows: prompt_embeds holds the batch's copy
     extra: dict[str, Any] = {}
     if model.spec.family == "klein" and not model.spec.is_distilled and first.guidance_scale > 1:
         empty = _encode(model, cache, [""]).store(cache).rows[""]  # the klein base model's CFG: the empty prompt
@@ -169,7 +171,7 @@ def run_batch(
             GenerationResult(
                 images=mine,
                 seeds=piece.seeds,
-                prompt=encoded.tokens[rewrite.prompt],
+                prompt=tokens[rewrite.prompt],
                 batch_images=images_in(slices),
                 stages=stages,
                 warnings=rewrite.warnings,
