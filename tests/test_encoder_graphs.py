@@ -1,8 +1,6 @@
-"""The text encode replayed from a CUDA graph (pipeline/encoder_graphs.py), on a CPU: the graph is faked with CUDA
-graphs' semantics that matter to a caller (the captured run's output tensors are the graph's own, overwritten in
-place by every replay; a replay computes from the graph's own input tensors), so what is tested is the wrapping
-around it: which calls replay, that rows and outputs come out right and are not overwritten later, the keys, and
-every way back to eager. The CUDA capture itself runs on a GPU only (`.ci/gpu-checks`)."""
+"""The text encode replayed from a CUDA graph (pipeline/encoder_graphs.py), on a CPU, with the graph faked
+(tests/fake_graphs.py): which calls replay, that rows and outputs come out right and are not overwritten later, the
+keys, and every way back to eager. The CUDA capture itself runs on a GPU only (`.ci/gpu-checks`)."""
 
 from __future__ import annotations
 
@@ -13,29 +11,14 @@ import threading
 import pytest
 import torch
 from engine_helpers import job, model_config
+from fake_graphs import corrupting_capture, failing_capture, fake_capture
 
+from pipeline.cuda_graphs import agree
 from pipeline.encoder_depth import reading_depth
-from pipeline.encoder_graphs import MAX_GRAPHS, _tensors, graphed, install, installed, uninstall
+from pipeline.encoder_graphs import MAX_GRAPHS, graphed, install, installed, uninstall
 from pipeline.tiny_weights import build_tiny_pipeline
 
 PROMPTS = ["a red kite over the sea", "a lighthouse at dusk, oil painting", "three pears on a plate"]
-
-
-class FakeGraph:
-    """A replay reruns the captured function and writes its results into the captured output's tensors."""
-
-    def __init__(self, run, output, corrupt: bool = False):
-        self.run, self.output, self.corrupt = run, output, corrupt
-
-    def replay(self) -> None:
-        for static, fresh in zip(_tensors(self.output), _tensors(self.run()), strict=True):
-            static.copy_(fresh + 1 if self.corrupt else fresh)
-
-
-def fake_capture(run):
-    expected = run()
-    output = run()
-    return FakeGraph(run, output), output, expected
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +114,11 @@ def test_a_moved_weight_makes_a_new_capture_rather_than_a_stale_read(pipe, graph
 
 
 def test_a_failed_capture_or_a_replay_unlike_the_eager_pass_leaves_the_encode_eager(pipe, caplog):
-    def failing(run):
-        raise RuntimeError("operation not permitted when stream is capturing")
-
-    def corrupting(run):
-        _, output, expected = fake_capture(run)
-        return FakeGraph(run, output, corrupt=True), output, expected
-
     eager = encode(pipe, PROMPTS[:1], graph=False)
-    for capture, words in ((failing, "the capture failed (RuntimeError"), (corrupting, "differs from the eager pass")):
+    for capture, words in (
+        (failing_capture, "the capture failed (RuntimeError"),
+        (corrupting_capture, "differs from the eager pass"),
+    ):
         graphs = install(pipe.text_encoder, capture)
         try:
             with caplog.at_level(logging.WARNING, logger="flux2.encoder_graphs"):
@@ -199,10 +178,8 @@ def test_the_bench_figure_times_replayed_encodes_and_leaves_the_graphs_as_it_fou
 
 
 def test_the_self_check_takes_rounding_and_refuses_anything_more():
-    from pipeline.encoder_graphs import _agree
-
     eager = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0] * 7 + [300.0])
     rounded = eager.to(torch.bfloat16).float()  # bf16's rounding of every element
-    assert _agree((rounded, None), (eager, None)) is None
+    assert agree((rounded, None), (eager, None)) is None
     for wrong in (eager + 0.1, eager.roll(1, dims=1), eager * float("nan"), eager[:1]):
-        assert _agree((wrong, None), (eager, None)) is not None
+        assert agree((wrong, None), (eager, None)) is not None
