@@ -41,6 +41,8 @@ from .internals import Flux2Pipe, forget_attention_kwargs
 from .reference_cache import ATTENTION_KWARG, installed, prefill
 from .references import prepare_reference
 from .step_cache import cache_context
+from .transformer_graphs import graphed as graphed_steps
+from .transformer_graphs import installed as transformer_graphs
 
 log = logging.getLogger("flux2.loader")
 
@@ -158,7 +160,9 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
     cache's processors installed (`references`, default: whether they are), the same for an edit with one cached
     reference: its prefill and its steps are graphs of their own (the attention's arguments differ), which the
     first edit would otherwise compile inside its request (on an H100 the bench's 4-reference warm-up took 37 s).
-    Any number of references reuses them (the shapes are dynamic). Returns seconds."""
+    Any number of references reuses them (the shapes are dynamic). Where the transformer has CUDA graphs
+    (pipeline/transformer_graphs.py), the same two generations once more capture its steps' graphs, around the
+    blocks compiled by then. Returns seconds."""
     started = time.perf_counter()
     edits = installed(pipe.transformer) if references is None else references
     # Not square: a token count equal to another dimension (a 1024² reference has 4096 tokens, klein-9B's hidden
@@ -192,12 +196,30 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
                     del kv
                     forget_attention_kwargs(pipe)
         decode(pipe, latents_for_vae(pipe, latents, side, side))
+    graphs = transformer_graphs(pipe.transformer)
+    if graphs is not None:  # the steps' graphs, captured around the blocks compiled above (their first pass)
+        for batch in (1, 2):
+            with (
+                torch.inference_mode(),
+                cache_context(pipe.transformer),
+                reading_depth(pipe),
+                graphed(pipe),
+                graphed_steps(pipe, capture=True),
+            ):
+                pipe(
+                    prompt=[f"warm-up {index}" for index in range(batch)],
+                    height=side,
+                    width=side,
+                    num_inference_steps=1,
+                    output_type="latent",
+                )
     seconds = time.perf_counter() - started
     log.info(
-        "model: compiled and warmed up at %dx%d (batches of 1 and 2%s) in %.1f s",
+        "model: compiled and warmed up at %dx%d (batches of 1 and 2%s%s) in %.1f s",
         side,
         side,
         ", generations and cached-reference edits" if edits else "",
+        f"; {graphs.captures} step graphs captured" if graphs is not None else "",
         seconds,
     )
     return seconds

@@ -133,6 +133,13 @@ def prefetch_order_pending(module: torch.nn.Module | None) -> bool:
     return registry is not None and registry.get_hook(_LAZY_PREFETCH_GROUP_OFFLOADING) is not None
 
 
+def diffusers_hook_names(module: torch.nn.Module) -> tuple[str, ...]:
+    """The names of the hooks diffusers' hook registry holds on `module` (the step cache's, group offloading's...),
+    in order; () for none."""
+    registry = getattr(module, "_diffusers_hook", None)
+    return tuple(getattr(registry, "hooks", {})) if registry is not None else ()
+
+
 def top_level_offload_group(module: torch.nn.Module) -> Any:
     """The group diffusers' block-level group offloading makes of `module`'s parts outside its block lists (FLUX.2's
     embedders, modulations, final norm and projection; `_apply_group_offloading_block_level`'s "unmatched group"), or

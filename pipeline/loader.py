@@ -18,6 +18,7 @@ from .reference_cache import ReferenceStore
 from .reference_cache import install as install_reference_processors
 from .step_cache import apply_cache
 from .swapping import Swapper, check_swappable, stream_blocks
+from .transformer_graphs import install as install_transformer_graphs
 from .weights import ModelSpec
 
 if TYPE_CHECKING:
@@ -104,10 +105,13 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
 
 
 def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SIDE) -> None:
-    """After placing, as `placement` says: the text encoder's CUDA graphs installed (the warm-up's encodes capture
-    them), the transformer's blocks and the VAE decoder's norms compiled, and the warm-up at `side`x`side`."""
+    """After placing, as `placement` says: the text encoder's and the transformer's CUDA graphs installed (the
+    warm-up captures them), the transformer's blocks and the VAE decoder's norms compiled, and the warm-up at
+    `side`x`side`."""
     if placement.encoder_graphs:
         install_encoder_graphs(pipe.text_encoder)
+    if placement.transformer_graphs:
+        install_transformer_graphs(pipe.transformer)
     if placement.compile:
         compile_pipeline(pipe)
         warm_up(pipe, side)

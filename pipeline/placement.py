@@ -64,6 +64,7 @@ class Placement:
     reasons: tuple[str, ...]  # one line per decision, for the start-up log
     compile: bool = False  # torch.compile of the transformer's repeated blocks and the decoder's norms, warmed up
     encoder_graphs: bool = False  # the text encode replayed from CUDA graphs (pipeline/encoder_graphs.py)
+    transformer_graphs: bool = False  # the denoising steps replayed from CUDA graphs (pipeline/transformer_graphs.py)
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
     transformer_file: Path | None = None  # a GGUF transformer loaded in place of the folder's (gguf_weights.py)
@@ -186,6 +187,14 @@ def decide_placement(
     encoder_graphs = encoder_graphs_fit(compile, chosen_device, chosen_offload)
     if encoder_graphs:
         reasons.append("encoder graphs: a new prompt's text encode replayed from a CUDA graph (with compile, resident)")
+    transformer_graphs = transformer_graphs_fit(
+        compile, chosen_device, chosen_offload, "transformer" in quantized, step_cache.kind != "off"
+    )
+    if transformer_graphs:
+        reasons.append(
+            "transformer graphs: the steps at the warm-up's size (batches of 1 and 2) replayed from CUDA graphs "
+            "(with compile, resident)"
+        )
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
     if reference_cache not in REFERENCE_CACHE_CHOICES:
@@ -209,6 +218,7 @@ def decide_placement(
         reasons=tuple(reasons),
         compile=compile,
         encoder_graphs=encoder_graphs,
+        transformer_graphs=transformer_graphs,
         cache=step_cache,
         quantization=quantization,
         plan=plan,
@@ -251,6 +261,15 @@ def encoder_graphs_fit(compile: bool, device: str, offload: str) -> bool:
     compile, on CUDA, everything resident (a graph reads the weights where they were at its capture; an encoder
     that streams or swaps moves them)."""
     return compile and device == "cuda" and offload == "resident"
+
+
+def transformer_graphs_fit(
+    compile: bool, device: str, offload: str, quantized_transformer: bool = False, step_cache: bool = False
+) -> bool:
+    """Whether the denoising steps are replayed from CUDA graphs (pipeline/transformer_graphs.py): as the encoder's,
+    and only for a transformer nothing changes between calls: not quantized (or GGUF) and without the step cache's
+    hooks (which decide at each step what runs)."""
+    return encoder_graphs_fit(compile, device, offload) and not quantized_transformer and not step_cache
 
 
 def _compile_choice(

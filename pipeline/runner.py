@@ -30,6 +30,7 @@ from .reference_cache import ATTENTION_KWARG, prefill
 from .references import prepare_reference
 from .step_cache import cache_context
 from .text_cache import EncodedPrompt, PromptCache
+from .transformer_graphs import graphed as graphed_steps
 
 # Called after every denoising step with (steps done, steps in total); returns True to stop the batch.
 StepHook = Callable[[int, int], bool]
@@ -113,9 +114,9 @@ def run_batch(
     extra["callback_on_step_end"] = step_callback
 
     # 5. Denoise at the model's size; latents come back undecoded. `prompt` is not passed: the embeddings stand
-    #    for it.
+    #    for it. Steps of the shapes the warm-up captured replay their CUDA graphs, where the transformer has them.
     try:
-        with torch.inference_mode(), cache_context(pipe.transformer):
+        with torch.inference_mode(), cache_context(pipe.transformer), graphed_steps(pipe):
             latents = pipe(
                 prompt_embeds=prompt_embeds,
                 height=first.run_height,

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline.architectures import Architecture
+from pipeline.transformer_graphs import installed as installed_step_graphs
 
 from .bench_harness import (
     DirectDiffusers,
@@ -246,6 +247,21 @@ def figures_for(
                 cleanup=lambda: _eager_encoder_norms(pipe, False),
             )
         )
+    steps_graphed = installed_step_graphs(pipe.transformer) if pipe is not None and client is not None else None
+    if steps_graphed is not None:
+        # As bench --compile serves on CUDA: the default size's steps replay CUDA graphs
+        # (pipeline/transformer_graphs.py); the same served image with them paused, for their worth in one run
+        # (against `one_image`).
+        figures.append(
+            Figure(
+                "one_image_steps_eager",
+                f"one image {size}x{size}, steps without CUDA graphs",
+                lambda: client.generate(prompts()[0], size),
+                None,
+                prepare=lambda: _pause_step_graphs(pipe, True),
+                cleanup=lambda: _pause_step_graphs(pipe, False),
+            )
+        )
     if device == "cuda":
         # As the server encodes under --compile: the cut encode replayed from a CUDA graph (the encode is bound by
         # the host's launches). The graphs stay where the bench's --compile installed them, as a server's do.
@@ -280,6 +296,13 @@ def _graphs(pipe: Any, on: bool) -> None:
     elif not on and getattr(pipe, "_bench_installed_graphs", False):
         uninstall(pipe.text_encoder)
         del pipe._bench_installed_graphs
+
+
+def _pause_step_graphs(pipe: Any, paused: bool) -> None:
+    """The transformer's step graphs left aside (its steps run compiled, eager around the blocks) or back."""
+    graphs = installed_step_graphs(pipe.transformer)
+    if graphs is not None:
+        graphs.paused = paused
 
 
 def _eager_encoder_norms(pipe: Any, on: bool) -> None:

@@ -195,8 +195,9 @@ def _whole_pipeline(
     from pipeline.encoder_graphs import install as install_encoder_graphs
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel
-    from pipeline.placement import Placement, encoder_graphs_fit
+    from pipeline.placement import Placement, encoder_graphs_fit, transformer_graphs_fit
     from pipeline.pool import ModelConfig, ModelPool
+    from pipeline.transformer_graphs import install as install_transformer_graphs
 
     from .app import create_app
     from .settings import Settings, model_ids_for
@@ -211,6 +212,8 @@ def _whole_pipeline(
 
     spec = model_spec(arch)
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
+    quantized_transformer = any(component == "transformer" for component, _ in speed.quantization.schemes)
+    step_graphs = transformer_graphs_fit(speed.compile, device, "resident", quantized_transformer)
     if speed:  # plain diffusers as a user runs it, before the speed options change the shared pipeline
         results["eager_baseline"] = _eager_baseline(direct, arch.size, repeats, device, clock)
         save()
@@ -220,6 +223,8 @@ def _whole_pipeline(
             install_reference_processors(pipe.transformer)
         if encoder_graphs_fit(speed.compile, device, "resident"):  # as serve --compile: the warm-up captures them,
             install_encoder_graphs(pipe.text_encoder)  # only the served column's encodes replay them
+        if step_graphs:  # the same for the steps (the default size's, batches of 1 and 2)
+            install_transformer_graphs(pipe.transformer)
         # One warm-up serves both columns: they both run in inference mode.
         results["speed_setup_s"] = apply_speed_options(pipe, speed, device, lambda: warm_up(pipe, arch.size))
         clock.say(f"{speed.label()} applied (compiled and warmed up) in {results['speed_setup_s']:.1f} s")
@@ -230,6 +235,7 @@ def _whole_pipeline(
         reasons=("built in memory by the bench",),
         compile=speed.compile,
         encoder_graphs=encoder_graphs_fit(speed.compile, device, "resident"),
+        transformer_graphs=step_graphs,
         quantization=speed.quantization,
     )
     config = ModelConfig(

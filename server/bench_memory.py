@@ -297,7 +297,7 @@ def _measure(
     cards decode it one image at a time or tiled, pipeline/decoding.py): its seconds and peak, or the error it met."""
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel, apply_plan, compile_and_warm_up
-    from pipeline.placement import Placement, encoder_graphs_fit
+    from pipeline.placement import Placement, encoder_graphs_fit, transformer_graphs_fit
     from pipeline.pool import ModelConfig, ModelPool
 
     cuda = device == "cuda"
@@ -312,6 +312,9 @@ def _measure(
         plan=plan,
         compile=compile,
         encoder_graphs=encoder_graphs_fit(compile, device, plan.name),
+        transformer_graphs=transformer_graphs_fit(
+            compile, device, plan.name, any(component == "transformer" for component, _ in quantization.schemes)
+        ),
     )
     echo(f"placing as {plan.name} (swapped components are copied into pinned host memory first)")
     swapper = apply_plan(pipe, placement) if plan.name != "resident" else None

@@ -3,6 +3,8 @@ here); the images match the uncompiled server's for the same seed."""
 
 from __future__ import annotations
 
+import contextlib
+
 import httpx
 import numpy as np
 from conftest import RunningServer
@@ -238,3 +240,41 @@ def test_the_vaes_group_norms_compile_to_a_few_graphs_and_decode_and_encode_the_
     assert torch.equal(norm(hidden), expected)  # autograd on: the module's own forward
     assert counters["stats"]["unique_graphs"] == again
     torch._dynamo.reset()
+
+
+def test_the_steps_graphs_capture_around_the_compiled_blocks_without_compiling_anything_new():
+    """`--compile` on CUDA captures the default size's steps as CUDA graphs at the warm-up (faked here): the capture
+    pass and the replays run the blocks' graphs compiled by the warm-up's first pass (no recompile for the graphs'
+    own input tensors), and a replayed generation is the compiled eager one."""
+    import torch
+    from fake_graphs import fake_capture
+    from torch._dynamo.utils import counters
+
+    from pipeline import compilation
+    from pipeline.tiny_weights import build_tiny_pipeline
+    from pipeline.transformer_graphs import graphed, install
+
+    def generation(graph: bool) -> torch.Tensor:
+        with torch.inference_mode(), graphed(pipe) if graph else contextlib.nullcontext():
+            return pipe(
+                prompt=["a red kite"], height=96, width=96, num_inference_steps=2, output_type="latent",
+                generator=torch.Generator().manual_seed(4),
+            ).images  # fmt: skip
+
+    warm_up_graphs = {}
+    for steps_graphed in (False, True):
+        torch._dynamo.reset()
+        pipe = build_tiny_pipeline("klein")
+        pipe.set_progress_bar_config(disable=True)
+        graphs = install(pipe.transformer, fake_capture, free=lambda device: None) if steps_graphed else None
+        compilation.compile_transformer(pipe)
+        start = counters["stats"]["unique_graphs"]
+        compilation.warm_up(pipe, side=96)
+        warm_up_graphs[steps_graphed] = counters["stats"]["unique_graphs"] - start
+    assert graphs is not None and graphs.captures == 2
+    before = counters["stats"]["unique_graphs"]
+    replayed, replays = generation(True), graphs.replays
+    assert replays == 2 + 2 and torch.equal(replayed, generation(False))
+    assert counters["stats"]["unique_graphs"] == before
+    torch._dynamo.reset()
+    assert warm_up_graphs[True] == warm_up_graphs[False] > 0, warm_up_graphs

@@ -56,6 +56,27 @@ def test_encoder_graphs_come_with_the_compile_where_the_encoder_stays_on_the_dev
     assert cpu.compile and not cpu.encoder_graphs
 
 
+def test_transformer_graphs_come_with_the_encoders_for_a_transformer_nothing_changes():
+    """The steps' CUDA graphs (pipeline/transformer_graphs.py) bake in what the transformer does: as the encoder's
+    graphs, and not with quantized weights, a GGUF transformer or the step cache's hooks."""
+    options = {"weight_params": KLEIN_4B_PARAMS, "cuda_available": True, "cuda_free_bytes": 79 * GIB}
+    on = decide_placement(**options)
+    assert on.transformer_graphs and "CUDA graphs" in _line(on, "transformer graphs:")
+    for kwargs in (
+        {"compile": False},
+        {"cuda_free_bytes": 16 * GIB, "compile": True},
+        {"compile": True, "cache": "taylorseer"},
+        {"compile": True, "quantize": "transformer=fp8", "cuda_capability": (9, 0)},
+        {"compile": True, "transformer_file": Path("flux2-klein-4b-Q4_K.gguf")},
+    ):
+        off = decide_placement(**{**options, **kwargs})
+        assert not off.transformer_graphs and not any(r.startswith("transformer graphs:") for r in off.reasons), kwargs
+    encoder_only = decide_placement(**options, compile=True, quantize="text_encoder=fp8", cuda_capability=(9, 0))
+    assert encoder_only.encoder_graphs and encoder_only.transformer_graphs
+    cpu = decide_placement(weight_params=1000, cuda_available=False, compile=True)
+    assert cpu.compile and not cpu.transformer_graphs
+
+
 def test_cpu_defaults_to_fp32_without_offload():
     placement = decide_placement(weight_params=1000, cuda_available=False)
     assert (placement.device, placement.dtype, placement.offload) == ("cpu", torch.float32, "resident")
