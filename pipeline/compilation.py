@@ -34,6 +34,8 @@ import torch
 from PIL import Image
 from torch.nn import functional
 
+from .decoder_graphs import graphed as graphed_decoder
+from .decoder_graphs import installed as installed_decoder_graphs
 from .decoding import decode, latents_for_vae
 from .encoder_depth import reading_depth
 from .encoder_graphs import graphed
@@ -42,7 +44,7 @@ from .reference_cache import ATTENTION_KWARG, installed, prefill
 from .references import prepare_reference
 from .step_cache import cache_context
 from .transformer_graphs import graphed as graphed_steps
-from .transformer_graphs import installed as transformer_graphs
+from .transformer_graphs import installed as installed_step_graphs
 
 log = logging.getLogger("flux2.loader")
 
@@ -162,7 +164,8 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
     first edit would otherwise compile inside its request (on an H100 the bench's 4-reference warm-up took 37 s).
     Any number of references reuses them (the shapes are dynamic). Where the transformer has CUDA graphs
     (pipeline/transformer_graphs.py), the same two generations once more capture its steps' graphs, around the
-    blocks compiled by then. Returns seconds."""
+    blocks compiled by then, and a decode of one image the VAE decoder's graph (pipeline/decoder_graphs.py).
+    Returns seconds."""
     started = time.perf_counter()
     edits = installed(pipe.transformer) if references is None else references
     # Not square: a token count equal to another dimension (a 1024² reference has 4096 tokens, klein-9B's hidden
@@ -196,8 +199,10 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
                     del kv
                     forget_attention_kwargs(pipe)
         decode(pipe, latents_for_vae(pipe, latents, side, side))
-    graphs = transformer_graphs(pipe.transformer)
-    if graphs is not None:  # the steps' graphs, captured around the blocks compiled above (their first pass)
+    steps_graphs, decoder_graphs = installed_step_graphs(pipe.transformer), installed_decoder_graphs(pipe.vae.decoder)
+    if steps_graphs is not None or decoder_graphs is not None:
+        # The steps' and the decode's graphs, captured around what the pass above compiled: the same generations
+        # once more, and the decode of one image.
         for batch in (1, 2):
             with (
                 torch.inference_mode(),
@@ -206,20 +211,26 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
                 graphed(pipe),
                 graphed_steps(pipe, capture=True),
             ):
-                pipe(
+                latents = pipe(
                     prompt=[f"warm-up {index}" for index in range(batch)],
                     height=side,
                     width=side,
                     num_inference_steps=1,
                     output_type="latent",
-                )
+                )[0]
+        with graphed_decoder(pipe, capture=True):
+            decode(pipe, latents_for_vae(pipe, latents[:1], side, side))
     seconds = time.perf_counter() - started
     log.info(
         "model: compiled and warmed up at %dx%d (batches of 1 and 2%s%s) in %.1f s",
         side,
         side,
         ", generations and cached-reference edits" if edits else "",
-        f"; {graphs.captures} step graphs captured" if graphs is not None else "",
+        "".join(
+            f"; {graphs.what} graphs captured: {graphs.captures}"
+            for graphs in (steps_graphs, decoder_graphs)
+            if graphs is not None
+        ),
         seconds,
     )
     return seconds

@@ -26,12 +26,18 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .internals import diffusers_hook_names
+
 EAGER_PASSES = 2  # before a capture: lazy initialisations (cuBLAS workspaces, kernels' first loads) happen here
 TOLERANCE = 1 / 64  # a replay's difference from the eager pass, relative (`agree`): a few of bf16's rounding steps
 _ATTRIBUTE = "_flux2_cuda_graphs"
 
+HEADROOM_DECODES = 2  # a capture leaves room for this many decodes of its batch (its pool is held for good)
+
 # run -> (graph with .replay(), the captured run's output, an eager run's output on the same inputs).
 Capture = Callable[[Callable[[], Any]], tuple[Any, Any, Any]]
+# device -> the bytes it can still hand this process (None: no limit known, the CPU)
+FreeBytes = Callable[[torch.device], int | None]
 
 
 @dataclass
@@ -82,7 +88,16 @@ class GraphedForward:
                 self.left()
 
     def left(self) -> None:
-        """Called when this thread leaves its outermost `enabled()`: what a subclass kept for the scope, dropped."""
+        """Called when this thread leaves its outermost `enabled()`: the scope's signature dropped."""
+        self._on.signature = None
+
+    def scope_signature(self) -> tuple[Any, ...]:
+        """`module_signature` of the module, taken once per `enabled()` scope (nothing changes the modules within
+        one denoise or one decode)."""
+        signature = getattr(self._on, "signature", None)
+        if signature is None:
+            signature = self._on.signature = module_signature(self.module)
+        return signature
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError
@@ -98,12 +113,12 @@ class GraphedForward:
             return None
         graph = self.graphs.get(key)
         if graph is None:
+            why = self.may_capture(key, inputs)
+            if why is not None:  # not now (outside the warm-up, no room): eager, without a word
+                self.log.debug("%s: not captured (%s)", self.what, why)
+                return None
             if len(self.graphs) >= self.limit:
                 self._refuse(key, f"{self.limit} graphs are kept at most")
-                return None
-            why = self.may_capture(key, inputs)
-            if why is not None:
-                self.log.debug("%s: not captured (%s)", self.what, why)
                 return None
             graph = self._captured(key, inputs, run)
             if graph is None:
@@ -137,6 +152,15 @@ class GraphedForward:
     def _refuse(self, key: Hashable, why: str) -> None:
         self.refused.add(key)
         self.log.warning("%s: not replayed from a CUDA graph, runs eager (%s)", self.what, why)
+
+
+def room_wanted(free: FreeBytes, device: torch.device, decode: int) -> str | None:
+    """None when `device` has room for `HEADROOM_DECODES` decodes of `decode` bytes (a capture of that batch and
+    the work beside it), else what it lacks, in words."""
+    room, needed = free(device), HEADROOM_DECODES * decode
+    if room is not None and room < needed:
+        return f"{room / 2**30:.1f} GiB free, {needed / 2**30:.1f} GiB wanted beside it"
+    return None
 
 
 def capture_cuda_graph(run: Callable[[], Any]) -> tuple[Any, Any, Any]:
@@ -180,6 +204,24 @@ def uninstall(module: torch.nn.Module) -> None:
 def installed(module: Any) -> GraphedForward | None:
     graphs = getattr(module, _ATTRIBUTE, None)
     return graphs if isinstance(graphs, GraphedForward) else None
+
+
+def module_signature(module: torch.nn.Module) -> tuple[Any, ...]:
+    """What a graph of `module` bakes in or reads besides its inputs: each submodule with its attention processor,
+    hooks (torch's and diffusers') and instance forward (a compiled norm's, a hook's), and where every weight is."""
+    modules = tuple(
+        (
+            id(sub),
+            id(getattr(sub, "processor", None)),
+            tuple(sub._forward_pre_hooks),
+            tuple(sub._forward_hooks),
+            id(vars(sub).get("forward")),
+            diffusers_hook_names(sub),
+        )
+        for sub in module.modules()
+    )
+    weights = tuple(tensor.data_ptr() for tensor in [*module.parameters(), *module.buffers()])
+    return modules, weights
 
 
 def tensors(value: Any) -> list[torch.Tensor]:

@@ -14,7 +14,8 @@ KV pipeline pass; `return_dict=False`; inference mode) replays the graph capture
 Graphs are captured only inside `graphed(pipe, capture=True)`, which the compile warm-up enters for the default
 size (batches of one and two): a request never pays a capture, and the memory the graphs hold (each its own
 activations' pool) is known at start. A capture needs room: a decode of the captured batch must still fit twice
-over afterwards (`HEADROOM_DECODES`), else that shape stays compiled and eager. Any other call runs as before.
+over beside it (`cuda_graphs.room_wanted`), else that shape stays compiled and eager. Any other call runs as
+before.
 
 A graph reads the weights where they were at its capture and bakes in what the modules do: its key holds, besides
 the inputs' shapes and types, the modules (with their attention processors, hooks and instance forwards) and the
@@ -26,28 +27,23 @@ or GGUF weights, or an offload plan. LoRA adapters never meet them: `--compile` 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
 from . import cuda_graphs
-from .cuda_graphs import Capture, GraphedForward
+from .cuda_graphs import Capture, FreeBytes, GraphedForward, room_wanted
 from .decoding import free_device_bytes
-from .internals import diffusers_hook_names
 from .offload_plan import decode_bytes
 
 log = logging.getLogger("flux2.transformer_graphs")
 
 MAX_GRAPHS = 2  # the warm-up's batches of one and two at the default size
-HEADROOM_DECODES = 2  # a capture leaves room for this many decodes of its batch (its pool is held for good)
 PIXELS_PER_TOKEN = 16 * 16  # an image token is 2x2 latents of 8x8 pixels
 _TENSORS = ("hidden_states", "encoder_hidden_states", "timestep", "img_ids", "txt_ids")
 _CALL = frozenset({*_TENSORS, "guidance", "joint_attention_kwargs", "return_dict"})
-
-# device -> the bytes it can still hand this process (None: no limit, the CPU)
-FreeBytes = Callable[[torch.device], int | None]
 
 
 class TransformerGraphs(GraphedForward):
@@ -68,7 +64,7 @@ class TransformerGraphs(GraphedForward):
         inputs = {name: kwargs[name] for name in _TENSORS}
         if kwargs.get("guidance") is not None:
             inputs["guidance"] = kwargs["guidance"]
-        key = (self._signature(), tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items()))
+        key = (self.scope_signature(), tuple((name, t.shape, t.dtype, t.device) for name, t in inputs.items()))
         output = self.replay(key, inputs, self._run)
         return output if output is not None else self.eager(*args, **kwargs)
 
@@ -79,36 +75,8 @@ class TransformerGraphs(GraphedForward):
         if not self.capturing:
             return "captured only at the warm-up"
         hidden = inputs["hidden_states"]
-        room = self.free(hidden.device)
         pixels = hidden.shape[0] * hidden.shape[1] * PIXELS_PER_TOKEN
-        needed = HEADROOM_DECODES * decode_bytes(pixels, hidden.element_size())
-        if room is not None and room < needed:
-            return f"{room / 2**30:.1f} GiB free, {needed / 2**30:.1f} GiB wanted beside it"
-        return None
-
-    def left(self) -> None:
-        self._on.signature = None
-
-    def _signature(self) -> tuple[Any, ...]:
-        """What the graphs read or bake in besides their inputs, once per `graphed` scope (nothing changes the
-        modules within one denoise): each module with its attention processor, hooks and instance forward, and
-        where every weight is."""
-        signature = getattr(self._on, "signature", None)
-        if signature is None:
-            modules = tuple(
-                (
-                    id(module),
-                    id(getattr(module, "processor", None)),
-                    tuple(module._forward_pre_hooks),
-                    tuple(module._forward_hooks),
-                    id(vars(module).get("forward")),
-                    diffusers_hook_names(module),
-                )
-                for module in self.transformer.modules()
-            )
-            weights = tuple(t.data_ptr() for t in [*self.transformer.parameters(), *self.transformer.buffers()])
-            signature = self._on.signature = (modules, weights)
-        return signature
+        return room_wanted(self.free, hidden.device, decode_bytes(pixels, hidden.element_size()))
 
     def _graphable(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if args or not self.active or not torch.is_inference_mode_enabled():

@@ -192,6 +192,7 @@ def _whole_pipeline(
     save: Callable[[], None],
     speed: SpeedOptions,
 ) -> None:
+    from pipeline.decoder_graphs import install as install_decoder_graphs
     from pipeline.encoder_graphs import install as install_encoder_graphs
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel
@@ -225,6 +226,8 @@ def _whole_pipeline(
             install_encoder_graphs(pipe.text_encoder)  # only the served column's encodes replay them
         if step_graphs:  # the same for the steps (the default size's, batches of 1 and 2)
             install_transformer_graphs(pipe.transformer)
+        if encoder_graphs_fit(speed.compile, device, "resident"):  # and one image's decode at that size
+            install_decoder_graphs(pipe.vae.decoder)
         # One warm-up serves both columns: they both run in inference mode.
         results["speed_setup_s"] = apply_speed_options(pipe, speed, device, lambda: warm_up(pipe, arch.size))
         clock.say(f"{speed.label()} applied (compiled and warmed up) in {results['speed_setup_s']:.1f} s")
@@ -236,6 +239,7 @@ def _whole_pipeline(
         compile=speed.compile,
         encoder_graphs=encoder_graphs_fit(speed.compile, device, "resident"),
         transformer_graphs=step_graphs,
+        decoder_graphs=encoder_graphs_fit(speed.compile, device, "resident"),
         quantization=speed.quantization,
     )
     config = ModelConfig(

@@ -315,6 +315,7 @@ def _measure(
         transformer_graphs=transformer_graphs_fit(
             compile, device, plan.name, any(component == "transformer" for component, _ in quantization.schemes)
         ),
+        decoder_graphs=encoder_graphs_fit(compile, device, plan.name),
     )
     echo(f"placing as {plan.name} (swapped components are copied into pinned host memory first)")
     swapper = apply_plan(pipe, placement) if plan.name != "resident" else None
