@@ -199,10 +199,10 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
                     del kv
                     forget_attention_kwargs(pipe)
         decode(pipe, latents_for_vae(pipe, latents, side, side))
+    # The steps' and the decode's CUDA graphs, captured around what the pass above compiled: the same generations
+    # once more, and the decode of one image.
     steps_graphs, decoder_graphs = installed_step_graphs(pipe.transformer), installed_decoder_graphs(pipe.vae.decoder)
-    if steps_graphs is not None or decoder_graphs is not None:
-        # The steps' and the decode's graphs, captured around what the pass above compiled: the same generations
-        # once more, and the decode of one image.
+    if steps_graphs is not None:
         for batch in (1, 2):
             with (
                 torch.inference_mode(),
@@ -218,6 +218,7 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
                     num_inference_steps=1,
                     output_type="latent",
                 )[0]
+    if decoder_graphs is not None:
         with graphed_decoder(pipe, capture=True):
             decode(pipe, latents_for_vae(pipe, latents[:1], side, side))
     seconds = time.perf_counter() - started
