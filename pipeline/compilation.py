@@ -140,6 +140,27 @@ def _compiled_norm(
     return apply(flat, scale, shift).view(hidden.shape)
 
 
+def _warm_up_generation(pipe: Flux2Pipe, batch: int, side: int, capture_steps: bool = False) -> torch.Tensor:
+    """A single-step generation of `batch` images at `side`x`side`, its latents; the text encode as requests run it
+    (up to the deepest state read, from a CUDA graph where the encoder has them); with `capture_steps`, the step's
+    CUDA graph captured where the transformer has graphs."""
+    with (
+        torch.inference_mode(),
+        cache_context(pipe.transformer),
+        reading_depth(pipe),
+        graphed(pipe),
+        graphed_steps(pipe, capture=capture_steps),
+    ):
+        latents: torch.Tensor = pipe(
+            prompt=[f"warm-up {index}" for index in range(batch)],
+            height=side,
+            width=side,
+            num_inference_steps=1,
+            output_type="latent",
+        )[0]
+    return latents
+
+
 def _group_affine(
     hidden: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,18 +193,11 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
     # size) would be specialised on by torch's duck sizing, and other reference sizes would compile again.
     reference = prepare_reference(Image.new("RGB", (side, side - 32), (128, 128, 128)))
     for batch in (1, 2):
-        # The text encode as requests run it (up to the deepest state read, from a CUDA graph where the encoder has
-        # them: captured here): a streamed encoder (encoder-streamed with --compile) learns its prefetch order from
-        # this first pass.
-        with torch.inference_mode(), cache_context(pipe.transformer), reading_depth(pipe), graphed(pipe):
-            latents = pipe(
-                prompt=[f"warm-up {index}" for index in range(batch)],
-                height=side,
-                width=side,
-                num_inference_steps=1,
-                output_type="latent",
-            )[0]
-            if edits:
+        # The text encode as requests run it (the encoder's CUDA graph captured here, where it has graphs): a
+        # streamed encoder (encoder-streamed with --compile) learns its prefetch order from this first pass.
+        latents = _warm_up_generation(pipe, batch, side)
+        if edits:
+            with torch.inference_mode(), cache_context(pipe.transformer), reading_depth(pipe), graphed(pipe):
                 kv = prefill(pipe, [(reference,)] * batch, WARM_UP_GUIDANCE)
                 try:
                     pipe(
@@ -204,20 +218,7 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
     steps_graphs, decoder_graphs = installed_step_graphs(pipe.transformer), installed_decoder_graphs(pipe.vae.decoder)
     if steps_graphs is not None:
         for batch in (1, 2):
-            with (
-                torch.inference_mode(),
-                cache_context(pipe.transformer),
-                reading_depth(pipe),
-                graphed(pipe),
-                graphed_steps(pipe, capture=True),
-            ):
-                latents = pipe(
-                    prompt=[f"warm-up {index}" for index in range(batch)],
-                    height=side,
-                    width=side,
-                    num_inference_steps=1,
-                    output_type="latent",
-                )[0]
+            latents = _warm_up_generation(pipe, batch, side, capture_steps=True)
     if decoder_graphs is not None:
         with graphed_decoder(pipe, capture=True):
             decode(pipe, latents_for_vae(pipe, latents[:1], side, side))

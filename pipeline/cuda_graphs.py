@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -38,6 +38,9 @@ HEADROOM_DECODES = 2  # a capture leaves room for this many decodes of its batch
 Capture = Callable[[Callable[[], Any]], tuple[Any, Any, Any]]
 # device -> the bytes it can still hand this process (None: no limit known, the CPU)
 FreeBytes = Callable[[torch.device], int | None]
+
+
+G = TypeVar("G", bound="GraphedForward")
 
 
 @dataclass
@@ -180,19 +183,19 @@ def capture_cuda_graph(run: Callable[[], Any]) -> tuple[Any, Any, Any]:
     return graph, output, expected
 
 
-def install(module: torch.nn.Module, make: Callable[[], GraphedForward]) -> GraphedForward:
+def install(module: torch.nn.Module, make: Callable[[], G]) -> G:
     """Wrap `module`'s forward (once) with the graphs `make()` builds; returns them."""
-    graphs = installed(module)
+    graphs = getattr(module, _ATTRIBUTE, None)
     if graphs is None:
         graphs = make()
         setattr(module, _ATTRIBUTE, graphs)
         module.forward = graphs.forward
-    return graphs
+    return cast(G, graphs)
 
 
 def uninstall(module: torch.nn.Module) -> None:
     """The module's own forward back, its graphs (and their memory) dropped."""
-    graphs = installed(module)
+    graphs = installed(module, GraphedForward)
     if graphs is not None:
         if graphs._instance_forward is None:
             del module.forward  # the class's again
@@ -201,9 +204,20 @@ def uninstall(module: torch.nn.Module) -> None:
         delattr(module, _ATTRIBUTE)
 
 
-def installed(module: Any) -> GraphedForward | None:
+def installed(module: Any, kind: type[G]) -> G | None:
+    """The graphs of kind `kind` wrapping `module`'s forward, if any."""
     graphs = getattr(module, _ATTRIBUTE, None)
-    return graphs if isinstance(graphs, GraphedForward) else None
+    return graphs if isinstance(graphs, kind) else None
+
+
+@contextmanager
+def enabled(graphs: GraphedForward | None, capture: bool = False) -> Iterator[None]:
+    """`graphs.enabled(capture)`, or nothing for a module without graphs."""
+    if graphs is None:
+        yield
+        return
+    with graphs.enabled(capture):
+        yield
 
 
 def module_signature(module: torch.nn.Module) -> tuple[Any, ...]:

@@ -17,8 +17,8 @@ compiled norms are instance forwards) and its weights' addresses (`cuda_graphs.m
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Hashable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -77,9 +77,7 @@ class DecoderGraphs(GraphedForward):
 
 def install(decoder: torch.nn.Module, capture: Capture | None = None, free: FreeBytes | None = None) -> DecoderGraphs:
     """Wrap the VAE `decoder`'s forward (once) with graphs; returns them."""
-    graphs = cuda_graphs.install(decoder, lambda: DecoderGraphs(decoder, capture, free))
-    assert isinstance(graphs, DecoderGraphs)
-    return graphs
+    return cuda_graphs.install(decoder, lambda: DecoderGraphs(decoder, capture, free))
 
 
 def uninstall(decoder: torch.nn.Module) -> None:
@@ -88,18 +86,10 @@ def uninstall(decoder: torch.nn.Module) -> None:
 
 
 def installed(decoder: Any) -> DecoderGraphs | None:
-    graphs = cuda_graphs.installed(decoder)
-    return graphs if isinstance(graphs, DecoderGraphs) else None
+    return cuda_graphs.installed(decoder, DecoderGraphs)
 
 
-@contextmanager
-def graphed(pipe: Any, capture: bool = False) -> Iterator[None]:
+def graphed(pipe: Any, capture: bool = False) -> AbstractContextManager[None]:
     """Within it, this thread's decodes through `pipe.vae` replay the decoder's graph, where it has one; with
     `capture`, a decode of a shape without one captures it (the warm-up)."""
-    vae = getattr(pipe, "vae", None)
-    graphs = installed(getattr(vae, "decoder", None))
-    if graphs is None:
-        yield
-        return
-    with graphs.enabled(capture):
-        yield
+    return cuda_graphs.enabled(installed(getattr(getattr(pipe, "vae", None), "decoder", None)), capture)

@@ -24,8 +24,7 @@ weights."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -95,9 +94,7 @@ class EncoderGraphs(GraphedForward):
 
 def install(encoder: torch.nn.Module, capture: Capture | None = None) -> EncoderGraphs:
     """Wrap `encoder`'s forward (once) with graphs; returns them."""
-    graphs = cuda_graphs.install(encoder, lambda: EncoderGraphs(encoder, capture))
-    assert isinstance(graphs, EncoderGraphs)
-    return graphs
+    return cuda_graphs.install(encoder, lambda: EncoderGraphs(encoder, capture))
 
 
 def uninstall(encoder: torch.nn.Module) -> None:
@@ -106,19 +103,12 @@ def uninstall(encoder: torch.nn.Module) -> None:
 
 
 def installed(encoder: Any) -> EncoderGraphs | None:
-    graphs = cuda_graphs.installed(encoder)
-    return graphs if isinstance(graphs, EncoderGraphs) else None
+    return cuda_graphs.installed(encoder, EncoderGraphs)
 
 
-@contextmanager
-def graphed(pipe: Any) -> Iterator[None]:
+def graphed(pipe: Any) -> AbstractContextManager[None]:
     """Within it, this thread's encodes through `pipe.text_encoder` replay its graphs, where it has any."""
-    graphs = installed(getattr(pipe, "text_encoder", None))
-    if graphs is None:
-        yield
-        return
-    with graphs.enabled():
-        yield
+    return cuda_graphs.enabled(installed(getattr(pipe, "text_encoder", None)))
 
 
 def _owns_tensors(module: torch.nn.Module) -> bool:

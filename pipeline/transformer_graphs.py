@@ -27,8 +27,8 @@ or GGUF weights, or an offload plan. LoRA adapters never meet them: `--compile` 
 from __future__ import annotations
 
 import logging
-from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Hashable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -97,9 +97,7 @@ def install(
     transformer: torch.nn.Module, capture: Capture | None = None, free: FreeBytes | None = None
 ) -> TransformerGraphs:
     """Wrap `transformer`'s forward (once) with graphs; returns them."""
-    graphs = cuda_graphs.install(transformer, lambda: TransformerGraphs(transformer, capture, free))
-    assert isinstance(graphs, TransformerGraphs)
-    return graphs
+    return cuda_graphs.install(transformer, lambda: TransformerGraphs(transformer, capture, free))
 
 
 def uninstall(transformer: torch.nn.Module) -> None:
@@ -108,17 +106,10 @@ def uninstall(transformer: torch.nn.Module) -> None:
 
 
 def installed(transformer: Any) -> TransformerGraphs | None:
-    graphs = cuda_graphs.installed(transformer)
-    return graphs if isinstance(graphs, TransformerGraphs) else None
+    return cuda_graphs.installed(transformer, TransformerGraphs)
 
 
-@contextmanager
-def graphed(pipe: Any, capture: bool = False) -> Iterator[None]:
+def graphed(pipe: Any, capture: bool = False) -> AbstractContextManager[None]:
     """Within it, this thread's denoising steps replay the transformer's graphs, where it has them; with
     `capture`, the steps' shapes that have none are captured (the warm-up)."""
-    graphs = installed(getattr(pipe, "transformer", None))
-    if graphs is None:
-        yield
-        return
-    with graphs.enabled(capture):
-        yield
+    return cuda_graphs.enabled(installed(getattr(pipe, "transformer", None)), capture)

@@ -49,3 +49,17 @@ def transformer_inputs(transformer, batch: int = 1) -> dict:
         txt_ids=torch.zeros(batch, 8, 4),
         return_dict=False,
     )
+
+
+def served_images(folder, jobs, prepare=None) -> list[bytes]:
+    """The pixels of `jobs` (run one after another) from a fresh engine serving `folder`; `prepare(model)` first
+    changes the loaded model (installs graphs, warms up...)."""
+    engine = make_engine(folder)
+    try:
+        model = engine.pool.get()
+        if prepare is not None:
+            prepare(model)
+        results = [engine.submit(one).future.result(60) for one in jobs]
+        return [image.tobytes() for result in results for image in result.images]
+    finally:
+        engine.stop()

@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from engine_helpers import job, model_config
+from engine_helpers import job, served_images
 from fake_graphs import corrupting_capture, fake_capture
 
 from pipeline.decoder_graphs import MAX_GRAPHS, graphed, install, installed, uninstall
@@ -101,32 +101,21 @@ def test_a_replay_unlike_the_eager_decode_leaves_it_eager(pipe, caplog):
 def test_the_warm_up_captures_the_decode_and_the_engine_replays_it_with_the_same_images(tiny_klein, monkeypatch):
     from pipeline import cuda_graphs
     from pipeline.compilation import warm_up
-    from pipeline.engine import Engine
-    from pipeline.pool import ModelPool
 
     monkeypatch.setattr(cuda_graphs, "capture_cuda_graph", fake_capture)
-    images = {}
-    for graph in (False, True):
-        engine = Engine(ModelPool([model_config(tiny_klein)]))
-        engine.start()
-        try:
-            assert engine.wait_ready(60)
-            model = engine.pool.get("tiny")
-            graphs = None
-            if graph:
-                graphs = install(model.pipe.vae.decoder, free=lambda device: None)
-                warm_up(model.pipe, side=SIDE)
-                assert (graphs.captures, graphs.replays) == (1, 1)
-            results = [
-                engine.submit(job(prompt="a red kite", size=SIDE, seeds=(5,))).future.result(60),
-                engine.submit(job(prompt="a red kite", size=SIDE, seeds=(5, 6))).future.result(60),  # a batch: eager
-            ]
-            images[graph] = [image.tobytes() for result in results for image in result.images]
-            if graphs is not None:
-                assert graphs.replays == 2
-        finally:
-            engine.stop()
-    assert images[True] == images[False]
+    jobs = [
+        job(prompt="a red kite", size=SIDE, seeds=(5,)),
+        job(prompt="a red kite", size=SIDE, seeds=(5, 6)),  # a batch: eager
+    ]
+    installed_graphs = []
+
+    def prepare(model):
+        installed_graphs.append(install(model.pipe.vae.decoder, free=lambda device: None))
+        warm_up(model.pipe, side=SIDE)
+        assert (installed_graphs[0].captures, installed_graphs[0].replays) == (1, 1)
+
+    assert served_images(tiny_klein, jobs, prepare) == served_images(tiny_klein, jobs)
+    assert installed_graphs[0].replays == 2
 
 
 def test_placement_gives_the_decoder_graphs_with_the_encoders():

@@ -10,7 +10,7 @@ import threading
 
 import pytest
 import torch
-from engine_helpers import job, model_config
+from engine_helpers import job, served_images
 from fake_graphs import corrupting_capture, failing_capture, fake_capture
 
 from pipeline.cuda_graphs import agree
@@ -134,25 +134,14 @@ def test_a_failed_capture_or_a_replay_unlike_the_eager_pass_leaves_the_encode_ea
 def test_the_engine_encodes_through_the_graphs_and_makes_the_same_images(tiny_klein):
     """The runner's encode replays the graphs of a model that has them: the same images as without them, and a
     repeated prompt comes from the prompt cache (no replay)."""
-    from pipeline.engine import Engine
-    from pipeline.pool import ModelPool
-
-    images = {}
-    for graph in (False, True):
-        engine = Engine(ModelPool([model_config(tiny_klein)]))
-        engine.start()
-        try:
-            assert engine.wait_ready(60)
-            model = engine.pool.get("tiny")
-            graphs = install(model.pipe.text_encoder, fake_capture) if graph else None
-            results = [engine.submit(job(prompt=prompt)).future.result(60) for prompt in (*PROMPTS[:2], PROMPTS[0])]
-            images[graph] = [result.images[0].tobytes() for result in results]
-            if graphs is not None:
-                assert installed(model.pipe.text_encoder) is graphs
-                assert (graphs.captures, graphs.replays) == (1, 2)
-        finally:
-            engine.stop()
-    assert images[True] == images[False]
+    jobs = [job(prompt=prompt) for prompt in (*PROMPTS[:2], PROMPTS[0])]
+    installed_graphs = []
+    graphed_images = served_images(
+        tiny_klein, jobs, lambda model: installed_graphs.append(install(model.pipe.text_encoder, fake_capture))
+    )
+    assert graphed_images == served_images(tiny_klein, jobs)
+    (graphs,) = installed_graphs
+    assert (graphs.captures, graphs.replays) == (1, 2)
 
 
 def test_the_bench_figure_times_replayed_encodes_and_leaves_the_graphs_as_it_found_them(pipe):

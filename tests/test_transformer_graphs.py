@@ -10,7 +10,7 @@ import logging
 
 import pytest
 import torch
-from engine_helpers import job, model_config
+from engine_helpers import job, served_images
 from fake_graphs import corrupting_capture, failing_capture, fake_capture
 from PIL import Image
 
@@ -239,33 +239,22 @@ def test_the_warm_up_captures_and_the_engine_replays_them_with_the_same_images(t
     graphs: the same images as without them, for a lone request and for a batch of two."""
     from pipeline import cuda_graphs
     from pipeline.compilation import warm_up
-    from pipeline.engine import Engine
-    from pipeline.pool import ModelPool
 
     monkeypatch.setattr(cuda_graphs, "capture_cuda_graph", fake_capture)
-    images = {}
-    for graph in (False, True):
-        engine = Engine(ModelPool([model_config(tiny_klein)]))
-        engine.start()
-        try:
-            assert engine.wait_ready(60)
-            model = engine.pool.get("tiny")
-            graphs = None
-            if graph:
-                graphs = install(model.pipe.transformer, free=lambda device: None)
-                warm_up(model.pipe, side=SIDE)
-                assert (graphs.captures, graphs.replays) == (2, 2)
-            results = [
-                engine.submit(job(prompt="a red kite", size=SIDE, seeds=(5,))).future.result(60),
-                engine.submit(job(prompt="a red kite", size=SIDE, seeds=(5, 6))).future.result(60),
-                engine.submit(job(prompt="a red kite", size=SIDE + 16, seeds=(5,))).future.result(60),  # eager
-            ]
-            images[graph] = [image.tobytes() for result in results for image in result.images]
-            if graphs is not None:
-                assert graphs.replays == 2 + 2 + 2  # two steps each for the warm-up's two shapes
-        finally:
-            engine.stop()
-    assert images[True] == images[False]
+    jobs = [
+        job(prompt="a red kite", size=SIDE, seeds=(5,)),
+        job(prompt="a red kite", size=SIDE, seeds=(5, 6)),
+        job(prompt="a red kite", size=SIDE + 16, seeds=(5,)),  # not the warm-up's size: eager
+    ]
+    installed_graphs = []
+
+    def prepare(model):
+        installed_graphs.append(install(model.pipe.transformer, free=lambda device: None))
+        warm_up(model.pipe, side=SIDE)
+        assert (installed_graphs[0].captures, installed_graphs[0].replays) == (2, 2)
+
+    assert served_images(tiny_klein, jobs, prepare) == served_images(tiny_klein, jobs)
+    assert installed_graphs[0].replays == 2 + 2 + 2  # two steps each for the warm-up's two shapes
 
 
 def test_the_bench_serves_one_image_with_the_graphs_paused_only_where_it_has_them(pipe):
