@@ -136,7 +136,7 @@ def prefetch_order_pending(module: torch.nn.Module | None) -> bool:
 def diffusers_hook_names(module: torch.nn.Module) -> tuple[str, ...]:
     """The names of the hooks diffusers' hook registry holds on `module` (the step cache's, group offloading's...),
     in order; () for none."""
-    registry = getattr(module, "_diffusers_hook", None)
+    registry = vars(module).get("_diffusers_hook")  # set on the instance: no nn.Module attribute lookup
     return tuple(getattr(registry, "hooks", {})) if registry is not None else ()
 
 
