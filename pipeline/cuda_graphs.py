@@ -1,5 +1,5 @@
-"""A module's forward replayed from CUDA graphs: what the text encoder's graphs (`encoder_graphs.py`) and the
-transformer's (`transformer_graphs.py`) share.
+"""A module's forward replayed from CUDA graphs: what the text encoder's graphs (`encoder_graphs.py`), the
+transformer's (`transformer_graphs.py`) and the VAE decoder's (`decoder_graphs.py`) share.
 
 A CUDA graph records the kernels of one call once and launches them all with one call, so a pass bound by the
 host's Python and kernel launches runs at the speed of its kernels. `GraphedForward` wraps a module's forward

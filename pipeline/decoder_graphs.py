@@ -1,18 +1,18 @@
 """The final decode replayed from a CUDA graph (with `--compile`, everything resident).
 
 Compiled norms and all, a 1024² decode took 65.2 ms of wall time for 48.3 ms of kernels on an H200 (the bench's
-`profile`, run 6): the VAE decoder runs ~200 operations (30 group norms, each two compiled calls since the
-norms were compiled, ~40 convolutions, the activations and upsamplings), many of them short next to the host's
-time to launch them. A CUDA graph launches them all with one call.
+`profile`, run 6): the VAE decoder launches a few hundred kernels (among them 30 norm applies, 65 of cuDNN's layout
+conversions and 44 other elementwise kernels, by that profile), many of them shorter than the host's time to launch
+them. A CUDA graph launches them all with one call.
 
 `install(decoder)` wraps the VAE decoder's forward (`vae.decoder`, which `vae.decode` calls after its
-`post_quant_conv`). Inside `graphed(pipe)` (the runner's final decode), on the thread
-that entered it, a call of the form `vae.decode` makes (one latent tensor, inference mode) replays the graph
-captured for its shape, if there is one. The graph is captured only inside `graphed(pipe, capture=True)`: the
-compile warm-up's decode of one image at the default size, if a decode of that size still fits twice over
-beside it (its pool holds a decode's working memory for good, ~2.4 GiB per megapixel in bf16). Tiled decodes,
-batches, other sizes and the previews run as before. The key holds the decoder's modules (the
-compiled norms are instance forwards) and its weights' addresses (`cuda_graphs.module_signature`)."""
+`post_quant_conv`). Inside `graphed(pipe)` (the runner's final decode), on the thread that entered it, a call of
+the form `vae.decode` makes (one latent tensor, inference mode) replays the graph captured for its shape, if there
+is one. The graph is captured only inside `graphed(pipe, capture=True)`: the compile warm-up's decode of one image
+at the default size, if a decode of that size still fits twice over beside it (its pool holds a decode's working
+memory for good, ~2.4 GiB per megapixel in bf16). Batches, other sizes, tiles of another size and the previews
+decode as before. The key holds the decoder's modules (the compiled norms are instance forwards) and its weights'
+addresses (`cuda_graphs.module_signature`)."""
 
 from __future__ import annotations
 
