@@ -214,6 +214,7 @@ def _whole_pipeline(
     spec = model_spec(arch)
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
     quantized_transformer = any(component == "transformer" for component, _ in speed.quantization.schemes)
+    graphs = encoder_graphs_fit(speed.compile, device, "resident")  # the encoder's and the decoder's CUDA graphs
     step_graphs = transformer_graphs_fit(speed.compile, device, "resident", quantized_transformer)
     if speed:  # plain diffusers as a user runs it, before the speed options change the shared pipeline
         results["eager_baseline"] = _eager_baseline(direct, arch.size, repeats, device, clock)
@@ -222,12 +223,13 @@ def _whole_pipeline(
             # As serve --reference-cache on --compile does: the cache's processors go on before compiling (they act
             # as diffusers' own without a cache), so no figure swaps processors under the compiled blocks.
             install_reference_processors(pipe.transformer)
-        if encoder_graphs_fit(speed.compile, device, "resident"):  # as serve --compile: the warm-up captures them,
-            install_encoder_graphs(pipe.text_encoder)  # only the served column's encodes replay them
-        if step_graphs:  # the same for the steps (the default size's, batches of 1 and 2)
-            install_transformer_graphs(pipe.transformer)
-        if encoder_graphs_fit(speed.compile, device, "resident"):  # and one image's decode at that size
+        # As serve --compile: the warm-up captures the graphs; only the served column's encodes, steps (the default
+        # size's, batches of 1 and 2) and decodes (one image of that size) replay them.
+        if graphs:
+            install_encoder_graphs(pipe.text_encoder)
             install_decoder_graphs(pipe.vae.decoder)
+        if step_graphs:
+            install_transformer_graphs(pipe.transformer)
         # One warm-up serves both columns: they both run in inference mode.
         results["speed_setup_s"] = apply_speed_options(pipe, speed, device, lambda: warm_up(pipe, arch.size))
         clock.say(f"{speed.label()} applied (compiled and warmed up) in {results['speed_setup_s']:.1f} s")
@@ -237,9 +239,9 @@ def _whole_pipeline(
         offload="resident",
         reasons=("built in memory by the bench",),
         compile=speed.compile,
-        encoder_graphs=encoder_graphs_fit(speed.compile, device, "resident"),
+        encoder_graphs=graphs,
         transformer_graphs=step_graphs,
-        decoder_graphs=encoder_graphs_fit(speed.compile, device, "resident"),
+        decoder_graphs=graphs,
         quantization=speed.quantization,
     )
     config = ModelConfig(

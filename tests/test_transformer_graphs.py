@@ -6,6 +6,7 @@ a GPU only (`.ci/gpu-checks`)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import pytest
@@ -37,13 +38,9 @@ def graphs(pipe):
 
 def latents(pipe, prompts, *, seed=0, steps=2, side=SIDE, graph=True, capture=False, **options):
     generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        if not graph:
-            return pipe(prompt=prompts, height=side, width=side, num_inference_steps=steps, generator=generator,
-                        output_type="latent", **options).images  # fmt: skip
-        with graphed(pipe, capture=capture):
-            return pipe(prompt=prompts, height=side, width=side, num_inference_steps=steps, generator=generator,
-                        output_type="latent", **options).images  # fmt: skip
+    with torch.inference_mode(), graphed(pipe, capture=capture) if graph else contextlib.nullcontext():
+        return pipe(prompt=prompts, height=side, width=side, num_inference_steps=steps, generator=generator,
+                    output_type="latent", **options).images  # fmt: skip
 
 
 def capture(pipe, batch=1, side=SIDE):
