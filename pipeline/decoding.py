@@ -64,8 +64,9 @@ def decode(
         side = f"{columns * LATENT_SCALE}x{rows * LATENT_SCALE}"
         log.info("decode: %s (%d image(s) of %s; %s free)", way, batch, side, _gib(room))
     with torch.inference_mode():
+        latents = latents.to(device, dtype)
         try:
-            array = _decoded(vae, latents.to(device, dtype), way)
+            array = _decoded(vae, latents, way)
         except torch.OutOfMemoryError:
             if way == "tiled":
                 raise
@@ -75,7 +76,7 @@ def decode(
             log.warning("decode: out of device memory decoding %s; decoding again in tiles", way.replace("_", " "))
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            array = _decoded(vae, latents.to(device, dtype), "tiled")
+            array = _decoded(vae, latents, "tiled")
     return [Image.fromarray(np.ascontiguousarray(row)) for row in array]
 
 

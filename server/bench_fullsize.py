@@ -213,9 +213,10 @@ def _whole_pipeline(
 
     spec = model_spec(arch)
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
-    quantized_transformer = any(component == "transformer" for component, _ in speed.quantization.schemes)
     graphs = encoder_graphs_fit(speed.compile, device, "resident")  # the encoder's and the decoder's CUDA graphs
-    step_graphs = transformer_graphs_fit(speed.compile, device, "resident", quantized_transformer)
+    step_graphs = transformer_graphs_fit(
+        speed.compile, device, "resident", "transformer" in dict(speed.quantization.schemes)
+    )
     if speed:  # plain diffusers as a user runs it, before the speed options change the shared pipeline
         results["eager_baseline"] = _eager_baseline(direct, arch.size, repeats, device, clock)
         save()

@@ -313,7 +313,7 @@ def _measure(
         compile=compile,
         encoder_graphs=encoder_graphs_fit(compile, device, plan.name),
         transformer_graphs=transformer_graphs_fit(
-            compile, device, plan.name, any(component == "transformer" for component, _ in quantization.schemes)
+            compile, device, plan.name, "transformer" in dict(quantization.schemes)
         ),
         decoder_graphs=encoder_graphs_fit(compile, device, plan.name),
     )
