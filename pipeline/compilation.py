@@ -86,13 +86,17 @@ def compile_vae_norms(pipe: Flux2Pipe) -> int:
     3): its statistics take the shared graphs, its pass over the values is the eager `addcmul`, as references come
     in any size (an exact-size graph per reference shape would be compiled inside requests)."""
     statistics = torch.compile(_group_affine, dynamic=True)
-    decoder = [module for module in pipe.vae.decoder.modules() if isinstance(module, torch.nn.GroupNorm)]
-    encoder = [module for module in pipe.vae.encoder.modules() if isinstance(module, torch.nn.GroupNorm)]
+    decoder, encoder = group_norms(pipe.vae.decoder), group_norms(pipe.vae.encoder)
     decoder_apply = NormApply()
     for norms, apply in ((decoder, decoder_apply), (encoder, eager_apply)):
         for norm in norms:
             norm.forward = partial(_compiled_norm, norm, statistics, apply)  # type: ignore[method-assign]
     return len(decoder) + len(encoder)
+
+
+def group_norms(module: torch.nn.Module) -> list[torch.nn.GroupNorm]:
+    """`module`'s group norms, in module order."""
+    return [sub for sub in module.modules() if isinstance(sub, torch.nn.GroupNorm)]
 
 
 def eager_apply(flat: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:

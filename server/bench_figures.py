@@ -321,7 +321,9 @@ def _pause_step_graphs(pipe: Any, paused: bool) -> None:
 def _eager_encoder_norms(pipe: Any, on: bool) -> None:
     """The VAE encoder's group norms back on their own (eager) forward for a figure, and their compiled forward
     (pipeline/compilation.py) back after it."""
-    norms = [module for module in pipe.vae.encoder.modules() if isinstance(module, torch.nn.GroupNorm)]
+    from pipeline.compilation import group_norms
+
+    norms = group_norms(pipe.vae.encoder)
     if on:
         pipe._bench_compiled_norms = [vars(norm).pop("forward", None) for norm in norms]
         return
