@@ -34,8 +34,6 @@ import torch
 from PIL import Image
 from torch.nn import functional
 
-from .decoder_graphs import graphed as graphed_decoder
-from .decoder_graphs import installed as installed_decoder_graphs
 from .decoding import decode, latents_for_vae
 from .encoder_depth import reading_depth
 from .encoder_graphs import graphed
@@ -189,8 +187,7 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
     first edit would otherwise compile inside its request (on an H100 the bench's 4-reference warm-up took 37 s).
     Any number of references reuses them (the shapes are dynamic). Where the transformer has CUDA graphs
     (pipeline/transformer_graphs.py), the same two generations once more capture its steps' graphs, around the
-    blocks compiled by then, and a decode of one image the VAE decoder's graph (pipeline/decoder_graphs.py).
-    Returns seconds."""
+    blocks compiled by then. Returns seconds."""
     started = time.perf_counter()
     edits = installed(pipe.transformer) if references is None else references
     # Not square: a token count equal to another dimension (a 1024² reference has 4096 tokens, klein-9B's hidden
@@ -217,26 +214,18 @@ def warm_up(pipe: Flux2Pipe, side: int = WARM_UP_SIDE, references: bool | None =
                     del kv
                     forget_attention_kwargs(pipe)
         decode(pipe, latents_for_vae(pipe, latents, side, side))
-    # The steps' and the decode's CUDA graphs, captured around what the pass above compiled: the same generations
-    # once more, and the decode of one image.
-    steps_graphs, decoder_graphs = installed_step_graphs(pipe.transformer), installed_decoder_graphs(pipe.vae.decoder)
+    # The steps' CUDA graphs, captured around the blocks the pass above compiled: the same generations once more.
+    steps_graphs = installed_step_graphs(pipe.transformer)
     if steps_graphs is not None:
         for batch in (1, 2):
-            latents = _warm_up_generation(pipe, batch, side, capture_steps=True)
-    if decoder_graphs is not None:
-        with graphed_decoder(pipe, capture=True):
-            decode(pipe, latents_for_vae(pipe, latents[:1], side, side))
+            _warm_up_generation(pipe, batch, side, capture_steps=True)
     seconds = time.perf_counter() - started
     log.info(
         "model: compiled and warmed up at %dx%d (batches of 1 and 2%s%s) in %.1f s",
         side,
         side,
         ", generations and cached-reference edits" if edits else "",
-        "".join(
-            f"; {graphs.what} graphs captured: {graphs.captures}"
-            for graphs in (steps_graphs, decoder_graphs)
-            if graphs is not None
-        ),
+        f"; {steps_graphs.what} graphs captured: {steps_graphs.captures}" if steps_graphs is not None else "",
         seconds,
     )
     return seconds

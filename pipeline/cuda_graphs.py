@@ -1,5 +1,5 @@
-"""A module's forward replayed from CUDA graphs: what the text encoder's graphs (`encoder_graphs.py`), the
-transformer's (`transformer_graphs.py`) and the VAE decoder's (`decoder_graphs.py`) share.
+"""A module's forward replayed from CUDA graphs: what the text encoder's graphs (`encoder_graphs.py`) and the
+transformer's (`transformer_graphs.py`) share.
 
 A CUDA graph records the kernels of one call once and launches them all with one call, so a pass bound by the
 host's Python and kernel launches runs at the speed of its kernels. `GraphedForward` wraps a module's forward
@@ -96,7 +96,7 @@ class GraphedForward:
 
     def scope_signature(self) -> tuple[Any, ...]:
         """`module_signature` of the module, taken once per `enabled()` scope (nothing changes the modules within
-        one denoise or one decode)."""
+        one denoise)."""
         signature = getattr(self._on, "signature", None)
         if signature is None:
             signature = self._on.signature = module_signature(self.module)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 from .compilation import WARM_UP_SIDE, compile_pipeline, warm_up
-from .decoder_graphs import install as install_decoder_graphs
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
 from .gguf_weights import load_gguf_transformer
@@ -106,15 +105,13 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
 
 
 def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SIDE) -> None:
-    """After placing, as `placement` says: the text encoder's, the transformer's and the VAE decoder's CUDA graphs
-    installed (the warm-up captures them), the transformer's blocks and the VAE decoder's norms compiled, and the
-    warm-up at `side`x`side`."""
+    """After placing, as `placement` says: the text encoder's and the transformer's CUDA graphs installed (the
+    warm-up captures them), the transformer's blocks and the VAE decoder's norms compiled, and the warm-up at
+    `side`x`side`."""
     if placement.encoder_graphs:
         install_encoder_graphs(pipe.text_encoder)
     if placement.transformer_graphs:
         install_transformer_graphs(pipe.transformer)
-    if placement.decoder_graphs:
-        install_decoder_graphs(pipe.vae.decoder)
     if placement.compile:
         compile_pipeline(pipe)
         warm_up(pipe, side)

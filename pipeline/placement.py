@@ -65,7 +65,6 @@ class Placement:
     compile: bool = False  # torch.compile of the transformer's repeated blocks and the decoder's norms, warmed up
     encoder_graphs: bool = False  # the text encode replayed from CUDA graphs (pipeline/encoder_graphs.py)
     transformer_graphs: bool = False  # the denoising steps replayed from CUDA graphs (pipeline/transformer_graphs.py)
-    decoder_graphs: bool = False  # the final decode replayed from a CUDA graph (pipeline/decoder_graphs.py)
     cache: StepCache = StepCache()  # step caching hooks on the transformer (off by default)
     quantization: Quantization = Quantization()  # quantized components (none by default)
     transformer_file: Path | None = None  # a GGUF transformer loaded in place of the folder's (gguf_weights.py)
@@ -196,9 +195,6 @@ def decide_placement(
             "transformer graphs: the steps at the warm-up's size (batches of 1 and 2) replayed from CUDA graphs "
             "(with compile, resident)"
         )
-    decoder_graphs = encoder_graphs_fit(compile, chosen_device, chosen_offload)  # the VAE is never quantized
-    if decoder_graphs:
-        reasons.append("decoder graphs: the final decode of one image at the warm-up's size replayed from a CUDA graph")
     if step_cache.kind != "off":
         reasons.append(f"cache: {step_cache} (asked: steps reuse work; images differ slightly from uncached)")
     if reference_cache not in REFERENCE_CACHE_CHOICES:
@@ -223,7 +219,6 @@ def decide_placement(
         compile=compile,
         encoder_graphs=encoder_graphs,
         transformer_graphs=transformer_graphs,
-        decoder_graphs=decoder_graphs,
         cache=step_cache,
         quantization=quantization,
         plan=plan,

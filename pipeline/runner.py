@@ -17,7 +17,6 @@ from PIL import Image
 
 from .adapters import activate
 from .batching import Slice, images_in
-from .decoder_graphs import graphed as graphed_decoder
 from .decoding import decode, latents_for_vae
 from .encoder_depth import reading_depth
 from .encoder_graphs import graphed
@@ -158,8 +157,7 @@ def run_batch(
     # store holds, as far as the store can make room.
     store = model.reference_store
     make_room = store.release if store is not None else None
-    with graphed_decoder(pipe):  # one image at the warm-up's size replays the decoder's CUDA graph, where it has one
-        images = iter(decode(pipe, latents[rows], make_room=make_room) if rows else [])
+    images = iter(decode(pipe, latents[rows], make_room=make_room) if rows else [])
     stages = StageTimes(
         text_encode=text_encode,
         prompt_cached=prompt_cached,

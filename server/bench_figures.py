@@ -12,7 +12,6 @@ from typing import Any
 import torch
 
 from pipeline.architectures import Architecture
-from pipeline.decoder_graphs import installed as installed_decoder_graphs
 from pipeline.transformer_graphs import installed as installed_step_graphs
 
 from .bench_harness import (
@@ -261,18 +260,6 @@ def figures_for(
                 None,
                 prepare=lambda: _pause_step_graphs(pipe, True),
                 cleanup=lambda: _pause_step_graphs(pipe, False),
-            )
-        )
-    if pipe is not None and installed_decoder_graphs(pipe.vae.decoder) is not None:
-        # As the runner decodes under --compile on CUDA: one image of the warm-up's size replays the decoder's CUDA
-        # graph (pipeline/decoder_graphs.py); against `vae_decode`, the same decode compiled and eager.
-        figures.append(
-            Figure(
-                "vae_decode_graphed",
-                f"final decode, {size}x{size}, CUDA graph",
-                None,
-                lambda: vae_decode(pipe, size, graph=True),
-                "decode alone, graphed",
             )
         )
     if device == "cuda":

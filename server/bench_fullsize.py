@@ -192,7 +192,6 @@ def _whole_pipeline(
     save: Callable[[], None],
     speed: SpeedOptions,
 ) -> None:
-    from pipeline.decoder_graphs import install as install_decoder_graphs
     from pipeline.encoder_graphs import install as install_encoder_graphs
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel
@@ -213,7 +212,7 @@ def _whole_pipeline(
 
     spec = model_spec(arch)
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
-    graphs = encoder_graphs_fit(speed.compile, device, "resident")  # the encoder's and the decoder's CUDA graphs
+    graphs = encoder_graphs_fit(speed.compile, device, "resident")  # the encoder's CUDA graphs
     step_graphs = transformer_graphs_fit(
         speed.compile, device, "resident", "transformer" in dict(speed.quantization.schemes)
     )
@@ -224,11 +223,10 @@ def _whole_pipeline(
             # As serve --reference-cache on --compile does: the cache's processors go on before compiling (they act
             # as diffusers' own without a cache), so no figure swaps processors under the compiled blocks.
             install_reference_processors(pipe.transformer)
-        # As serve --compile: the warm-up captures the graphs; only the served column's encodes, steps (the default
-        # size's, batches of 1 and 2) and decodes (one image of that size) replay them.
+        # As serve --compile: the warm-up captures the graphs; only the served column's encodes and steps (the
+        # default size's, batches of 1 and 2) replay them.
         if graphs:
             install_encoder_graphs(pipe.text_encoder)
-            install_decoder_graphs(pipe.vae.decoder)
         if step_graphs:
             install_transformer_graphs(pipe.transformer)
         # One warm-up serves both columns: they both run in inference mode.
@@ -242,7 +240,6 @@ def _whole_pipeline(
         compile=speed.compile,
         encoder_graphs=graphs,
         transformer_graphs=step_graphs,
-        decoder_graphs=graphs,
         quantization=speed.quantization,
     )
     config = ModelConfig(

@@ -282,26 +282,19 @@ class PeakMemory:
             self._sampler.join()
 
 
-def vae_decode(pipe: Any, size: int, calls: int = 3, graph: bool = False) -> float:
+def vae_decode(pipe: Any, size: int, calls: int = 3) -> float:
     """Median seconds of the server's final decode (pipeline/decoding.py: VAE decode, 8-bit pixels, to the CPU) of
-    one `size`x`size` image from random latents, after a warm-up; with `graph`, as the runner decodes (replaying
-    the decoder's CUDA graph where it has one for the size: pipeline/decoder_graphs.py)."""
-    return median_seconds(decode_action(pipe, size, graph), pipe.vae.device.type, calls)
+    one `size`x`size` image from random latents, after a warm-up."""
+    return median_seconds(decode_action(pipe, size), pipe.vae.device.type, calls)
 
 
-def decode_action(pipe: Any, size: int, graph: bool = False) -> Callable[[], object]:
+def decode_action(pipe: Any, size: int) -> Callable[[], object]:
     """The server's final decode of one `size`x`size` image from the same random latents at every call."""
-    from pipeline.decoder_graphs import graphed
     from pipeline.decoding import decode
 
     vae = pipe.vae
     latents = torch.randn((1, vae.config.latent_channels, size // 8, size // 8), device=vae.device, dtype=vae.dtype)
-
-    def one() -> object:
-        with graphed(pipe) if graph else contextlib.nullcontext():
-            return decode(pipe, latents)
-
-    return one
+    return lambda: decode(pipe, latents)
 
 
 def vae_encode(pipe: Any, size: int, calls: int = 3) -> float:

@@ -315,7 +315,6 @@ def _measure(
         transformer_graphs=transformer_graphs_fit(
             compile, device, plan.name, "transformer" in dict(quantization.schemes)
         ),
-        decoder_graphs=encoder_graphs_fit(compile, device, plan.name),
     )
     echo(f"placing as {plan.name} (swapped components are copied into pinned host memory first)")
     swapper = apply_plan(pipe, placement) if plan.name != "resident" else None
