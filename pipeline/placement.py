@@ -3,6 +3,7 @@ the machine has. Pure decisions over measured numbers, so every branch is testab
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, TypeGuard, TypeVar, get_args
@@ -13,6 +14,7 @@ from .component_sizes import MeasuredSizes
 from .offload_plan import COMPONENTS, PLAN_NAMES, Component, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
 from .step_cache import CacheSpecError, StepCache, parse_cache
+from .toolchain import compile_toolchain_missing, install_hint
 
 Device = Literal["cuda", "cpu"]
 # The planner's plans (pipeline/offload_plan.py), then diffusers' own offloads, kept from before the planner:
@@ -90,12 +92,14 @@ def decide_placement(
     components: MeasuredSizes | None = None,
     prompt_cache: bool = True,
     transformer_file: Path | None = None,
+    toolchain_missing: str | None = None,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
     be passed (a CLI's or an environment variable's). With `components` (sizes read from the weights), auto and
     the plan names go through the offload planner; without, auto keeps everything resident when the weights fit
-    with a margin, else uses diffusers' model offload."""
+    with a margin, else uses diffusers' model offload. `toolchain_missing` says what `torch.compile` needs and the
+    machine lacks ("" for nothing; None: looked up, only where a compile is considered: pipeline/toolchain.py)."""
     if not one_of(device, DEVICE_CHOICES):
         raise PlacementError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
     if not one_of(dtype, DTYPE_CHOICES):
@@ -180,7 +184,13 @@ def decide_placement(
     except CacheSpecError as exc:
         raise PlacementError(str(exc)) from exc
     compile, compile_reason = _compile_choice(
-        compile, chosen_device, chosen_offload, bool(quantization), transformer_file, step_cache.kind != "off"
+        compile,
+        chosen_device,
+        chosen_offload,
+        bool(quantization),
+        transformer_file,
+        step_cache.kind != "off",
+        lambda: toolchain_missing if toolchain_missing is not None else compile_toolchain_missing(chosen_device),
     )
     if compile_reason:
         reasons.append(compile_reason)
@@ -279,12 +289,21 @@ def _compile_choice(
     quantized: bool,
     transformer_file: Path | None,
     step_cache: bool,
+    toolchain_missing: Callable[[], str],
 ) -> tuple[bool, str]:
     """Whether to compile, and the log line ("" for none). Asked (--compile / --no-compile) is obeyed; auto
     compiles on CUDA when everything is resident and nothing else changes the transformer: measured on an H200
     (klein-4B, 1024², torch 2.11), a step takes 0.060 s instead of 0.082 s and a served image 0.41 s instead of
     0.67 s for plain diffusers (the decoder's norms compiled too), for ~55 s of compiling at start. Offloaded,
-    quantized, GGUF and step-cached transformers stay eager until measured compiled."""
+    quantized, GGUF and step-cached transformers stay eager until measured compiled. A machine that cannot build
+    the compiled kernels (no C compiler or Python headers: `toolchain_missing`) stays eager under auto and refuses
+    an asked compile."""
+    if asked:
+        missing = toolchain_missing()
+        if missing:
+            raise PlacementError(
+                f"--compile needs what this machine lacks: {missing}; {install_hint(device)}, or --no-compile"
+            )
     if asked is not None:
         what = "the transformer's repeated blocks and the VAE decoder's norms, compiled and warmed up at load"
         what = what if asked else "off"
@@ -303,6 +322,9 @@ def _compile_choice(
     ]
     if held_back:
         return False, f"compile: off (auto: not measured with {', '.join(held_back)}; --compile forces it)"
+    missing = toolchain_missing()
+    if missing:
+        return False, f"compile: off (auto: this machine lacks {missing}; {install_hint(device)} for faster images)"
     return True, (
         "compile: the transformer's repeated blocks and the VAE decoder's norms (auto: CUDA, everything resident; "
         "compiled and warmed up at load, about 50 s; --no-compile skips it)"
