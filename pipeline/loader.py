@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
 
-from .compilation import WARM_UP_SIDE, compile_pipeline, warm_up
+from .compilation import WARM_UP_SIDE, compile_pipeline, uncompile_pipeline, warm_up
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
+from .encoder_graphs import uninstall as uninstall_encoder_graphs
 from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe, pin_placement
 from .offload_plan import Stage
@@ -19,6 +20,7 @@ from .reference_cache import install as install_reference_processors
 from .step_cache import apply_cache
 from .swapping import Swapper, check_swappable, stream_blocks
 from .transformer_graphs import install as install_transformer_graphs
+from .transformer_graphs import uninstall as uninstall_transformer_graphs
 from .weights import ModelSpec
 
 if TYPE_CHECKING:
@@ -85,7 +87,7 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     apply_cache(pipe.transformer, placement.cache)
     if placement.reference_cache:
         install_reference_processors(pipe.transformer)
-    compile_and_warm_up(pipe, placement)
+    placement = compile_and_warm_up(pipe, placement)
     log.info(
         "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",
         spec.path,
@@ -104,17 +106,34 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     )
 
 
-def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SIDE) -> None:
+def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SIDE) -> Placement:
     """After placing, as `placement` says: the text encoder's and the transformer's CUDA graphs installed (the
     warm-up captures them), the transformer's blocks and the VAE decoder's norms compiled, and the warm-up at
-    `side`x`side`."""
+    `side`x`side`. The placement as it came out: a compile that fails (a compiler missing or broken, an Inductor
+    bug on this card: torch.compile builds at the warm-up) is undone, logged, and the model served eager."""
     if placement.encoder_graphs:
         install_encoder_graphs(pipe.text_encoder)
     if placement.transformer_graphs:
         install_transformer_graphs(pipe.transformer)
-    if placement.compile:
+    if not placement.compile:
+        return placement
+    try:
         compile_pipeline(pipe)
         warm_up(pipe, side)
+    except Exception as exc:  # whatever the compile raised, the eager model still serves
+        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        log.error("model: --compile failed at the warm-up (%s); serving uncompiled, without CUDA graphs", why)
+        uninstall_encoder_graphs(pipe.text_encoder)
+        uninstall_transformer_graphs(pipe.transformer)
+        uncompile_pipeline(pipe)
+        return replace(
+            placement,
+            compile=False,
+            encoder_graphs=False,
+            transformer_graphs=False,
+            reasons=(*placement.reasons, f"compile: failed at load ({why}); off"),
+        )
+    return placement
 
 
 def apply_plan(pipe: Any, placement: Placement) -> Swapper:

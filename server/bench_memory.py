@@ -327,7 +327,7 @@ def _measure(
     echo(placed)
     if compile:  # as load_model does for `serve --compile`, after placing
         started = time.perf_counter()
-        compile_and_warm_up(pipe, placement, side=arch.size)
+        placement = compile_and_warm_up(pipe, placement, side=arch.size)
         echo(f"compiled and warmed up in {time.perf_counter() - started:.1f} s")
     spec = model_spec(arch)
     config = ModelConfig(name=arch.name, spec=spec, placement=placement, weight_bytes=0)

@@ -278,3 +278,45 @@ def test_the_steps_graphs_capture_around_the_compiled_blocks_without_compiling_a
     assert counters["stats"]["unique_graphs"] == before
     torch._dynamo.reset()
     assert warm_up_graphs[True] == warm_up_graphs[False] > 0, warm_up_graphs
+
+
+def test_a_compile_that_fails_at_the_warm_up_is_undone_and_the_model_serves_eager(tiny_klein, monkeypatch, caplog):
+    """torch.compile builds at the warm-up: a failure there (here Triton's, on a machine without a C compiler)
+    leaves the model as the eager one: no compiled block or norm left, the CUDA graphs uninstalled, the placement
+    saying so, one error line in the log, and the eager pipeline's images exactly."""
+    import logging
+    from dataclasses import replace
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    import pipeline.loader as loader
+    from pipeline import encoder_graphs, transformer_graphs
+    from pipeline.compilation import group_norms
+    from pipeline.placement import decide_placement
+    from pipeline.weights import inspect_model
+
+    def failing_warm_up(pipe, side):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.\nmore lines")
+
+    monkeypatch.setattr(loader, "warm_up", failing_warm_up)
+    placement = decide_placement(weight_params=1, cuda_available=False, compile=True, toolchain_missing="")
+    placement = replace(placement, encoder_graphs=True, transformer_graphs=True)  # as on CUDA, to be taken back
+    with caplog.at_level(logging.ERROR, logger="flux2.loader"):
+        model = loader.load_model(inspect_model(tiny_klein), placement)
+    pipe = model.pipe
+    assert not (model.placement.compile or model.placement.encoder_graphs or model.placement.transformer_graphs)
+    assert model.placement.reasons[-1] == (
+        "compile: failed at load (RuntimeError: Failed to find C compiler. Please specify via CC environment "
+        "variable.); off"
+    )
+    assert "--compile failed at the warm-up" in caplog.text and "serving uncompiled" in caplog.text
+    assert not any(getattr(m, "_compiled_call_impl", None) is not None for m in pipe.transformer.modules())
+    assert not any("forward" in vars(norm) for norm in group_norms(pipe.vae.decoder) + group_norms(pipe.vae.encoder))
+    assert transformer_graphs.installed(pipe.transformer) is None
+    assert encoder_graphs.installed(pipe.text_encoder) is None
+    assert "forward" not in vars(pipe.transformer) and "forward" not in vars(pipe.text_encoder)
+    eager = DiffusionPipeline.from_pretrained(tiny_klein)
+    eager.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        assert np.array_equal(_small_image(pipe, 2, 5), _small_image(eager, 2, 5))
