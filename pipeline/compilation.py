@@ -64,14 +64,14 @@ def compile_pipeline(pipe: Flux2Pipe) -> None:
 
 
 def uncompile_pipeline(pipe: Flux2Pipe) -> None:
-    """`compile_pipeline` undone: the transformer's blocks and the VAE's norms run their own eager forwards again,
-    and dynamo forgets what it compiled."""
+    """`compile_pipeline` undone: the transformer's blocks and the VAE's norms run their own eager forwards again
+    (their compiled code dropped with them; no `torch._dynamo.reset()`, which would throw away the compiled code of
+    every other model this process serves)."""
     for module in pipe.transformer.modules():
         if getattr(module, "_compiled_call_impl", None) is not None:  # nn.Module.compile's (compile_repeated_blocks)
             module._compiled_call_impl = None
     for norm in group_norms(pipe.vae.decoder) + group_norms(pipe.vae.encoder):
         vars(norm).pop("forward", None)  # the instance's compiled forward (compile_vae_norms): the class's again
-    torch._dynamo.reset()
 
 
 def compile_vae_norms(pipe: Flux2Pipe) -> int:
