@@ -121,7 +121,7 @@ def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SID
         compile_pipeline(pipe)
         warm_up(pipe, side)
     except Exception as exc:  # whatever the compile raised, the eager model still serves
-        why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else 'no message'}"
+        why = f"{type(exc).__name__}: {next(iter(str(exc).splitlines()), '')}"  # as cuda_graphs words a failure
         log.error("model: --compile failed at the warm-up (%s); serving uncompiled, without CUDA graphs", why)
         uninstall_encoder_graphs(pipe.text_encoder)
         uninstall_transformer_graphs(pipe.transformer)
