@@ -176,6 +176,11 @@ def test_the_repeated_references_figure_measured_store_hits_and_the_cached_ones_
         assert figures[f"edit_{count}_cached"]["served_marks"]["references"] == ["computed"]
     assert "references" not in figures["edit_4"]["served_marks"]
     assert figures["one_image"]["served_marks"]["text_encode"] == ["encoded"]  # a new prompt every run
+    # Each served request's own stages, as its Server-Timing header gave them (one run per figure here).
+    one = figures["one_image"]
+    assert len(one["served_runs_stages_ms"]) == one["runs"] == 1
+    assert one["served_runs_stages_ms"][0] == one["served_stages_ms"]
+    assert one["served_runs_stages_ms"][0]["total"] > one["served_runs_stages_ms"][0]["denoise"] > 0
 
 
 def test_the_edits_are_summed_up_as_multiples_of_one_image(tiny_run):
