@@ -230,8 +230,9 @@ class Engine:
     # -- the worker ----------------------------------------------------------------------------------------------
     def _work(self) -> None:
         try:
-            model = self.pool.get()
-            self.safety = self._load_safety_checker(execution_device(model.pipe))
+            # No local name for the default model: this frame lives as long as the worker, and would keep the model
+            # (its weights on the device) alive after the pool evicts it.
+            self.safety = self._load_safety_checker(execution_device(self.pool.get().pipe))
         except Exception as exc:  # any load failure is reported, never raised into a dead thread
             log.exception("the default model or the safety checker failed to load")
             self.load_error = f"{type(exc).__name__}: {exc}"

@@ -203,6 +203,24 @@ def test_models_load_on_first_use_and_are_evicted_lru(tiny_klein, tiny_dev):
         engine.stop(10)
 
 
+def test_an_evicted_default_model_is_freed(tiny_klein, tiny_dev):
+    """The pool's eviction frees the model: nothing else (the worker's frame, which loaded the default model at
+    start and lives as long as the engine) keeps its weights alive."""
+    import weakref
+
+    pool = ModelPool([model_config(tiny_klein, "klein"), model_config(tiny_dev, "dev")], max_loaded=1)
+    engine = Engine(pool)
+    engine.start()
+    try:
+        assert engine.wait_ready(60)
+        gone = weakref.ref(pool.loaded_models()[0].pipe.transformer)
+        assert engine.submit(job(model="dev")).future.result(60).images
+        assert pool.loaded == ["dev"]
+        assert gone() is None
+    finally:
+        engine.stop(10)
+
+
 def test_stop_finishes_queued_work_within_the_timeout(tiny_klein):
     engine = make_engine(tiny_klein)
     handle = engine.submit(job(steps=3))
