@@ -221,6 +221,46 @@ def test_an_evicted_default_model_is_freed(tiny_klein, tiny_dev):
         engine.stop(10)
 
 
+def test_a_loaded_model_is_frozen_out_of_the_collectors_walks(tiny_klein):
+    """After a load the heap is collected and frozen: the model's objects are out of every generation the cyclic
+    collector walks, so a full collection inside a request walks only what requests made."""
+    import gc
+
+    engine = make_engine(tiny_klein)
+    try:
+        assert engine.wait_ready(60)
+        pipe = engine.pool.loaded_models()[0].pipe
+        assert gc.get_freeze_count() > 0
+        tracked = {id(obj) for obj in gc.get_objects()}
+        assert id(pipe) not in tracked and id(pipe.transformer) not in tracked
+        assert gc.is_tracked(pipe.transformer)  # tracked, but frozen
+    finally:
+        engine.stop(10)
+
+
+def test_releasing_device_memory_collects_cycles_that_were_frozen():
+    """Frozen objects in a reference cycle are collected only after a thaw: an evicted model's cycles (hooks that
+    refer back to their modules, say) must not stay frozen for the life of the server."""
+    import gc
+    import weakref
+
+    from pipeline.pool import release_device_memory
+
+    class Node:
+        pass
+
+    node = Node()
+    node.itself = node
+    gone = weakref.ref(node)
+    gc.freeze()
+    del node
+    gc.collect()
+    assert gone() is not None  # frozen: the collector does not walk it
+    release_device_memory()
+    assert gone() is None
+    assert gc.get_freeze_count() > 0  # what survived is frozen again
+
+
 def test_stop_finishes_queued_work_within_the_timeout(tiny_klein):
     engine = make_engine(tiny_klein)
     handle = engine.submit(job(steps=3))
