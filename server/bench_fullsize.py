@@ -493,6 +493,15 @@ def bench_command(
         raise typer.BadParameter("must be one of auto, cuda, cpu", param_hint="--device")
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("torch sees no CUDA device", param_hint="--device")
+    if speed.compile:  # as serve refuses it: at start, with what to install, not Triton's error after the baseline
+        from pipeline.toolchain import compile_toolchain_missing, install_hint
+
+        resolved = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        missing = compile_toolchain_missing(resolved)
+        if missing:
+            raise typer.BadParameter(
+                f"needs what this machine lacks: {missing}; {install_hint(resolved)}", param_hint="--compile"
+            )
     results = run_fullsize_bench(
         arch, device, repeats, steps, json_path, transformer_only, echo=lambda line: typer.echo(line), speed=speed
     )

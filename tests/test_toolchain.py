@@ -92,3 +92,19 @@ def test_serve_compile_without_a_compiler_exits_with_what_to_install(tmp_path, t
     assert run.returncode == 2, run.stderr[-2000:]
     assert "--compile needs what this machine lacks: a C++ compiler" in run.stderr
     assert "apt install g++ python3-dev" in run.stderr
+
+
+def test_bench_compile_without_a_compiler_is_refused_before_anything_is_built(bare_machine):
+    """`bench --compile` as serve: refused at start, exit status 2, with what to install (it used to time the eager
+    baseline first and then fail inside the warm-up with Triton's or Inductor's own error)."""
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(
+        app, ["bench", "--architecture", "tiny", "--device", "cpu", "--compile"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 2, result.output
+    assert "needs what this machine lacks: a C++ compiler" in result.output
+    assert "apt install g++ python3-dev" in result.output
+    assert "eager baseline" not in result.output
