@@ -128,6 +128,8 @@ def bench(
     from .bench import report, run_bench
 
     quiet_progress_bars()
+    if architecture is not None:
+        _stacks_when_stopped()
     if memory_cap is not None or memory_caps is not None:
         if architecture is None:
             raise typer.BadParameter("needs --architecture", param_hint="--memory-cap")
@@ -153,3 +155,22 @@ def bench(
         return
     figures = run_bench(model, size, steps, count, repeats or 5, None)
     typer.echo(report(figures, size, steps, count))
+
+
+def _stacks_when_stopped() -> None:
+    """A full-size bench that is stopped (`.ci/gpu-checks` runs each stage under `timeout`, which sends SIGTERM)
+    prints every thread's stack first, so that a stage cut short says where it was (the fp8 compile's warm-up has
+    twice run out its time on a GPU without a word); with FLUX2_BENCH_STACKS_EVERY=SECONDS, also every SECONDS."""
+    import faulthandler
+    import os
+    import signal
+
+    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    every = os.environ.get("FLUX2_BENCH_STACKS_EVERY", "")
+    if every:
+        try:
+            seconds = float(every)
+        except ValueError as exc:
+            raise typer.BadParameter(f"FLUX2_BENCH_STACKS_EVERY: not a number of seconds: {every!r}") from exc
+        if seconds > 0:
+            faulthandler.dump_traceback_later(seconds, repeat=True)

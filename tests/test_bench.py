@@ -498,3 +498,25 @@ def test_the_text_encoder_compiled_layer_by_layer_encodes_the_same_and_goes_back
     torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(embeds(), eager, atol=0, rtol=0)
+
+
+def test_a_stopped_full_size_bench_prints_where_each_thread_was():
+    """`.ci/gpu-checks` stops a stage that runs out of time with SIGTERM: the bench dumps every thread's stack on
+    the way out (and still dies of the signal), so a stage cut short says where it was."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLUX2_BENCH_STACKS_EVERY": "0"}
+    command = [sys.executable, "-m", "server.cli", "bench", "--architecture", "tiny", "--device", "cpu"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as bench:
+        assert bench.stdout is not None
+        for line in bench.stdout:  # stopped while it measures
+            if "built the pipeline in memory" in line:
+                break
+        bench.send_signal(signal.SIGTERM)
+        _, stderr = bench.communicate(timeout=60)
+    assert bench.returncode == -signal.SIGTERM
+    assert "most recent call first" in stderr and 'File "' in stderr, stderr[-3000:]
+    assert "server/bench_fullsize.py" in stderr  # the main thread was in the bench
