@@ -165,7 +165,8 @@ def _stacks_when_stopped() -> None:
     import os
     import signal
 
-    faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
+    if hasattr(faulthandler, "register"):  # not on Windows
+        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     every = os.environ.get("FLUX2_BENCH_STACKS_EVERY", "")
     if every:
         try:
