@@ -160,18 +160,28 @@ def bench(
 def _stacks_when_stopped() -> None:
     """A full-size bench that is stopped (`.ci/gpu-checks` runs each stage under `timeout`, which sends SIGTERM)
     prints every thread's stack first, so that a stage cut short says where it was (the fp8 compile's warm-up has
-    twice run out its time on a GPU without a word); with FLUX2_BENCH_STACKS_EVERY=SECONDS, also every SECONDS."""
+    twice run out its time on a GPU without a word); with FLUX2_BENCH_STACKS_EVERY=SECONDS, also every SECONDS.
+    Written to the process's own stderr (`sys.__stderr__`: faulthandler needs a file descriptor, which a captured
+    `sys.stderr` may not have); nothing where there is none, or where the platform has no `faulthandler.register`."""
     import faulthandler
+    import io
     import os
     import signal
+    import sys
 
-    if hasattr(faulthandler, "register"):  # not on Windows
-        faulthandler.register(signal.SIGTERM, all_threads=True, chain=True)
     every = os.environ.get("FLUX2_BENCH_STACKS_EVERY", "")
-    if every:
-        try:
-            seconds = float(every)
-        except ValueError as exc:
-            raise typer.BadParameter(f"FLUX2_BENCH_STACKS_EVERY: not a number of seconds: {every!r}") from exc
-        if seconds > 0:
-            faulthandler.dump_traceback_later(seconds, repeat=True)
+    try:
+        seconds = float(every) if every else 0.0
+    except ValueError as exc:
+        raise typer.BadParameter(f"FLUX2_BENCH_STACKS_EVERY: not a number of seconds: {every!r}") from exc
+    stream = sys.__stderr__
+    try:
+        if stream is None:
+            return
+        stream.fileno()
+    except (OSError, ValueError, io.UnsupportedOperation):
+        return
+    if hasattr(faulthandler, "register"):  # not on Windows
+        faulthandler.register(signal.SIGTERM, file=stream, all_threads=True, chain=True)
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, repeat=True, file=stream)
