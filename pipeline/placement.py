@@ -14,7 +14,7 @@ from .component_sizes import MeasuredSizes
 from .offload_plan import COMPONENTS, PLAN_NAMES, Component, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
 from .step_cache import CacheSpecError, StepCache, parse_cache
-from .toolchain import compile_toolchain_missing, install_hint
+from .toolchain import compile_toolchain_missing, install_hint, lacking
 
 Device = Literal["cuda", "cpu"]
 # The planner's plans (pipeline/offload_plan.py), then diffusers' own offloads, kept from before the planner:
@@ -301,9 +301,7 @@ def _compile_choice(
     if asked:
         missing = toolchain_missing()
         if missing:
-            raise PlacementError(
-                f"--compile needs what this machine lacks: {missing}; {install_hint(device)}, or --no-compile"
-            )
+            raise PlacementError(f"--compile {lacking(device, missing)}, or --no-compile")
     if asked is not None:
         what = "the transformer's repeated blocks and the VAE decoder's norms, compiled and warmed up at load"
         what = what if asked else "off"

@@ -23,6 +23,11 @@ def install_hint(device: str) -> str:
     return f"install a {'C' if device == 'cuda' else 'C++'} compiler and Python's headers (apt install {packages})"
 
 
+def lacking(device: str, missing: str) -> str:
+    """Why a compile asked for on `device` is refused, `missing` being `compile_toolchain_missing(device)`."""
+    return f"needs what this machine lacks: {missing}; {install_hint(device)}"
+
+
 def compile_toolchain_missing(device: str) -> str:
     """What `torch.compile` on `device` ("cuda" or "cpu") needs and this machine lacks, in words ("" for nothing)."""
     missing = []

@@ -74,6 +74,12 @@ def fits_card(weight_bytes: int, card_bytes: float) -> bool:
     return weight_bytes + _HEADROOM_BYTES <= card_bytes
 
 
+def resolved_device(device: str) -> str:
+    """The device a --device choice stands for: CUDA for "auto" when torch sees a card, else the CPU; "cuda" and
+    "cpu" as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def run_fullsize_bench(
     arch: Architecture,
     device: str = "auto",
@@ -86,7 +92,7 @@ def run_fullsize_bench(
 ) -> dict:
     """Measure every figure and return the results (also written to `json_path` after each figure)."""
     clock = _Clock(echo)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolved_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     repeats = repeats or arch.repeats
     counts = parameter_counts(arch)
@@ -494,14 +500,12 @@ def bench_command(
     if device == "cuda" and not torch.cuda.is_available():
         raise typer.BadParameter("torch sees no CUDA device", param_hint="--device")
     if speed.compile:  # as serve refuses it: at start, with what to install, not Triton's error after the baseline
-        from pipeline.toolchain import compile_toolchain_missing, install_hint
+        from pipeline.toolchain import compile_toolchain_missing, lacking
 
-        resolved = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+        resolved = resolved_device(device)
         missing = compile_toolchain_missing(resolved)
         if missing:
-            raise typer.BadParameter(
-                f"needs what this machine lacks: {missing}; {install_hint(resolved)}", param_hint="--compile"
-            )
+            raise typer.BadParameter(lacking(resolved, missing), param_hint="--compile")
     results = run_fullsize_bench(
         arch, device, repeats, steps, json_path, transformer_only, echo=lambda line: typer.echo(line), speed=speed
     )
