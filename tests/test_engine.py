@@ -189,23 +189,8 @@ def test_prompt_embeddings_are_cached(engine):
 
 
 def test_models_load_on_first_use_and_are_evicted_lru(tiny_klein, tiny_dev):
-    pool = ModelPool([model_config(tiny_klein, "klein"), model_config(tiny_dev, "dev")], max_loaded=1)
-    engine = Engine(pool)
-    engine.start()
-    try:
-        assert engine.wait_ready(60)
-        assert pool.loaded == ["klein"]
-        assert engine.submit(job(model="dev")).future.result(60).images
-        assert pool.loaded == ["dev"]
-        assert engine.submit(job(model="klein")).future.result(60).images
-        assert pool.loaded == ["klein"]
-    finally:
-        engine.stop(10)
-
-
-def test_an_evicted_default_model_is_freed(tiny_klein, tiny_dev):
-    """The pool's eviction frees the model: nothing else (the worker's frame, which loaded the default model at
-    start and lives as long as the engine) keeps its weights alive."""
+    """Models load on first use; beyond max_loaded the least recently used is evicted, and freed: nothing else (the
+    worker's frame, which loaded the default model at start and lives as long as the engine) keeps its weights."""
     import weakref
 
     pool = ModelPool([model_config(tiny_klein, "klein"), model_config(tiny_dev, "dev")], max_loaded=1)
@@ -213,10 +198,13 @@ def test_an_evicted_default_model_is_freed(tiny_klein, tiny_dev):
     engine.start()
     try:
         assert engine.wait_ready(60)
+        assert pool.loaded == ["klein"]
         gone = weakref.ref(pool.loaded_models()[0].pipe.transformer)
         assert engine.submit(job(model="dev")).future.result(60).images
         assert pool.loaded == ["dev"]
         assert gone() is None
+        assert engine.submit(job(model="klein")).future.result(60).images
+        assert pool.loaded == ["klein"]
     finally:
         engine.stop(10)
 
