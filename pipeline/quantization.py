@@ -114,6 +114,13 @@ def _config(component: str, scheme: Scheme) -> Any:
 
 
 def _torchao_config(scheme: Scheme) -> Any:
+    """torchao's config for `scheme`, with `set_inductor_config=False`: by default each of these configs, when applied,
+    sets the Inductor options torchao recommends for quantized models, among them `coordinate_descent_tuning` with
+    `coordinate_descent_check_all_directions`, which benchmark every Triton kernel's variants the first time it runs.
+    torch keeps such settings per thread; the thread that loads (or, in the bench, builds) a model also compiles and
+    warms it up. With `--compile` and fp8 (a quantize kernel beside each matmul) that tuning was where the warm-up
+    spent its time: cut off after 355 s on an H200 (run 9), every stack dump inside Inductor's coordinate-descent
+    tuner (the H100's cut-offs after 88 s and 295 s had no dumps)."""
     from torchao.quantization import (
         Float8DynamicActivationFloat8WeightConfig,
         Float8WeightOnlyConfig,
@@ -124,7 +131,7 @@ def _torchao_config(scheme: Scheme) -> Any:
         "int8": Int8WeightOnlyConfig,
         "fp8-weight": Float8WeightOnlyConfig,
         "fp8": Float8DynamicActivationFloat8WeightConfig,
-    }[scheme]()
+    }[scheme](set_inductor_config=False)
 
 
 def quantize_modules(pipe: Any, quantization: Quantization) -> None:

@@ -30,7 +30,7 @@ def _quantized(config) -> torch.nn.Module:
 
 @pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig])
 def test_a_quantized_weight_comes_apart_into_plain_tensors_and_back(config):
-    weight = _quantized(config())[0].weight
+    weight = _quantized(config(set_inductor_config=False))[0].weight
     leaves, spec = flatten(weight)
     assert len(leaves) >= 2 and all(type(leaf) is torch.Tensor for leaf in leaves)
     rebuilt = unflatten(leaves, spec)
@@ -42,7 +42,7 @@ def test_a_quantized_weight_comes_apart_into_plain_tensors_and_back(config):
 
 @pytest.mark.parametrize("config", [Int8WeightOnlyConfig, Float8WeightOnlyConfig])
 def test_flattened_layers_compute_what_the_quantized_ones_did(config):
-    model = _quantized(config())
+    model = _quantized(config(set_inductor_config=False))
     inputs = torch.randn(5, 64, dtype=torch.bfloat16)
     with torch.inference_mode():
         expected = model(inputs)
@@ -74,8 +74,8 @@ def _streamed_quantized(folder, monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(swapping, "_settle", lambda modules, tensors, device: None)  # no CUDA to keep them on
     pipe = DiffusionPipeline.from_pretrained(folder, dtype=torch.bfloat16)
-    quantize_(pipe.transformer, Float8WeightOnlyConfig())
-    quantize_(pipe.text_encoder, Int8WeightOnlyConfig())
+    quantize_(pipe.transformer, Float8WeightOnlyConfig(set_inductor_config=False))
+    quantize_(pipe.text_encoder, Int8WeightOnlyConfig(set_inductor_config=False))
     stream_blocks(pipe.text_encoder, "cuda", text_encoder=True)
     stream_blocks(pipe.transformer, "cuda")
     return pipe

@@ -79,3 +79,45 @@ def test_int8_weights_load_and_generate(tiny_klein):
 def test_a_bad_value_is_a_placement_error():
     with pytest.raises(PlacementError, match="quantize"):
         decide_placement(weight_params=1, quantize="transformer=bf16")
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8-weight", "fp8"])
+def test_torchao_configs_leave_inductor_settings_alone(scheme):
+    assert quantization._torchao_config(scheme).set_inductor_config is False
+
+
+def _kernel_tuning_off(monkeypatch):
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor, "coordinate_descent_tuning", False)
+    monkeypatch.setattr(inductor, "coordinate_descent_check_all_directions", False)
+    return inductor
+
+
+@pytest.mark.parametrize("scheme", ["int8", "fp8-weight"])
+def test_quantizing_a_built_model_does_not_turn_on_kernel_tuning(scheme, monkeypatch):
+    """torchao's default turns on Inductor's coordinate-descent tuning (for the thread that quantizes, which then
+    compiles): with --compile and fp8 the warm-up spent minutes benchmarking kernel variants (run 9, H200)."""
+    import torch
+
+    inductor = _kernel_tuning_off(monkeypatch)
+    module = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)).to(torch.bfloat16)
+    quantization.quantize_module(module, "transformer", parse_quantization(f"transformer={scheme}"))
+    assert type(module[0].weight).__name__ in ("Int8Tensor", "Float8Tensor")
+    assert module(torch.randn(2, 64, dtype=torch.bfloat16)).shape == (2, 64)
+    assert inductor.coordinate_descent_tuning is False
+    assert inductor.coordinate_descent_check_all_directions is False
+
+
+def test_loading_quantized_weights_does_not_turn_on_kernel_tuning(tiny_klein, monkeypatch):
+    """The same through diffusers' and transformers' loaders (the server's path), on the thread that loads."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    inductor = _kernel_tuning_off(monkeypatch)
+    config = quantization.pipeline_quantization_config(parse_quantization("transformer=int8,text_encoder=int8"))
+    pipe = DiffusionPipeline.from_pretrained(tiny_klein, dtype=torch.bfloat16, quantization_config=config)
+    assert type(pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__ == "Int8Tensor"
+    assert type(pipe.text_encoder.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+    assert inductor.coordinate_descent_tuning is False
+    assert inductor.coordinate_descent_check_all_directions is False
