@@ -181,6 +181,8 @@ def test_the_repeated_references_figure_measured_store_hits_and_the_cached_ones_
     assert len(one["served_runs_stages_ms"]) == one["runs"] == 1
     assert one["served_runs_stages_ms"][0] == one["served_stages_ms"]
     assert one["served_runs_stages_ms"][0]["total"] > one["served_runs_stages_ms"][0]["denoise"] > 0
+    # And what each served run paid besides (collections, compiles; no CUDA graphs or allocator here, on the CPU).
+    assert [set(counts) for counts in one["served_runs_counters"]] == [{"gc_full_collections", "compiled_graphs"}]
 
 
 def test_the_edits_are_summed_up_as_multiples_of_one_image(tiny_run):
@@ -415,6 +417,8 @@ def test_compile_and_only_measure_the_eager_baseline_first_and_get_their_own_doc
     assert "step_cache" not in results and "reference_cache" not in results
     assert results["eager_baseline"]["key"] == "one_image" and results["eager_baseline"]["direct_s"] > 0
     assert results["speed_setup_s"] > 0
+    # The warm-up compiled everything the timed runs needed: none of them compiled a graph.
+    assert [counts["compiled_graphs"] for counts in results["figures"][0]["served_runs_counters"]] == [0]
     assert "eager baseline (plain diffusers, float32, before --compile): one_image" in result.output
     text = docs.read_text()
     assert "<!-- bench:tiny --compile -->" in text and "<!-- /bench:tiny --compile -->" in text
@@ -520,3 +524,33 @@ def test_a_stopped_full_size_bench_prints_where_each_thread_was():
     assert bench.returncode == -signal.SIGTERM
     assert "most recent call first" in stderr and 'File "' in stderr, stderr[-3000:]
     assert "server/bench_fullsize.py" in stderr  # the main thread was in the bench
+
+
+def test_run_counters_count_collections_compiles_and_graph_replays():
+    """`served_runs_counters`: what changed over a served run (a slow first run after a warm-up is told apart by
+    them: a full collection, a recompile, steps that did not replay their CUDA graphs)."""
+    import gc
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.transformer_graphs import install, installed, uninstall
+    from server.bench_fullsize import run_counters
+
+    pipe = SimpleNamespace(transformer=torch.nn.Linear(4, 4), text_encoder=torch.nn.Linear(4, 4))
+    counters = run_counters(pipe, "cpu")
+    before = counters()
+    assert set(before) == {"gc_full_collections", "compiled_graphs"}
+    gc.collect()
+    torch.compile(lambda x: x * 3 + 1, backend="eager")(torch.ones(3))
+    after = counters()
+    assert after["gc_full_collections"] >= before["gc_full_collections"] + 1  # and any the compile set off
+    assert after["compiled_graphs"] == before["compiled_graphs"] + 1
+    install(pipe.transformer)
+    try:
+        graphs = installed(pipe.transformer)
+        assert counters()["step_graph_replays"] == 0
+        graphs.replays += 4  # as four replayed steps count themselves
+        assert counters()["step_graph_replays"] == 4
+    finally:
+        uninstall(pipe.transformer)
