@@ -259,11 +259,15 @@ _HOOKED = "_flux2_reference_hooks"  # set on a transformer once its hooks are re
 def install(transformer: Any) -> None:
     """Our processors on every attention layer of a FLUX.2 transformer (at load, when the cache is on), and the
     hooks that hand them a call's references (`attention_kwargs={"reference_kv": ...}`) before it and take them
-    back after it, even when it fails."""
+    back after it, even when it fails. A layer that has ours already keeps it: the step graphs' key holds the
+    processors' identity (pipeline/transformer_graphs.py), so new ones would leave every later step without its
+    graph (the bench switches the cache on for each cached edit; its generations after one ran ungraphed)."""
     for index, block in enumerate(transformer.transformer_blocks):
-        block.attn.set_processor(ReferenceAttnProcessor(f"double.{index}"))
+        if not isinstance(block.attn.processor, ReferenceAttnProcessor):
+            block.attn.set_processor(ReferenceAttnProcessor(f"double.{index}"))
     for index, block in enumerate(transformer.single_transformer_blocks):
-        block.attn.set_processor(ReferenceParallelAttnProcessor(f"single.{index}"))
+        if not isinstance(block.attn.processor, ReferenceParallelAttnProcessor):
+            block.attn.set_processor(ReferenceParallelAttnProcessor(f"single.{index}"))
     if not getattr(transformer, _HOOKED, False):
         transformer.register_forward_pre_hook(_hand_out, with_kwargs=True)
         transformer.register_forward_hook(_take_back, always_call=True)

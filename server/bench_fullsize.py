@@ -278,7 +278,7 @@ def _whole_pipeline(
                 for f in figures_for(arch, pipe, client, direct, steps, device, loaded, speed.compile)
                 if speed.wants(f.key)
             ]
-            # The first cached edit too: installing the cache's processors costs compiled blocks a recompile.
+            # The first cached edit too: its reference pass and steps run once at these sizes before any timed run.
             warm = {"one_image", "edit_1", "transformer_step"} | {
                 next((f.key for f in figures if f.key.endswith("_cached")), "")
             }

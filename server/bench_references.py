@@ -33,9 +33,10 @@ REPEATED = 4  # the references count of the figure whose set comes from the refe
 
 @contextlib.contextmanager
 def cache_switched_on(loaded: LoadedModel, store: ReferenceStore | None = None) -> Iterator[None]:
-    """The served model runs with `--reference-cache on` inside the block (our processors installed each time:
-    building the KV pipeline puts its own on the shared transformer), with `store` as its reference store: by
-    default one that keeps nothing, so every edit pays its references' encode and pass, as a first edit does."""
+    """The served model runs with `--reference-cache on` inside the block (our processors put back where building
+    the KV pipeline put its own on the shared transformer; a layer that has ours keeps them), with `store` as its
+    reference store: by default one that keeps nothing, so every edit pays its references' encode and pass, as a
+    first edit does."""
     before = loaded.placement, loaded.reference_store
     install(loaded.pipe.transformer)
     loaded.placement = dataclasses.replace(before[0], reference_cache=True)
