@@ -385,7 +385,9 @@ def run_counters(pipe: Any, device: str) -> Counters:
     (`compiled_graphs`: a recompile), steps and text encodes replayed from CUDA graphs (`step_graph_replays`,
     `encoder_graph_replays`, where graphs are installed: a step that did not replay ran compiled and eager), the
     caching allocator's retries and cudaMalloc/cudaFree calls (on CUDA). Run 9 (H200) timed the first image after
-    the edits' warm-up at 0.503 s against 0.355 s, denoise 377 ms against 238, with the heap frozen."""
+    the edits' warm-up at 0.503 s against 0.355 s (denoise 377 ms against 238) with the heap frozen; its steps ran
+    without their graphs (the bench's cached edits had put new attention processors on, since fixed), and what such
+    a first ungraphed run pays was not recorded."""
     import gc
 
     from torch._dynamo.utils import counters as dynamo_counters
