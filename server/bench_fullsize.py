@@ -380,14 +380,14 @@ Counters = Callable[[], dict[str, int]]
 
 
 def run_counters(pipe: Any, device: str) -> Counters:
-    """What a slow served run may have paid for, as counters whose change over the run goes into the JSON beside its
-    seconds (`served_runs_counters`): full garbage collections (`gc_full_collections`), graphs Dynamo compiled
-    (`compiled_graphs`: a recompile), steps and text encodes replayed from CUDA graphs (`step_graph_replays`,
-    `encoder_graph_replays`, where graphs are installed: a step that did not replay ran compiled and eager), the
-    caching allocator's retries and cudaMalloc/cudaFree calls (on CUDA). Run 9 (H200) timed the first image after
-    the edits' warm-up at 0.503 s against 0.355 s (denoise 377 ms against 238) with the heap frozen; its steps ran
-    without their graphs (the bench's cached edits had put new attention processors on, since fixed), and what such
-    a first ungraphed run pays was not recorded."""
+    """What a slow run may have paid for, as counters whose change over each run goes into the JSON beside its
+    seconds (`served_runs_counters`, `direct_runs_counters`): full garbage collections (`gc_full_collections`),
+    graphs Dynamo compiled (`compiled_graphs`: a recompile), steps and text encodes replayed from CUDA graphs
+    (`step_graph_replays`, `encoder_graph_replays`, where graphs are installed: a step that did not replay ran
+    compiled and eager), the caching allocator's retries and cudaMalloc/cudaFree calls (on CUDA). Run 9 (H200) timed
+    the first image after the edits' warm-up at 0.503 s against 0.355 s (denoise 377 ms against 238) with the heap
+    frozen; its steps ran without their graphs (the bench's cached edits had put new attention processors on, since
+    fixed), and what such a first ungraphed run pays was not recorded."""
     import gc
 
     from torch._dynamo.utils import counters as dynamo_counters
@@ -437,11 +437,11 @@ def _measure(
         figure.prepare()
         clock.say(f"{figure.label}: prepared")
     first_timing = len(client.timings) if client is not None else 0
-    served_counters: list[dict[str, int]] = []
+    runs_counters: dict[str, list[dict[str, int]]] = {}
     try:
-        result = _figure_result(figure, *_runs(figure, repeats, device, clock, counters, served_counters))
-        if served_counters:
-            result["served_runs_counters"] = served_counters
+        result = _figure_result(figure, *_runs(figure, repeats, device, clock, counters, runs_counters))
+        for side, counts in runs_counters.items():  # served_runs_counters, direct_runs_counters
+            result[f"{side}_runs_counters"] = counts
     finally:
         if figure.cleanup is not None:
             figure.cleanup()
@@ -471,34 +471,29 @@ def _runs(
     device: str,
     clock: _Clock,
     counters: Counters | None = None,
-    served_counters: list[dict[str, int]] | None = None,
+    runs_counters: dict[str, list[dict[str, int]]] | None = None,
 ) -> tuple[list[float], list[float], list[int], list[int]]:
     """Each side's seconds and peak memory over `repeats` runs, served then direct in each run; with `counters`, each
-    served run's change of them appended to `served_counters` (and its nonzero ones said on the run's line)."""
-    served: list[float] = []
-    direct: list[float] = []
-    served_peaks: list[int] = []
-    direct_peaks: list[int] = []
+    run's change of them appended to `runs_counters[side]` (and its nonzero ones said on the run's line)."""
+    seconds: dict[str, list[float]] = {"served": [], "direct": []}
+    peaks: dict[str, list[int]] = {"served": [], "direct": []}
     for run in range(repeats):
         line = []
-        if figure.served is not None:
+        for side, action in (("served", figure.served), ("direct", figure.direct)):
+            if action is None:
+                continue
             before = counters() if counters is not None else {}
-            seconds, peak = timed(device, figure.served)
-            served.append(seconds)
-            served_peaks.append(peak)
-            line.append(f"served {seconds:.3f} s")
-            if counters is not None and served_counters is not None:
+            took, peak = timed(device, action)
+            seconds[side].append(took)
+            peaks[side].append(peak)
+            line.append(f"{side} {took:.3f} s")
+            if counters is not None and runs_counters is not None:
                 changed = {name: count - before.get(name, 0) for name, count in counters().items()}
-                served_counters.append(changed)
+                runs_counters.setdefault(side, []).append(changed)
                 if any(changed.values()):
                     line[-1] += " (" + ", ".join(f"{name} {n}" for name, n in changed.items() if n) + ")"
-        if figure.direct is not None:
-            seconds, peak = timed(device, figure.direct)
-            direct.append(seconds)
-            direct_peaks.append(peak)
-            line.append(f"direct {seconds:.3f} s")
         clock.say(f"{figure.label} ({run + 1}/{repeats}): {', '.join(line)}")
-    return served, direct, served_peaks, direct_peaks
+    return seconds["served"], seconds["direct"], peaks["served"], peaks["direct"]
 
 
 def _figure_result(

@@ -181,8 +181,9 @@ def test_the_repeated_references_figure_measured_store_hits_and_the_cached_ones_
     assert len(one["served_runs_stages_ms"]) == one["runs"] == 1
     assert one["served_runs_stages_ms"][0] == one["served_stages_ms"]
     assert one["served_runs_stages_ms"][0]["total"] > one["served_runs_stages_ms"][0]["denoise"] > 0
-    # And what each served run paid besides (collections, compiles; no CUDA graphs or allocator here, on the CPU).
-    assert [set(counts) for counts in one["served_runs_counters"]] == [{"gc_full_collections", "compiled_graphs"}]
+    # And what each run paid besides (collections, compiles; no CUDA graphs or allocator here, on the CPU).
+    for side in ("served", "direct"):
+        assert [set(counts) for counts in one[f"{side}_runs_counters"]] == [{"gc_full_collections", "compiled_graphs"}]
 
 
 def test_the_edits_are_summed_up_as_multiples_of_one_image(tiny_run):
@@ -418,7 +419,8 @@ def test_compile_and_only_measure_the_eager_baseline_first_and_get_their_own_doc
     assert results["eager_baseline"]["key"] == "one_image" and results["eager_baseline"]["direct_s"] > 0
     assert results["speed_setup_s"] > 0
     # The warm-up compiled everything the timed runs needed: none of them compiled a graph.
-    assert [counts["compiled_graphs"] for counts in results["figures"][0]["served_runs_counters"]] == [0]
+    one = results["figures"][0]
+    assert [counts["compiled_graphs"] for counts in one["served_runs_counters"] + one["direct_runs_counters"]] == [0, 0]
     assert "eager baseline (plain diffusers, float32, before --compile): one_image" in result.output
     text = docs.read_text()
     assert "<!-- bench:tiny --compile -->" in text and "<!-- /bench:tiny --compile -->" in text
