@@ -38,6 +38,7 @@ class Figure:
     direct: Callable[[], float | None] | None
     direct_label: str = "the same call"
     prepare: Callable[[], object] | None = None  # run once, untimed, before the figure's runs
+    before: Callable[[], object] | None = None  # run untimed before each served run (its counters not counted)
     cleanup: Callable[[], object] | None = None  # run once after the figure's runs (what it kept, given back)
 
 
@@ -159,6 +160,20 @@ def figures_for(
                 lambda count=count: direct.images(prompts(), size, image=reference_pils[:count]),
             )
         )
+    # A generation, then an edit, as a server meets them mixed: under --compile on CUDA the generation's steps replay
+    # their CUDA graphs and the edit's (another token count) run compiled and eager. Run 7's first image with the
+    # graphs paused was 65 ms slower than the next (0.419 s, 0.354 s): is the switch paid at every edit after a
+    # generation, or once? Against `edit_1`, whose runs follow other edits.
+    figures.append(
+        Figure(
+            "edit_1_after_image",
+            f"edit, 1 reference {size}x{size}, each right after a generation",
+            lambda: client.edit(prompts()[0], size, references[:1]),
+            None,
+            "no plain equivalent: the served switch from a generation",
+            before=lambda: client.generate_unrecorded(prompts()[0], size),
+        )
+    )
     figures += [
         Figure(
             "masked_edit",

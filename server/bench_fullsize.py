@@ -482,6 +482,8 @@ def _runs(
         for side, action in (("served", figure.served), ("direct", figure.direct)):
             if action is None:
                 continue
+            if side == "served" and figure.before is not None:
+                figure.before()
             before = counters() if counters is not None else {}
             took, peak = timed(device, action)
             seconds[side].append(took)

@@ -69,9 +69,12 @@ class ImageClient:
         self.http = httpx.Client(base_url=url, timeout=3600, limits=httpx.Limits(max_connections=16))
         self.timings: list[dict[str, float]] = []  # each JSON answer's Server-Timing stages, in milliseconds
         self.marks: list[dict[str, str]] = []  # and their descriptions ("cache hit", "computed", ...)
+        self.recording = True  # off: answers checked but their stages not kept (a figure's untimed request)
 
     def _check(self, response: httpx.Response, n: int) -> None:
         _check(response, n)
+        if not self.recording:
+            return
         stages = parse_server_timing(response.headers.get("server-timing", ""))
         self.timings.append({name: milliseconds for name, (milliseconds, _) in stages.items()})
         self.marks.append({name: mark for name, (_, mark) in stages.items() if mark is not None})
@@ -93,6 +96,14 @@ class ImageClient:
     def generate(self, prompt: str, size: int, seed: int = 0, n: int = 1) -> None:
         response = self.http.post("/v1/images/generations", json=self._fields(prompt, size, seed, n))
         self._check(response, n)
+
+    def generate_unrecorded(self, prompt: str, size: int) -> None:
+        """One image whose stages are not kept: what a figure runs before each timed request (`Figure.before`)."""
+        self.recording = False
+        try:
+            self.generate(prompt, size)
+        finally:
+            self.recording = True
 
     def stream(self, prompt: str, size: int, partial_images: int, seed: int = 0) -> None:
         body = {**self._fields(prompt, size, seed, 1), "stream": True, "partial_images": partial_images}

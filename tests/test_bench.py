@@ -91,6 +91,7 @@ def _expected_keys(arch):
         "edit_1",
         "edit_4",
         "edit_10",
+        "edit_1_after_image",
         "masked_edit",
         f"one_image_{2 * arch.size}",
         "pipeline_step",
@@ -157,7 +158,9 @@ def _check_figures(results, expected_keys, no_direct=()):
 def test_tiny_bench_json_has_every_figure_with_positive_numbers_and_ratios(tiny_run):
     results = tiny_run["json"]
     assert results["complete"] and results["mode"] == "pipeline" and results["architecture"] == "tiny"
-    _check_figures(results, _expected_keys(get_architecture("tiny")), no_direct=("edit_4_repeated",))
+    _check_figures(
+        results, _expected_keys(get_architecture("tiny")), no_direct=("edit_4_repeated", "edit_1_after_image")
+    )
     assert results["build_s"] >= 0 and results["total_s"] > 0
     assert set(results["versions"]) >= {"torch", "diffusers", "transformers", "python"}
     assert results["device"].startswith("CPU")
@@ -184,6 +187,15 @@ def test_the_repeated_references_figure_measured_store_hits_and_the_cached_ones_
     # And what each run paid besides (collections, compiles; no CUDA graphs or allocator here, on the CPU).
     for side in ("served", "direct"):
         assert [set(counts) for counts in one[f"{side}_runs_counters"]] == [{"gc_full_collections", "compiled_graphs"}]
+
+
+def test_the_edit_after_a_generation_times_only_the_edit(tiny_run):
+    """`edit_1_after_image`: an unrecorded generation before each timed edit (a server's mixed load); only the edit's
+    stages and counters are the figure's."""
+    figure = {f["key"]: f for f in tiny_run["json"]["figures"]}["edit_1_after_image"]
+    assert figure["runs"] == 1 and figure["served_s"] > 0 and figure["direct_s"] is None
+    assert len(figure["served_runs_stages_ms"]) == 1 and figure["served_runs_stages_ms"][0]["inputs"] > 0
+    assert len(figure["served_runs_counters"]) == 1
 
 
 def test_the_edits_are_summed_up_as_multiples_of_one_image(tiny_run):
@@ -259,7 +271,14 @@ def test_tiny_dev_bench_runs_the_dev_pipeline_path(tmp_path):
     _check_figures(
         results,
         _expected_keys(get_architecture("tiny-dev")),
-        no_direct=("masked_edit", "edit_1_cached", "edit_4_cached", "edit_10_cached", "edit_4_repeated"),
+        no_direct=(
+            "masked_edit",
+            "edit_1_cached",
+            "edit_4_cached",
+            "edit_10_cached",
+            "edit_4_repeated",
+            "edit_1_after_image",
+        ),
     )
     assert results["estimates"]["one_image_50_steps_s"] > 0
     assert any("default is 50" in note for note in results["notes"])
@@ -556,3 +575,27 @@ def test_run_counters_count_collections_compiles_and_graph_replays():
         assert counters()["step_graph_replays"] == 4
     finally:
         uninstall(pipe.transformer)
+
+
+def test_a_figures_before_runs_untimed_before_each_served_run_outside_its_counters():
+    from server.bench_figures import Figure
+    from server.bench_fullsize import _Clock, _runs
+
+    events: list[str] = []
+    count = [0]
+
+    def step(name, by):
+        def act():
+            events.append(name)
+            count[0] += by
+
+        return act
+
+    figure = Figure("k", "label", step("served", 1), step("direct", 2), before=step("before", 5))
+    lines: list[str] = []
+    counts: dict = {}
+    served, direct, _, _ = _runs(figure, 2, "cpu", _Clock(lines.append), lambda: {"n": count[0]}, counts)
+    assert events == ["before", "served", "direct"] * 2
+    assert counts == {"served": [{"n": 1}] * 2, "direct": [{"n": 2}] * 2}
+    assert len(served) == len(direct) == 2
+    assert "served" in lines[0] and "(n 1)" in lines[0] and "(n 2)" in lines[0]
