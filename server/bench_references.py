@@ -28,7 +28,7 @@ from .bench_figures import Figure
 from .bench_harness import StepTimer, plain_png, seeded_image, synchronize
 
 COUNTS = (1, 4, 10)
-REPEATED = 4  # the references count of the figure whose set comes from the reference store
+REPEATED = (4, 10)  # the references counts of the figures whose set comes from the reference store
 
 
 @contextlib.contextmanager
@@ -76,7 +76,17 @@ def reference_cache_figures(
         with cache_switched_on(loaded, store):
             client.edit(prompts()[0], size, references[:count])
 
-    kept = ReferenceStore(1 << 40)  # the repeated figure's: its set stays, whatever its size
+    def repeated(count: int) -> Figure:
+        kept = ReferenceStore(1 << 40)  # the figure's own: its set stays, whatever its size
+        return Figure(
+            f"edit_{count}_repeated",
+            f"edit, the same {count} references again, --reference-cache on (reference store hit)",
+            lambda: served(count, kept),
+            None,
+            "no plain equivalent: diffusers keeps nothing across calls",
+            prepare=lambda: served(count, kept),  # the first edit with these references fills the store
+            cleanup=kept.clear,  # its set leaves the card with the figure
+        )
 
     def direct(count: int) -> None:
         output = kv_pipeline(pipe)(
@@ -101,17 +111,7 @@ def reference_cache_figures(
             "Flux2KleinKVPipeline (same weights, dtype kept)" if against_kv else no_direct,
         )
         for count in COUNTS
-    ] + [
-        Figure(
-            f"edit_{REPEATED}_repeated",
-            f"edit, the same {REPEATED} references again, --reference-cache on (reference store hit)",
-            lambda: served(REPEATED, kept),
-            None,
-            "no plain equivalent: diffusers keeps nothing across calls",
-            prepare=lambda: served(REPEATED, kept),  # the first edit with these references fills the store
-            cleanup=kept.clear,  # its set leaves the card with the figure
-        )
-    ]
+    ] + [repeated(count) for count in REPEATED]
 
 
 def reference_cache_check(

@@ -143,7 +143,7 @@ def edit_summary(results: dict) -> str:
     groups = [
         ("uncached", [(f"{n} ref{'s' if n > 1 else ''}", f"edit_{n}") for n in (1, 4, 10)]),
         ("--reference-cache on", [(f"{n}", f"edit_{n}_cached") for n in (1, 4, 10)]),
-        ("the same 4 references again (reference store)", [("4", "edit_4_repeated")]),
+        ("the same references again (reference store)", [(f"{n}", f"edit_{n}_repeated") for n in (4, 10)]),
     ]
     parts = []
     for name, keys in groups:

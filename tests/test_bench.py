@@ -100,6 +100,7 @@ def _expected_keys(arch):
         "edit_4_cached",
         "edit_10_cached",
         "edit_4_repeated",
+        "edit_10_repeated",
     ]
     if arch.family == "klein":
         keys.append(f"one_image_{arch.size // 2}")
@@ -158,9 +159,8 @@ def _check_figures(results, expected_keys, no_direct=()):
 def test_tiny_bench_json_has_every_figure_with_positive_numbers_and_ratios(tiny_run):
     results = tiny_run["json"]
     assert results["complete"] and results["mode"] == "pipeline" and results["architecture"] == "tiny"
-    _check_figures(
-        results, _expected_keys(get_architecture("tiny")), no_direct=("edit_4_repeated", "edit_1_after_image")
-    )
+    no_direct = ("edit_4_repeated", "edit_10_repeated", "edit_1_after_image")
+    _check_figures(results, _expected_keys(get_architecture("tiny")), no_direct=no_direct)
     assert results["build_s"] >= 0 and results["total_s"] > 0
     assert set(results["versions"]) >= {"torch", "diffusers", "transformers", "python"}
     assert results["device"].startswith("CPU")
@@ -174,7 +174,8 @@ def test_the_repeated_references_figure_measured_store_hits_and_the_cached_ones_
     """Each figure records what its cached stages were (Server-Timing's descriptions): the repeated edit's references
     came from the store in every timed run, the first-time cached edits computed theirs, plain edits have none."""
     figures = {figure["key"]: figure for figure in tiny_run["json"]["figures"]}
-    assert figures["edit_4_repeated"]["served_marks"]["references"] == ["cache hit"]
+    for count in (4, 10):
+        assert figures[f"edit_{count}_repeated"]["served_marks"]["references"] == ["cache hit"]
     for count in (1, 4, 10):
         assert figures[f"edit_{count}_cached"]["served_marks"]["references"] == ["computed"]
     assert "references" not in figures["edit_4"]["served_marks"]
@@ -207,7 +208,8 @@ def test_the_edits_are_summed_up_as_multiples_of_one_image(tiny_run):
     assert line in tiny_run["output"]
     assert f"4 refs {served['edit_4'] / served['one_image']:.2f}x" in line
     assert f"10 {served['edit_10_cached'] / served['one_image']:.2f}x" in line
-    assert f"(reference store): 4 {served['edit_4_repeated'] / served['one_image']:.2f}x" in line
+    repeated = [f"{n} {served[f'edit_{n}_repeated'] / served['one_image']:.2f}x" for n in (4, 10)]
+    assert f"(reference store): {', '.join(repeated)}" in line
     without = {**results, "figures": [f for f in results["figures"] if f["key"] != "one_image"]}
     assert edit_summary(without) == ""
 
@@ -277,6 +279,7 @@ def test_tiny_dev_bench_runs_the_dev_pipeline_path(tmp_path):
             "edit_4_cached",
             "edit_10_cached",
             "edit_4_repeated",
+            "edit_10_repeated",
             "edit_1_after_image",
         ),
     )
