@@ -47,10 +47,11 @@ def settle_heap() -> None:
     loaded, the heap holds about half a million objects (a tiny klein: ~500,000, a full collection of them 225 ms
     on this project's 2-core CPU; compiled, ~700,000 and 366 ms: Dynamo's guards and bytecode, Inductor's graphs).
     Python runs a full collection whenever enough new objects outlived the younger generations, inside whichever
-    request is running then (a possible cause of the eighth GPU round's first served image after the warm-up taking
-    0.469 s against 0.356 s for the next; on the CPU no full collection fell inside ~90 timed requests of a compiled
-    tiny klein, frozen or not). Frozen objects are still freed by their reference counts; only cycles among them
-    wait for `release_device_memory`. vLLM freezes its start-up heap the same way."""
+    request is running then (on the CPU no full collection fell inside ~90 timed requests of a compiled tiny klein,
+    frozen or not; the eighth GPU round's slow first image, first suspected, was slow again with the heap frozen in
+    the ninth, and turned out to have run without its step graphs: the bench's doing). Frozen objects are still
+    freed by their reference counts; only cycles among them wait for `release_device_memory`. vLLM freezes its
+    start-up heap the same way."""
     gc.collect()
     gc.freeze()
 
