@@ -484,13 +484,13 @@ def _runs(
                 continue
             if side == "served" and figure.before is not None:
                 figure.before()
-            before = counters() if counters is not None else {}
+            at_start = counters() if counters is not None else {}
             took, peak = timed(device, action)
             seconds[side].append(took)
             peaks[side].append(peak)
             line.append(f"{side} {took:.3f} s")
             if counters is not None and runs_counters is not None:
-                changed = {name: count - before.get(name, 0) for name, count in counters().items()}
+                changed = {name: count - at_start.get(name, 0) for name, count in counters().items()}
                 runs_counters.setdefault(side, []).append(changed)
                 if any(changed.values()):
                     line[-1] += " (" + ", ".join(f"{name} {n}" for name, n in changed.items() if n) + ")"
