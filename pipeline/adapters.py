@@ -1,12 +1,14 @@
 """LoRA adapters: the ones the operator preloads (`--lora NAME=PATH[:SCALE]`, `--fuse-lora NAME`), the choice a
 request makes among them, and the switch to that choice on a loaded pipeline.
 
-Adapters load once, when their model loads, through diffusers' `load_lora_weights` (FLUX.2's LoRA loader: the
-diffusers/peft layout, kohya's `lora_unet_*` layout and the BFL/ai-toolkit `diffusion_model.*` layout are
-converted by diffusers). They apply to the transformer only, so cached prompt embeddings stay valid. Before a
-batch runs, `activate` switches to the batch's adapters with `set_adapters` (names and scales, nothing reloaded),
-or turns LoRA off with `disable_lora` when the batch names none: the base model's output is then exactly what it is
-without any adapter loaded. Jobs with different adapter sets never share a batch (their `batch_key` differs).
+Adapters load once, when their model loads (before its compile and warm-up, so the compiled blocks hold their
+layers), through diffusers' `load_lora_weights` (FLUX.2's LoRA loader: the diffusers/peft layout, kohya's
+`lora_unet_*` layout and the BFL/ai-toolkit `diffusion_model.*` layout are converted by diffusers). They apply to
+the transformer only, so cached prompt embeddings stay valid. Before a batch runs, `activate` switches to the
+batch's adapters with `set_adapters` (names and scales, nothing reloaded), or turns LoRA off with `disable_lora`
+when the batch names none: the base model's output is then exactly what it is without any adapter loaded. Under
+`--compile` every adapter stays on and the switch writes their scales (`LoadedAdapters` says why). Jobs with
+different adapter sets never share a batch (their `batch_key` differs).
 
 A fused adapter (`--fuse-lora NAME`) is merged into the transformer's weights at its scale when the model loads
 and its LoRA layers removed: it costs nothing per step, and it is always on (requests cannot turn it off or change
@@ -22,7 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 if TYPE_CHECKING:
+    from .internals import Flux2Pipe
     from .loader import LoadedModel
 
 log = logging.getLogger("flux2.adapters")
@@ -144,21 +149,35 @@ def select(adapters: Adapters, asked: Sequence[tuple[str, float | None]]) -> Sel
 
 
 class LoadedAdapters:
-    """The adapters in one loaded pipeline, and which are active. Used on the engine's worker thread only."""
+    """The adapters in one loaded pipeline, and which are active. Used on the engine's worker thread only.
 
-    def __init__(self, model: LoadedModel, adapters: Adapters):
-        pipe = model.pipe
+    Two ways to switch. Eager (`by_scale=False`): peft's own, `set_adapters` with the batch's names and scales, or
+    `disable_lora`: only the chosen adapters' layers run. Under `--compile` (`by_scale=True`) that would recompile
+    the transformer's blocks for every switch: the compiled graphs are guarded on which adapters are active, on the
+    adapters' `requires_grad` (peft turns it on for the active ones) and on the scales themselves (Python floats,
+    some of which Dynamo specializes), so each new choice cost a compile (seconds on this project's CPU, more on a
+    GPU) and past the recompile limit the blocks ran eager. There every adapter stays active and each one's scale is
+    a tensor on the device (peft multiplies each adapter's output by `scaling[name]`, a float or a tensor alike),
+    written in place at a switch: an adapter left out runs at scale 0, which adds exact zeros, and one compiled graph
+    serves every choice. The price: each step computes every loaded adapter's low-rank product (per adapter and
+    layer about rank x (in + out) / (in x out) of the layer's work, ~2 % at rank 32 on klein-4B)."""
+
+    def __init__(self, pipe: Flux2Pipe, model_name: str, adapters: Adapters, by_scale: bool = False):
         self.pipe = pipe
         self.adapters = adapters
         fused = adapters.fused
         if fused is not None:  # first, alone: unload_lora_weights removes every adapter's layers
-            _load(model, fused)
+            _load(pipe, model_name, fused)
             pipe.fuse_lora(components=["transformer"], lora_scale=fused.scale, adapter_names=[fused.name])
             pipe.unload_lora_weights()
             log.info("lora %s: fused into the transformer at scale %g (%s)", fused.name, fused.scale, fused.path)
         for adapter in adapters.switchable:
-            _load(model, adapter)
+            _load(pipe, model_name, adapter)
             log.info("lora %s: loaded from %s (default scale %g)", adapter.name, adapter.path, adapter.scale)
+        # By scale: per adapter, its scale tensors and the scaling each holds at scale 1 (peft's alpha / rank).
+        self.scales: dict[str, list[tuple[torch.Tensor, float]]] | None = None
+        if by_scale and adapters.switchable:
+            self.scales = _scale_tensors(pipe, [a.name for a in adapters.switchable])
         self.active: Selection | None = None  # unknown until the first switch
         self.activate(())
 
@@ -170,7 +189,12 @@ class LoadedAdapters:
         unknown = [name for name, _ in selection if name not in known]
         if unknown:
             raise AdapterError(f"no LoRA named {', '.join(unknown)} is loaded in this model")
-        if known:  # with only a fused adapter there are no LoRA layers to switch
+        if self.scales is not None:
+            chosen = dict(selection)
+            for name, tensors in self.scales.items():
+                for tensor, unit in tensors:
+                    tensor.fill_(chosen.get(name, 0.0) * unit)
+        elif known:  # with only a fused adapter there are no LoRA layers to switch
             if selection:
                 self.pipe.enable_lora()
                 self.pipe.set_adapters([name for name, _ in selection], [scale for _, scale in selection])
@@ -179,16 +203,43 @@ class LoadedAdapters:
         self.active = selection
 
 
-def _load(model: LoadedModel, adapter: Adapter) -> None:
+def _scale_tensors(pipe: Flux2Pipe, names: list[str]) -> dict[str, list[tuple[torch.Tensor, float]]]:
+    """Every adapter active at scale 1, then each LoRA layer's `scaling[name]` replaced by a float32 scalar tensor on
+    its device, shared by the layers of one adapter that scale alike (one per adapter, unless its alpha or rank
+    varies by layer); per adapter, those tensors and their scaling at scale 1."""
+    from peft.tuners.lora import LoraLayer
+
+    pipe.enable_lora()
+    pipe.set_adapters(names, [1.0] * len(names))
+    shared: dict[tuple[str, float, torch.device], torch.Tensor] = {}
+    for module in pipe.transformer.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        device: torch.device = module.get_base_layer().weight.device  # type: ignore[assignment]
+        for name in names:
+            if name not in module.scaling:
+                continue
+            unit = float(module.scaling[name])
+            key = (name, unit, device)
+            if key not in shared:
+                shared[key] = torch.zeros((), dtype=torch.float32, device=device)
+            module.scaling[name] = shared[key]
+    scales: dict[str, list[tuple[torch.Tensor, float]]] = {name: [] for name in names}
+    for (name, unit, _), tensor in shared.items():
+        scales[name].append((tensor, unit))
+    return scales
+
+
+def _load(pipe: Flux2Pipe, model_name: str, adapter: Adapter) -> None:
     try:
-        model.pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
+        pipe.load_lora_weights(str(adapter.path), adapter_name=adapter.name)
     except (ValueError, KeyError, RuntimeError) as exc:  # a layout diffusers cannot convert, or shapes that differ
         where = f"LoRA {adapter.name!r} ({adapter.path})"
-        raise AdapterError(f"{where} does not fit {model.spec.path.name}: {exc}") from exc
-    loaded = model.pipe.get_list_adapters().get("transformer", [])
+        raise AdapterError(f"{where} does not fit {model_name}: {exc}") from exc
+    loaded = pipe.get_list_adapters().get("transformer", [])
     if adapter.name not in loaded:
         raise AdapterError(
-            f"LoRA {adapter.name!r} ({adapter.path}) changed no layer of {model.spec.path.name}'s transformer: "
+            f"LoRA {adapter.name!r} ({adapter.path}) changed no layer of {model_name}'s transformer: "
             "is it a FLUX.2 LoRA?"
         )
 

@@ -24,7 +24,7 @@ from .transformer_graphs import uninstall as uninstall_transformer_graphs
 from .weights import ModelSpec
 
 if TYPE_CHECKING:
-    from .adapters import LoadedAdapters
+    from .adapters import Adapters, LoadedAdapters
 
 log = logging.getLogger("flux2.loader")
 
@@ -59,8 +59,13 @@ def quiet_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
+def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None = None) -> LoadedModel:
+    """The pipeline from `spec`'s folder, placed as `placement` says, with `adapters` loaded (before the compile and
+    its warm-up: the compiled blocks are traced with the LoRA layers in them, `LoadedAdapters` switching them by
+    scale so that one graph serves every choice), compiled and warmed up when the placement says so."""
     from diffusers import DiffusionPipeline
+
+    from .adapters import LoadedAdapters
 
     components: dict[str, Any] = {}
     if placement.transformer_file is not None:
@@ -87,6 +92,9 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
     apply_cache(pipe.transformer, placement.cache)
     if placement.reference_cache:
         install_reference_processors(pipe.transformer)
+    loaded_adapters = None
+    if adapters:
+        loaded_adapters = LoadedAdapters(cast(Flux2Pipe, pipe), spec.path.name, adapters, by_scale=placement.compile)
     placement = compile_and_warm_up(pipe, placement)
     log.info(
         "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",
@@ -102,6 +110,7 @@ def load_model(spec: ModelSpec, placement: Placement) -> LoadedModel:
         placement=placement,
         pipe=cast(Flux2Pipe, pipe),
         swapper=swapper,
+        adapters=loaded_adapters,
         reference_store=ReferenceStore(placement.reference_memory) if placement.reference_cache else None,
     )
 

@@ -101,7 +101,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 choice.dtype,
                 choice.offload,
                 weight_params=params,
-                compile=False if choice.compile is None and choice.lora else choice.compile,  # LoRA: eager
+                compile=choice.compile,
                 cache=choice.cache,
                 quantize=choice.quantize,
                 components=components,
@@ -109,6 +109,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 transformer_file=gguf.expanduser() if gguf is not None else None,
                 reference_cache=choice.reference_cache,
                 reference_memory=choice.reference_memory,
+                switchable_adapters=index == 0 and bool(adapters.switchable),
             )
             if gguf_line is not None:
                 placement = replace(placement, reasons=(*placement.reasons, gguf_line))
@@ -174,11 +175,6 @@ def first_model_adapters(choice: ModelChoice) -> Adapters:
         adapters = adapters_from_options(choice.lora, choice.fuse_lora)
     except AdapterError as exc:
         raise ModelChoiceError(str(exc)) from exc
-    if adapters and choice.compile:
-        raise ModelChoiceError(
-            "--compile with --lora is not supported yet (LoRA layers are added after the warm-up compile, "
-            "untested under torch.compile): drop one of them"
-        )
     for adapter in adapters.items:
         fused = " (fused at start)" if adapter.fused else ""
         log.info("lora %s: %s, scale %g%s", adapter.name, adapter.path, adapter.scale, fused)

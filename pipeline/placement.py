@@ -93,13 +93,16 @@ def decide_placement(
     prompt_cache: bool = True,
     transformer_file: Path | None = None,
     toolchain_missing: str | None = None,
+    switchable_adapters: bool = False,
 ) -> Placement:
     """Decide device, dtype and offload. `weight_params` counts the model's parameters; the CUDA facts default
     to the live machine's and are injectable for tests. The three choices are checked here, so any string may
     be passed (a CLI's or an environment variable's). With `components` (sizes read from the weights), auto and
     the plan names go through the offload planner; without, auto keeps everything resident when the weights fit
     with a margin, else uses diffusers' model offload. `toolchain_missing` says what `torch.compile` needs and the
-    machine lacks ("" for nothing; None: looked up, only where a compile is considered: pipeline/toolchain.py)."""
+    machine lacks ("" for nothing; None: looked up, only where a compile is considered: pipeline/toolchain.py).
+    `switchable_adapters`: the model has LoRA adapters a request turns on and off (auto leaves it eager; no step
+    graphs)."""
     if not one_of(device, DEVICE_CHOICES):
         raise PlacementError(f"device must be one of {DEVICE_CHOICES}, got {device!r}")
     if not one_of(dtype, DTYPE_CHOICES):
@@ -190,6 +193,7 @@ def decide_placement(
         bool(quantization),
         transformer_file,
         step_cache.kind != "off",
+        switchable_adapters,
         lambda: toolchain_missing if toolchain_missing is not None else compile_toolchain_missing(chosen_device),
     )
     if compile_reason:
@@ -198,7 +202,12 @@ def decide_placement(
     if encoder_graphs:
         reasons.append("encoder graphs: a new prompt's text encode replayed from a CUDA graph (with compile, resident)")
     transformer_graphs = transformer_graphs_fit(
-        compile, chosen_device, chosen_offload, "transformer" in quantized, step_cache.kind != "off"
+        compile,
+        chosen_device,
+        chosen_offload,
+        "transformer" in quantized,
+        step_cache.kind != "off",
+        switchable_adapters,
     )
     if transformer_graphs:
         reasons.append(
@@ -274,12 +283,23 @@ def encoder_graphs_fit(compile: bool, device: str, offload: str) -> bool:
 
 
 def transformer_graphs_fit(
-    compile: bool, device: str, offload: str, quantized_transformer: bool = False, step_cache: bool = False
+    compile: bool,
+    device: str,
+    offload: str,
+    quantized_transformer: bool = False,
+    step_cache: bool = False,
+    switchable_adapters: bool = False,
 ) -> bool:
     """Whether the denoising steps are replayed from CUDA graphs (pipeline/transformer_graphs.py): as the encoder's,
-    and only for a transformer nothing changes between calls: not quantized (or GGUF) and without the step cache's
-    hooks (which decide at each step what runs)."""
-    return encoder_graphs_fit(compile, device, offload) and not quantized_transformer and not step_cache
+    and only for a transformer nothing changes between calls: not quantized (or GGUF), without the step cache's
+    hooks (which decide at each step what runs) and without LoRA adapters a request switches (a fused one is plain
+    weights by then)."""
+    return (
+        encoder_graphs_fit(compile, device, offload)
+        and not quantized_transformer
+        and not step_cache
+        and not switchable_adapters
+    )
 
 
 def _compile_choice(
@@ -289,13 +309,15 @@ def _compile_choice(
     quantized: bool,
     transformer_file: Path | None,
     step_cache: bool,
+    switchable_adapters: bool,
     toolchain_missing: Callable[[], str],
 ) -> tuple[bool, str]:
     """Whether to compile, and the log line ("" for none). Asked (--compile / --no-compile) is obeyed; auto
     compiles on CUDA when everything is resident and nothing else changes the transformer: measured on an H200
     (klein-4B, 1024², torch 2.11), a step takes 0.060 s instead of 0.082 s and a served image 0.41 s instead of
     0.67 s for plain diffusers (the decoder's norms compiled too), for ~55 s of compiling at start. Offloaded,
-    quantized, GGUF and step-cached transformers stay eager until measured compiled. A machine that cannot build
+    quantized, GGUF and step-cached transformers, and those with LoRA adapters a request switches, stay eager until
+    measured compiled. A machine that cannot build
     the compiled kernels (no C compiler or Python headers: `toolchain_missing`) stays eager under auto and refuses
     an asked compile."""
     if asked:
@@ -315,6 +337,7 @@ def _compile_choice(
             ("quantized weights", quantized),
             ("a GGUF transformer", transformer_file is not None),
             ("the step cache", step_cache),
+            ("switchable LoRA adapters", switchable_adapters),
         )
         if present
     ]

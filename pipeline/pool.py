@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .adapters import Adapters, LoadedAdapters
+from .adapters import Adapters
 from .loader import LoadedModel, load_model
 from .placement import Device, Placement
 from .stream_warm_up import warm_up_streams
@@ -71,7 +71,7 @@ class ModelPool:
         configs: list[ModelConfig],
         *,
         max_loaded: int = 0,
-        load: Callable[[ModelSpec, Placement], LoadedModel] = load_model,
+        load: Callable[[ModelSpec, Placement, Adapters], LoadedModel] = load_model,
         free_bytes: Callable[[Device], int] = free_memory_bytes,
     ):
         if not configs:
@@ -100,10 +100,9 @@ class ModelPool:
         config = self.configs[name]
         self._make_room(config)
         log.info("model %s: loading %s", name, config.spec.path)
-        model = self._load(config.spec, config.placement)
-        if config.adapters:
-            model.adapters = LoadedAdapters(model, config.adapters)
-        # After the adapters: loading them makes diffusers apply a streamed component's offloading hooks again.
+        model = self._load(config.spec, config.placement, config.adapters)
+        # After the adapters (loaded with the model): loading them makes diffusers apply a streamed component's
+        # offloading hooks again.
         warm_up_streams(model)
         self._loaded[name] = model
         settle_heap()

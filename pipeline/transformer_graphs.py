@@ -21,8 +21,8 @@ A graph reads the weights where they were at its capture and bakes in what the m
 the inputs' shapes and types, the modules (with their attention processors, hooks and instance forwards) and the
 weights' addresses, taken once per `graphed` scope. Only transformers that nothing changes between calls get
 graphs (`placement.transformer_graphs`): not with the step cache (its hooks decide per step what runs), quantized
-or GGUF weights, or an offload plan. LoRA adapters never meet them: `--compile` with `--lora` is refused at start
-(pipeline/model_choice.py), and peft's layers, added after a capture, would be other modules than the key's."""
+or GGUF weights, an offload plan, or LoRA adapters that requests switch (their scales change between calls;
+pipeline/adapters.py). A fused adapter is merged into the weights before the warm-up captures."""
 
 from __future__ import annotations
 

@@ -253,7 +253,7 @@ def _whole_pipeline(
     )
     loaded = LoadedModel(spec, placement, pipe)
     engine = Engine(
-        ModelPool([config], load=lambda spec_, placement_: loaded),
+        ModelPool([config], load=lambda spec_, placement_, adapters_: loaded),
         max_batch_images=BATCH,
     )
     workdir = Path(tempfile.mkdtemp(prefix="flux2-bench-"))

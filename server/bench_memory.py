@@ -295,10 +295,12 @@ def _measure(
     seconds per image, each image's record and peak device memory (0 on a CPU, where this runs only as a test),
     then one image of twice the side (4 MP for the real architectures: the decode's working memory is 4x, so small
     cards decode it one image at a time or tiled, pipeline/decoding.py): its seconds and peak, or the error it met."""
+    from pipeline.adapters import Adapters
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel, apply_plan, compile_and_warm_up
     from pipeline.placement import Placement, encoder_graphs_fit, transformer_graphs_fit
     from pipeline.pool import ModelConfig, ModelPool
+    from pipeline.weights import ModelSpec
 
     cuda = device == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -331,7 +333,11 @@ def _measure(
         echo(f"compiled and warmed up in {time.perf_counter() - started:.1f} s")
     spec = model_spec(arch)
     config = ModelConfig(name=arch.name, spec=spec, placement=placement, weight_bytes=0)
-    engine = Engine(ModelPool([config], load=lambda spec_, placement_: LoadedModel(spec_, placement_, pipe, swapper)))
+
+    def load(spec_: ModelSpec, placement_: Placement, adapters_: Adapters) -> LoadedModel:
+        return LoadedModel(spec_, placement_, pipe, swapper)
+
+    engine = Engine(ModelPool([config], load=load))
     started = time.perf_counter()
     engine.start()
     try:

@@ -15,22 +15,25 @@ TARGETS += ["to_qkv_mlp_proj"]
 RANK = 4
 
 
-def make_lora(model_folder: Path, out: Path, seed: int, strength: float = 0.3) -> Path:
+def make_lora(model_folder: Path, out: Path, seed: int, strength: float = 0.3, alpha: float | None = None) -> Path:
     """A rank-4 LoRA on TARGETS: peft's layout for the tiny transformer, weights drawn from `seed` with a spread
-    (`strength`) large enough to change the image visibly; saved as diffusers saves LoRAs."""
+    (`strength`) large enough to change the image visibly; saved as diffusers saves LoRAs. With `alpha` (else
+    alpha = rank) its config goes into the file's metadata, and its layers scale their output by alpha / rank."""
     from diffusers import Flux2KleinPipeline
     from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
     from peft import LoraConfig, get_peft_model_state_dict
 
     transformer = Flux2Transformer2DModel.from_pretrained(model_folder / "transformer")
-    transformer.add_adapter(
-        LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights=False, target_modules=TARGETS), adapter_name="made"
-    )
+    config = LoraConfig(r=RANK, lora_alpha=alpha or RANK, init_lora_weights=False, target_modules=TARGETS)
+    transformer.add_adapter(config, adapter_name="made")
     layout = get_peft_model_state_dict(transformer, adapter_name="made")
     generator = torch.Generator().manual_seed(seed)
     weights = {key: torch.randn(value.shape, generator=generator) * strength for key, value in layout.items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    Flux2KleinPipeline.save_lora_weights(out.parent, transformer_lora_layers=weights, weight_name=out.name)
+    metadata = None if alpha is None else {"r": RANK, "lora_alpha": alpha, "target_modules": TARGETS}
+    Flux2KleinPipeline.save_lora_weights(
+        out.parent, transformer_lora_layers=weights, weight_name=out.name, transformer_lora_adapter_metadata=metadata
+    )
     return out
 
 

@@ -27,9 +27,9 @@ def test_health_names_test_models_by_every_id():
 def test_health_is_503_while_loading_then_200(tmp_path, tiny_klein):
     release = threading.Event()
 
-    def slow_load(spec, placement):
+    def slow_load(spec, placement, adapters):
         release.wait(30)
-        return load_model(spec, placement)
+        return load_model(spec, placement, adapters)
 
     with TestClient(_app(tmp_path, tiny_klein, slow_load)) as client:
         loading = client.get("/health")
@@ -45,7 +45,7 @@ def test_health_is_503_while_loading_then_200(tmp_path, tiny_klein):
 
 
 def test_failed_load_is_reported(tmp_path, tiny_klein):
-    def broken_load(spec, placement):
+    def broken_load(spec, placement, adapters):
         raise RuntimeError("CUDA out of memory while loading")
 
     with TestClient(_app(tmp_path, tiny_klein, broken_load)) as client:
@@ -59,8 +59,8 @@ def test_failed_load_is_reported(tmp_path, tiny_klein):
 
 
 def test_a_failing_job_is_a_500_without_a_trace_and_the_server_keeps_serving(tmp_path, tiny_klein):
-    def exploding_load(spec, placement):
-        model = load_model(spec, placement)
+    def exploding_load(spec, placement, adapters):
+        model = load_model(spec, placement, adapters)
 
         def explode(**kwargs):
             raise RuntimeError("secret internal detail")

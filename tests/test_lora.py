@@ -253,12 +253,28 @@ def test_lora_values_are_checked(tmp_path):
     assert not Adapters()
 
 
+def test_switchable_adapters_reach_the_placement_and_a_fused_one_does_not(tiny_klein, lora_files, monkeypatch):
+    """Adapters a request switches hold the compile back under auto and keep the steps' CUDA graphs off
+    (pipeline/placement.py); a fused one is plain weights by the compile. `--compile` with `--lora` is taken."""
+    import pipeline.model_choice as model_choice
+
+    seen = []
+    real = model_choice.decide_placement
+    monkeypatch.setattr(
+        model_choice, "decide_placement", lambda *a, **kw: seen.append(kw["switchable_adapters"]) or real(*a, **kw)
+    )
+    style, other = f"style={lora_files['style']}", f"other={lora_files['other']}"
+    served = resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(style, other), compile=True))
+    assert served.configs[0].placement.compile and len(served.configs[0].adapters.switchable) == 2
+    resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(style,), fuse_lora="style"))
+    resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(style, other), fuse_lora="style"))
+    assert seen == [True, False, True]
+
+
 def test_a_missing_adapter_file_stops_the_server_at_start(tiny_klein, lora_files):
     choice = ModelChoice(sources=(str(tiny_klein),), lora=("x=/nowhere.safetensors",))
     with pytest.raises(ModelChoiceError, match=r"no file at /nowhere\.safetensors"):  # serve exits with 2
         resolve_models(choice)
-    with pytest.raises(ModelChoiceError, match="--compile"):
-        resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(f"x={lora_files['style']}",), compile=True))
     style = f"x={lora_files['style']}"
     for moved in ("transformer-resident", "block-streaming"):  # plans that move or stream the transformer
         with pytest.raises(ModelChoiceError, match=f"offload plan '{moved}'.*encoder-streamed"):
@@ -299,3 +315,81 @@ def test_an_image_file_records_its_adapters_and_is_reproduced_with_them(lora_ser
     assert base64.b64decode(again.json()["data"][0]["b64_json"]) == original
     plain = generate(lora_client, **{**ASK, "seed": 31})  # and the adapter did change it
     assert base64.b64decode(plain.data[0].b64_json) != original
+
+
+# -- under --compile -------------------------------------------------------------------------------------------------
+def test_a_compiled_server_serves_every_adapter_choice_as_the_eager_one_does(
+    tiny_klein, lora_files, lora_server, tmp_path
+):
+    """`--compile --lora`: the adapters are loaded before the warm-up compile, each choice of adapters and scales
+    gives the eager server's image (compiled float math may move a pixel by 1-2/255), and no choice makes the
+    blocks compile again (Dynamo's recompile log names no LoRA guard)."""
+    args = ["--model", str(tiny_klein), "--compile", "--output-dir", str(tmp_path / "out")]
+    args += ["--lora", f"style={lora_files['style']}", "--lora", f"other={lora_files['other']}:0.5"]
+    with RunningServer(args, tmp_path, env={"TORCH_LOGS": "recompiles"}) as compiled:
+        assert "compiled and warmed up at 1024x1024" in compiled.log()
+        client = openai.OpenAI(base_url=f"{compiled.base_url}/v1", api_key="x", max_retries=0, timeout=600)
+        eager_client = openai.OpenAI(base_url=f"{lora_server.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+        choices = [[], [{"name": "style"}], [{"name": "other"}], [{"name": "style", "scale": -0.8}, {"name": "other"}]]
+        seen = []
+        for loras in choices + choices[:2]:
+            ours, theirs = image(client, loras=loras), image(eager_client, loras=loras)
+            assert np.abs(ours - theirs).max() <= 2, loras
+            seen.append(ours)
+        assert all(np.abs(seen[0] - other).max() > 20 for other in seen[1:4])  # each choice changed the image
+        assert np.array_equal(seen[0], seen[4]) and np.array_equal(seen[1], seen[5])  # and switching back restores
+        recompiles = [line for line in compiled.log().splitlines() if "__recompiles" in line]
+        assert not [line for line in recompiles if any(w in line for w in ("lora_", "scaling", "disable_adapters"))]
+
+
+def test_under_compile_switching_adapters_compiles_nothing(tiny_klein, lora_files, tmp_path):
+    """Under `--compile` the adapters switch by scale (pipeline/adapters.py): every choice runs the graphs the
+    first compiled and gives the eager switch's image, also for an adapter whose alpha is not its rank (its layers
+    scale by alpha / rank); peft's own switch (the control) compiles again for a new set of adapters or a new
+    scale."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.adapters import LoadedAdapters
+    from pipeline.compilation import compile_transformer
+    from pipeline.tiny_weights import build_tiny_pipeline
+
+    doubled = make_lora(tiny_klein, tmp_path / "doubled.safetensors", seed=2, strength=0.6, alpha=8.0)  # rank 4
+    adapters = adapters_from_options(
+        [f"style={lora_files['style']}", f"other={lora_files['other']}", f"doubled={doubled}"]
+    )
+    choices = [(), (("style", 1.0),), (("other", 1.0),), (("other", 0.3), ("style", 0.7)), (("style", -1.3),)]
+    choices += [(("doubled", 0.5),), (("doubled", 0.5), ("style", 1.0))]
+
+    def run(pipe, loaded, selection):
+        loaded.activate(selection)
+        compiled = counters["stats"]["unique_graphs"]
+        out = pipe(
+            prompt="a lighthouse",
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            generator=torch.Generator().manual_seed(3),
+            output_type="np",
+        ).images[0]
+        return out, counters["stats"]["unique_graphs"] - compiled
+
+    eager_pipe = build_tiny_pipeline()
+    eager = LoadedAdapters(eager_pipe, "tiny", adapters)
+    with torch.inference_mode():
+        expected = [run(eager_pipe, eager, selection)[0] for selection in choices]
+    for by_scale in (True, False):
+        pipe = build_tiny_pipeline()
+        loaded = LoadedAdapters(pipe, "tiny", adapters, by_scale=by_scale)
+        compile_transformer(pipe)
+        with torch.inference_mode():
+            run(pipe, loaded, ())  # the first call compiles
+            results = [run(pipe, loaded, selection) for selection in choices]
+        compiles = [new for _, new in results]
+        if by_scale:
+            assert compiles == [0] * len(choices)
+            for (out, _), want in zip(results, expected, strict=True):
+                assert np.abs(out - want).max() < 1e-4
+            assert np.abs(results[5][0] - results[2][0]).max() < 1e-4  # "doubled" at 0.5 is "other" at 1
+            assert {unit for tensors in loaded.scales.values() for _, unit in tensors} == {1.0, 2.0}
+        else:  # the control: peft's switch recompiles
+            assert sum(compiles) > 0

@@ -32,6 +32,7 @@ def test_compile_is_on_by_default_on_cuda_with_everything_resident_only():
         ({"quantize": "transformer=int8", "cuda_capability": (9, 0)}, "quantized weights"),
         ({"transformer_file": Path("t.gguf")}, "a GGUF transformer"),
         ({"cache": "taylorseer"}, "the step cache"),
+        ({"switchable_adapters": True}, "switchable LoRA adapters"),
     ):
         held = placed(**kwargs)
         assert not held.compile and why in _line(held, "compile:"), kwargs
@@ -41,6 +42,7 @@ def test_compile_is_on_by_default_on_cuda_with_everything_resident_only():
     assert asked_on.compile and "(asked)" in _line(asked_on, "compile:")
     forced = placed(cache="taylorseer", compile=True)
     assert forced.compile
+    assert placed(switchable_adapters=True, compile=True).compile
 
 
 def test_encoder_graphs_come_with_the_compile_where_the_encoder_stays_on_the_device():
@@ -58,7 +60,8 @@ def test_encoder_graphs_come_with_the_compile_where_the_encoder_stays_on_the_dev
 
 def test_transformer_graphs_come_with_the_encoders_for_a_transformer_nothing_changes():
     """The steps' CUDA graphs (pipeline/transformer_graphs.py) bake in what the transformer does: as the encoder's
-    graphs, and not with quantized weights, a GGUF transformer or the step cache's hooks."""
+    graphs, and not with quantized weights, a GGUF transformer, the step cache's hooks or LoRA adapters that
+    requests switch."""
     options = {"weight_params": KLEIN_4B_PARAMS, "cuda_available": True, "cuda_free_bytes": 79 * GIB}
     on = decide_placement(**options)
     assert on.transformer_graphs and "CUDA graphs" in _line(on, "transformer graphs:")
@@ -68,6 +71,7 @@ def test_transformer_graphs_come_with_the_encoders_for_a_transformer_nothing_cha
         {"compile": True, "cache": "taylorseer"},
         {"compile": True, "quantize": "transformer=fp8", "cuda_capability": (9, 0)},
         {"compile": True, "transformer_file": Path("flux2-klein-4b-Q4_K.gguf")},
+        {"compile": True, "switchable_adapters": True},
     ):
         off = decide_placement(**{**options, **kwargs})
         assert not off.transformer_graphs and not any(r.startswith("transformer graphs:") for r in off.reasons), kwargs

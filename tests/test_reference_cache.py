@@ -17,7 +17,7 @@ from imaging import decode_b64, pixels
 from PIL import Image
 
 from pipeline import reference_cache
-from pipeline.adapters import LoadedAdapters, adapters_from_options
+from pipeline.adapters import adapters_from_options
 from pipeline.batching import Slice
 from pipeline.loader import load_model
 from pipeline.placement import PlacementError, decide_placement
@@ -297,9 +297,8 @@ def test_the_store_keys_sets_by_the_active_lora_adapters(tiny_klein, tmp_path):
     from lora_files import make_lora
 
     placement = decide_placement(weight_params=1, reference_cache="on")
-    model = load_model(inspect_model(tiny_klein), placement)
     style = make_lora(tiny_klein, tmp_path / "style.safetensors", seed=1, strength=0.6)
-    model.adapters = LoadedAdapters(model, adapters_from_options([f"style={style}"]))
+    model = load_model(inspect_model(tiny_klein), placement, adapters_from_options([f"style={style}"]))
     refs = (reference(34),)
     plain = job(size=SIZE, seeds=(5,), steps=STEPS, references=refs)
     styled = job(size=SIZE, seeds=(5,), steps=STEPS, references=refs, loras=(("style", 1.0),))

@@ -70,7 +70,7 @@ def test_a_streamed_model_runs_its_tracing_pass_at_load_through_the_requests_pat
     for layer in layers:
         layer.register_forward_pre_hook(lambda module, args: runs.append(1))
     config = ModelConfig(name="tiny", spec=model.spec, placement=model.placement, weight_bytes=0)
-    pool = ModelPool([config], load=lambda spec, placement: model)
+    pool = ModelPool([config], load=lambda spec, placement, adapters: model)
     with caplog.at_level(logging.INFO, logger="flux2.loader"):
         assert pool.get() is model
     assert pending(model) == []
@@ -108,5 +108,5 @@ def test_a_failed_warm_up_is_logged_and_the_model_still_loads(monkeypatch, caplo
     monkeypatch.setattr(stream_warm_up, "run_batch", out_of_memory)
     config = ModelConfig(name="tiny", spec=model.spec, placement=model.placement, weight_bytes=0)
     with caplog.at_level(logging.WARNING, logger="flux2.loader"):
-        assert ModelPool([config], load=lambda spec, placement: model).get() is model
+        assert ModelPool([config], load=lambda spec, placement, adapters: model).get() is model
     assert any("warm-up of streamed" in r.getMessage() and "OutOfMemoryError" in r.getMessage() for r in caplog.records)
