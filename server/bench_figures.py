@@ -118,6 +118,18 @@ def figures_for(
             lambda: direct.images(prompts(), size),
         ),
     ]
+    switchable = loaded.adapters.adapters.switchable if loaded is not None and loaded.adapters is not None else ()
+    if switchable:  # bench --loras N: one of them chosen, right after an image with none (every run switches)
+        figures.append(
+            Figure(
+                "one_image_lora",
+                f"one image {size}x{size}, 1 of {len(switchable)} LoRAs at 0.8, after one with none",
+                lambda: client.generate(prompts()[0], size, loras=[{"name": switchable[0].name, "scale": 0.8}]),
+                None,
+                "no plain equivalent: the served switch",
+                before=lambda: client.generate_unrecorded(prompts()[0], size),
+            )
+        )
     if arch.family == "klein":
         figures.append(
             Figure(

@@ -38,6 +38,7 @@ from .bench_harness import (
     synchronize,
     timed,
     transformer_step,
+    write_random_loras,
 )
 from .bench_profile import profile_served, profile_stages
 from .bench_references import COUNTS as REFERENCE_COUNTS
@@ -198,6 +199,7 @@ def _whole_pipeline(
     save: Callable[[], None],
     speed: SpeedOptions,
 ) -> None:
+    from pipeline.adapters import Adapters, LoadedAdapters, adapters_from_options
     from pipeline.encoder_graphs import install as install_encoder_graphs
     from pipeline.engine import Engine
     from pipeline.loader import LoadedModel
@@ -220,11 +222,23 @@ def _whole_pipeline(
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
     graphs = encoder_graphs_fit(speed.compile, device, "resident")  # the encoder's CUDA graphs
     step_graphs = transformer_graphs_fit(
-        speed.compile, device, "resident", "transformer" in dict(speed.quantization.schemes)
+        speed.compile,
+        device,
+        "resident",
+        "transformer" in dict(speed.quantization.schemes),
+        switchable_adapters=speed.loras > 0,
     )
+    adapters, loaded_adapters = Adapters(), None
     if speed:  # plain diffusers as a user runs it, before the speed options change the shared pipeline
         results["eager_baseline"] = _eager_baseline(direct, arch.size, repeats, device, clock)
         save()
+        if speed.loras:  # as serve --lora loads them: before the compile, switched by scale under it
+            started = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix="flux2-bench-loras-") as folder:
+                adapters = adapters_from_options(write_random_loras(pipe.transformer, Path(folder), speed.loras))
+                loaded_adapters = LoadedAdapters(pipe, arch.name, adapters, by_scale=speed.compile)
+            results["loras_load_s"] = time.perf_counter() - started
+            clock.say(f"{speed.loras} random LoRA adapters (rank 32) loaded in {results['loras_load_s']:.1f} s")
         if speed.compile and any(speed.wants(f"edit_{count}_cached") for count in REFERENCE_COUNTS):
             # As serve --reference-cache on --compile does: the cache's processors go on before compiling (they act
             # as diffusers' own without a cache), so no figure swaps processors under the compiled blocks.
@@ -249,9 +263,13 @@ def _whole_pipeline(
         quantization=speed.quantization,
     )
     config = ModelConfig(
-        name=arch.name, spec=spec, placement=placement, weight_bytes=int(results["weights_gib"] * _GIB)
+        name=arch.name,
+        spec=spec,
+        placement=placement,
+        weight_bytes=int(results["weights_gib"] * _GIB),
+        adapters=adapters,
     )
-    loaded = LoadedModel(spec, placement, pipe)
+    loaded = LoadedModel(spec, placement, pipe, adapters=loaded_adapters)
     engine = Engine(
         ModelPool([config], load=lambda spec_, placement_, adapters_: loaded),
         max_batch_images=BATCH,

@@ -11,6 +11,7 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -93,9 +94,11 @@ class ImageClient:
             "output_format": "png",
         }
 
-    def generate(self, prompt: str, size: int, seed: int = 0, n: int = 1) -> None:
-        response = self.http.post("/v1/images/generations", json=self._fields(prompt, size, seed, n))
-        self._check(response, n)
+    def generate(
+        self, prompt: str, size: int, seed: int = 0, n: int = 1, loras: list[dict[str, Any]] | None = None
+    ) -> None:
+        body = self._fields(prompt, size, seed, n) | ({"loras": loras} if loras else {})
+        self._check(self.http.post("/v1/images/generations", json=body), n)
 
     def generate_unrecorded(self, prompt: str, size: int) -> None:
         """One image whose stages are not kept: what a figure runs before each timed request (`Figure.before`)."""
@@ -410,3 +413,36 @@ def mask_images(size: int) -> tuple[bytes, Image.Image]:
     buffer = io.BytesIO()
     api.save(buffer, format="PNG")
     return buffer.getvalue(), plain
+
+
+# The layers a FLUX.2 LoRA commonly adapts (ai-toolkit's and kohya's attention targets): the double blocks' image and
+# text attention projections and the single blocks' fused QKV+MLP input projection.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+LORA_TARGETS += ("to_qkv_mlp_proj",)
+
+
+def write_random_loras(transformer: Any, folder: Path, count: int, rank: int = 32) -> list[str]:
+    """`count` LoRA files with random weights for `transformer` (rank `rank` on LORA_TARGETS, diffusers' peft layout,
+    as `save_lora_weights` writes it), each `lora{i}.safetensors` in `folder`; their `--lora` values. The weights are
+    small (the adapted layers' outputs move by ~1 %): they are there for the time they take, as the random model's."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    linears = [
+        (name, module)
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(name.endswith(f".{t}") for t in LORA_TARGETS)
+    ]
+    values = []
+    for index in range(count):
+        state = {}
+        for name, linear in linears:
+            down = torch.randn(rank, linear.in_features, generator=generator) / linear.in_features**0.5
+            up = torch.randn(linear.out_features, rank, generator=generator) * 0.01 / rank**0.5
+            state[f"transformer.{name}.lora_A.weight"] = down.to(linear.weight.dtype)
+            state[f"transformer.{name}.lora_B.weight"] = up.to(linear.weight.dtype)
+        path = folder / f"lora{index}.safetensors"
+        save_file(state, path)
+        values.append(f"lora{index}={path}")
+    return values

@@ -1,5 +1,6 @@
 """The full-size bench's speed options: `--compile` and `--quantize` applied to the in-memory pipeline as
-`serve --compile` / `--quantize` apply them to a loaded one, and `--only` to measure a subset of the figures.
+`serve --compile` / `--quantize` apply them to a loaded one, `--loras N` (N random LoRA adapters loaded into the
+served model, as `serve --lora` loads files), and `--only` to measure a subset of the figures.
 
 With a speed option the bench first times plain diffusers on the eager bf16 pipeline (the eager baseline), then
 changes the shared pipeline, so both columns of the table run the compiled/quantized modules (the serving tax
@@ -17,29 +18,32 @@ from pipeline.quantization import Quantization, parse_quantization
 
 from .bench_harness import synchronize
 
+MAX_LORAS = 8
+
 
 @dataclass(frozen=True)
 class SpeedOptions:
     compile: bool = False
     quantization: Quantization = Quantization()
     only: frozenset[str] | None = None  # figure/check keys to measure; None = all
+    loras: int = 0  # random LoRA adapters loaded into the served model (server/bench_fullsize.py)
 
     def __bool__(self) -> bool:
-        """Whether the pipeline is changed (compiled or quantized) after the eager baseline."""
-        return self.compile or bool(self.quantization)
+        """Whether the pipeline is changed (compiled, quantized or given adapters) after the eager baseline."""
+        return self.compile or bool(self.quantization) or self.loras > 0
 
     def label(self) -> str:
         parts = (["--compile"] if self.compile else []) + (
             [f"--quantize {self.quantization}"] if self.quantization else []
         )
-        return " ".join(parts)
+        return " ".join(parts + ([f"--loras {self.loras}"] if self.loras else []))
 
     def wants(self, key: str) -> bool:
         return self.only is None or key in self.only
 
 
-def parse_speed_options(compile: bool, quantize: str, only: str | None) -> SpeedOptions:
-    """ValueError (naming the option) for a bad --quantize or an empty --only."""
+def parse_speed_options(compile: bool, quantize: str, only: str | None, loras: int = 0) -> SpeedOptions:
+    """ValueError (naming the option) for a bad --quantize, an empty --only or --loras out of 0-MAX_LORAS."""
     try:
         quantization = parse_quantization(quantize)
     except ValueError as exc:
@@ -49,7 +53,9 @@ def parse_speed_options(compile: bool, quantize: str, only: str | None) -> Speed
         keys = frozenset(key.strip() for key in only.split(",") if key.strip())
         if not keys:
             raise ValueError("--only: name at least one figure key, e.g. one_image,pipeline_step")
-    return SpeedOptions(compile, quantization, keys)
+    if not 0 <= loras <= MAX_LORAS:
+        raise ValueError(f"--loras: from 0 to {MAX_LORAS}, got {loras}")
+    return SpeedOptions(compile, quantization, keys, loras)
 
 
 def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Callable[[], Any]) -> float:

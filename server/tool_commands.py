@@ -111,6 +111,14 @@ def bench(
             "after placing (in --memory-caps write a cap as 12+compile).",
         ),
     ] = False,
+    loras: Annotated[
+        int,
+        typer.Option(
+            help="With --architecture: load N random rank-32 LoRA adapters into the served model (as serve --lora "
+            "does; switched by scale under --compile), after timing plain diffusers on the eager pipeline; adds "
+            "the figure one_image_lora (one of them at 0.8, each run right after an image with none).",
+        ),
+    ] = 0,
     only: Annotated[
         str | None,
         typer.Option(
@@ -146,7 +154,7 @@ def bench(
         from .bench_speed import parse_speed_options
 
         try:
-            speed = parse_speed_options(compile, quantize, only)
+            speed = parse_speed_options(compile, quantize, only, loras)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         bench_command(

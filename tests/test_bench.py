@@ -9,6 +9,7 @@ import json
 import pytest
 
 from pipeline.architectures import ARCHITECTURES, get_architecture, parameter_counts
+from server.bench_speed import parse_speed_options
 
 _GIB = 1024**3
 
@@ -602,3 +603,31 @@ def test_a_figures_before_runs_untimed_before_each_served_run_outside_its_counte
     assert counts == {"served": [{"n": 1}] * 2, "direct": [{"n": 2}] * 2}
     assert len(served) == len(direct) == 2
     assert "served" in lines[0] and "(n 1)" in lines[0] and "(n 2)" in lines[0]
+
+
+def test_loras_load_random_adapters_and_time_a_switched_image_that_compiles_nothing(tmp_path):
+    """`--compile --loras 2`: two random adapters loaded into the served model before the compile (as serve --lora
+    --compile), and `one_image_lora` times an image with one of them right after one with none: every timed run
+    switches, and none of them compiles a graph (the adapters switch by scale, pipeline/adapters.py)."""
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench", "--architecture", "tiny", "--device", "cpu", "--repeats", "2", "--compile", "--loras", "2",
+            "--only", "one_image,one_image_lora", "--json", str(tmp_path / "bench.json"),
+        ],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["complete"] and results["variant"] == "--compile --loras 2" and results["loras_load_s"] > 0
+    plain, lora = results["figures"]
+    assert (plain["key"], lora["key"]) == ("one_image", "one_image_lora")
+    assert lora["served_s"] > 0 and lora["direct_s"] is None and "1 of 2 LoRAs at 0.8" in lora["label"]
+    assert [counts["compiled_graphs"] for counts in lora["served_runs_counters"]] == [0, 0]
+    assert "2 random LoRA adapters (rank 32) loaded" in result.output
+    with pytest.raises(ValueError, match="--loras: from 0 to 8"):
+        parse_speed_options(False, "none", None, 9)
