@@ -393,3 +393,35 @@ def test_under_compile_switching_adapters_compiles_nothing(tiny_klein, lora_file
             assert {unit for tensors in loaded.scales.values() for _, unit in tensors} == {1.0, 2.0}
         else:  # the control: peft's switch recompiles
             assert sum(compiles) > 0
+
+
+# -- on quantized weights (--quantize) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("scheme", ["int8", "fp8-weight"])
+def test_adapters_on_quantized_weights_switch_and_fuse(tiny_klein, lora_files, lora_client, tmp_path, scheme):
+    """`--quantize transformer=SCHEME --lora`: peft wraps torchao's quantized layers; the adapter moves the quantized
+    model's image as it moves the unquantized one's (its image is near the unquantized server's adapter image, far
+    from the quantized base), and `--fuse-lora` merges it into the quantized weights with the switched image's
+    result (requantized: a few levels apart)."""
+
+    def mean_gap(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.abs(a - b).mean())
+
+    args = ["--model", str(tiny_klein), "--quantize", f"transformer={scheme}", "--output-dir", str(tmp_path / "out")]
+    with RunningServer([*args, "--lora", f"style={lora_files['style']}"], tmp_path) as quantized:
+        client = openai.OpenAI(base_url=f"{quantized.base_url}/v1", api_key="x", max_retries=0, timeout=120)
+        base, styled = image(client), image(client, loras=[{"name": "style", "scale": 0.8}])
+    unquantized = image(lora_client, loras=[{"name": "style", "scale": 0.8}])
+    assert mean_gap(styled, base) > 10  # the adapter does change the quantized model's image
+    assert mean_gap(styled, unquantized) < mean_gap(styled, base) / 4
+    fused_style = adapters_from_options([f"style={lora_files['style']}:0.8"], fuse="style")
+    placement = resolve_models(ModelChoice(sources=(str(tiny_klein),), quantize=f"transformer={scheme}"))
+    config = replace(placement.configs[0], adapters=fused_style)
+    engine = Engine(ModelPool([config]))
+    engine.start()
+    assert engine.wait_ready(60)
+    try:
+        ask = job(prompt=ASK["prompt"], seeds=(7,), steps=3)
+        fused = pixels(engine.submit(ask).future.result(60).images[0])
+    finally:
+        engine.stop(10)
+    assert mean_gap(fused, styled) < 3
