@@ -155,12 +155,13 @@ class LoadedAdapters:
     `disable_lora`: only the chosen adapters' layers run. Under `--compile` (`by_scale=True`) that would recompile
     the transformer's blocks for every switch: the compiled graphs are guarded on which adapters are active, on the
     adapters' `requires_grad` (peft turns it on for the active ones) and on the scales themselves (Python floats,
-    some of which Dynamo specializes), so each new choice cost a compile (seconds on this project's CPU, more on a
-    GPU) and past the recompile limit the blocks ran eager. There every adapter stays active and each one's scale is
-    a tensor on the device (peft multiplies each adapter's output by `scaling[name]`, a float or a tensor alike),
-    written in place at a switch: an adapter left out runs at scale 0, which adds exact zeros, and one compiled graph
-    serves every choice. The price: each step computes every loaded adapter's low-rank product (per adapter and
-    layer about rank x (in + out) / (in x out) of the layer's work, ~2 % at rank 32 on klein-4B)."""
+    some of which Dynamo specializes), so a new choice cost a compile (a tiny klein on this project's CPU: two
+    graphs, seconds, for each new set of adapters) and past the recompile limit the blocks ran eager. By scale,
+    every adapter stays active and each one's scale is a tensor on the device (peft multiplies each adapter's output
+    by `scaling[name]`, a float or a tensor alike), written in place at a switch: an adapter left out runs at scale
+    0, which adds exact zeros, and one compiled graph serves every choice. The price: each step computes every
+    loaded adapter's low-rank product (per adapter and layer about rank x (in + out) / (in x out) of the layer's
+    work, ~2 % at rank 32 on klein-4B)."""
 
     def __init__(self, pipe: Flux2Pipe, model_name: str, adapters: Adapters, by_scale: bool = False):
         self.pipe = pipe

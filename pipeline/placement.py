@@ -317,9 +317,8 @@ def _compile_choice(
     (klein-4B, 1024², torch 2.11), a step takes 0.060 s instead of 0.082 s and a served image 0.41 s instead of
     0.67 s for plain diffusers (the decoder's norms compiled too), for ~55 s of compiling at start. Offloaded,
     quantized, GGUF and step-cached transformers, and those with LoRA adapters a request switches, stay eager until
-    measured compiled. A machine that cannot build
-    the compiled kernels (no C compiler or Python headers: `toolchain_missing`) stays eager under auto and refuses
-    an asked compile."""
+    measured compiled. A machine that cannot build the compiled kernels (no C compiler or Python headers:
+    `toolchain_missing`) stays eager under auto and refuses an asked compile."""
     if asked:
         missing = toolchain_missing()
         if missing:
