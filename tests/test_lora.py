@@ -395,6 +395,43 @@ def test_under_compile_switching_adapters_compiles_nothing(tiny_klein, lora_file
             assert sum(compiles) > 0
 
 
+def test_under_compile_adapters_on_int8_weights_switch_without_compiling(tiny_klein, lora_files):
+    """`--quantize transformer=int8 --compile --lora`: peft's layers around torchao's quantized ones compile once,
+    and every choice after gives the eager quantized model's image."""
+    from torch._dynamo.utils import counters
+
+    from pipeline.adapters import LoadedAdapters
+    from pipeline.compilation import compile_transformer
+    from pipeline.quantization import parse_quantization, quantize_modules
+    from pipeline.tiny_weights import build_tiny_pipeline
+
+    adapters = adapters_from_options([f"style={lora_files['style']}", f"other={lora_files['other']}"])
+    choices = [(), (("style", 1.0),), (("other", 0.4), ("style", 1.0)), (("other", -0.7),), ()]
+
+    def images(by_scale: bool) -> tuple[list[np.ndarray], list[int]]:
+        pipe = build_tiny_pipeline()
+        quantize_modules(pipe, parse_quantization("transformer=int8"))
+        loaded = LoadedAdapters(pipe, "tiny", adapters, by_scale=by_scale)
+        if by_scale:
+            compile_transformer(pipe)
+        out, compiles = [], []
+        with torch.inference_mode():
+            for selection in choices:
+                loaded.activate(selection)
+                before = counters["stats"]["unique_graphs"]
+                ask = {"prompt": "a lighthouse", "height": 64, "width": 64, "num_inference_steps": 2}
+                out.append(pipe(**ask, generator=torch.Generator().manual_seed(3), output_type="np").images[0])
+                compiles.append(counters["stats"]["unique_graphs"] - before)
+        return out, compiles
+
+    expected, _ = images(by_scale=False)
+    compiled, compiles = images(by_scale=True)
+    assert compiles[0] > 0 and compiles[1:] == [0] * (len(choices) - 1)  # the first call compiles, no switch does
+    for ours, want in zip(compiled, expected, strict=True):
+        assert np.abs(ours - want).max() < 1e-3
+    assert np.abs(compiled[1] - compiled[0]).mean() > 0.02 and np.array_equal(compiled[0], compiled[4])
+
+
 # -- on quantized weights (--quantize) ------------------------------------------------------------------------------
 @pytest.mark.parametrize("scheme", ["int8", "fp8-weight"])
 def test_adapters_on_quantized_weights_switch_and_fuse(tiny_klein, lora_files, lora_client, tmp_path, scheme):
