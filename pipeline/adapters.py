@@ -1,14 +1,15 @@
 """LoRA adapters: the ones the operator preloads (`--lora NAME=PATH[:SCALE]`, `--fuse-lora NAME`), the choice a
 request makes among them, and the switch to that choice on a loaded pipeline.
 
-Adapters load once, when their model loads (before its compile and warm-up, so the compiled blocks hold their
-layers), through diffusers' `load_lora_weights` (FLUX.2's LoRA loader: the diffusers/peft layout, kohya's
-`lora_unet_*` layout and the BFL/ai-toolkit `diffusion_model.*` layout are converted by diffusers). They apply to
-the transformer only, so cached prompt embeddings stay valid. Before a batch runs, `activate` switches to the
-batch's adapters with `set_adapters` (names and scales, nothing reloaded), or turns LoRA off with `disable_lora`
-when the batch names none: the base model's output is then exactly what it is without any adapter loaded. Under
-`--compile` every adapter stays on and the switch writes their scales (`LoadedAdapters` says why). Jobs with
-different adapter sets never share a batch (their `batch_key` differs).
+Adapters load once, when their model loads (before it is placed, so an offload plan moves or streams their
+layers with the transformer's, and before its compile, so the compiled blocks hold them), through diffusers'
+`load_lora_weights` (FLUX.2's LoRA loader: the diffusers/peft layout, kohya's `lora_unet_*` layout and the
+BFL/ai-toolkit `diffusion_model.*` layout are converted by diffusers). They apply to the transformer only, so
+cached prompt embeddings stay valid. Before a batch runs, `activate` switches to the batch's adapters with
+`set_adapters` (names and scales, nothing reloaded), or turns LoRA off with `disable_lora` when the batch names
+none: the base model's output is then exactly what it is without any adapter loaded. Under `--compile` every
+adapter stays on and the switch writes their scales (`LoadedAdapters` says why). Jobs with different adapter sets
+never share a batch (their `batch_key` differs).
 
 A fused adapter (`--fuse-lora NAME`) is merged into the transformer's weights at its scale when the model loads
 and its LoRA layers removed: it costs nothing per step, and it is always on (requests cannot turn it off or change
@@ -151,8 +152,8 @@ def select(adapters: Adapters, asked: Sequence[tuple[str, float | None]]) -> Sel
 class LoadedAdapters:
     """The adapters in one loaded pipeline, and which are active. Used on the engine's worker thread only.
 
-    Two ways to switch. Eager (`by_scale=False`): peft's own, `set_adapters` with the batch's names and scales, or
-    `disable_lora`: only the chosen adapters' layers run. Under `--compile` (`by_scale=True`) that would recompile
+    Two ways to switch. Eager (the default): peft's own, `set_adapters` with the batch's names and scales, or
+    `disable_lora`: only the chosen adapters' layers run. Under `--compile` (`switch_by_scale`) that would recompile
     the transformer's blocks for every switch: the compiled graphs are guarded on which adapters are active, on the
     adapters' `requires_grad` (peft turns it on for the active ones) and on the scales themselves (Python floats,
     some of which Dynamo specializes), so a new choice cost a compile (a tiny klein on this project's CPU: two
@@ -163,7 +164,7 @@ class LoadedAdapters:
     loaded adapter's low-rank product (per adapter and layer about rank x (in + out) / (in x out) of the layer's
     work, ~2 % at rank 32 on klein-4B)."""
 
-    def __init__(self, pipe: Flux2Pipe, model_name: str, adapters: Adapters, by_scale: bool = False):
+    def __init__(self, pipe: Flux2Pipe, model_name: str, adapters: Adapters):
         self.pipe = pipe
         self.adapters = adapters
         fused = adapters.fused
@@ -177,9 +178,16 @@ class LoadedAdapters:
             log.info("lora %s: loaded from %s (default scale %g)", adapter.name, adapter.path, adapter.scale)
         # By scale: per adapter, its scale tensors and the scaling each holds at scale 1 (peft's alpha / rank).
         self.scales: dict[str, list[tuple[torch.Tensor, float]]] | None = None
-        if by_scale and adapters.switchable:
-            self.scales = _scale_tensors(pipe, [a.name for a in adapters.switchable])
         self.active: Selection | None = None  # unknown until the first switch
+        self.activate(())
+
+    def switch_by_scale(self, device: str | torch.device) -> None:
+        """From now on switch by scale (before the compile; the scale tensors on `device`, where the transformer
+        runs), starting with none of the adapters chosen."""
+        if not self.adapters.switchable or self.scales is not None:
+            return
+        self.scales = _scale_tensors(self.pipe, [a.name for a in self.adapters.switchable], torch.device(device))
+        self.active = None
         self.activate(())
 
     def activate(self, selection: Selection) -> None:
@@ -204,29 +212,29 @@ class LoadedAdapters:
         self.active = selection
 
 
-def _scale_tensors(pipe: Flux2Pipe, names: list[str]) -> dict[str, list[tuple[torch.Tensor, float]]]:
+def _scale_tensors(
+    pipe: Flux2Pipe, names: list[str], device: torch.device
+) -> dict[str, list[tuple[torch.Tensor, float]]]:
     """Every adapter active at scale 1, then each LoRA layer's `scaling[name]` replaced by a float32 scalar tensor on
-    its device, shared by the layers of one adapter that scale alike (one per adapter, unless its alpha or rank
+    `device`, shared by the layers of one adapter that scale alike (one per adapter, unless its alpha or rank
     varies by layer); per adapter, those tensors and their scaling at scale 1."""
     from peft.tuners.lora import LoraLayer
 
     pipe.enable_lora()
     pipe.set_adapters(names, [1.0] * len(names))
-    shared: dict[tuple[str, float, torch.device], torch.Tensor] = {}
+    shared: dict[tuple[str, float], torch.Tensor] = {}
     for module in pipe.transformer.modules():
         if not isinstance(module, LoraLayer):
             continue
-        device: torch.device = module.get_base_layer().weight.device  # type: ignore[assignment]
         for name in names:
             if name not in module.scaling:
                 continue
             unit = float(module.scaling[name])
-            key = (name, unit, device)
-            if key not in shared:
-                shared[key] = torch.zeros((), dtype=torch.float32, device=device)
-            module.scaling[name] = shared[key]
+            if (name, unit) not in shared:
+                shared[name, unit] = torch.zeros((), dtype=torch.float32, device=device)
+            module.scaling[name] = shared[name, unit]
     scales: dict[str, list[tuple[torch.Tensor, float]]] = {name: [] for name in names}
-    for (name, unit, _), tensor in shared.items():
+    for (name, unit), tensor in shared.items():
         scales[name].append((tensor, unit))
     return scales
 

@@ -60,9 +60,10 @@ def quiet_progress_bars() -> None:
 
 
 def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None = None) -> LoadedModel:
-    """The pipeline from `spec`'s folder, placed as `placement` says, with `adapters` loaded (before the compile and
-    its warm-up: the compiled blocks are traced with the LoRA layers in them, `LoadedAdapters` switching them by
-    scale so that one graph serves every choice), compiled and warmed up when the placement says so."""
+    """The pipeline from `spec`'s folder with `adapters` loaded, placed as `placement` says (an offload plan moves or
+    streams the adapters' layers with the transformer's), then compiled and warmed up when the placement says so
+    (the compiled blocks traced with the LoRA layers in them, `LoadedAdapters` switching them by scale so that one
+    graph serves every choice)."""
     from diffusers import DiffusionPipeline
 
     from .adapters import LoadedAdapters
@@ -78,6 +79,8 @@ def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None 
     )
     if type(pipe).__name__ != spec.pipeline_class:
         raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")
+    # Before placing: an offload plan then moves or streams the adapters' layers with the rest of the transformer.
+    loaded_adapters = LoadedAdapters(cast(Flux2Pipe, pipe), spec.path.name, adapters) if adapters else None
     swapper = None
     if placement.plan is not None and placement.plan.name != "resident":
         swapper = apply_plan(pipe, placement)
@@ -92,9 +95,8 @@ def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None 
     apply_cache(pipe.transformer, placement.cache)
     if placement.reference_cache:
         install_reference_processors(pipe.transformer)
-    loaded_adapters = None
-    if adapters:
-        loaded_adapters = LoadedAdapters(cast(Flux2Pipe, pipe), spec.path.name, adapters, by_scale=placement.compile)
+    if loaded_adapters is not None and placement.compile:
+        loaded_adapters.switch_by_scale(placement.device)  # one compiled graph for every choice of adapters
     placement = compile_and_warm_up(pipe, placement)
     log.info(
         "model: %s loaded as %s (%s, defaults: %d steps, guidance %.1f)",

@@ -113,19 +113,6 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
             )
             if gguf_line is not None:
                 placement = replace(placement, reasons=(*placement.reasons, gguf_line))
-            # Adapters go into the transformer only: plans that keep it in place on the device take them (the
-            # encoder may move or stream); plans that move or stream the transformer do not yet.
-            if (
-                index == 0
-                and adapters
-                and placement.plan is not None
-                and placement.plan.where("transformer") != "device"
-            ):
-                raise ModelChoiceError(
-                    f"--lora with the offload plan {placement.plan.name!r} is not supported yet (adapters are "
-                    "loaded into the transformer, which this plan moves): serve the model with a plan that keeps "
-                    "the transformer on the GPU (resident, encoder-swapped, encoder-streamed), or without --lora"
-                )
         except (WeightsError, PlacementError, QuantizationError, GGUFError) as exc:
             raise ModelChoiceError(str(exc)) from exc
         name = (

@@ -101,8 +101,6 @@ class ModelPool:
         self._make_room(config)
         log.info("model %s: loading %s", name, config.spec.path)
         model = self._load(config.spec, config.placement, config.adapters)
-        # After the adapters (loaded with the model): loading them makes diffusers apply a streamed component's
-        # offloading hooks again.
         warm_up_streams(model)
         self._loaded[name] = model
         settle_heap()

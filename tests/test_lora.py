@@ -275,19 +275,13 @@ def test_a_missing_adapter_file_stops_the_server_at_start(tiny_klein, lora_files
     choice = ModelChoice(sources=(str(tiny_klein),), lora=("x=/nowhere.safetensors",))
     with pytest.raises(ModelChoiceError, match=r"no file at /nowhere\.safetensors"):  # serve exits with 2
         resolve_models(choice)
-    style = f"x={lora_files['style']}"
-    for moved in ("transformer-resident", "block-streaming"):  # plans that move or stream the transformer
-        with pytest.raises(ModelChoiceError, match=f"offload plan '{moved}'.*encoder-streamed"):
-            resolve_models(ModelChoice(sources=(str(tiny_klein),), lora=(style,), offload=moved))
 
 
-@pytest.mark.parametrize("offload", ["encoder-swapped", "encoder-streamed"])
-def test_a_plan_that_keeps_the_transformer_in_place_takes_adapters(
-    tiny_klein, lora_files, lora_client, tmp_path, offload
-):
-    """Adapters go into the transformer only: under the plans that move or stream only the text encoder a LoRA
-    server makes the resident LoRA server's images (the encoder's streaming hooks re-applied by diffusers when the
-    adapter loads)."""
+@pytest.mark.parametrize("offload", ["encoder-swapped", "encoder-streamed", "transformer-resident", "block-streaming"])
+def test_every_offload_plan_takes_adapters(tiny_klein, lora_files, lora_client, tmp_path, offload):
+    """Adapters load before the model is placed: under every offload plan, those that move or stream the text
+    encoder and those that move or stream the transformer (its adapters' layers with it), a LoRA server makes the
+    resident LoRA server's images (on the CPU the plans' moves are simulated: host copies and empty placeholders)."""
     args = ["--model", str(tiny_klein), "--offload", offload, "--lora", f"style={lora_files['style']}"]
     with RunningServer(args, tmp_path) as running:
         assert f"offload plan: {offload} (forced" in running.log()
@@ -297,6 +291,28 @@ def test_a_plan_that_keeps_the_transformer_in_place_takes_adapters(
     assert np.abs(styled - image(lora_client, loras=[{"name": "style", "scale": 1.0}])).max() <= 1
     assert np.abs(base - image(lora_client)).max() <= 1
     assert np.abs(styled - base).mean() > 5  # the adapter is on
+
+
+def test_a_plan_that_swaps_the_transformer_swaps_its_adapters_layers_too(tiny_klein, lora_files):
+    """`transformer-resident` moves the transformer out for the text encode and back for the denoise: the adapters,
+    loaded before the plan is carried out, are among the weights it moves (loaded after, their layers stayed on the
+    device whatever the stage, outside the plan's sums)."""
+    from pipeline.loader import load_model
+
+    choice = ModelChoice(
+        sources=(str(tiny_klein),), lora=(f"style={lora_files['style']}",), offload="transformer-resident"
+    )
+    config = resolve_models(choice).configs[0]
+    model = load_model(config.spec, config.placement, config.adapters)
+    lora = [p for name, p in model.pipe.transformer.named_parameters() if ".lora_" in name]
+    base = [p for name, p in model.pipe.transformer.named_parameters() if ".lora_" not in name]
+    assert lora and base
+    swapped = model.swapper.weights["transformer"]
+    assert {id(p) for p in swapped.params} == {id(p) for p in lora + base}
+    swapped.evict()  # what entering the text encode does to the transformer, the adapters' layers included
+    assert all(p.numel() == 0 for p in lora + base)
+    model.enter("denoise")
+    assert all(p.numel() > 0 for p in lora + base)
 
 
 def test_an_image_file_records_its_adapters_and_is_reproduced_with_them(lora_server, lora_client):
@@ -379,7 +395,9 @@ def test_under_compile_switching_adapters_compiles_nothing(tiny_klein, lora_file
         expected = [run(eager_pipe, eager, selection)[0] for selection in choices]
     for by_scale in (True, False):
         pipe = build_tiny_pipeline()
-        loaded = LoadedAdapters(pipe, "tiny", adapters, by_scale=by_scale)
+        loaded = LoadedAdapters(pipe, "tiny", adapters)
+        if by_scale:
+            loaded.switch_by_scale("cpu")
         compile_transformer(pipe)
         with torch.inference_mode():
             run(pipe, loaded, ())  # the first call compiles
@@ -411,8 +429,9 @@ def test_under_compile_adapters_on_int8_weights_switch_without_compiling(tiny_kl
     def images(by_scale: bool) -> tuple[list[np.ndarray], list[int]]:
         pipe = build_tiny_pipeline()
         quantize_modules(pipe, parse_quantization("transformer=int8"))
-        loaded = LoadedAdapters(pipe, "tiny", adapters, by_scale=by_scale)
+        loaded = LoadedAdapters(pipe, "tiny", adapters)
         if by_scale:
+            loaded.switch_by_scale("cpu")
             compile_transformer(pipe)
         out, compiles = [], []
         with torch.inference_mode():
