@@ -470,8 +470,8 @@ def test_adapters_on_quantized_weights_switch_and_fuse(tiny_klein, lora_files, l
     assert mean_gap(styled, base) > 10  # the adapter does change the quantized model's image
     assert mean_gap(styled, unquantized) < mean_gap(styled, base) / 4
     fused_style = adapters_from_options([f"style={lora_files['style']}:0.8"], fuse="style")
-    placement = resolve_models(ModelChoice(sources=(str(tiny_klein),), quantize=f"transformer={scheme}"))
-    config = replace(placement.configs[0], adapters=fused_style)
+    served = resolve_models(ModelChoice(sources=(str(tiny_klein),), quantize=f"transformer={scheme}"))
+    config = replace(served.configs[0], adapters=fused_style)
     engine = Engine(ModelPool([config]))
     engine.start()
     assert engine.wait_ready(60)
