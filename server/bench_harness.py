@@ -424,7 +424,7 @@ LORA_TARGETS += ("to_qkv_mlp_proj",)
 def write_random_loras(transformer: Any, folder: Path, count: int, rank: int = 32) -> list[str]:
     """`count` LoRA files with random weights for `transformer` (rank `rank` on LORA_TARGETS, diffusers' peft layout,
     as `save_lora_weights` writes it), each `lora{i}.safetensors` in `folder`; their `--lora` values. The weights are
-    small (the adapted layers' outputs move by ~1 %): they are there for the time they take, as the random model's."""
+    small (an adapted layer's output moves by ~2 %): they are there for the time they take, as the random model's."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
