@@ -176,8 +176,8 @@ class LoadedAdapters:
         for adapter in adapters.switchable:
             _load(pipe, model_name, adapter)
             log.info("lora %s: loaded from %s (default scale %g)", adapter.name, adapter.path, adapter.scale)
-        # By scale: per adapter, its scale tensors and the scaling each holds at scale 1 (peft's alpha / rank).
-        self.scales: dict[str, list[tuple[torch.Tensor, float]]] | None = None
+        # By scale: per adapter, its scale tensors keyed by the scaling each holds at scale 1 (peft's alpha / rank).
+        self.scales: dict[str, dict[float, torch.Tensor]] | None = None
         self.active: Selection | None = None  # unknown until the first switch
         self.activate(())
 
@@ -201,7 +201,7 @@ class LoadedAdapters:
         if self.scales is not None:
             chosen = dict(selection)
             for name, tensors in self.scales.items():
-                for tensor, unit in tensors:
+                for unit, tensor in tensors.items():
                     tensor.fill_(chosen.get(name, 0.0) * unit)
         elif known:  # with only a fused adapter there are no LoRA layers to switch
             if selection:
@@ -212,17 +212,15 @@ class LoadedAdapters:
         self.active = selection
 
 
-def _scale_tensors(
-    pipe: Flux2Pipe, names: list[str], device: torch.device
-) -> dict[str, list[tuple[torch.Tensor, float]]]:
+def _scale_tensors(pipe: Flux2Pipe, names: list[str], device: torch.device) -> dict[str, dict[float, torch.Tensor]]:
     """Every adapter active at scale 1, then each LoRA layer's `scaling[name]` replaced by a float32 scalar tensor on
     `device`, shared by the layers of one adapter that scale alike (one per adapter, unless its alpha or rank
-    varies by layer); per adapter, those tensors and their scaling at scale 1."""
+    varies by layer); per adapter, those tensors keyed by their scaling at scale 1."""
     from peft.tuners.lora import LoraLayer
 
     pipe.enable_lora()
     pipe.set_adapters(names, [1.0] * len(names))
-    shared: dict[tuple[str, float], torch.Tensor] = {}
+    scales: dict[str, dict[float, torch.Tensor]] = {name: {} for name in names}
     for module in pipe.transformer.modules():
         if not isinstance(module, LoraLayer):
             continue
@@ -230,12 +228,9 @@ def _scale_tensors(
             if name not in module.scaling:
                 continue
             unit = float(module.scaling[name])
-            if (name, unit) not in shared:
-                shared[name, unit] = torch.zeros((), dtype=torch.float32, device=device)
-            module.scaling[name] = shared[name, unit]
-    scales: dict[str, list[tuple[torch.Tensor, float]]] = {name: [] for name in names}
-    for (name, unit), tensor in shared.items():
-        scales[name].append((tensor, unit))
+            if unit not in scales[name]:
+                scales[name][unit] = torch.zeros((), dtype=torch.float32, device=device)
+            module.scaling[name] = scales[name][unit]
     return scales
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
+from .adapters import Adapters, LoadedAdapters
 from .compilation import WARM_UP_SIDE, compile_pipeline, uncompile_pipeline, warm_up
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
@@ -22,9 +23,6 @@ from .swapping import Swapper, check_swappable, stream_blocks
 from .transformer_graphs import install as install_transformer_graphs
 from .transformer_graphs import uninstall as uninstall_transformer_graphs
 from .weights import ModelSpec
-
-if TYPE_CHECKING:
-    from .adapters import Adapters, LoadedAdapters
 
 log = logging.getLogger("flux2.loader")
 
@@ -65,8 +63,6 @@ def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None 
     (the compiled blocks traced with the LoRA layers in them, `LoadedAdapters` switching them by scale so that one
     graph serves every choice)."""
     from diffusers import DiffusionPipeline
-
-    from .adapters import LoadedAdapters
 
     components: dict[str, Any] = {}
     if placement.transformer_file is not None:
