@@ -416,9 +416,12 @@ def mask_images(size: int) -> tuple[bytes, Image.Image]:
 
 
 # The layers a FLUX.2 LoRA commonly adapts (ai-toolkit's and kohya's attention targets): the double blocks' image and
-# text attention projections and the single blocks' fused QKV+MLP input projection.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
-LORA_TARGETS += ("to_qkv_mlp_proj",)
+# text attention projections and the single blocks' fused QKV+MLP input projection (the single blocks' `attn.to_out`
+# shares its name's tail with the double blocks' ModuleList `to_out`, so it is left out).
+LORA_TARGETS = (
+    *("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    "to_qkv_mlp_proj",
+)
 
 
 def write_random_loras(transformer: Any, folder: Path, count: int, rank: int = 32) -> list[str]:

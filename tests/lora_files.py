@@ -7,11 +7,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-# The tiny transformer's attention projections: image and text streams of the double block, fused QKV+MLP input
-# of the single blocks (the single blocks' `attn.to_out` shares its name's tail with the double block's
-# ModuleList `to_out`, so it is left out).
-TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
-TARGETS += ["to_qkv_mlp_proj"]
+from server.bench_harness import LORA_TARGETS
+
+TARGETS = list(LORA_TARGETS)  # the attention projections the bench's random adapters adapt too
 RANK = 4
 
 
