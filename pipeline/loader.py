@@ -15,7 +15,7 @@ from .gguf_weights import load_gguf_transformer
 from .internals import Flux2Pipe, pin_placement
 from .offload_plan import Stage
 from .placement import Placement
-from .quantization import pipeline_quantization_config
+from .quantization import pipeline_quantization_config, tolerate_empty_inputs_in
 from .reference_cache import ReferenceStore
 from .reference_cache import install as install_reference_processors
 from .step_cache import apply_cache
@@ -75,6 +75,7 @@ def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None 
     )
     if type(pipe).__name__ != spec.pipeline_class:
         raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")
+    tolerate_empty_inputs_in(pipe, placement.quantization)
     # Before placing: an offload plan then moves or streams the adapters' layers with the rest of the transformer.
     loaded_adapters = LoadedAdapters(cast(Flux2Pipe, pipe), spec.path.name, adapters) if adapters else None
     swapper = None

@@ -152,3 +152,43 @@ def quantize_module(module: Any, component: str, quantization: Quantization) -> 
     from torchao.quantization import quantize_
 
     quantize_(module, _torchao_config(scheme))
+    tolerate_empty_inputs(module, scheme)
+
+
+_ACTIVATIONS_QUANTIZED: frozenset[Scheme] = frozenset({"fp8"})
+_TOLERANT = "_flux2_tolerates_empty_inputs"
+
+
+def tolerate_empty_inputs(module: Any, scheme: Scheme) -> int:
+    """Make `module`'s linear layers return an empty output for an empty input when `scheme` quantizes activations
+    (fp8): torchao's dynamic quantization scales an input by its largest value, and the largest value of an empty
+    tensor is an error ("amax(): Expected reduction dim 1 to have non-zero size"). The reference cache's pass runs
+    the references alone, with no text tokens (pipeline/reference_cache.py), through the text side of every
+    double-stream block: with fp8 weights every edit under `--reference-cache on` failed there (run 10, H200). Any
+    other input goes to the layer as before. Returns how many layers were changed (each at most once)."""
+    if scheme not in _ACTIVATIONS_QUANTIZED:
+        return 0
+    import torch
+
+    changed = 0
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear) and not getattr(layer, _TOLERANT, False):
+            layer.forward = _empty_tolerant(layer.forward, layer.out_features)  # type: ignore[method-assign]
+            setattr(layer, _TOLERANT, True)
+            changed += 1
+    return changed
+
+
+def tolerate_empty_inputs_in(pipe: Any, quantization: Quantization) -> None:
+    """`tolerate_empty_inputs` for each component of a pipeline that `quantization` quantized while loading."""
+    for component, scheme in quantization.schemes:
+        tolerate_empty_inputs(getattr(pipe, component), scheme)
+
+
+def _empty_tolerant(forward: Any, out_features: int) -> Any:
+    def tolerant(input: Any) -> Any:
+        if input.numel() == 0:
+            return input.new_zeros((*input.shape[:-1], out_features))
+        return forward(input)
+
+    return tolerant

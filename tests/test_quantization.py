@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -121,3 +122,60 @@ def test_loading_quantized_weights_does_not_turn_on_kernel_tuning(tiny_klein, mo
     assert type(pipe.text_encoder.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
     assert inductor.coordinate_descent_tuning is False
     assert inductor.coordinate_descent_check_all_directions is False
+
+
+def _failing_on_empty(module):
+    """`module`'s linear layers made to fail on an empty input, as torchao's fp8 (dynamic activation) layers do."""
+    import torch
+
+    def failing(forward):
+        def scaled(input):
+            input.reshape(-1, input.shape[-1]).abs().amax(dim=0)
+            return forward(input)
+
+        return scaled
+
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.forward = failing(layer.forward)
+    return module
+
+
+def test_activation_quantized_layers_give_an_empty_output_for_an_empty_input():
+    import torch
+
+    torch.manual_seed(0)
+    module = _failing_on_empty(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)))
+    inputs = torch.randn(2, 3, 8)
+    before = module(inputs)
+    with pytest.raises(IndexError, match="non-zero size"):
+        module(inputs[:, :0])
+    for scheme in ("int8", "fp8-weight"):  # weights only: an empty input is no problem, nothing is changed
+        assert quantization.tolerate_empty_inputs(module, scheme) == 0
+    assert quantization.tolerate_empty_inputs(module, "fp8") == 2
+    assert quantization.tolerate_empty_inputs(module, "fp8") == 0  # each layer once
+    empty = module(inputs[:, :0])
+    assert empty.shape == (2, 0, 4) and empty.dtype == inputs.dtype
+    assert torch.equal(module(inputs), before)
+
+
+def test_fp8_layers_tolerate_empty_inputs_when_built_and_when_loaded(tiny_klein, monkeypatch):
+    """Both ways fp8 weights arrive: `quantize_module` (the bench's in-memory models) and the loader, whose
+    quantization diffusers applies while loading. fp8 needs a CUDA card of capability 8.9+, so torchao's part is
+    left out here (on a GPU: .ci/gpu-checks, fp8-edits)."""
+    import torch
+    import torchao.quantization
+
+    from pipeline import loader
+    from pipeline.weights import inspect_model
+
+    monkeypatch.setattr(torchao.quantization, "quantize_", lambda module, config: None)
+    module = _failing_on_empty(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    quantization.quantize_module(module, "transformer", parse_quantization("transformer=fp8"))
+    assert module(torch.randn(1, 0, 8)).shape == (1, 0, 8)
+
+    monkeypatch.setattr(loader, "pipeline_quantization_config", lambda quantization: None)
+    fp8 = dataclasses.replace(decide_placement(weight_params=1), quantization=parse_quantization("transformer=fp8"))
+    pipe = loader.load_model(inspect_model(tiny_klein), fp8).pipe
+    assert getattr(pipe.transformer.context_embedder, quantization._TOLERANT, False)
+    assert not hasattr(pipe.text_encoder.model.layers[0].mlp.up_proj, quantization._TOLERANT)  # not quantized

@@ -449,3 +449,39 @@ def test_the_processors_hold_references_only_during_a_call_even_one_that_fails(c
             transformer(**broken, joint_attention_kwargs={reference_cache.ATTENTION_KWARG: kv})
     watch.remove()
     assert all(p.reference is None and not p.recording and p.recorded is None for p in processors)
+
+
+def _scaled_by_largest(forward):
+    """A linear layer's forward that first takes its input's largest magnitude per feature, as torchao's dynamic
+    activation quantization (fp8) does: on an empty input, torch's "Expected reduction dim ... non-zero size"."""
+
+    def scaled(input):
+        input.reshape(-1, input.shape[-1]).abs().amax(dim=0)
+        return forward(input)
+
+    return scaled
+
+
+def test_the_textless_reference_pass_runs_with_activation_quantized_layers(tiny_klein):
+    """The reference pass carries no text tokens, so the text side of every double-stream block gets empty inputs;
+    with fp8 weights (torchao scales each input by its largest value) every cached edit failed there (run 10, H200).
+    `tolerate_empty_inputs` (applied with fp8) gives those layers an empty output and leaves every K/V unchanged."""
+    from pipeline.quantization import tolerate_empty_inputs
+
+    placement = decide_placement(weight_params=1, reference_cache="on", reference_memory="0")
+    pipe = load_model(inspect_model(tiny_klein), placement).pipe  # its own: the layers' forwards are replaced
+    rows = [(reference(50), reference(51))]
+    with torch.inference_mode():
+        plain = reference_cache.prefill(pipe, rows, 1.0).sets[0]
+    linears = [module for module in pipe.transformer.modules() if isinstance(module, torch.nn.Linear)]
+    for linear in linears:
+        linear.forward = _scaled_by_largest(linear.forward)
+    with torch.inference_mode(), pytest.raises(IndexError, match="non-zero size"):
+        reference_cache.prefill(pipe, rows, 1.0)
+    assert tolerate_empty_inputs(pipe.transformer, "fp8") == len(linears)
+    with torch.inference_mode():
+        tolerant = reference_cache.prefill(pipe, rows, 1.0).sets[0]
+    blocks = len(pipe.transformer.transformer_blocks) + len(pipe.transformer.single_transformer_blocks)
+    assert plain.keys() == tolerant.keys() and len(plain) == blocks
+    for layer, (keys, values) in plain.items():
+        assert torch.equal(keys, tolerant[layer][0]) and torch.equal(values, tolerant[layer][1])
