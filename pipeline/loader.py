@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any, cast
 
 from .adapters import Adapters, LoadedAdapters
+from .attention import use_attention
 from .compilation import WARM_UP_SIDE, compile_pipeline, uncompile_pipeline, warm_up
 from .encoder_depth import read_layers
 from .encoder_graphs import install as install_encoder_graphs
@@ -92,6 +93,7 @@ def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None 
     apply_cache(pipe.transformer, placement.cache)
     if placement.reference_cache:
         install_reference_processors(pipe.transformer)
+    use_attention(pipe.transformer, placement.attention)
     if loaded_adapters is not None and placement.compile:
         loaded_adapters.switch_by_scale(placement.device)  # one compiled graph for every choice of adapters
     placement = compile_and_warm_up(pipe, placement)

@@ -58,6 +58,7 @@ class ModelChoice:
     quantize: str = "none"  # or COMPONENT=SCHEME,...: quantized weights (pipeline/quantization.py)
     reference_cache: str = "off"  # edits: "on" computes the references' K/V once per batch (reference_cache.py)
     reference_memory: str = "auto"  # GiB of reference K/V kept across requests with the reference cache, or auto
+    attention: str = "sdpa"  # the transformer's attention kernel: sdpa (torch's pick), cudnn, flash, ... (attention.py)
     max_loaded: int = 0  # models kept in memory at once (0: as many as fit)
     transformer_gguf: Path | None = None  # a community GGUF transformer file for the (first) model
     prompt_cache: bool = True  # whether a prompt-embedding cache exists (the offload planner's notes)
@@ -109,6 +110,7 @@ def resolve_models(choice: ModelChoice) -> ServedModels:
                 transformer_file=gguf.expanduser() if gguf is not None else None,
                 reference_cache=choice.reference_cache,
                 reference_memory=choice.reference_memory,
+                attention=choice.attention,
                 switchable_adapters=index == 0 and bool(adapters.switchable),
             )
             if gguf_line is not None:

@@ -10,6 +10,7 @@ from typing import Literal, TypeGuard, TypeVar, get_args
 
 import torch
 
+from .attention import AttentionError, check_attention
 from .component_sizes import MeasuredSizes
 from .offload_plan import COMPONENTS, PLAN_NAMES, Component, DoesNotFit, OffloadPlan, PlanName, plan_offload
 from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
@@ -73,6 +74,7 @@ class Placement:
     plan: OffloadPlan | None = None  # where each component lives (None: diffusers' model/sequential offload, or CPU)
     reference_cache: bool = False  # edits: reference K/V computed once per batch (pipeline/reference_cache.py)
     reference_memory: int = 0  # bytes of recent reference sets' K/V kept across requests (with reference_cache)
+    attention: str = "sdpa"  # the transformer's attention kernel (pipeline/attention.py)
 
 
 def decide_placement(
@@ -88,6 +90,7 @@ def decide_placement(
     quantize: str = "none",
     reference_cache: str = "off",
     reference_memory: str = "auto",
+    attention: str = "sdpa",
     cuda_capability: tuple[int, int] | None = None,
     components: MeasuredSizes | None = None,
     prompt_cache: bool = True,
@@ -229,6 +232,12 @@ def decide_placement(
             "references attending only to themselves: diffusers' KV semantics, images differ from uncached edits); "
             f"{reference_why}"
         )
+    try:
+        attention_line = check_attention(attention, chosen_device)
+    except AttentionError as exc:
+        raise PlacementError(str(exc)) from exc
+    if attention_line:
+        reasons.append(attention_line)
     return Placement(
         device=chosen_device,
         dtype=chosen_dtype,
@@ -243,6 +252,7 @@ def decide_placement(
         transformer_file=transformer_file,
         reference_cache=reference_cache == "on",
         reference_memory=reference_bytes,
+        attention=attention,
     )
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .attention import backend_for
 from .internals import (
     Flux2Pipe,
     attention_dispatch,
@@ -184,7 +185,7 @@ class _ReferenceAttention:
             key,
             value,
             attn_mask=attention_mask,
-            backend=self._attention_backend,
+            backend=backend_for(self._attention_backend, attention_mask is not None),
             parallel_config=self._parallel_config,
         )
 
@@ -264,14 +265,21 @@ def install(transformer: Any) -> None:
     graph (the bench switches the cache on for each cached edit; its generations after one ran ungraphed)."""
     for index, block in enumerate(transformer.transformer_blocks):
         if not isinstance(block.attn.processor, ReferenceAttnProcessor):
-            block.attn.set_processor(ReferenceAttnProcessor(f"double.{index}"))
+            _replace(block.attn, ReferenceAttnProcessor(f"double.{index}"))
     for index, block in enumerate(transformer.single_transformer_blocks):
         if not isinstance(block.attn.processor, ReferenceParallelAttnProcessor):
-            block.attn.set_processor(ReferenceParallelAttnProcessor(f"single.{index}"))
+            _replace(block.attn, ReferenceParallelAttnProcessor(f"single.{index}"))
     if not getattr(transformer, _HOOKED, False):
         transformer.register_forward_pre_hook(_hand_out, with_kwargs=True)
         transformer.register_forward_hook(_take_back, always_call=True)
         setattr(transformer, _HOOKED, True)
+
+
+def _replace(attention: Any, processor: _ReferenceAttention) -> None:
+    """`processor` on `attention` in place of diffusers' own, with the attention kernel pinned on it (--attention,
+    pipeline/attention.py), whichever of the two was set first."""
+    processor._attention_backend = getattr(attention.processor, "_attention_backend", None)
+    attention.set_processor(processor)
 
 
 def _processors(transformer: Any) -> list[_ReferenceAttention]:

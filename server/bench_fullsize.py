@@ -263,6 +263,7 @@ def _whole_pipeline(
         encoder_graphs=graphs,
         transformer_graphs=step_graphs,
         quantization=speed.quantization,
+        attention=speed.attention,
     )
     config = ModelConfig(
         name=arch.name,
@@ -565,6 +566,7 @@ def bench_command(
     import typer
 
     from pipeline.architectures import get_architecture
+    from pipeline.attention import AttentionError, check_attention
 
     from .bench_report import table, update_performance_doc
 
@@ -583,6 +585,10 @@ def bench_command(
         missing = compile_toolchain_missing(resolved)
         if missing:
             raise typer.BadParameter(lacking(resolved, missing), param_hint="--compile")
+    try:  # as serve refuses it: at start, not after the baseline
+        check_attention(speed.attention, resolved_device(device))
+    except AttentionError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--attention") from exc
     results = run_fullsize_bench(
         arch, device, repeats, steps, json_path, transformer_only, echo=lambda line: typer.echo(line), speed=speed
     )

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from pipeline.attention import ATTENTION_CHOICES
 from pipeline.engine import EngineOptions
 from pipeline.model_choice import ModelChoice
 from pipeline.placement import DEVICE_CHOICES, DTYPE_CHOICES, OFFLOAD_CHOICES, REFERENCE_CACHE_CHOICES
@@ -171,6 +172,15 @@ OPTIONS: tuple[Option, ...] = (
         "least recently used sets dropped first; all of them when the device runs out of memory). auto: half "
         "the memory left free when everything is resident, at most 16 GiB (0 under an offload plan); 1 GiB on "
         "the CPU. 0 keeps none.",
+    ),
+    Option(
+        "attention",
+        str,
+        feeds=ModelChoice,
+        choices=ATTENTION_CHOICES,
+        help="The transformer's attention kernel: sdpa (torch picks one per call), or one of torch's own pinned for "
+        "every layer: cudnn (cuDNN's fused attention, CUDA), flash (FlashAttention-2, CUDA), efficient (CUDA), math "
+        "(unfused, any device; for checking). Masked calls go to torch's pick with cudnn and flash.",
     ),
     Option(
         "quantize",

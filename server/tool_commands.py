@@ -119,6 +119,13 @@ def bench(
             "the figure one_image_lora (one of them at 0.8, each run right after an image with none).",
         ),
     ] = 0,
+    attention: Annotated[
+        str,
+        typer.Option(
+            help="With --architecture: the transformer's attention kernel, as serve's --attention (sdpa, cudnn, "
+            "flash, efficient, math), pinned after timing plain diffusers with torch's pick.",
+        ),
+    ] = "sdpa",
     only: Annotated[
         str | None,
         typer.Option(
@@ -154,7 +161,7 @@ def bench(
         from .bench_speed import parse_speed_options
 
         try:
-            speed = parse_speed_options(compile, quantize, only, loras)
+            speed = parse_speed_options(compile, quantize, only, loras, attention)
         except ValueError as exc:
             raise typer.BadParameter(str(exc)) from exc
         bench_command(

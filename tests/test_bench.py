@@ -487,7 +487,12 @@ def test_quantized_transformer_alone_is_measured_against_its_eager_baseline():
 
 @pytest.mark.parametrize(
     "arguments,message",
-    [(["--quantize", "transformer=fp3"], "quantize scheme must be one of"), (["--only", " , "], "--only")],
+    [
+        (["--quantize", "transformer=fp3"], "quantize scheme must be one of"),
+        (["--only", " , "], "--only"),
+        (["--attention", "fa3"], "--attention: one of sdpa, cudnn"),
+        (["--attention", "cudnn"], "attention cudnn is a CUDA kernel"),
+    ],
 )
 def test_bad_speed_options_are_refused_by_name(arguments, message):
     from typer.testing import CliRunner
@@ -631,3 +636,25 @@ def test_loras_load_random_adapters_and_time_a_switched_image_that_compiles_noth
     assert "2 random LoRA adapters (rank 32) loaded" in result.output
     with pytest.raises(ValueError, match="--loras: from 0 to 8"):
         parse_speed_options(False, "none", None, 9)
+
+
+def test_an_attention_kernel_is_pinned_after_the_eager_baseline(tmp_path):
+    """`--attention math`: plain diffusers first with torch's pick (the eager baseline), then the served and direct
+    columns with the kernel pinned on every attention layer."""
+    from typer.testing import CliRunner
+
+    from server.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "bench", "--architecture", "tiny", "--device", "cpu", "--repeats", "1", "--attention", "math",
+            "--only", "one_image", "--json", str(tmp_path / "bench.json"),
+        ],
+        env={"COLUMNS": "200"},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["complete"] and results["variant"] == "--attention math"
+    assert results["eager_baseline"]["direct_s"] > 0 and results["figures"][0]["served_s"] > 0
+    assert "--attention math applied" in result.output
