@@ -19,6 +19,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 
 from pipeline.architectures import Architecture, build_pipeline, build_transformer, model_spec, parameter_counts
 from pipeline.compilation import warm_up
+from pipeline.quantization import Quantization, check_quantization
 from pipeline.reference_cache import install as install_reference_processors
 
 from .bench_figures import BATCH, Figure, figures_for
@@ -44,7 +46,7 @@ from .bench_profile import profile_served, profile_stages
 from .bench_references import COUNTS as REFERENCE_COUNTS
 from .bench_references import reference_cache_check
 from .bench_report import count_label, environment, write_json
-from .bench_speed import SpeedOptions, apply_speed_options
+from .bench_speed import SpeedOptions, apply_speed_options, speed_capability
 
 _GIB = 1024**3
 # Room beyond the weights for activations, the VAE at 2048² and the CUDA context, when deciding whether a whole
@@ -75,6 +77,25 @@ def fits_card(weight_bytes: int, card_bytes: float) -> bool:
     return weight_bytes + _HEADROOM_BYTES <= card_bytes
 
 
+def quantized_bytes(counts: dict[str, int], quantization: Quantization, itemsize: int) -> int:
+    """The pipeline's weights with the components `quantization` names at one byte a parameter (int8, fp8,
+    fp8-weight; the scales are a rounding error) and the others at `itemsize`."""
+    schemes = dict(quantization.schemes)
+    return sum(count * (1 if component in schemes else itemsize) for component, count in counts.items())
+
+
+def pipeline_mode(device: str, weight_bytes: int, quantized: int, card_bytes: float, quantizing: bool) -> str:
+    """What the bench builds on a card of `card_bytes` when --transformer-only is not given: the whole pipeline
+    ("pipeline"); else, with --quantize, the whole pipeline quantized as it is built when that fits ("quantized at
+    build": dev with `transformer=fp8,text_encoder=fp8` is ~56 GB, an 80 GB H100's), with no bf16 eager baseline;
+    else the transformer alone ("transformer-only")."""
+    if device != "cuda" or fits_card(weight_bytes, card_bytes):
+        return "pipeline"
+    if quantizing and fits_card(quantized, card_bytes):
+        return "quantized at build"
+    return "transformer-only"
+
+
 def resolved_device(device: str) -> str:
     """The device a --device choice stands for: CUDA for "auto" when torch sees a card, else the CPU; "cuda" and
     "cpu" as given."""
@@ -90,8 +111,12 @@ def run_fullsize_bench(
     transformer_only: bool | None = None,
     echo: Echo = print,
     speed: SpeedOptions = SpeedOptions(),
+    build_quantized: bool | None = None,
 ) -> dict:
-    """Measure every figure and return the results (also written to `json_path` after each figure)."""
+    """Measure every figure and return the results (also written to `json_path` after each figure).
+    `build_quantized`: build the pipeline with `speed`'s quantization applied as it is built, and take the eager
+    baseline on those weights (None: only where the bf16 pipeline does not fit the card and that does:
+    `pipeline_mode`)."""
     clock = _Clock(echo)
     device = resolved_device(device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -100,8 +125,14 @@ def run_fullsize_bench(
     weight_bytes = sum(counts.values()) * dtype.itemsize
     env = environment(device)
     asked_transformer_only = bool(transformer_only)
+    quantized = quantized_bytes(counts, speed.quantization, dtype.itemsize)
     if transformer_only is None:
-        transformer_only = device == "cuda" and not fits_card(weight_bytes, env["device_memory_gib"] * _GIB)
+        card = env["device_memory_gib"] * _GIB if device == "cuda" else 0.0
+        mode = pipeline_mode(device, weight_bytes, quantized, card, bool(speed.quantization))
+        transformer_only = mode == "transformer-only"
+        if build_quantized is None:
+            build_quantized = mode == "quantized at build"
+    build_quantized = bool(build_quantized) and not transformer_only and bool(speed.quantization)
     results = {
         "architecture": arch.name,
         **env,
@@ -112,6 +143,7 @@ def run_fullsize_bench(
         "parameters": counts,
         "weights_gib": weight_bytes / _GIB,
         "mode": "transformer-only" if transformer_only else "pipeline",
+        "quantized_at_build": str(speed.quantization) if build_quantized else None,
         "variant": speed.label(),
         "notes": [],
         "figures": [],
@@ -120,6 +152,12 @@ def run_fullsize_bench(
     }
     if device == "cpu":
         results["notes"].append("On the CPU, peak memory is the whole process's resident size.")
+    if build_quantized:
+        results["notes"].append(
+            f"Built with --quantize {speed.quantization} applied as each component was built "
+            f"({quantized / _GIB:.1f} GiB; {weight_bytes / _GIB:.1f} GiB in {results['dtype']} do not fit this card, "
+            "or the run asked so): the eager baseline is plain diffusers on those quantized weights, uncompiled."
+        )
     clock.say(
         f"{arch.name}: {count_label(sum(counts.values()))} parameters ({weight_bytes / _GIB:.1f} GiB in "
         f"{results['dtype']}) on {env['device']}; {steps} steps, {repeats} run(s) per figure"
@@ -133,7 +171,7 @@ def run_fullsize_bench(
     if transformer_only:
         _transformer_only(arch, device, dtype, weight_bytes, asked_transformer_only, results, clock, save, speed)
     else:
-        _whole_pipeline(arch, device, dtype, steps, repeats, results, clock, save, speed)
+        _whole_pipeline(arch, device, dtype, steps, repeats, results, clock, save, speed, build_quantized)
     results["complete"] = True
     save()
     clock.say("done")
@@ -198,6 +236,7 @@ def _whole_pipeline(
     clock: _Clock,
     save: Callable[[], None],
     speed: SpeedOptions,
+    build_quantized: bool = False,
 ) -> None:
     from pipeline.adapters import Adapters, LoadedAdapters, adapters_from_options
     from pipeline.encoder_graphs import install as install_encoder_graphs
@@ -211,12 +250,17 @@ def _whole_pipeline(
     from .settings import Settings, model_ids_for
 
     started = time.perf_counter()
-    pipe = build_pipeline(arch, device, dtype)
+    if build_quantized:  # as the memory bench builds dev for small cards: quantized on the device, one by one
+        check_quantization(speed.quantization, device, speed_capability(device))
+        pipe = build_pipeline(arch, device, dtype, quantization=speed.quantization)
+    else:
+        pipe = build_pipeline(arch, device, dtype)
     if device == "cuda":
         torch.cuda.synchronize()  # the random initialisation runs on the device: wait for it before timing
         results["weights_resident_gib"] = torch.cuda.memory_allocated() / _GIB
     results["build_s"] = time.perf_counter() - started
-    clock.say(f"built the pipeline in memory in {results['build_s']:.1f} s")
+    built = f" with --quantize {speed.quantization}" if build_quantized else ""
+    clock.say(f"built the pipeline in memory{built} in {results['build_s']:.1f} s")
 
     spec = model_spec(arch)
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)
@@ -252,7 +296,9 @@ def _whole_pipeline(
         if step_graphs:
             install_transformer_graphs(pipe.transformer)
         # One warm-up serves both columns: they both run in inference mode.
-        results["speed_setup_s"] = apply_speed_options(pipe, speed, device, lambda: warm_up(pipe, arch.size))
+        applied = replace(speed, quantization=Quantization()) if build_quantized else speed  # quantized already
+        results["baseline_before"] = applied.label()
+        results["speed_setup_s"] = apply_speed_options(pipe, applied, device, lambda: warm_up(pipe, arch.size))
         clock.say(f"{speed.label()} applied (compiled and warmed up) in {results['speed_setup_s']:.1f} s")
     placement = Placement(
         device=device,
@@ -343,8 +389,8 @@ def _whole_pipeline(
 
 
 def _eager_baseline(direct: DirectDiffusers, size: int, repeats: int, device: str, clock: _Clock) -> dict:
-    """One plain-diffusers image (+ Pillow's PNG) on the eager bf16 pipeline, before compiling or quantizing it:
-    the baseline the compiled/quantized served figures are held against in the same run."""
+    """One plain-diffusers image (+ Pillow's PNG) on the eager pipeline, before compiling or quantizing it (unless
+    it was quantized as it was built): the baseline the served figures are held against in the same run."""
     prompts = iter(range(10**6))
 
     def one() -> None:

@@ -161,9 +161,11 @@ def baseline_summary(results: dict) -> str:
     eager = baseline["direct_s"]
     figure = next((f for f in results["figures"] if f["key"] == baseline["key"]), None)
     what = "the transformer alone" if results.get("mode") == "transformer-only" else "plain diffusers"
-    text = (
-        f"eager baseline ({what}, {results['dtype']}, before {results.get('variant')}): {baseline['key']} {eager:.3f} s"
-    )
+    weights = results["dtype"]
+    if results.get("quantized_at_build"):
+        weights += f", quantized at build: {results['quantized_at_build']}"
+    before = results.get("baseline_before", results.get("variant")) or "nothing else"
+    text = f"eager baseline ({what}, {weights}, before {before}): {baseline['key']} {eager:.3f} s"
     if figure is not None:
         for side in ("served", "direct"):
             if figure.get(f"{side}_s"):

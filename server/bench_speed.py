@@ -78,7 +78,7 @@ def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Ca
     started = time.perf_counter()
     use_attention(pipe.transformer, speed.attention)
     if speed.quantization:
-        check_quantization(speed.quantization, device, _capability(device))
+        check_quantization(speed.quantization, device, speed_capability(device))
         quantize_modules(pipe, speed.quantization)
     if speed.compile:
         compile_pipeline(pipe)
@@ -87,7 +87,7 @@ def apply_speed_options(pipe: Any, speed: SpeedOptions, device: str, warm_up: Ca
     return time.perf_counter() - started
 
 
-def _capability(device: str) -> tuple[int, int] | None:
+def speed_capability(device: str) -> tuple[int, int] | None:
     import torch
 
     return torch.cuda.get_device_capability() if device == "cuda" else None

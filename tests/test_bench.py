@@ -658,3 +658,49 @@ def test_an_attention_kernel_is_pinned_after_the_eager_baseline(tmp_path):
     assert results["complete"] and results["variant"] == "--attention math"
     assert results["eager_baseline"]["direct_s"] > 0 and results["figures"][0]["served_s"] > 0
     assert "--attention math applied" in result.output
+
+
+def test_a_pipeline_too_big_for_the_card_in_bf16_is_built_quantized_when_that_fits():
+    """dev on an 80 GB H100: ~105 GiB in bf16 does not fit, with `transformer=fp8,text_encoder=fp8` (~52.5 GiB) it
+    does, so the bench builds it quantized (no bf16 eager baseline) instead of measuring the transformer alone."""
+    from pipeline.quantization import parse_quantization
+    from server.bench_fullsize import pipeline_mode, quantized_bytes
+
+    gib = 1 << 30
+    counts = parameter_counts(get_architecture("dev"))
+    bf16 = sum(counts.values()) * 2
+    both = quantized_bytes(counts, parse_quantization("transformer=fp8,text_encoder=fp8"), 2)
+    assert both == counts["transformer"] + counts["text_encoder"] + 2 * counts["vae"]
+    transformer = quantized_bytes(counts, parse_quantization("transformer=fp8"), 2)
+    h100, h200 = 79.2 * gib, 139.8 * gib
+    assert pipeline_mode("cuda", bf16, both, h200, quantizing=True) == "pipeline"
+    assert pipeline_mode("cuda", bf16, both, h100, quantizing=True) == "quantized at build"
+    assert pipeline_mode("cuda", bf16, transformer, h100, quantizing=True) == "transformer-only"  # 75 GiB: no room
+    assert pipeline_mode("cuda", bf16, bf16, h100, quantizing=False) == "transformer-only"
+    assert pipeline_mode("cpu", bf16, both, 0.0, quantizing=True) == "pipeline"
+
+
+def test_a_pipeline_built_quantized_takes_its_eager_baseline_on_the_quantized_weights(monkeypatch):
+    from pipeline.quantization import parse_quantization
+    from server import bench_fullsize
+    from server.bench_report import baseline_summary
+    from server.bench_speed import SpeedOptions
+
+    seen = []
+    real = bench_fullsize._eager_baseline
+
+    def baseline(direct, *args, **kwargs):
+        seen.append(type(direct.pipe.transformer.transformer_blocks[0].ff.linear_in.weight).__name__)
+        return real(direct, *args, **kwargs)
+
+    monkeypatch.setattr(bench_fullsize, "_eager_baseline", baseline)
+    speed = SpeedOptions(quantization=parse_quantization("transformer=int8"), only=frozenset({"one_image"}))
+    results = bench_fullsize.run_fullsize_bench(
+        get_architecture("tiny"), "cpu", 1, 2, None, None, echo=lambda line: None, speed=speed, build_quantized=True
+    )
+    assert seen == ["Int8Tensor"]
+    assert results["complete"] and results["quantized_at_build"] == "transformer=int8"
+    assert results["figures"][0]["served_s"] > 0 and results["baseline_before"] == ""
+    summary = baseline_summary(results)
+    assert "quantized at build: transformer=int8, before nothing else" in summary, summary
+    assert any("Built with --quantize transformer=int8" in note for note in results["notes"])
