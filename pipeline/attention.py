@@ -1,7 +1,8 @@
 """The transformer's attention kernel (`--attention`): torch's scaled-dot-product attention lets torch pick a kernel
 for each call (`sdpa`, the default); the other choices pin one of torch's own kernels through diffusers' attention
-dispatcher (`ModelMixin.set_attention_backend`), for every attention layer of the transformer, our reference-cache
-processors included. No extra package: each is a kernel torch ships.
+dispatcher (each attention processor's backend, as `ModelMixin.set_attention_backend` sets it, but not as the
+process-wide default it also sets), for every attention layer of the transformer, our reference-cache processors
+included. No extra package: each is a kernel torch ships.
 
 - `cudnn`: cuDNN's fused attention (CUDA; Hopper kernels in recent cuDNN releases);
 - `flash`: torch's FlashAttention-2 (CUDA, Ampere or newer; no attention masks);
@@ -17,6 +18,8 @@ take one."""
 from __future__ import annotations
 
 from typing import Any
+
+from .internals import pin_attention_backend
 
 ATTENTION_CHOICES = ("sdpa", "cudnn", "flash", "efficient", "math")
 _BACKENDS = {
@@ -46,10 +49,11 @@ def check_attention(name: str, device: str) -> str:
 
 
 def use_attention(transformer: Any, name: str) -> None:
-    """Pin the attention kernel `name` on every attention layer of `transformer` (nothing for the default)."""
+    """Pin the attention kernel `name` on every attention layer of `transformer` (nothing for the default), and
+    only there: not as the process's default (`internals.pin_attention_backend`)."""
     if name == "sdpa":
         return
-    transformer.set_attention_backend(_BACKENDS[name])
+    pin_attention_backend(transformer, _BACKENDS[name])
 
 
 def backend_for(backend: Any, masked: bool) -> Any:

@@ -3,8 +3,9 @@
 FLUX.2's pipelines keep a few helpers private (`_pack_latents`, `_unpatchify_latents`, `_encode_vae_image`,
 `_execution_device`, `_interrupt`). We need them for previews, masks, our own final decode and stopping a batch;
 the reference cache needs the transformer's `_get_qkv_projections` and the image processor's
-`_resize_to_target_area`; the warm-up of streamed components, group offloading's name for its prefetch-order hook;
-block streaming, the group group offloading makes of a module's parts outside its blocks.
+`_resize_to_target_area`; `--attention`, the attention processors' `_attention_backend`; the warm-up of streamed
+components, group offloading's name for its prefetch-order hook; block streaming, the group group offloading makes
+of a module's parts outside its blocks.
 `diffusers` is pinned to the range these were checked against (pyproject.toml); `tests/test_internals.py` fails,
 naming the call, when an upgrade moves one of them."""
 
@@ -290,6 +291,23 @@ def attention_dispatch(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
     return dispatch_attention_fn(query, key, value, **kwargs)
+
+
+def pin_attention_backend(module: torch.nn.Module, backend: str) -> int:
+    """diffusers' attention `backend` (a name of `AttentionBackendName`) on the processor of every attention layer in
+    `module`, as `ModelMixin.set_attention_backend` sets it, but without its last step: that also makes the backend
+    the whole process's default (`_AttentionBackendRegistry.set_active_backend`), so every other model in the
+    process, and every later one, would run it too. Returns how many processors were set."""
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    name = AttentionBackendName(backend)
+    pinned = 0
+    for layer in module.modules():
+        processor = getattr(layer, "processor", None)
+        if processor is not None and hasattr(processor, "_attention_backend"):
+            processor._attention_backend = name
+            pinned += 1
+    return pinned
 
 
 def reference_tokens(pipe: Flux2Pipe, images: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,35 @@ def test_every_attention_layer_gets_the_kernel_the_reference_caches_too(tiny_kle
     }
 
 
+def test_pinning_a_kernel_on_one_model_leaves_every_other_on_torchs_pick(tiny_klein, monkeypatch):
+    """diffusers' `set_attention_backend` also makes its backend the whole process's default: a model pinned to
+    `math` moved every other model in the process to it (caught by the safety checker's exact-pixel tests, whose
+    in-process images then differed from the server's). Only the pinned model's layers run the kernel now."""
+    from engine_helpers import transformer_inputs
+
+    kernels = []
+    real = torch.nn.attention.sdpa_kernel
+
+    def recording(backends, *args, **kwargs):
+        kernels.append(backends)
+        return real(backends, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.attention, "sdpa_kernel", recording)
+    plain = load_model(inspect_model(tiny_klein), decide_placement(weight_params=1)).pipe.transformer
+    inputs = transformer_inputs(plain)
+    with torch.inference_mode():
+        before = plain(**inputs)[0]
+    pinned = load_model(inspect_model(tiny_klein), decide_placement(weight_params=1, attention="math")).pipe
+    with torch.inference_mode():
+        after = plain(**inputs)[0]
+    assert kernels == [] and torch.equal(before, after)
+    with torch.inference_mode():
+        out = pinned.transformer(**inputs)[0]
+    layers = len(pinned.transformer.transformer_blocks) + len(pinned.transformer.single_transformer_blocks)
+    assert kernels == [torch.nn.attention.SDPBackend.MATH] * layers
+    assert torch.allclose(out, before, atol=1e-4)
+
+
 def test_a_masked_call_goes_to_torchs_pick_with_a_kernel_that_takes_no_masks():
     """The reference cache masks the keys of rows with fewer reference tokens; cuDNN's and flash's kernels may not
     take a mask, so such a call runs on torch's pick (here on the CPU, where cuDNN's kernel cannot run at all: the
