@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,6 +29,20 @@ def tiny_dev(tmp_path_factory) -> Path:
     from pipeline.tiny_weights import build_tiny_weights
 
     return build_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny-dev", "dev")
+
+
+def serve_refused(*args: str, **run: Any) -> str:
+    """`flux2-local serve ARGS` that must refuse to start: exit status 2 (a usage error, before any model loads);
+    its stderr, for the test to check the message. `run`: `subprocess.run`'s cwd or env."""
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **run,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    return done.stderr
 
 
 def free_port() -> int:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
-from conftest import RunningServer
+from conftest import RunningServer, serve_refused
 from imaging import decode_b64, generate, pixels
 from openai import OpenAI
 
@@ -38,14 +35,8 @@ def test_the_kernel_is_checked_and_logged_at_placement():
 
 
 def test_the_server_refuses_a_cuda_kernel_on_the_cpu_at_start(tiny_klein):
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_klein), "--attention", "cudnn"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 2
-    assert "attention cudnn is a CUDA kernel" in run.stderr and "Traceback" not in run.stderr
+    stderr = serve_refused("--model", str(tiny_klein), "--attention", "cudnn")
+    assert "attention cudnn is a CUDA kernel" in stderr and "Traceback" not in stderr
 
 
 def test_every_attention_layer_gets_the_kernel_the_reference_caches_too(tiny_klein):

@@ -7,7 +7,7 @@ import sys
 
 import httpx
 import pytest
-from conftest import RunningServer
+from conftest import RunningServer, serve_refused
 
 
 def test_serve_without_model_builds_tiny_weights_and_warns(tmp_path):
@@ -37,14 +37,7 @@ def test_serve_without_model_builds_tiny_weights_and_warns(tmp_path):
 
 
 def test_bad_model_path_exits_with_a_clear_message(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "nope")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 2
-    assert "neither a diffusers folder nor a hub id" in run.stderr
+    assert "neither a diffusers folder nor a hub id" in serve_refused("--model", str(tmp_path / "nope"))
 
 
 def test_tiny_weights_command(tmp_path):

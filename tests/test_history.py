@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import RunningServer
+from conftest import RunningServer, serve_refused
 from hostile_images import png
 from imaging import generate
 from PIL import Image
@@ -229,16 +229,9 @@ def test_the_history_survives_a_restart_and_needs_the_key(tiny_klein, tmp_path):
 
 
 def _serve_fails(tiny_klein, tmp_path, db: Path) -> str:
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_klein), "--history-db", str(db)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    return serve_refused(
+        "--model", str(tiny_klein), "--history-db", str(db), cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
-    assert run.returncode == 2, run.stderr
-    return run.stderr
 
 
 def test_a_corrupt_or_locked_database_stops_the_start_with_what_to_do(tiny_klein, tmp_path):

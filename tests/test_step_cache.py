@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
+from conftest import serve_refused
 from engine_helpers import job
 
 from pipeline.engine import Engine
@@ -45,14 +43,7 @@ def test_first_block_cache_really_fails_on_flux2_in_this_diffusers(tiny_klein):
 
 
 def test_the_server_refuses_a_bad_cache_at_start(tiny_klein):
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_klein), "--cache", "on"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert run.returncode == 2
-    assert "cache must be one of off, taylorseer" in run.stderr
+    assert "cache must be one of off, taylorseer" in serve_refused("--model", str(tiny_klein), "--cache", "on")
 
 
 def _engine(folder, cache: str) -> Engine:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import serve_refused
 
 from pipeline import toolchain
 from pipeline.placement import PlacementError, decide_placement
@@ -82,16 +81,9 @@ def test_serve_compile_without_a_compiler_exits_with_what_to_install(tmp_path, t
     """The CLI on a machine without g++ (the CPU's compile builds C++): refused at start, exit status 2."""
     env = {key: value for key, value in os.environ.items() if key not in ("CC", "CXX")}
     env["PATH"] = str(tmp_path)  # no compiler on it; the interpreter is named by its path
-    run = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_klein), "--compile"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    assert run.returncode == 2, run.stderr[-2000:]
-    assert "--compile needs what this machine lacks: a C++ compiler" in run.stderr
-    assert "apt install g++ python3-dev" in run.stderr
+    stderr = serve_refused("--model", str(tiny_klein), "--compile", env=env)
+    assert "--compile needs what this machine lacks: a C++ compiler" in stderr
+    assert "apt install g++ python3-dev" in stderr
 
 
 def test_bench_compile_without_a_compiler_is_refused_before_anything_is_built(bare_machine):
