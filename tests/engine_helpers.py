@@ -11,6 +11,24 @@ from pipeline.pool import ModelConfig, ModelPool
 from pipeline.weights import inspect_model
 
 
+def failing_on_empty_inputs(module: torch.nn.Module) -> torch.nn.Module:
+    """`module`'s linear layers made to fail on an empty input as torchao's fp8 (dynamic activation) layers do: each
+    first takes its input's largest magnitude per feature, which on an empty input is torch's "Expected reduction
+    dim ... non-zero size" (an IndexError)."""
+
+    def failing(forward):
+        def scaled(input):
+            input.reshape(-1, input.shape[-1]).abs().amax(dim=0)
+            return forward(input)
+
+        return scaled
+
+    for layer in module.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.forward = failing(layer.forward)
+    return module
+
+
 def model_config(folder, name="tiny", placement=None) -> ModelConfig:
     placement = placement if placement is not None else decide_placement(weight_params=1)
     return ModelConfig(name=name, spec=inspect_model(folder), placement=placement, weight_bytes=1)

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 from conftest import serve_refused
-from engine_helpers import job, make_engine
+from engine_helpers import failing_on_empty_inputs, job, make_engine
 
 from pipeline import quantization
 from pipeline.placement import PlacementError, decide_placement
@@ -118,28 +118,12 @@ def test_loading_quantized_weights_does_not_turn_on_kernel_tuning(tiny_klein, mo
     assert inductor.coordinate_descent_check_all_directions is False
 
 
-def _failing_on_empty(module):
-    """`module`'s linear layers made to fail on an empty input, as torchao's fp8 (dynamic activation) layers do."""
-    import torch
-
-    def failing(forward):
-        def scaled(input):
-            input.reshape(-1, input.shape[-1]).abs().amax(dim=0)
-            return forward(input)
-
-        return scaled
-
-    for layer in module.modules():
-        if isinstance(layer, torch.nn.Linear):
-            layer.forward = failing(layer.forward)
-    return module
-
-
 def test_activation_quantized_layers_give_an_empty_output_for_an_empty_input():
     import torch
 
     torch.manual_seed(0)
-    module = _failing_on_empty(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4)))
+    layers = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    module = failing_on_empty_inputs(layers)
     inputs = torch.randn(2, 3, 8)
     before = module(inputs)
     with pytest.raises(IndexError, match="non-zero size"):
@@ -164,7 +148,7 @@ def test_fp8_layers_tolerate_empty_inputs_when_built_and_when_loaded(tiny_klein,
     from pipeline.weights import inspect_model
 
     monkeypatch.setattr(torchao.quantization, "quantize_", lambda module, config: None)
-    module = _failing_on_empty(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    module = failing_on_empty_inputs(torch.nn.Sequential(torch.nn.Linear(8, 8)))
     quantization.quantize_module(module, "transformer", parse_quantization("transformer=fp8"))
     assert module(torch.randn(1, 0, 8)).shape == (1, 0, 8)
 
