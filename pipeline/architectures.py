@@ -168,6 +168,13 @@ def _parked(module: _Module, park: bool, component: str, quantization: Quantizat
     return module
 
 
+def _brought_back(modules: tuple[torch.nn.Module, ...], bring: bool, device: str) -> None:
+    """The components a quantized build kept on the host while the text encoder was built, back on `device`."""
+    if bring:
+        for module in modules:
+            module.to(device)
+
+
 def _transformer(arch: Architecture) -> Flux2Transformer2DModel:
     from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
@@ -224,13 +231,17 @@ def build_pipeline(
     seconds, where the CPU's takes minutes (~40 s for klein-4B's 3.9 B-parameter transformer on 2 cores).
     `quantization`: the components it names are quantized where they were built, before parking, so the host
     holds them quantized (dev: ~56 GB with `transformer=fp8,text_encoder=fp8` instead of ~112 GB in bf16) and the
-    GPU does the quantizing (torchao's fp8 refuses a CPU)."""
+    GPU does the quantizing (torchao's fp8 refuses a CPU). Without `park_on_host`, a quantized build still keeps the
+    components built first on the host while the text encoder (built last) is built, then brings them back: the
+    card holds one component in bfloat16 at a time (dev in fp8 on an 80 GB H100: a peak of ~60 GiB, the transformer
+    before its quantizing, instead of ~75 GiB, its fp8 weights beside the text encoder in bfloat16)."""
     from diffusers.pipelines.flux2.pipeline_flux2 import Flux2Pipeline
     from diffusers.pipelines.flux2.pipeline_flux2_klein import Flux2KleinPipeline
 
     from .tiny_weights import build_tiny_pipeline, flow_match_scheduler, klein_tokenizer
 
     pipe: Flux2Pipe
+    park_first = park_on_host or bool(quantization)  # the components built before the text encoder
     if arch.tiny:
         pipe = build_tiny_pipeline(arch.family)
         if device != "cpu" or dtype != torch.float32:  # built on the CPU in float32 (`to` would only warn)
@@ -239,9 +250,10 @@ def build_pipeline(
     elif arch.family == "klein":
         tokenizer = klein_tokenizer()
         with _building_on(device, dtype):
-            transformer = _parked(_transformer(arch), park_on_host, "transformer", quantization)
-            vae = _parked(_vae(), park_on_host, "vae", quantization)
+            transformer = _parked(_transformer(arch), park_first, "transformer", quantization)
+            vae = _parked(_vae(), park_first, "vae", quantization)
             qwen = _parked(_qwen3(arch), park_on_host, "text_encoder", quantization)
+        _brought_back((transformer, vae), park_first and not park_on_host, device)
         # (diffusers annotates `scheduler` and dev's `tokenizer` with types its real arguments do not match: see
         # tiny_weights._build_klein.)
         pipe = Flux2KleinPipeline(
@@ -256,9 +268,10 @@ def build_pipeline(
         processor = dev_text_processor()
         image_token = processor.tokenizer.convert_tokens_to_ids("[IMG]")
         with _building_on(device, dtype):
-            transformer = _parked(_transformer(arch), park_on_host, "transformer", quantization)
-            vae = _parked(_vae(), park_on_host, "vae", quantization)
+            transformer = _parked(_transformer(arch), park_first, "transformer", quantization)
+            vae = _parked(_vae(), park_first, "vae", quantization)
             mistral = _parked(_mistral3(arch, image_token), park_on_host, "text_encoder", quantization)
+        _brought_back((transformer, vae), park_first and not park_on_host, device)
         pipe = Flux2Pipeline(
             scheduler=flow_match_scheduler(),  # type: ignore[arg-type]
             vae=vae,

@@ -258,9 +258,11 @@ def _whole_pipeline(
     if device == "cuda":
         torch.cuda.synchronize()  # the random initialisation runs on the device: wait for it before timing
         results["weights_resident_gib"] = torch.cuda.memory_allocated() / _GIB
+        results["build_peak_gib"] = torch.cuda.max_memory_allocated() / _GIB  # the bench's first use of the card
     results["build_s"] = time.perf_counter() - started
     built = f" with --quantize {speed.quantization}" if build_quantized else ""
-    clock.say(f"built the pipeline in memory{built} in {results['build_s']:.1f} s")
+    peak = f", peak {results['build_peak_gib']:.1f} GiB on the card" if "build_peak_gib" in results else ""
+    clock.say(f"built the pipeline in memory{built} in {results['build_s']:.1f} s{peak}")
 
     spec = model_spec(arch)
     direct = DirectDiffusers(pipe, steps, spec.defaults.guidance_scale)

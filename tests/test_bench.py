@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pipeline.architectures import ARCHITECTURES, get_architecture, parameter_counts
 from server.bench_speed import parse_speed_options
@@ -704,3 +705,70 @@ def test_a_pipeline_built_quantized_takes_its_eager_baseline_on_the_quantized_we
     summary = baseline_summary(results)
     assert "quantized at build: transformer=int8, before nothing else" in summary, summary
     assert any("Built with --quantize transformer=int8" in note for note in results["notes"])
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+def test_a_quantized_build_keeps_what_it_built_first_on_the_host_while_the_text_encoder_is_built(
+    monkeypatch, quantized
+):
+    """dev in fp8 on an 80 GB H100: its fp8 transformer (~30 GiB) stayed on the card while the text encoder was
+    built in bf16 (~44.7 GiB), a ~75 GiB peak of the card's 79. A quantized build now parks what it built first
+    (quantized) on the host while the text encoder is built, and brings it back after. Shown on the full-size
+    build path with a scaled-down klein config, on the CPU, by the order of the components' moves; the pipeline
+    brought back still holds its int8 weights and makes an image."""
+    pytest.importorskip("torchao")
+    from pipeline import architectures
+    from pipeline.architectures import Architecture, build_pipeline
+    from pipeline.quantization import Quantization, parse_quantization
+    from pipeline.tiny_weights import klein_tokenizer
+
+    arch = Architecture(
+        "scaled-down-klein",
+        "klein",
+        dict(
+            num_layers=1,
+            num_single_layers=1,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            joint_attention_dim=48,
+            timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4),
+            guidance_embeds=False,
+        ),
+        dict(
+            vocab_size=len(klein_tokenizer()),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=27,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=8,
+            max_position_embeddings=1024,
+            tie_word_embeddings=True,
+        ),
+    )
+    assert not arch.tiny  # the full-size path
+    events: list[str] = []
+    real_to, real_qwen3 = torch.nn.Module.to, architectures._qwen3
+
+    def to(module, *args, **kwargs):
+        if type(module).__name__ in ("Flux2Transformer2DModel", "AutoencoderKLFlux2"):
+            events.append(f"{type(module).__name__} to {args[0] if args else kwargs}")
+        return real_to(module, *args, **kwargs)
+
+    def qwen3(*args):
+        events.append("text encoder built")
+        return real_qwen3(*args)
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+    monkeypatch.setattr(architectures, "_qwen3", qwen3)
+    quantization = parse_quantization("transformer=int8") if quantized else Quantization()
+    pipe = build_pipeline(arch, "cpu", torch.float32, quantization=quantization)
+    if quantized:
+        parked = ["Flux2Transformer2DModel to cpu", "AutoencoderKLFlux2 to cpu"]
+        assert events == [*parked, "text encoder built", *parked]
+        assert type(pipe.transformer.transformer_blocks[0].attn.to_q.weight).__name__ == "Int8Tensor"
+    else:
+        assert events == ["text encoder built"]  # nothing to make room for: nothing moves
+    image = pipe(prompt="a red cube", height=64, width=64, num_inference_steps=1, output_type="pil").images[0]
+    assert image.size == (64, 64)
