@@ -24,6 +24,9 @@ class JobWatch:
         self.timeout = timeout
         self.deadline = loop.time() + timeout
         self._future = asyncio.wrap_future(self.handle.future)
+        # Its end is always retrieved, even when no one awaits it any more (the client went away, the request timed
+        # out): else asyncio logs "Future exception was never retrieved" whenever the watch is collected.
+        self._future.add_done_callback(_retrieve)
 
     def _remaining(self) -> float:
         return self.deadline - asyncio.get_running_loop().time()
@@ -49,13 +52,16 @@ class JobWatch:
             if remaining <= 0:
                 raise self._timed_out()
             getter = asyncio.ensure_future(self._events.get())
-            done, _ = await asyncio.wait(
-                {getter, self._future}, timeout=min(tick, remaining), return_when=asyncio.FIRST_COMPLETED
-            )
+            try:
+                done, _ = await asyncio.wait(
+                    {getter, self._future}, timeout=min(tick, remaining), return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:  # the reader goes with the wait, however it ends (a stream's client going away cancels it)
+                if not getter.done():
+                    getter.cancel()
             if getter in done:
                 yield getter.result()
                 continue
-            getter.cancel()
             if not done:
                 yield None
         while not self._events.empty():  # events that arrived with the result
@@ -64,3 +70,8 @@ class JobWatch:
     def cancel(self, reason: str) -> None:
         if not self._future.done():
             self.handle.cancel(reason)
+
+
+def _retrieve(future: asyncio.Future[GenerationResult]) -> None:
+    if not future.cancelled():
+        future.exception()
