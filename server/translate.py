@@ -17,7 +17,7 @@ from pipeline.sizes import SizeError, model_size, resolve_output_size
 from pipeline.weights import ModelSpec
 
 from .errors import invalid_param
-from .protocol import ImageData, ImageParameters, ImagesResponse, InputTokensDetails, Usage
+from .protocol import MAX_SEED, ImageData, ImageParameters, ImagesResponse, InputTokensDetails, Usage
 from .settings import Settings
 
 # `quality` (the API's step preset) as shares of the model's default step count, and the tier each reports as.
@@ -66,6 +66,11 @@ def build_job(
     run_width, run_height = model_size(width, height)
     n = params.n or 1
     first_seed = secrets.randbelow(2**32) if params.seed is None else params.seed
+    if first_seed + n - 1 > MAX_SEED:  # image i's seed is seed + i, and each must be one the API takes back
+        raise invalid_param(
+            f"With n={n}, seed must be at most {MAX_SEED - n + 1} (image i uses seed + i, at most {MAX_SEED}).",
+            "seed",
+        )
     return GenerationJob(
         prompt=params.prompt,
         width=width,

@@ -76,6 +76,7 @@ def test_size_forms(client, params, expected):
         ({"guidance_scale": -1}, "guidance_scale"),
         ({"steps": 0}, "steps"),
         ({"seed": 2**63}, "seed"),
+        ({"seed": 2**63 - 1, "n": 2}, "seed"),  # the second image's seed would be 2**63
     ],
 )
 def test_out_of_range_values_name_the_parameter(client, params, param):

@@ -74,7 +74,16 @@ def test_seeds_are_consecutive_and_drawn_when_absent():
     assert job(seed=10, n=3).seeds == (10, 11, 12)
     drawn = job(n=2).seeds
     assert drawn[1] == drawn[0] + 1
-    assert job(seed=2**63 - 1, n=2).seeds == (2**63 - 1, 2**63)  # torch seeds go to 2**64 - 1
+    assert job(seed=2**63 - 2, n=2).seeds == (2**63 - 2, 2**63 - 1)
+
+
+def test_a_seed_whose_last_image_would_pass_the_largest_seed_is_refused():
+    """Image i's seed is seed + i, and every reported seed must be one the API takes back (<= 2**63 - 1): the
+    response once reported 2**63 for n=2, which a replay of that image was refused."""
+    with pytest.raises(APIError) as caught:
+        job(seed=2**63 - 1, n=2)
+    assert caught.value.status == 400 and caught.value.param == "seed"
+    assert str(2**63 - 2) in caught.value.message
 
 
 def test_edit_default_size_is_the_first_reference():
