@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -135,17 +137,37 @@ def validation_error(errors: list[dict] | tuple) -> APIError:
     if not errors:
         return APIError(400, "Invalid request.", code="invalid_request")
     first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path", "form")]
-    param = ".".join(location) or None
+    param = parameter_path(first.get("loc", ()))
     kind = first.get("type", "")
+    if kind == "missing" and param is None:  # no body at all
+        return APIError(400, "The request body is empty: send a JSON object.", code="invalid_json")
     if kind == "missing":
         return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind in ("json_invalid", "json_type") or (param is None and kind == "model_attributes_type"):
         return APIError(400, "The request body is not a valid JSON object.", code="invalid_json")
-    message = first.get("msg", "Invalid value")
+    message = "the number is too large" if kind == "int_parsing_size" else first.get("msg", "Invalid value")
     return APIError(
         400, f"Invalid value for '{param}': {message}." if param else f"{message}.", param=param, code="invalid_value"
     )
+
+
+def parameter_path(location: Sequence[int | str]) -> str | None:
+    """A validation error's location as OpenAI names parameters: `images[0].image_url`, without where it was read
+    from (body, query, ...) nor the union member pydantic tried (`ImageURL`, `str`, `function-after[...]`): every
+    field of the API is snake_case, every member tag is not."""
+    path = ""
+    for part in location:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("body", "query", "path", "form") and not path:
+            continue
+        elif _FIELD_NAME.fullmatch(part) and part not in _UNION_MEMBER_TYPES:
+            path += f".{part}" if path else part
+    return path or None
+
+
+_FIELD_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_UNION_MEMBER_TYPES = {"str", "int", "float", "bool", "bytes", "list", "dict", "none", "tuple", "set"}
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -153,10 +175,15 @@ async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONR
         message = f"Unknown path: {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"Method {request.method} is not allowed on {request.url.path}"
+    elif exc.status_code == 400 and exc.detail == _FASTAPI_BODY_ERROR:  # bad UTF-8, JSON nested too deep
+        return error_response(APIError(400, "The request body is not valid JSON.", code="invalid_json"))
     else:
         message = str(exc.detail)
     status = exc.status_code
     return error_response(APIError(status, message, code=_HTTP_CODES.get(status), headers=exc.headers))
+
+
+_FASTAPI_BODY_ERROR = "There was an error parsing the body"  # FastAPI's detail when a JSON body cannot be decoded
 
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}

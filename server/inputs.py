@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
 from pipeline.codecs import ImageDecodeError, decode_image, decode_mask
@@ -46,9 +47,10 @@ async def read_edit_request(request: Request, max_image_bytes: int, fetcher: Rem
         mask = await _image_bytes(params.mask, "mask", max_image_bytes, fetcher) if params.mask is not None else None
         image_param = "images"
     if not images:
+        how = "" if image_param == "image" else ', in JSON as "images": [{"image_url": "data:image/png;base64,..."}]'
         raise APIError(
             400,
-            "Missing required parameter: 'image' (1 to 10 images to edit).",
+            f"Missing required parameter: '{image_param}' (1 to 10 images to edit{how}).",
             param=image_param,
             code="missing_required_parameter",
         )
@@ -120,7 +122,8 @@ async def read_form_parts(request: Request, max_image_bytes: int) -> tuple[dict[
     try:
         form = await request.form(max_files=_MAX_FILES)
     except Exception as exc:  # starlette raises its own errors (and ours: bad boundaries, too many parts)
-        raise APIError(400, f"The multipart form could not be read: {exc}", code="invalid_multipart") from exc
+        reason = exc.detail if isinstance(exc, StarletteHTTPException) else str(exc)  # not starlette's "400: " prefix
+        raise APIError(400, f"The multipart form could not be read: {reason}", code="invalid_multipart") from exc
     fields: dict[str, str] = {}
     images: list[bytes] = []
     mask: bytes | None = None
@@ -128,7 +131,9 @@ async def read_form_parts(request: Request, max_image_bytes: int) -> tuple[dict[
         for key, value in form.multi_items():
             if key in IMAGE_FIELDS:
                 if not isinstance(value, UploadFile):
-                    raise invalid_param(f"'{key}' must be an uploaded image file.", "image", code="invalid_image")
+                    raise invalid_param(
+                        f"'{key}' must be an uploaded image file.", key.removesuffix("[]"), code="invalid_image"
+                    )
                 images.append(await _read_capped(value, max_image_bytes, "image"))
             elif key in MASK_FIELDS:
                 if not isinstance(value, UploadFile):

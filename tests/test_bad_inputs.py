@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 
 import httpx
 import pytest
@@ -205,11 +206,47 @@ def test_bad_input(server, name, path, request_kwargs, status, param):
     assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     assert body["error"]["code"] is None or isinstance(body["error"]["code"], str)
     if param is not None:
-        assert (body["error"]["param"] or "").split(".")[0] == param, body
+        assert re.split(r"[.\[]", body["error"]["param"] or "")[0] == param, body
     assert "Traceback" not in response.text
     after = httpx.post(f"{server.base_url}{GEN}", json=OK_BODY, timeout=60)
     assert after.status_code == 200
     assert decode_b64(after.json()["data"][0]["b64_json"]).size == (16, 16)
+
+
+# The exact answer where the battery only checks the parameter's first name: each reads as OpenAI's would (a path
+# like `images[0].image_url`, no union member pydantic tried, no "400: " of starlette's, never "'None'", a code).
+EXACT = [
+    ("no body", GEN, raw(b""), None, "invalid_json", "The request body is empty: send a JSON object."),
+    ("bad UTF-8", GEN, raw(b'{"prompt": "\xff\xfe"}'), None, "invalid_json", "The request body is not valid JSON."),
+    ("nested too deep", GEN, raw(b"[" * 100_000 + b"]" * 100_000), None, "invalid_json", "not valid JSON"),
+    ("empty image object", EDIT, js(images=[{}]), "images[0].image_url", "missing_required_parameter", "'images[0]"),
+    ("file_id image", EDIT, js(images=[{"file_id": "file-1"}]), "images[0].image_url", None, "images[0].image_url"),
+    ("image_url a number", EDIT, js(images=[{"image_url": 3}]), "images[0].image_url", "invalid_value", "string"),
+    ("lora scale", GEN, js(loras=[{"name": "a", "scale": 9}]), "loras[0].scale", "invalid_value", "'loras[0].scale'"),
+    ("float seed too large", GEN, js(seed=1e20), "seed", "invalid_value", "'seed': the number is too large."),
+    ("JSON edit with 'image'", EDIT, js(image=uri(png())), "images", None, '"images": [{"image_url"'),
+    (
+        "no multipart boundary",
+        EDIT,
+        raw(b"junk", "multipart/form-data"),
+        None,
+        "invalid_multipart",
+        ": Missing boundary",
+    ),
+    ("images as text", EDIT, form({"images": "[]"}, files=[]), "images", "invalid_image", "'images' must be an"),
+]
+
+
+@pytest.mark.parametrize("name, path, request_kwargs, param, code, message", EXACT, ids=[c[0] for c in EXACT])
+def test_bad_input_answers_name_things_as_openai_does(server, name, path, request_kwargs, param, code, message):
+    response = httpx.post(f"{server.base_url}{path}", timeout=60, **request_kwargs)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    assert code is None or error["code"] == code, error
+    assert message in error["message"], error
+    assert "400:" not in error["message"] and "'None'" not in error["message"] and "ImageURL" not in response.text
+    assert error["code"] is not None, error
 
 
 def test_the_battery_is_big_enough():

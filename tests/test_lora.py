@@ -147,10 +147,10 @@ def test_unknown_adapters_and_bad_scales_are_400s_naming_them(lora_server, lora_
     assert error["param"] == "loras" and error["code"] == "lora_not_found"
     assert "'nope'" in error["message"] and "style" in error["message"]
     for loras, param in (
-        ([{"name": "style", "scale": 2.5}], "loras.0.scale"),
+        ([{"name": "style", "scale": 2.5}], "loras[0].scale"),
         ([{"name": "style"}, {"name": "style"}], "loras"),
         ("not json", "loras"),
-        ([{"name": "style", "weight": 1}], "loras.0.weight"),
+        ([{"name": "style", "weight": 1}], "loras[0].weight"),
     ):
         answer = httpx.post(f"{lora_server.base_url}/v1/images/generations", json={**ASK, "loras": loras})
         assert answer.status_code == 400, (loras, answer.text)
