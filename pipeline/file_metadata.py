@@ -39,6 +39,10 @@ _JPEG_SEGMENT_LIMIT = 65_000  # bytes: a JPEG APP1 segment holds at most 65,533 
 _DESCRIPTION_CHARS = 2_000  # EXIF ImageDescription is a convenience copy: the JSON holds the whole prompt
 _XMP_PARAMETERS = re.compile(rb"<flux2:parameters>(.*?)</flux2:parameters>", re.S)
 _XML_INVALID = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+# Control characters but tab and line breaks: PNG's text chunks may not hold NUL (and should hold no other control
+# character), and a NUL ends EXIF's ASCII fields early for C readers. The readable copies leave them out; the JSON
+# record keeps the prompt exactly (escaped).
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class MissingMetadata(ValueError):
@@ -167,9 +171,10 @@ def _software(record: Mapping[str, Any]) -> str:
 
 
 def _text(value: str) -> str:
-    """`value` encodable as UTF-8 (a lone surrogate from a JSON request becomes '?')."""
-    return value.encode("utf-8", "replace").decode("utf-8")
+    """`value` for a readable field: encodable as UTF-8 (a lone surrogate from a JSON request becomes '?'), without
+    control characters but tab and line breaks."""
+    return _CONTROL.sub("", value).encode("utf-8", "replace").decode("utf-8")
 
 
 def _ascii(value: str) -> str:
-    return value.encode("ascii", "replace").decode("ascii")
+    return _CONTROL.sub("", value).encode("ascii", "replace").decode("ascii")

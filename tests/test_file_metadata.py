@@ -117,6 +117,20 @@ def test_odd_prompts_are_written_safely():
             xmp_fields(info["xmp"])  # still well-formed XML
 
 
+def test_readable_copies_of_the_prompt_carry_no_control_characters():
+    """PNG's text chunks may not hold NUL, and a NUL ends EXIF's ASCII description early for C readers: the
+    readable copies drop control characters (keeping tabs and line breaks); the JSON record stays exact."""
+    odd = {**RECORD, "prompt": "a\x00b\x1b[31m c\x7f\td\ne"}
+    readable = "ab[31m c\td\ne"
+    png_info = opened(encode_image(noise(), "png", metadata=odd)).info
+    assert png_info["Description"] == readable
+    assert png_info["parameters"].startswith(readable + "\n")
+    for output_format in LOSSY:
+        data = encode_image(noise(), output_format, quality=80, metadata=odd)
+        assert opened(data).getexif()[IMAGE_DESCRIPTION] == readable
+        assert read_metadata(data)["prompt"] == odd["prompt"]
+
+
 def test_a_prompt_too_long_for_jpeg_is_left_out_and_said_so():
     long = {**RECORD, "prompt": "東" * 15_000}
     record = read_metadata(encode_image(noise(), "jpeg", metadata=long))
