@@ -79,6 +79,8 @@ async def list_history(
 ) -> HistoryList:
     db = _db(request)
     settings = request.app.state.service.settings
+    if search and "\x00" in search:  # SQLite's LIKE stops at a NUL: "a\0b" would match every prompt with "a"
+        raise invalid_param("search cannot contain a NUL character.", "search")
     query = HistoryQuery(
         limit=limit,
         after=after,
