@@ -103,6 +103,24 @@ def test_health_is_open_and_reports_ok(server):
     assert response.json()["status"] == "ok"
 
 
+def test_head_answers_health_and_image_files_with_their_headers_alone(server):
+    """Uptime monitors ask /health with HEAD, download managers and `curl -I` an image's url."""
+    health = httpx.head(f"{server.base_url}/health")
+    assert health.status_code == 200 and health.content == b""
+    made = httpx.post(
+        f"{server.base_url}/v1/images/generations",
+        json={"prompt": "head", "size": "16x16", "num_inference_steps": 1},
+    )
+    url = made.json()["data"][0]["url"]
+    head, got = httpx.head(url), httpx.get(url)
+    assert head.status_code == got.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == got.headers["content-type"] == "image/png"
+    assert int(head.headers["content-length"]) == len(got.content) > 0
+    missing = httpx.head(f"{server.base_url}/v1/images/files/AAAAAAAAAAAAAAAAAAAAAA.png")
+    assert missing.status_code == 404
+    assert "head" not in httpx.get(f"{server.base_url}/openapi.json").json()["paths"]["/health"]
+
+
 def test_openapi_describes_both_image_endpoints(server):
     spec = httpx.get(f"{server.base_url}/openapi.json").json()
     generations = spec["paths"]["/v1/images/generations"]["post"]

@@ -21,6 +21,7 @@ router = APIRouter(prefix=FILES_ROUTE)
         404: {"model": ErrorResponse, "description": "No such image (or expired)"},
     },
 )
+@router.head("/{name}", include_in_schema=False)  # the headers alone (download managers, `curl -I`)
 async def get_file(name: str, request: Request) -> FileResponse:
     path = request.app.state.service.store.path_of(name)
     if path is None:

@@ -9,6 +9,7 @@ router = APIRouter()
     responses={503: {"description": "Not ready"}},
     summary="200 once the default model is loaded; 503 while loading, after a failed load, or while shutting down",
 )
+@router.head("/health", include_in_schema=False)  # uptime monitors that ask with HEAD: the status alone
 async def health(request: Request) -> JSONResponse:
     health = request.app.state.engine.health()
     state = health.state
