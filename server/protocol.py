@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from pipeline.adapters import MAX_PER_REQUEST, MAX_SCALE, MIN_SCALE
+from pipeline.codecs import normalize_output_format
 
 MAX_IMAGES_PER_REQUEST = 10
 MAX_REFERENCE_IMAGES = 10
@@ -194,6 +195,17 @@ class ImageParameters(BaseModel):
             reasons["user"] = "user is not used by this server."
         if self.style is not None:
             reasons["style"] = "style is not used by FLUX.2: describe the style in the prompt."
+        for used, alias in (
+            ("num_inference_steps", "steps"),
+            ("guidance_scale", "cfg_scale"),
+            ("output_compression", "output_quality"),
+        ):
+            if getattr(self, alias) is not None and getattr(self, used) not in (None, getattr(self, alias)):
+                reasons[alias] = f"{alias} was ignored: {used} was given too, and it wins."
+        quality = "output_compression" if self.output_compression is not None else "output_quality"
+        lossless = _format_of(self.output_format)
+        if getattr(self, quality) is not None and lossless in ("png", "gif"):
+            reasons[quality] = f"{quality} applies to jpeg, webp and avif only, not to {lossless}."
         return reasons  # the safety fields depend on the server's checker: server/safety_policy.py
 
     @property
@@ -209,6 +221,14 @@ class ImageParameters(BaseModel):
             names = ", ".join(repr(name) for name in self.unknown_parameters)
             warnings.append(f"Unknown parameters were ignored: {names[:500]}.")
         return warnings
+
+
+def _format_of(output_format: str | None) -> str | None:
+    """The output format a request gets (png by default), or None if it is not one (a 400 elsewhere)."""
+    try:
+        return normalize_output_format(output_format or "png")
+    except ValueError:
+        return None
 
 
 class ImageGenerationRequest(ImageParameters):

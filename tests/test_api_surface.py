@@ -195,6 +195,35 @@ def test_unknown_parameters_are_ignored_and_reported(server):
         assert sum(name in w for w in warnings) == 1, (name, warnings)
 
 
+@pytest.mark.parametrize(
+    "params, ignored, words",
+    [
+        ({"steps": 3, "num_inference_steps": 1}, "steps", "num_inference_steps was given too"),
+        ({"cfg_scale": 3.0, "guidance_scale": 1.0}, "cfg_scale", "guidance_scale was given too"),
+        (
+            {"output_format": "jpeg", "output_quality": 20, "output_compression": 90},
+            "output_quality",
+            "output_compression was given too",
+        ),
+        ({"output_compression": 30}, "output_compression", "not to png"),
+        ({"output_format": "gif", "output_quality": 30}, "output_quality", "not to gif"),
+    ],
+)
+def test_a_parameter_that_loses_to_another_or_does_not_apply_is_reported(client, params, ignored, words):
+    """Two spellings of one setting with different values: the documented one wins and the other is reported as
+    ignored; a lossy quality on a lossless format likewise. The same values twice say nothing."""
+    raw = client.images.with_raw_response.generate(
+        prompt="x", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 1, **params}
+    )
+    assert raw.headers["x-flux2-ignored-params"] == ignored
+    warnings = raw.parse().model_extra["warnings"]
+    assert [w for w in warnings if w.startswith(ignored)] and any(words in w for w in warnings), warnings
+    same = client.images.with_raw_response.generate(
+        prompt="x", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 1, "steps": 1}
+    )
+    assert "x-flux2-ignored-params" not in same.headers
+
+
 def test_transparent_background_is_reported_as_not_honoured(client):
     raw = client.images.with_raw_response.generate(
         prompt="x", size="32x32", background="transparent", response_format="b64_json", extra_body=ONE_STEP
