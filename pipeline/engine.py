@@ -139,11 +139,22 @@ class Engine:
             return
         self._thread.join(timeout)
         if self._thread.is_alive():
-            with self._cond:
-                for handle in list(self._queue) + self._running:
-                    handle.cancel("the server is shutting down")
-                self._cond.notify_all()
+            self.cancel_all("the server is shutting down")
             self._thread.join(max(5.0, timeout))
+
+    def cancel_all(self, reason: str) -> None:
+        """Cancel every queued and running job: each ends with JobCancelled(`reason`), a running one at its next
+        denoising step."""
+        with self._cond:
+            for handle in list(self._queue) + self._running:
+                handle.cancel(reason)
+            self._cond.notify_all()
+
+    @property
+    def idle(self) -> bool:
+        """No job queued or running."""
+        with self._cond:
+            return not self._queue and not self._running
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout) and self.load_error is None

@@ -116,6 +116,11 @@ def _in_background(fn):
     return thread, outcome
 
 
+def _images_in_flight(base: str) -> tuple[int, int]:
+    health = httpx.get(f"{base}/health").json()
+    return health["running_images"], health["queued_images"]
+
+
 def _wait_until(condition, timeout=30):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -208,13 +213,52 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_klein, tmp_path
     _wait_until(lambda: httpx.get(f"{base}/health").json()["running_images"] == 1)
     running.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
-    try:
-        refused = httpx.post(f"{base}/v1/images/generations", json={"prompt": "late"}, timeout=10)
-        assert refused.status_code == 503
-    except httpx.TransportError:
-        pass  # the listener may already be closed: refused either way
+    # Still listening while it drains: a new request and /health get a 503 (a load balancer's cue), not a refused
+    # connection, on a new connection as on a kept-alive one.
+    refused = httpx.post(f"{base}/v1/images/generations", json={"prompt": "late"}, timeout=10)
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+    assert refused.headers["retry-after"]
+    assert httpx.get(f"{base}/health", timeout=10).status_code == 503
     request.join(120)
     assert outcome["value"].status_code == 200, outcome
     assert decode_b64(outcome["value"].json()["data"][0]["b64_json"]).size == (1024, 1024)
     assert running.process.wait(60) == 0
     running.stop()
+
+
+def test_sigterm_past_the_shutdown_timeout_answers_each_request_in_flight_and_exits_in_time(tiny_klein, tmp_path):
+    """Work that outlasts --shutdown-timeout is cancelled at its next step, and each request in flight gets its own
+    answer: a plain one a 503 `cancelled` in OpenAI's envelope, a stream its `error` event. Once uvicorn cancelled
+    the requests' tasks instead: a bare 500 text/plain, a stream cut mid-body, a traceback each in the log, and an
+    exit after twice the timeout (uvicorn's wait, then the engine's)."""
+    running = RunningServer(["--model", str(tiny_klein), "--shutdown-timeout", "2"], tmp_path)
+    running.wait_healthy()
+    base = running.base_url
+    plain, plain_outcome = _in_background(
+        lambda: httpx.post(f"{base}/v1/images/generations", json={**LONG, "prompt": "plain"}, timeout=120)
+    )
+
+    def stream() -> str:
+        with httpx.stream(
+            "POST", f"{base}/v1/images/generations", json={**LONG, "prompt": "streamed", "stream": True}, timeout=120
+        ) as response:
+            assert response.status_code == 200
+            return response.read().decode()
+
+    streamed, stream_outcome = _in_background(stream)
+    _wait_until(lambda: _images_in_flight(base) == (1, 1) or _images_in_flight(base) == (2, 0))  # (running, queued)
+    signalled = time.monotonic()
+    running.process.send_signal(signal.SIGTERM)
+    plain.join(60)
+    streamed.join(60)
+    answer = plain_outcome["value"]
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "cancelled" and "shutting down" in answer.json()["error"]["message"]
+    events = stream_outcome["value"]
+    assert "event: error" in events and '"code":"cancelled"' in events.replace(" ", ""), events[-500:]
+    assert running.process.wait(30) == 0
+    assert time.monotonic() - signalled < 2 + 10, "the drain, then the cancelled steps' end"
+    running.stop()
+    log = running.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+    assert "Cancel" not in log or "timeout graceful shutdown exceeded" not in log, log[-3000:]
