@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -36,9 +37,11 @@ def run_request(
     output: Path | None,
     show_progress: bool = True,
 ) -> list[SavedImage]:
-    """POST to /v1/images/{endpoint} with stream=true and save each completed image."""
+    """POST to /v1/images/{endpoint} with stream=true and save each completed image. The output's folder is
+    checked before the request: an image the server made is never lost to a path that cannot be written."""
+    check_output(output)
     headers = auth_headers(api_key)
-    url = f"{server.rstrip('/')}/v1/images/{endpoint}"
+    url = f"{server_root(server)}/v1/images/{endpoint}"
     body = {key: value for key, value in fields.items() if value is not None}
     body["stream"] = True
     files = None
@@ -83,6 +86,39 @@ def run_request(
     if not saved:
         raise ClientError("the server sent no image")
     return saved
+
+
+def server_root(server: str) -> str:
+    """The server's base URL as the commands take it, with or without the `/v1` the OpenAI SDKs are given."""
+    root = server.strip().rstrip("/")
+    return root.removesuffix("/v1")
+
+
+def check_output(output: Path | None) -> None:
+    """A ClientError, before any request, for an output path that cannot be written (None: the current folder)."""
+    folder = Path.cwd() if output is None else output.parent
+    if output is not None and output.is_dir():
+        raise ClientError(f"cannot write {output}: it is a folder (give a file name)")
+    if not folder.is_dir():
+        raise ClientError(f"cannot write {output}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ClientError(f"cannot write {output or 'here'}: the folder {folder} is not writable")
+
+
+# A file name's extension -> the output format it means.
+EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
+
+
+def output_format_for(output: Path | None, asked: str | None) -> str | None:
+    """The format to ask for: `--format` if given, else the one the output file's extension names (out.jpg: jpeg);
+    a ClientError when the two disagree (JPEG bytes in a .png file)."""
+    named = EXTENSION_FORMATS.get(output.suffix.lower()) if output is not None else None
+    if asked is None or named is None:
+        return asked or named
+    canonical = {"jpg": "jpeg"}.get(asked.strip().lower(), asked.strip().lower())
+    if canonical != named:
+        raise ClientError(f"--format {asked} does not match the output file {output.name} ({named}): change one")
+    return asked
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -137,7 +173,10 @@ def _save(data: dict, output: Path | None, index: int, count: int) -> SavedImage
         path = output.with_name(f"{output.stem}-{index + 1}{output.suffix or '.' + extension}")
     else:
         path = output
-    path.write_bytes(base64.b64decode(data["b64_json"]))
+    try:
+        path.write_bytes(base64.b64decode(data["b64_json"]))
+    except OSError as exc:
+        raise ClientError(f"cannot write {path}: {exc.strerror or exc}") from exc
     return SavedImage(path=path, seed=seed, size=data.get("size", ""))
 
 
@@ -146,5 +185,8 @@ def _error_text(response: httpx.Response) -> str:
         error = response.json()["error"]
         where = f" (parameter {error['param']})" if error.get("param") else ""
         return f"{response.status_code}: {error['message']}{where}"
-    except (ValueError, KeyError, TypeError):
-        return f"{response.status_code}: {response.text[:300]}"
+    except (ValueError, KeyError, TypeError):  # no error of ours: another server (an HTML page), or a proxy
+        return (
+            f"{response.status_code} from {response.request.url}, not an answer of flux2-local's: "
+            "is --server the flux2-local server's address (e.g. http://127.0.0.1:8000)?"
+        )

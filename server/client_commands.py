@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from .client import ClientError, run_request
+from .client import ClientError, output_format_for, run_request
 
 _SERVER = typer.Option("--server", envvar="FLUX2_SERVER", help="The server's base URL.")
 _API_KEY = typer.Option(
@@ -41,6 +41,7 @@ def _run_client(
     api_key: str | None,
 ) -> None:
     try:
+        fields = {**fields, "output_format": output_format_for(output, fields.get("output_format"))}
         saved = run_request(server, api_key, endpoint, fields, images, mask, output)
     except ClientError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -56,7 +57,8 @@ def generate(
         typer.Option(
             "-o",
             "--output",
-            help="File to write (numbered when n > 1). Default: flux2-SEED.FORMAT here.",
+            help="File to write (numbered when n > 1; its extension sets the format unless --format does). "
+            "Default: flux2-SEED.FORMAT here.",
             show_default=False,
         ),
     ] = None,
@@ -97,7 +99,13 @@ def edit(
         ),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="File to write (numbered when n > 1).", show_default=False)
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="File to write (numbered when n > 1; its extension sets the format unless --format does).",
+            show_default=False,
+        ),
     ] = None,
     size: Annotated[
         str | None, typer.Option(help='"WxH", "W:H" or "auto" (default: the first image).', show_default=False)

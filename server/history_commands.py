@@ -17,7 +17,7 @@ from typing import IO, Annotated, Any
 import httpx
 import typer
 
-from .client import auth_headers
+from .client import auth_headers, server_root
 from .client_commands import _API_KEY, _SERVER
 from .errors import APIError
 from .history import MAX_LIMIT, HistoryDB, HistoryQuery
@@ -77,7 +77,11 @@ def history(
         elif str(jsonl) == "-":
             _write_jsonl(entries, sys.stdout)
         else:
-            with jsonl.open("w", encoding="utf-8") as out:
+            try:
+                opened = jsonl.open("w", encoding="utf-8")
+            except OSError as exc:
+                raise _Failed(f"cannot write {jsonl}: {exc.strerror or exc}") from exc
+            with opened as out:
                 count = _write_jsonl(entries, out)
             typer.echo(f"{count} entr{'y' if count == 1 else 'ies'} written to {jsonl}", err=True)
     except _Failed as exc:
@@ -93,7 +97,7 @@ def _take(entries: Iterator[dict[str, Any]], limit: int | None) -> Iterator[dict
 
 
 def _from_server(server: str, api_key: str | None, filters: dict[str, str | None]) -> Iterator[dict[str, Any]]:
-    url = f"{server.rstrip('/')}/v1/images/history"
+    url = f"{server_root(server)}/v1/images/history"
     params: dict[str, Any] = {key: value for key, value in filters.items() if value is not None}
     params["limit"] = MAX_LIMIT
     with httpx.Client(headers=auth_headers(api_key), timeout=30) as client:
@@ -117,7 +121,7 @@ def _from_file(path: Path, filters: dict[str, str | None], server: str) -> Itera
     except APIError as exc:
         raise _Failed(exc.message) from exc
     history = HistoryDB(path, read_only=True)
-    files_url = server.rstrip("/") + FILES_ROUTE
+    files_url = server_root(server) + FILES_ROUTE
     after = None
     try:
         while True:

@@ -155,6 +155,55 @@ def test_client_errors_are_one_clear_line(server, tmp_path):
     assert down.returncode == 1 and "could not reach" in down.stderr
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_the_request(server, tmp_path):
+    """Checked before anything is sent (here the server is unreachable, and the error is still the path's): once
+    the image was made, then lost to a traceback."""
+    unreachable = "http://127.0.0.1:9"
+    for output, words in (
+        (tmp_path / "missing" / "x.png", "does not exist"),
+        (tmp_path, "it is a folder"),
+    ):
+        run = _cli("generate", "x", "-o", str(output), "--server", unreachable)
+        assert run.returncode == 1 and run.stderr.startswith(f"error: cannot write {output}"), run.stderr
+        assert words in run.stderr and "Traceback" not in run.stderr
+    exported = _cli("history", "--jsonl", str(tmp_path / "missing" / "h.jsonl"), "--server", server.base_url)
+    assert exported.returncode == 1 and "error: cannot write" in exported.stderr, exported.stderr
+    assert "Traceback" not in exported.stderr
+
+
+def test_the_output_files_extension_sets_the_format_and_may_not_contradict_it(server, tmp_path):
+    from PIL import Image
+
+    made = _cli("generate", "x", "-o", str(tmp_path / "out.jpg"), "--size", "32x32", "--steps", "1",
+                "--server", server.base_url)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert Image.open(tmp_path / "out.jpg").format == "JPEG"
+    clash = _cli("generate", "x", "-o", str(tmp_path / "out.png"), "--format", "jpg", "--server", server.base_url)
+    assert clash.returncode == 1 and "--format jpg does not match the output file out.png" in clash.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_server_url_ending_in_v1_works_and_another_server_is_named_not_dumped(server, tmp_path):
+    """`--server http://host:8000/v1` (the base URL the SDKs take) works; a server that is not flux2-local gets one
+    line saying so, not its HTML error page."""
+    import http.server
+    import threading
+
+    from conftest import free_port
+
+    made = _cli("generate", "x", "--size", "16x16", "--steps", "1", "--server", f"{server.base_url}/v1/",
+                cwd=tmp_path)  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        run = _cli("generate", "x", "--server", f"http://127.0.0.1:{other.server_address[1]}", cwd=tmp_path)
+    finally:
+        other.shutdown()
+    assert run.returncode == 1 and "not an answer of flux2-local's" in run.stderr, run.stderr
+    assert "<" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
+
+
 def test_a_broken_tiny_folder_is_rebuilt(tmp_path):
     broken = tmp_path / "weights" / "tiny-flux2-klein"
     broken.mkdir(parents=True)
