@@ -30,6 +30,21 @@ class Accounting:
     def billed_megapixels(self) -> int:
         return self.output_megapixels + self.reference_megapixels
 
+    def per_image(self, images: int, delivered: int) -> list[Accounting]:
+        """The accounting of a request that made `images` images split into `delivered` parts that sum to it, one per
+        image delivered (a stream's completed events): each image's own output, and on the first the inputs (the
+        text and references are processed once per request) and any withheld image's output."""
+        one_tokens, one_megapixels = self.output_tokens // images, self.output_megapixels // images
+        rest = delivered - 1
+        first = Accounting(
+            text_tokens=self.text_tokens,
+            reference_tokens=self.reference_tokens,
+            output_tokens=self.output_tokens - rest * one_tokens,
+            output_megapixels=self.output_megapixels - rest * one_megapixels,
+            reference_megapixels=self.reference_megapixels,
+        )
+        return [first] + [Accounting(0, 0, one_tokens, one_megapixels, 0)] * rest
+
 
 def account(job: GenerationJob, text_tokens: int) -> Accounting:
     reference_sizes = [image.size for image in job.references]

@@ -236,19 +236,22 @@ class ImageService:
             sync_mode=False,
         )
         data = await self._render(job, result, inline, "", timing, watch, record, stamp)
-        usage = images_usage(account(job, result.prompt.text_tokens)).model_dump()
+        # Each event's usage is its image's: summed over the events, the request's (a client that adds them up bills
+        # the request once; each event once carried the whole request's).
+        parts = account(job, result.prompt.text_tokens).per_image(job.n, len(data))
         return [
             {
                 "type": f"{kind}.completed",
                 "b64_json": item.b64_json,
                 "created_at": int(time.time()),
-                "usage": usage,
+                "usage": images_usage(part).model_dump(),
                 "seed": item.seed,
+                "image_index": index,
                 "revised_prompt": item.revised_prompt,
                 **common,
                 **({"withheld_images": result.withheld} if result.withheld else {}),
             }
-            for item in data
+            for index, (item, part) in enumerate(zip(data, parts, strict=True))
         ]
 
     def _deliver(

@@ -78,7 +78,7 @@ class EventStream:
         elif isinstance(event, Progress):
             yield f": progress {event.done}/{event.total}\n\n".encode()
         else:
-            for image in event.images:
+            for image_index, image in enumerate(event.images):  # with n > 1, one preview of each image
                 encoded = await asyncio.to_thread(encode_image, image, self.output_format, quality=self.codec_quality)
                 yield sse(
                     f"{self.kind}.partial_image",
@@ -87,6 +87,7 @@ class EventStream:
                         "b64_json": base64.b64encode(encoded).decode("ascii"),
                         "created_at": int(time.time()),
                         "partial_image_index": event.index,
+                        "image_index": image_index,  # which of the request's images (not in OpenAI's events)
                         **self.common,
                     },
                 )

@@ -49,6 +49,26 @@ def test_generate_stream_yields_typed_events_and_the_same_final_image(client):
     assert base64.b64decode(final.b64_json) == base64.b64decode(plain.data[0].b64_json)
 
 
+def test_a_stream_of_two_images_says_which_image_each_preview_is_and_splits_the_usage(client):
+    """n=2: each preview names its image, and each completed event carries its own image's usage, so that adding
+    them up gives the request's (the JSON answer's) once; each once carried the whole request's."""
+    params = dict(prompt="two kites", size="64x48", seed=9, n=2, num_inference_steps=3)
+    events = list(generate(client, stream=True, partial_images=1, **params))
+    previews = [e for e in events if e.type == "image_generation.partial_image"]
+    completed = [e for e in events if e.type == "image_generation.completed"]
+    assert sorted((e.partial_image_index, e.model_extra["image_index"]) for e in previews) == [(0, 0), (0, 1)]
+    assert [e.model_extra["image_index"] for e in completed] == [0, 1]
+    assert [e.model_extra["seed"] for e in completed] == [9, 10]
+    whole = generate(client, response_format="b64_json", **params).usage
+    for field in ("input_tokens", "output_tokens", "total_tokens"):
+        assert sum(getattr(e.usage, field) for e in completed) == getattr(whole, field), field
+    for field in ("output_megapixels", "billed_megapixels"):
+        assert sum(e.usage.model_extra[field] for e in completed) == whole.model_extra[field], field
+    one_image = (64 // 16) * (48 // 16)
+    assert [e.usage.output_tokens for e in completed] == [one_image, one_image]
+    assert completed[0].usage.input_tokens == whole.input_tokens > 0 and completed[1].usage.input_tokens == 0
+
+
 def test_edit_stream(client):
     stream = client.images.edit(
         image=("a.png", png(64, 64)),
