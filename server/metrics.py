@@ -98,8 +98,14 @@ class Metrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
+# The request state's key under which a stream leaves its outcome's status (an `error` event's, 499 for a client
+# that left), counted in place of the 200 its response began with.
+STREAM_STATUS = "flux2_stream_status"
+
+
 class RequestMetricsMiddleware:
-    """Counts every HTTP request by route template (not raw path: file names would explode the label set)."""
+    """Counts every HTTP request by route template (not raw path: file names would explode the label set), and by
+    its status: a stream's by how it ended (server/streaming.py), as the history records it."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -122,5 +128,6 @@ class RequestMetricsMiddleware:
         finally:
             route = scope.get("route")
             name = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(name, scope["method"], str(status["code"])).inc()
+            code = scope.get("state", {}).get(STREAM_STATUS, status["code"])
+            self.metrics.requests.labels(name, scope["method"], str(code)).inc()
             self.metrics.request_seconds.labels(name).observe(time.perf_counter() - started)

@@ -47,6 +47,7 @@ class EventStream:
         self.finish = finish
         self.on_end = on_end  # hears the outcome (None: ok) before the completed events are sent (the history)
         self.on_gone = on_gone  # hears that the client left before the end
+        self.on_status: Callable[[int], None] | None = None  # hears a failed outcome's status (the metrics)
 
     async def chunks(self) -> AsyncIterator[bytes]:
         ended = False
@@ -61,12 +62,16 @@ class EventStream:
         except Exception as exc:  # the job failed (or timed out) after the stream began: say so in the stream
             error = engine_error(exc)
             ended = True
+            if self.on_status is not None:
+                self.on_status(error.status)
             if self.on_end is not None:
                 await self.on_end(error)
             yield sse("error", error_body(error.message, error.type, error.param, error.code))
             return
         finally:
             self.watch.cancel("the client disconnected")  # no-op once the job is done
+            if not ended and self.on_status is not None:
+                self.on_status(499)  # the client left: as a JSON request's (errors.ClientGone)
             if not ended and self.on_gone is not None:
                 self.on_gone()
         for data in completed:

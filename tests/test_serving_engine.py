@@ -169,6 +169,26 @@ def test_timeout_cancels_the_job_and_the_server_stays_healthy(small_server):
     assert ok.status_code == 200
 
 
+def _generations_by_status(base: str) -> dict[str, float]:
+    text = httpx.get(f"{base}/metrics").text
+    pattern = r'^flux2_requests_total\{method="POST",route="/v1/images/generations",status="(\d+)"\} (\S+)$'
+    return {status: float(value) for status, value in re.findall(pattern, text, re.M)}
+
+
+def test_metrics_count_a_stream_by_how_it_ended(small_server):
+    """A stream's response begins 200; one that ends in a timeout's error event counts as a 504 and one whose client
+    left as a 499, as the same requests without stream do (and as the history records them)."""
+    base = small_server.base_url
+    before = _generations_by_status(base)
+    with httpx.stream("POST", f"{base}/v1/images/generations", json={**LONG, "stream": True}, timeout=60) as timed:
+        assert timed.status_code == 200 and "event: error" in timed.read().decode()
+    _wait_until(lambda: _generations_by_status(base).get("504", 0) == before.get("504", 0) + 1, timeout=10)
+    with httpx.stream("POST", f"{base}/v1/images/generations", json={**LONG, "stream": True}, timeout=60) as left:
+        next(left.iter_raw())  # the stream has begun (a progress comment): the client leaves
+    _wait_until(lambda: _generations_by_status(base).get("499", 0) == before.get("499", 0) + 1, timeout=10)
+    assert _generations_by_status(base).get("200", 0) == before.get("200", 0)
+
+
 def test_a_client_that_disconnects_stops_its_job_and_frees_the_worker(small_server):
     base = small_server.base_url
     with pytest.raises(httpx.ReadTimeout):

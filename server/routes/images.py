@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from ..auth import API_KEY_ID
 from ..errors import ClientGone
 from ..inputs import read_edit_request
+from ..metrics import STREAM_STATUS
 from ..openapi import EDIT_BODY, IMAGE_RESPONSES, VARIATION_BODY
 from ..protocol import ImageGenerationRequest, ImagesResponse
 from ..serving import Served
@@ -42,7 +43,7 @@ async def create_images(body: ImageGenerationRequest, request: Request, response
             body, public_base_url(request, service.settings), headers=response.headers, key_id=_key_id(request)
         ),
     )
-    return _answer(served, response)
+    return _answer(served, response, request)
 
 
 @router.post(
@@ -62,7 +63,7 @@ async def edit_images(request: Request, response: Response):
             inputs, public_base_url(request, service.settings), headers=response.headers, key_id=_key_id(request)
         ),
     )
-    return _answer(served, response)
+    return _answer(served, response, request)
 
 
 @router.post(
@@ -88,7 +89,7 @@ async def create_variations(request: Request, response: Response):
             key_id=_key_id(request),
         ),
     )
-    return _answer(served, response)
+    return _answer(served, response, request)
 
 
 def _key_id(request: Request) -> str | None:
@@ -119,9 +120,10 @@ async def _disconnect(request: Request) -> None:
         pass
 
 
-def _answer(served: Served, response: Response):
+def _answer(served: Served, response: Response, request: Request):
     """A JSON ImagesResponse, or (stream=true) Server-Sent Events, carrying the headers set on `response`."""
     if isinstance(served, EventStream):
+        served.on_status = lambda status: setattr(request.state, STREAM_STATUS, status)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **dict(response.headers)}
         headers.pop("content-length", None)
         return StreamingResponse(served.chunks(), media_type="text/event-stream", headers=headers)
