@@ -202,6 +202,13 @@ class ImageParameters(BaseModel):
         ):
             if getattr(self, alias) is not None and getattr(self, used) not in (None, getattr(self, alias)):
                 reasons[alias] = f"{alias} was ignored: {used} was given too, and it wins."
+        steps = "num_inference_steps" if self.num_inference_steps is not None else "steps"
+        if self.quality not in (None, "auto", "high", "standard") and getattr(self, steps) is not None:
+            reasons["quality"] = f"quality {self.quality!r} was ignored: {steps} sets the steps."
+        if isinstance(self.size, str) and "x" in self.size.lower():  # "WxH" is exact: the other size fields lose
+            for name in ("aspect_ratio", "resolution", "width", "height"):
+                if getattr(self, name, None) is not None:
+                    reasons[name] = f"{name} was ignored: size {self.size.strip()!r} sets the size."
         quality = "output_compression" if self.output_compression is not None else "output_quality"
         lossless = _format_of(self.output_format)
         if getattr(self, quality) is not None and lossless in ("png", "gif"):

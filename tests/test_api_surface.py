@@ -207,11 +207,15 @@ def test_unknown_parameters_are_ignored_and_reported(server):
         ),
         ({"output_compression": 30}, "output_compression", "not to png"),
         ({"output_format": "gif", "output_quality": 30}, "output_quality", "not to gif"),
+        ({"quality": "low"}, "quality", "num_inference_steps sets the steps"),
+        ({"aspect_ratio": "16:9"}, "aspect_ratio", "size '32x32' sets the size"),
+        ({"resolution": "abc"}, "resolution", "size '32x32' sets the size"),
     ],
 )
 def test_a_parameter_that_loses_to_another_or_does_not_apply_is_reported(client, params, ignored, words):
     """Two spellings of one setting with different values: the documented one wins and the other is reported as
-    ignored; a lossy quality on a lossless format likewise. The same values twice say nothing."""
+    ignored; a lossy quality on a lossless format, a quality preset beside explicit steps and the size fields an
+    exact size overrides likewise. The same values twice say nothing."""
     raw = client.images.with_raw_response.generate(
         prompt="x", size="32x32", response_format="b64_json", extra_body={"num_inference_steps": 1, **params}
     )
