@@ -492,6 +492,7 @@ def read_options(values: Mapping[str, Any]) -> ServeConfig:
     for option in OPTIONS:
         value = values[option.name]
         check_choice(value, option.choices, option.flag)
+        check_not_negative(value, option.flag)
         if option.feeds is not None:
             by_class[option.feeds][option.field or option.name] = option.unit.into(value)
     keys = load_keys(values["api_key"] or [], values["api_key_file"])
@@ -501,6 +502,12 @@ def read_options(values: Mapping[str, Any]) -> ServeConfig:
         models=ModelChoice(**by_class[ModelChoice]),
         ray=RayOptions(**by_class[RayOptions]),
     )
+
+
+def check_not_negative(value: Any, flag: str) -> None:
+    """Every number an option takes is a count, a size, a time or a port: a negative one (or NaN) is a mistake."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+        raise typer.BadParameter(f"must be 0 or more, got {value}", param_hint=flag)
 
 
 def check_choice(value: str, choices: tuple[str, ...], flag: str) -> None:

@@ -131,6 +131,17 @@ def test_a_choice_outside_the_list_is_a_usage_error(option):
     assert f"Invalid value for {option.flag}: must be one of {', '.join(option.choices)}" in result.output
 
 
+@pytest.mark.parametrize("option", [o for o in OPTIONS if o.value_type in (int, float)], ids=lambda o: o.name)
+def test_a_negative_number_is_a_usage_error(option):
+    """`--max-queue-images -1` started a server once; every number an option takes is 0 or more."""
+    app = typer.Typer()
+    app.command("serve")(serve_command(lambda config: None))
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["serve", option.flag, "-1"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for {option.flag}: must be 0 or more, got -1" in result.output
+
+
 def _readme_rows() -> list[list[str]]:
     section = README.read_text().split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
     return [
