@@ -93,7 +93,9 @@ def create_app(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["authorization", "content-type", "x-request-id"],
+            # Any request header: the origins are the boundary, and the SDKs send their own (openai-node: every
+            # x-stainless-*, idempotency-key; a preflight refusing one made the SDK fail in a browser).
+            allow_headers=["*"],
             expose_headers=[
                 "x-request-id",
                 "x-flux2-ignored-params",

@@ -45,6 +45,17 @@ def test_cors_is_off_by_default_and_configurable(server, tiny_klein, tmp_path):
         opened = httpx.options(f"{running.base_url}/v1/images/generations", headers=preflight)
         assert opened.status_code == 200
         assert opened.headers["access-control-allow-origin"] == "https://tools.studio.example"
+        # The official JS SDK in a browser asks for its own headers too: refusing one fails every call it makes.
+        sdk_headers = (
+            "authorization,content-type,x-stainless-lang,x-stainless-os,x-stainless-retry-count,"
+            "x-stainless-timeout,idempotency-key"
+        )
+        sdk = httpx.options(
+            f"{running.base_url}/v1/images/generations",
+            headers={**preflight, "Access-Control-Request-Headers": sdk_headers},
+        )
+        assert sdk.status_code == 200, sdk.text
+        assert "x-stainless-retry-count" in sdk.headers["access-control-allow-headers"].lower()
         other = httpx.options(
             f"{running.base_url}/v1/images/generations", headers={**preflight, "Origin": "https://evil.example"}
         )
