@@ -15,6 +15,7 @@ from .draining import DrainingMiddleware
 from .errors import UnexpectedErrorMiddleware, install_error_handlers
 from .history import HistoryDB, open_history
 from .history_records import HistoryRecorder
+from .json_default import JSONByDefaultMiddleware
 from .limits import BodySizeLimitMiddleware
 from .metrics import Metrics, RequestMetricsMiddleware
 from .openapi import document_errors_as_served
@@ -77,6 +78,7 @@ def create_app(
     document_errors_as_served(app)
     # Added innermost first: request ids wrap everything (every log line and response carries one), CORS answers
     # preflights before auth, auth runs before any body is read.
+    app.add_middleware(JSONByDefaultMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(DrainingMiddleware)
     app.add_middleware(

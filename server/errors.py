@@ -129,7 +129,14 @@ async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(validation_error(exc.errors()))
+    error = validation_error(exc.errors())
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if error.code == "invalid_json" and content_type != "application/json":
+        # `curl -d '{...}'` sends form-urlencoded: the JSON is fine, its label is not
+        said = f"'{content_type}'" if content_type else "no Content-Type"
+        error = APIError(400, f"Send the body as JSON with Content-Type: application/json (got {said}).",
+                         code="invalid_json")  # fmt: skip
+    return error_response(error)
 
 
 def validation_error(errors: list[dict] | tuple) -> APIError:

@@ -217,6 +217,14 @@ def test_bad_input(server, name, path, request_kwargs, status, param):
 # like `images[0].image_url`, no union member pydantic tried, no "400: " of starlette's, never "'None'", a code).
 EXACT = [
     ("no body", GEN, raw(b""), None, "invalid_json", "The request body is empty: send a JSON object."),
+    (
+        "JSON labelled as a form (curl -d)",
+        GEN,
+        raw(b'{"prompt": "x"}', "application/x-www-form-urlencoded"),
+        None,
+        "invalid_json",
+        "Content-Type: application/json (got 'application/x-www-form-urlencoded')",
+    ),
     ("bad UTF-8", GEN, raw(b'{"prompt": "\xff\xfe"}'), None, "invalid_json", "The request body is not valid JSON."),
     ("nested too deep", GEN, raw(b"[" * 100_000 + b"]" * 100_000), None, "invalid_json", "not valid JSON"),
     ("empty image object", EDIT, js(images=[{}]), "images[0].image_url", "missing_required_parameter", "'images[0]"),

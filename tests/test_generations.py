@@ -27,6 +27,15 @@ def test_b64_json_decodes_to_a_png_of_the_requested_size(client):
     assert abs(result.created - time.time()) < 120
 
 
+def test_a_json_body_without_a_content_type_is_read_as_json(server):
+    """`requests.post(url, data=json.dumps(body))` sends no Content-Type: the body is still the JSON it is."""
+    body = b'{"prompt": "x", "size": "32x16", "num_inference_steps": 1, "response_format": "b64_json"}'
+    answer = httpx.post(f"{server.base_url}/v1/images/generations", content=body, timeout=60)
+    assert "content-type" not in answer.request.headers
+    assert answer.status_code == 200, answer.text
+    assert decode_b64(answer.json()["data"][0]["b64_json"]).size == (32, 16)
+
+
 def test_url_is_the_default_and_serves_the_png(client, server):
     result = generate(client, prompt="a lighthouse", size="80x48", **STEPS)
     url = result.data[0].url
