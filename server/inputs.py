@@ -43,7 +43,11 @@ async def read_edit_request(request: Request, max_image_bytes: int, fetcher: Rem
         image_param = "image"
     else:
         params = await _read_json(request)
-        images = [await _image_bytes(item, "images", max_image_bytes, fetcher) for item in params.images or []]
+        listed = params.images or []
+        images = [
+            await _image_bytes(item, _json_image_param(index, item), max_image_bytes, fetcher, _which(index, listed))
+            for index, item in enumerate(listed)
+        ]
         mask = await _image_bytes(params.mask, "mask", max_image_bytes, fetcher) if params.mask is not None else None
         image_param = "images"
     if not images:
@@ -174,12 +178,25 @@ async def _read_json(request: Request) -> ImageEditRequest:
         raise validation_error(exc.errors()) from exc
 
 
-async def _image_bytes(item: object, param: str, max_bytes: int, fetcher: RemoteImageFetcher | None) -> bytes:
+def _json_image_param(index: int, item: object) -> str:
+    """A JSON edit's image as OpenAI names it in errors: `images[1].image_url` (or `images[1]`, a bare string)."""
+    return f"images[{index}]" if isinstance(item, str) else f"images[{index}].image_url"
+
+
+def _which(index: int, listed: list) -> str:
+    return f"Image {index + 1} of {len(listed)}: " if len(listed) > 1 else ""
+
+
+async def _image_bytes(
+    item: object, param: str, max_bytes: int, fetcher: RemoteImageFetcher | None, which: str = ""
+) -> bytes:
+    """One JSON edit image's bytes (a data: URI, or an http(s) URL the operator allows); errors name `param` and,
+    among several images, `which` one."""
     url = item if isinstance(item, str) else item.image_url  # type: ignore[attr-defined]
     if url.lower().startswith(("http://", "https://")):
         if fetcher is None:
             raise invalid_param(
-                "Remote image URLs are not fetched: this server works offline (an operator can "
+                f"{which}Remote image URLs are not fetched: this server works offline (an operator can "
                 "allow it with --allow-remote-images). Send the image inline as a data: URI "
                 "(data:image/png;base64,...) or upload it as multipart/form-data.",
                 param,
@@ -188,10 +205,12 @@ async def _image_bytes(item: object, param: str, max_bytes: int, fetcher: Remote
         try:
             return await fetcher.fetch(url)
         except RemoteImageError as exc:
-            raise invalid_param(f"The image URL was not fetched: {exc}.", param, code="remote_image_refused") from exc
+            raise invalid_param(
+                f"{which}The image URL was not fetched: {exc}.", param, code="remote_image_refused"
+            ) from exc
     if len(url) * 3 // 4 > max_bytes + 4:
-        raise file_too_large(max_bytes, param, "An inline image")
+        raise file_too_large(max_bytes, param, f"{which}An inline image")
     try:
         return parse_data_uri(url)
     except ImageDecodeError as exc:
-        raise invalid_param(f"{exc}", param, code="invalid_image") from exc
+        raise invalid_param(f"{which}{exc}", param, code="invalid_image") from exc

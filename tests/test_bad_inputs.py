@@ -218,6 +218,15 @@ def test_bad_input(server, name, path, request_kwargs, status, param):
 EXACT = [
     ("no body", GEN, raw(b""), None, "invalid_json", "The request body is empty: send a JSON object."),
     (
+        "second JSON image bad",
+        EDIT,
+        js(images=[{"image_url": uri(png())}, {"image_url": "data:image/png;base64,!!!"}]),
+        "images[1].image_url",
+        "invalid_image",
+        "Image 2 of 2: ",
+    ),
+    ("bare string image", EDIT, js(images=["iVBORw0KGgo="]), "images[0]", "invalid_image", "data URI"),
+    (
         "JSON labelled as a form (curl -d)",
         GEN,
         raw(b'{"prompt": "x"}', "application/x-www-form-urlencoded"),

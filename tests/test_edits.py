@@ -162,7 +162,7 @@ def test_json_edit_refuses_remote_urls_by_default(server, url):
         f"{server.base_url}/v1/images/edits", timeout=30, json={"prompt": "x", "images": [{"image_url": url}]}
     )
     assert response.status_code == 400
-    assert response.json()["error"]["param"] == "images"
+    assert response.json()["error"]["param"] == "images[0].image_url"
     assert response.json()["error"]["code"] == "remote_images_disabled"
 
 

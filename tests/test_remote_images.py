@@ -208,7 +208,7 @@ def test_edits_fetch_remote_images_only_when_allowed(tiny_klein, tmp_path, local
         )
         assert refused.status_code == 400
         assert refused.json()["error"]["code"] == "remote_image_refused"
-        assert refused.json()["error"]["param"] == "images"
+        assert refused.json()["error"]["param"] == "images[0].image_url"
     with TestClient(app(False)) as client:
         off = client.post("/v1/images/edits", json={**body, "images": [{"image_url": "http://public.test/img.png"}]})
         assert off.status_code == 400 and off.json()["error"]["code"] == "remote_images_disabled"
