@@ -67,6 +67,12 @@ def composite(generated: Image.Image, source: Image.Image, mask: Image.Image) ->
     return Image.composite(generated.convert("RGB"), source.convert("RGB"), mask)
 
 
+def repaints_nothing(mask: Image.Image) -> bool:
+    """Whether a decoded mask (mode L, 255 = repaint) leaves every pixel as it is: the edit returns its first image
+    unchanged (an opaque RGBA mask, or an RGB/L one with no white: most likely the wrong file)."""
+    return bool(mask.getextrema()[1] == 0)
+
+
 def fit_mask(mask: Image.Image, width: int, height: int) -> Image.Image:
     """The uploaded mask at the delivered size: its one resize (nearest, so it stays black and white). The mask
     blend reduces it to the latent grid and the final composite uses it as it is."""

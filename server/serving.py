@@ -16,6 +16,7 @@ from pipeline.accounting import account
 from pipeline.codecs import FILE_EXTENSIONS, encode_image
 from pipeline.engine import Engine
 from pipeline.jobs import GenerationJob, GenerationResult
+from pipeline.masking import repaints_nothing
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
 
 from .arrivals import submitted
@@ -185,7 +186,7 @@ class ImageService:
             params,
             options,
             account(job, result.prompt.text_tokens),
-            ignored_warnings + _warnings(result) + withheld,
+            ignored_warnings + _warnings(result) + _mask_warnings(job) + withheld,
             withheld=result.withheld,
         )
 
@@ -310,6 +311,15 @@ async def _recorded(record: Recording, work: Awaitable[Served], headers: Mutable
     if not isinstance(served, EventStream):
         await record.ended(None)
     return served
+
+
+def _mask_warnings(job: GenerationJob) -> list[str]:
+    if job.mask is None or not repaints_nothing(job.mask):
+        return []
+    return [
+        "The mask repaints nothing (no transparent pixels; without alpha, no white ones): the image is returned "
+        "as it was sent."
+    ]
 
 
 def _warnings(result: GenerationResult) -> list[str]:

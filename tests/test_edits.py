@@ -128,6 +128,28 @@ def test_mask_keeps_the_unmasked_pixels(client):
         assert np.abs(out[~keep] - original[~keep]).mean() > 5
 
 
+def test_a_mask_that_repaints_nothing_is_said_to(client):
+    """An opaque mask (or one without alpha and without white) gives back the image as sent: most likely the wrong
+    file, so the answer says so; a mask with something to repaint says nothing."""
+    source = png_bytes(64, 48, seed=5)
+
+    def mask_png(alpha: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(np.dstack([np.zeros((48, 64, 3), np.uint8), alpha]), "RGBA").save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def answer(mask: bytes):
+        return edit(client, image=("src.png", source), mask=("mask.png", mask), prompt="x", seed=1,
+                    response_format="b64_json", **STEPS)  # fmt: skip
+
+    opaque = answer(mask_png(np.full((48, 64), 255, np.uint8)))
+    assert np.array_equal(pixels(decode_b64(opaque.data[0].b64_json)), pixels(Image.open(io.BytesIO(source))))
+    assert any("The mask repaints nothing" in w for w in opaque.model_extra["warnings"])
+    some = np.full((48, 64), 255, np.uint8)
+    some[:8, :8] = 0
+    assert not [w for w in answer(mask_png(some)).model_extra.get("warnings") or [] if "mask" in w]
+
+
 def test_mask_of_another_size_is_a_400(client):
     buffer = io.BytesIO()
     Image.new("RGBA", (10, 10)).save(buffer, format="PNG")
