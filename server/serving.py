@@ -135,9 +135,10 @@ class ImageService:
         if headers is not None:
             note_ignored(headers, [*params.ignored_parameters, *safety.unhonoured])
         options = output_options(params)
+        spec = self.engine.model_specs()[model]
         job = build_job(
             params,
-            self.engine.model_specs()[model],
+            spec,
             self.settings,
             references,
             mask,
@@ -158,7 +159,7 @@ class ImageService:
         submitted()  # a batch about to start need not wait for this request any more
         if params.stream:
             kind = "image_edit" if references else "image_generation"
-            common = answer_fields(job, params, options)
+            common = answer_fields(job, params, options, spec.defaults.steps)
 
             async def finish(result: GenerationResult) -> list[dict]:
                 return await self._completed_events(job, result, options, kind, common, timing, watch, record, stamp)
@@ -187,6 +188,7 @@ class ImageService:
             options,
             account(job, result.prompt.text_tokens),
             ignored_warnings + _warnings(result) + _mask_warnings(job) + withheld,
+            spec.defaults.steps,
             withheld=result.withheld,
         )
 

@@ -148,9 +148,14 @@ def output_options(params: ImageParameters) -> OutputOptions:
     )
 
 
-def quality_tier(params: ImageParameters) -> str:
-    """The quality the response reports (OpenAI's low / medium / high) for the step preset asked for."""
-    return _QUALITY_LABEL.get(params.quality or "auto", "high")
+def quality_tier(params: ImageParameters, steps: int, default_steps: int) -> str:
+    """The quality the response reports (OpenAI's low / medium / high): the step preset asked for, or, where
+    explicit steps overrode it, the tier whose share of the model's default steps they come nearest to from below
+    (the preset is then reported as ignored)."""
+    if params.num_inference_steps is None and params.steps is None:
+        return _QUALITY_LABEL.get(params.quality or "auto", "high")
+    share = steps / max(1, default_steps)
+    return "low" if share <= _QUALITY_STEPS["low"] else "medium" if share <= _QUALITY_STEPS["medium"] else "high"
 
 
 def usage(accounting: Accounting) -> Usage:
@@ -167,13 +172,15 @@ def usage(accounting: Accounting) -> Usage:
     )
 
 
-def answer_fields(job: GenerationJob, params: ImageParameters, options: OutputOptions) -> dict[str, str]:
+def answer_fields(
+    job: GenerationJob, params: ImageParameters, options: OutputOptions, default_steps: int
+) -> dict[str, str]:
     """What every answer says about its images, in a JSON response and in each stream event alike."""
     return {
         "background": "opaque",
         "output_format": options.output_format,
         "size": f"{job.width}x{job.height}",
-        "quality": quality_tier(params),
+        "quality": quality_tier(params, job.steps, default_steps),
     }
 
 
@@ -184,6 +191,7 @@ def images_response(
     options: OutputOptions,
     accounting: Accounting,
     warnings: list[str],
+    default_steps: int,
     withheld: int = 0,
 ) -> ImagesResponse:
     return ImagesResponse(
@@ -192,5 +200,5 @@ def images_response(
         usage=usage(accounting),
         warnings=warnings or None,
         withheld_images=withheld or None,
-        **answer_fields(job, params, options),
+        **answer_fields(job, params, options, default_steps),
     )

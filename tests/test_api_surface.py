@@ -137,7 +137,7 @@ def test_usage_counts_tokens_and_megapixels(client):
     assert extra["output_megapixels"] == 2 * 2  # 1040x1040 is just over 1 MP: rounds up to 2, per image
     assert extra["reference_megapixels"] == 0
     assert extra["billed_megapixels"] == 4
-    assert (result.quality, result.background) == ("high", "opaque")
+    assert (result.quality, result.background) == ("low", "opaque")  # 1 step of the model's default 4
 
 
 def test_edit_inputs_over_4mp_are_scaled_to_4mp(client):

@@ -96,5 +96,9 @@ def test_edit_default_size_is_the_first_reference():
 def test_output_options_and_quality_label():
     options = output_options(ImageGenerationRequest(prompt="p", output_format=" JPG ", output_quality=70))
     assert (options.output_format, options.codec_quality, options.response_format) == ("jpeg", 70, "url")
-    assert quality_tier(ImageGenerationRequest(prompt="p", quality="medium")) == "medium"
-    assert quality_tier(ImageGenerationRequest(prompt="p", quality="max")) == "high"
+    assert quality_tier(ImageGenerationRequest(prompt="p", quality="medium"), 38, 50) == "medium"
+    assert quality_tier(ImageGenerationRequest(prompt="p", quality="max"), 75, 50) == "high"
+    # Explicit steps override the preset (reported as ignored): the tier is the one the steps come to.
+    assert quality_tier(ImageGenerationRequest(prompt="p", quality="low", steps=50), 50, 50) == "high"
+    assert quality_tier(ImageGenerationRequest(prompt="p", num_inference_steps=25), 25, 50) == "low"
+    assert quality_tier(ImageGenerationRequest(prompt="p", quality="max", steps=30), 30, 50) == "medium"
