@@ -134,8 +134,8 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     if error.code == "invalid_json" and content_type != "application/json":
         # `curl -d '{...}'` sends form-urlencoded: the JSON is fine, its label is not
         said = f"'{content_type}'" if content_type else "no Content-Type"
-        error = APIError(400, f"Send the body as JSON with Content-Type: application/json (got {said}).",
-                         code="invalid_json")  # fmt: skip
+        message = f"Send the body as JSON with Content-Type: application/json (got {said})."
+        error = APIError(400, message, code="invalid_json")
     return error_response(error)
 
 
