@@ -150,8 +150,8 @@ def output_options(params: ImageParameters) -> OutputOptions:
 
 def quality_tier(params: ImageParameters, steps: int, default_steps: int) -> str:
     """The quality the response reports (OpenAI's low / medium / high): the step preset asked for, or, where
-    explicit steps overrode it, the tier whose share of the model's default steps they come nearest to from below
-    (the preset is then reported as ignored)."""
+    explicit steps overrode it (the preset is then reported as ignored), the lowest tier they do not exceed: low
+    up to half the model's default steps, medium up to three quarters, else high."""
     if params.num_inference_steps is None and params.steps is None:
         return _QUALITY_LABEL.get(params.quality or "auto", "high")
     share = steps / max(1, default_steps)
