@@ -15,7 +15,7 @@ Sizes are the real configs scaled down, keeping what the pipelines rely on:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -60,22 +60,41 @@ def build_tiny_pipeline(variant: Variant = "klein") -> Flux2KleinPipeline | Flux
         return _build_klein() if variant == "klein" else _build_dev()
 
 
+# The tiny transformer's keywords (both families; dev adds guidance embeddings), and klein's tiny Qwen3 text
+# encoder's (27 layers: klein reads hidden states 9, 18 and 27), for builds that take configs (the test of the
+# full-size build path, pipeline/architectures.py).
+TINY_TRANSFORMER: dict[str, Any] = dict(
+    patch_size=1,
+    in_channels=128,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=_JOINT_ATTENTION_DIM,
+    timestep_guidance_channels=32,
+    axes_dims_rope=(4, 4, 4, 4),
+)
+
+
+def tiny_klein_encoder(vocab_size: int) -> dict[str, Any]:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=_ENCODER_HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=27,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
+
+
 def _transformer(guidance_embeds: bool) -> Flux2Transformer2DModel:
     from diffusers.models.transformers.transformer_flux2 import Flux2Transformer2DModel
 
     # (diffusers' @register_to_config leaves its models' constructors untyped: the annotation types the result.)
-    transformer: Flux2Transformer2DModel = Flux2Transformer2DModel(
-        patch_size=1,
-        in_channels=128,
-        num_layers=1,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=_JOINT_ATTENTION_DIM,
-        timestep_guidance_channels=32,
-        axes_dims_rope=(4, 4, 4, 4),
-        guidance_embeds=guidance_embeds,
-    )
+    transformer: Flux2Transformer2DModel = Flux2Transformer2DModel(**TINY_TRANSFORMER, guidance_embeds=guidance_embeds)
     return transformer
 
 
@@ -143,19 +162,7 @@ def _build_klein() -> Flux2KleinPipeline:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = klein_tokenizer()
-    text_encoder = Qwen3ForCausalLM(
-        Qwen3Config(
-            vocab_size=len(tokenizer),
-            hidden_size=_ENCODER_HIDDEN,
-            intermediate_size=32,
-            num_hidden_layers=27,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-        )
-    )
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(**tiny_klein_encoder(len(tokenizer))))
     # The ignored arg-types, here and in _build_dev: diffusers annotates `scheduler` with a name from its lazy
     # namespace, which type checkers resolve to a dummy placeholder class, and dev's `tokenizer` as AutoProcessor.
     return Flux2KleinPipeline(

@@ -720,32 +720,13 @@ def test_a_quantized_build_keeps_what_it_built_first_on_the_host_while_the_text_
     from pipeline import architectures
     from pipeline.architectures import Architecture, build_pipeline
     from pipeline.quantization import Quantization, parse_quantization
-    from pipeline.tiny_weights import klein_tokenizer
+    from pipeline.tiny_weights import TINY_TRANSFORMER, klein_tokenizer, tiny_klein_encoder
 
     arch = Architecture(
         "scaled-down-klein",
         "klein",
-        dict(
-            num_layers=1,
-            num_single_layers=1,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            joint_attention_dim=48,
-            timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4),
-            guidance_embeds=False,
-        ),
-        dict(
-            vocab_size=len(klein_tokenizer()),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=27,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            head_dim=8,
-            max_position_embeddings=1024,
-            tie_word_embeddings=True,
-        ),
+        {**TINY_TRANSFORMER, "guidance_embeds": False},
+        tiny_klein_encoder(len(klein_tokenizer())),
     )
     assert not arch.tiny  # the full-size path
     events: list[str] = []

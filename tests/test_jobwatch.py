@@ -38,57 +38,37 @@ async def _settle() -> None:
         await asyncio.sleep(0.01)
 
 
-def test_a_disconnected_clients_job_is_cancelled_and_its_result_retrieved(caplog):
-    """Awaiting the result, the request's task is cancelled (the client went away): the job is cancelled, the
-    engine then ends it with JobCancelled, and collecting the watch logs nothing."""
+async def _awaiting_the_result(watch: JobWatch) -> None:
+    await watch.result()
+
+
+async def _reading_the_events(watch: JobWatch) -> None:
+    async for _ in watch.events(tick=30):
+        pass
+
+
+@pytest.mark.parametrize("waiting", [_awaiting_the_result, _reading_the_events], ids=["result", "stream"])
+def test_a_client_that_goes_away_leaves_nothing_for_asyncio_to_complain_about(caplog, waiting):
+    """The request's task is cancelled (the client went away) while it awaits the result, or while a stream waits
+    for its next event: the job is cancelled, the engine ends it with JobCancelled, and collecting the watch logs
+    nothing: the result's end was retrieved, and the stream's event reader went with its wait."""
     engine = _Engine()
 
     async def main() -> None:
-        watch = JobWatch(engine, job(), timeout=60)  # type: ignore[arg-type]
-        waiting = asyncio.ensure_future(watch.result())
+        watch = JobWatch(engine, job(), timeout=60, events=waiting is _reading_the_events)  # type: ignore[arg-type]
+        task = asyncio.ensure_future(waiting(watch))
         await asyncio.sleep(0.01)
-        waiting.cancel()
+        task.cancel()
         with pytest.raises(asyncio.CancelledError):
-            await waiting
+            await task
+        watch.cancel("the client disconnected")  # as EventStream's end does; a no-op after result()'s own
         handle = engine.handles[0]
         assert handle.cancel_reason == "the client disconnected"
         handle.future.set_exception(JobCancelled(handle.cancel_reason))  # as the engine ends a cancelled job
         await _settle()
         engine.handles.clear()  # the engine is done with the job
-        del watch, waiting, handle
-        gc.collect()
-        await _settle()
-
-    with caplog.at_level(logging.ERROR, logger="asyncio"):
-        asyncio.run(main())
-        gc.collect()
-    assert _asyncio_errors(caplog) == []
-
-
-def test_a_stream_whose_client_goes_away_leaves_no_pending_event_reader(caplog):
-    """Reading a stream's events, the task is cancelled while it waits for the next one: the reader it started is
-    cancelled with it, and collecting the watch logs nothing."""
-    engine = _Engine()
-
-    async def main() -> None:
-        watch = JobWatch(engine, job(), timeout=60, events=True)  # type: ignore[arg-type]
-
-        async def read(watch: JobWatch) -> None:
-            async for _ in watch.events(tick=30):
-                pass
-
-        reading = asyncio.ensure_future(read(watch))
-        await asyncio.sleep(0.01)
-        reading.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reading
-        watch.cancel("the client disconnected")
-        handle = engine.handles[0]
-        handle.future.set_exception(JobCancelled("the client disconnected"))
-        await _settle()
-        engine.handles.clear()
-        del watch, reading, read, handle
-        gc.collect()
+        del watch, task, handle
+        gc.collect()  # while the loop runs: asyncio.run would cancel a pending reader itself at its end
         await _settle()
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
