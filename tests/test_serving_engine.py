@@ -234,7 +234,7 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_0(tiny_klein, tmp_path
     running.process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     # Still listening while it drains: a new request and /health get a 503 (a load balancer's cue), not a refused
-    # connection, on a new connection as on a kept-alive one.
+    # connection.
     refused = httpx.post(f"{base}/v1/images/generations", json={"prompt": "late"}, timeout=10)
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
     assert refused.headers["retry-after"]
@@ -281,4 +281,4 @@ def test_sigterm_past_the_shutdown_timeout_answers_each_request_in_flight_and_ex
     running.stop()
     log = running.log()
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
-    assert "Cancel" not in log or "timeout graceful shutdown exceeded" not in log, log[-3000:]
+    assert "timeout graceful shutdown exceeded" not in log, log[-3000:]  # uvicorn had no task left to cancel

@@ -79,7 +79,7 @@ def test_seeds_are_consecutive_and_drawn_when_absent():
 
 def test_a_seed_whose_last_image_would_pass_the_largest_seed_is_refused():
     """Image i's seed is seed + i, and every reported seed must be one the API takes back (<= 2**63 - 1): the
-    response once reported 2**63 for n=2, which a replay of that image was refused."""
+    response once reported 2**63 for n=2, and a replay with that seed was refused."""
     with pytest.raises(APIError) as caught:
         job(seed=2**63 - 1, n=2)
     assert caught.value.status == 400 and caught.value.param == "seed"
