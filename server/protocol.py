@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, field_validator
 
 from pipeline.adapters import MAX_PER_REQUEST, MAX_SCALE, MIN_SCALE
 from pipeline.codecs import normalize_output_format
+
+# The spellings of one setting, the winning one first (ImageParameters.first_given).
+STEPS = ("num_inference_steps", "steps")
+GUIDANCE = ("guidance_scale", "cfg_scale")
+CODEC_QUALITY = ("output_compression", "output_quality")
 
 MAX_IMAGES_PER_REQUEST = 10
 MAX_REFERENCE_IMAGES = 10
@@ -181,6 +186,15 @@ class ImageParameters(BaseModel):
         """Fields this server does not know: accepted and ignored, as the product passes them through."""
         return sorted(self.model_extra or {})
 
+    def first_given(self, spellings: tuple[str, ...]) -> tuple[str, Any] | None:
+        """Of one setting's spellings (STEPS, GUIDANCE, CODEC_QUALITY: the one that wins first), the first the request
+        set, as (its name, its value); None when it set none."""
+        for name in spellings:
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
+
     @property
     def unhonoured_parameters(self) -> dict[str, str]:
         """Known fields that were set but that this server does not act on: {name: why, in words}."""
@@ -195,24 +209,20 @@ class ImageParameters(BaseModel):
             reasons["user"] = "user is not used by this server."
         if self.style is not None:
             reasons["style"] = "style is not used by FLUX.2: describe the style in the prompt."
-        for used, alias in (
-            ("num_inference_steps", "steps"),
-            ("guidance_scale", "cfg_scale"),
-            ("output_compression", "output_quality"),
-        ):
+        for used, alias in (STEPS, GUIDANCE, CODEC_QUALITY):
             if getattr(self, alias) is not None and getattr(self, used) not in (None, getattr(self, alias)):
                 reasons[alias] = f"{alias} was ignored: {used} was given too, and it wins."
-        steps = "num_inference_steps" if self.num_inference_steps is not None else "steps"
-        if self.quality not in (None, "auto", "high", "standard") and getattr(self, steps) is not None:
-            reasons["quality"] = f"quality {self.quality!r} was ignored: {steps} sets the steps."
+        steps = self.first_given(STEPS)
+        if self.quality not in (None, "auto", "high", "standard") and steps is not None:
+            reasons["quality"] = f"quality {self.quality!r} was ignored: {steps[0]} sets the steps."
         if isinstance(self.size, str) and "x" in self.size.lower():  # "WxH" is exact: the other size fields lose
             for name in ("aspect_ratio", "resolution", "width", "height"):
                 if getattr(self, name, None) is not None:
                     reasons[name] = f"{name} was ignored: size {self.size.strip()!r} sets the size."
-        quality = "output_compression" if self.output_compression is not None else "output_quality"
+        codec_quality = self.first_given(CODEC_QUALITY)
         lossless = _format_of(self.output_format)
-        if getattr(self, quality) is not None and lossless in ("png", "gif"):
-            reasons[quality] = f"{quality} applies to jpeg, webp and avif only, not to {lossless}."
+        if codec_quality is not None and lossless in ("png", "gif"):
+            reasons[codec_quality[0]] = f"{codec_quality[0]} applies to jpeg, webp and avif only, not to {lossless}."
         return reasons  # the safety fields depend on the server's checker: server/safety_policy.py
 
     @property

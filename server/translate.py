@@ -17,7 +17,17 @@ from pipeline.sizes import SizeError, model_size, resolve_output_size
 from pipeline.weights import ModelSpec
 
 from .errors import invalid_param
-from .protocol import MAX_SEED, ImageData, ImageParameters, ImagesResponse, InputTokensDetails, Usage
+from .protocol import (
+    CODEC_QUALITY,
+    GUIDANCE,
+    MAX_SEED,
+    STEPS,
+    ImageData,
+    ImageParameters,
+    ImagesResponse,
+    InputTokensDetails,
+    Usage,
+)
 from .settings import Settings
 
 # `quality` (the API's step preset) as shares of the model's default step count, and the tier each reports as.
@@ -117,21 +127,19 @@ def _output_size(params: ImageParameters, references: tuple[Image.Image, ...], m
 
 def _steps(params: ImageParameters, spec: ModelSpec, settings: Settings) -> int:
     """num_inference_steps (or its alias steps) wins; else the quality preset scales the model's default."""
-    asked = params.num_inference_steps or params.steps
-    param = "num_inference_steps" if params.num_inference_steps else "steps"
-    if asked is None:
+    given = params.first_given(STEPS)
+    if given is None:
         share = _QUALITY_STEPS[params.quality or "auto"]
         return max(1, min(settings.max_steps, round(spec.defaults.steps * share)))
+    param, asked = given
     if asked > settings.max_steps:
         raise invalid_param(f"{param} must be at most {settings.max_steps} on this server, got {asked}.", param)
     return asked
 
 
 def _guidance(params: ImageParameters, spec: ModelSpec) -> float:
-    for value in (params.guidance_scale, params.cfg_scale):
-        if value is not None:
-            return value
-    return spec.defaults.guidance_scale
+    given = params.first_given(GUIDANCE)
+    return spec.defaults.guidance_scale if given is None else given[1]
 
 
 def output_options(params: ImageParameters) -> OutputOptions:
@@ -139,11 +147,11 @@ def output_options(params: ImageParameters) -> OutputOptions:
         output_format = normalize_output_format(params.output_format or "png")
     except ValueError as exc:
         raise invalid_param(str(exc), "output_format") from exc
-    quality = params.output_compression if params.output_compression is not None else params.output_quality
+    quality = params.first_given(CODEC_QUALITY)
     return OutputOptions(
         response_format=params.response_format or "url",
         output_format=output_format,
-        codec_quality=quality,
+        codec_quality=None if quality is None else quality[1],
         sync_mode=bool(params.sync_mode),
     )
 
@@ -152,7 +160,7 @@ def quality_tier(params: ImageParameters, steps: int, default_steps: int) -> str
     """The quality the response reports (OpenAI's low / medium / high): the step preset asked for, or, where
     explicit steps overrode it (the preset is then reported as ignored), the lowest tier they do not exceed: low
     up to half the model's default steps, medium up to three quarters, else high."""
-    if params.num_inference_steps is None and params.steps is None:
+    if params.first_given(STEPS) is None:
         return _QUALITY_LABEL.get(params.quality or "auto", "high")
     share = steps / max(1, default_steps)
     return "low" if share <= _QUALITY_STEPS["low"] else "medium" if share <= _QUALITY_STEPS["medium"] else "high"
