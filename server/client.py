@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
+from pipeline.codecs import FILE_EXTENSIONS, normalize_output_format
+
 
 class ClientError(Exception):
     """What went wrong, in words for the terminal."""
@@ -105,20 +107,22 @@ def check_output(output: Path | None) -> None:
         raise ClientError(f"cannot write {output or 'here'}: the folder {folder} is not writable")
 
 
-# A file name's extension -> the output format it means.
-EXTENSION_FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp", ".gif": "gif", ".avif": "avif"}
-
-
 def output_format_for(output: Path | None, asked: str | None) -> str | None:
     """The format to ask for: `--format` if given, else the one the output file's extension names (out.jpg: jpeg);
-    a ClientError when the two disagree (JPEG bytes in a .png file)."""
-    named = EXTENSION_FORMATS.get(output.suffix.lower()) if output is not None else None
+    a ClientError when the two disagree (JPEG bytes in a .png file). An unknown format is the server's to refuse."""
+    named = _format_named(output.suffix.lstrip(".")) if output is not None else None
     if asked is None or named is None:
         return asked or named
-    canonical = {"jpg": "jpeg"}.get(asked.strip().lower(), asked.strip().lower())
-    if canonical != named:
+    if _format_named(asked) not in (None, named):
         raise ClientError(f"--format {asked} does not match the output file {output.name} ({named}): change one")
     return asked
+
+
+def _format_named(name: str) -> str | None:
+    try:
+        return normalize_output_format(name)
+    except ValueError:
+        return None
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:
@@ -165,7 +169,8 @@ def _events(lines: Iterator[str]) -> Iterator[tuple[str, object]]:
 
 
 def _save(data: dict, output: Path | None, index: int, count: int) -> SavedImage:
-    extension = {"jpeg": "jpg"}.get(data.get("output_format", "png"), data.get("output_format", "png"))
+    output_format = data.get("output_format", "png")
+    extension = FILE_EXTENSIONS.get(output_format, output_format)
     seed = data.get("seed")
     if output is None:
         path = Path(f"flux2-{seed if seed is not None else index + 1}.{extension}")
