@@ -132,9 +132,9 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
     error = validation_error(exc.errors())
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if error.code == "invalid_json" and content_type != "application/json":
-        # `curl -d '{...}'` sends form-urlencoded: the JSON is fine, its label is not
-        said = f"'{content_type}'" if content_type else "no Content-Type"
-        message = f"Send the body as JSON with Content-Type: application/json (got {said})."
+        # `curl -d '{...}'` sends form-urlencoded: the JSON is fine, its label is not (a POST without one is JSON:
+        # json_default.py)
+        message = f"Send the body as JSON with Content-Type: application/json (got '{content_type}')."
         error = APIError(400, message, code="invalid_json")
     return error_response(error)
 

@@ -45,7 +45,9 @@ async def read_edit_request(request: Request, max_image_bytes: int, fetcher: Rem
         params = await _read_json(request)
         listed = params.images or []
         images = [
-            await _image_bytes(item, _json_image_param(index, item), max_image_bytes, fetcher, _which(index, listed))
+            await _image_bytes(
+                item, _json_image_param(index, item), max_image_bytes, fetcher, _which(index, len(listed))
+            )
             for index, item in enumerate(listed)
         ]
         mask = await _image_bytes(params.mask, "mask", max_image_bytes, fetcher) if params.mask is not None else None
@@ -95,8 +97,8 @@ def _decode(inputs: EditInputs, max_input_pixels: int) -> tuple[tuple[Image.Imag
     references = []
     for index, image in enumerate(decoded):
         if isinstance(image, ImageDecodeError):
-            which = f"Image {index + 1} of {count}" if count > 1 else "The image"
-            raise invalid_param(f"{which}: {image}", inputs.image_param, code="invalid_image") from image
+            which = _which(index, count) or "The image: "
+            raise invalid_param(f"{which}{image}", inputs.image_param, code="invalid_image") from image
         references.append(image)
     if inputs.mask is None:
         return tuple(references), None
@@ -183,8 +185,9 @@ def _json_image_param(index: int, item: object) -> str:
     return f"images[{index}]" if isinstance(item, str) else f"images[{index}].image_url"
 
 
-def _which(index: int, listed: list) -> str:
-    return f"Image {index + 1} of {len(listed)}: " if len(listed) > 1 else ""
+def _which(index: int, count: int) -> str:
+    """How an error names image `index` among `count`: "Image 2 of 3: ", or nothing when it is the only one."""
+    return f"Image {index + 1} of {count}: " if count > 1 else ""
 
 
 async def _image_bytes(
