@@ -32,12 +32,17 @@ def test_compile_is_on_by_default_on_cuda_with_everything_resident_only():
         ({"quantize": "transformer=int8", "cuda_capability": (9, 0)}, "quantized weights"),
         ({"transformer_file": Path("t.gguf")}, "a GGUF transformer"),
         ({"cache": "taylorseer"}, "the step cache"),
-        ({"quantize": "transformer=fp8,text_encoder=fp8", "cuda_capability": (9, 0)}, "(text_encoder=fp8)"),
+        ({"quantize": "transformer=fp8,text_encoder=int8", "cuda_capability": (9, 0)}, "(text_encoder=int8)"),
     ):
         held = placed(**kwargs)
         assert not held.compile and why in _line(held, "compile:"), kwargs
-    # Measured compiled on a GPU (run 10, H200): fp8 transformer weights, and adapters switched by scale.
-    for kwargs in ({"quantize": "transformer=fp8", "cuda_capability": (9, 0)}, {"switchable_adapters": True}):
+    # Measured compiled on a GPU: fp8 transformer weights and adapters switched by scale (run 10, H200), an fp8 text
+    # encoder beside them (run 11, H100).
+    for kwargs in (
+        {"quantize": "transformer=fp8", "cuda_capability": (9, 0)},
+        {"quantize": "transformer=fp8,text_encoder=fp8", "cuda_capability": (9, 0)},
+        {"switchable_adapters": True},
+    ):
         compiled = placed(**kwargs)
         assert compiled.compile and "auto: CUDA, everything resident" in _line(compiled, "compile:"), kwargs
         assert not compiled.transformer_graphs and compiled.encoder_graphs, kwargs
