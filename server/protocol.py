@@ -209,6 +209,8 @@ class ImageParameters(BaseModel):
             reasons["user"] = "user is not used by this server."
         if self.style is not None:
             reasons["style"] = "style is not used by FLUX.2: describe the style in the prompt."
+        if self.partial_images and not self.stream:
+            reasons["partial_images"] = "partial_images applies to streamed responses only (stream: true)."
         for used, alias in (STEPS, GUIDANCE, CODEC_QUALITY):
             if getattr(self, alias) is not None and getattr(self, used) not in (None, getattr(self, alias)):
                 reasons[alias] = f"{alias} was ignored: {used} was given too, and it wins."

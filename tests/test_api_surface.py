@@ -210,6 +210,7 @@ def test_unknown_parameters_are_ignored_and_reported(server):
         ({"quality": "low"}, "quality", "num_inference_steps sets the steps"),
         ({"aspect_ratio": "16:9"}, "aspect_ratio", "size '32x32' sets the size"),
         ({"resolution": "abc"}, "resolution", "size '32x32' sets the size"),
+        ({"partial_images": 2}, "partial_images", "streamed responses only"),
     ],
 )
 def test_a_parameter_that_loses_to_another_or_does_not_apply_is_reported(client, params, ignored, words):

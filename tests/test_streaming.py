@@ -105,6 +105,7 @@ def test_raw_sse_framing_progress_comments_and_multipart_stream(server):
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
+        assert "x-flux2-ignored-params" not in response.headers  # partial_images is used: the request streams
         text = "".join(response.iter_text())
     assert ": progress 1/6" in text and ": progress 6/6" in text
     blocks = [b for b in text.split("\n\n") if b.startswith("event:")]
