@@ -14,6 +14,7 @@ import numpy as np
 import typer
 from PIL import Image
 
+from pipeline.codecs import FILE_EXTENSIONS, normalize_output_format
 from pipeline.file_metadata import MissingMetadata, read_metadata
 
 from .client import ClientError, run_request
@@ -113,12 +114,36 @@ def reproduce(
         endpoint, fields = reproduction(
             record, [p.read_bytes() for p in inputs], mask.read_bytes() if mask is not None else None
         )
-        target = output or Path(f"{file.stem}-reproduced{file.suffix}")
+        target = _target(file, output, record.get("output_format") or "png")
         (saved,) = run_request(server, api_key, endpoint, fields, inputs, mask, target)
     except (MissingMetadata, CannotReproduce, ClientError) as exc:
         typer.echo(f"error: {file}: {exc}", err=True)
         raise typer.Exit(code=1) from exc
     typer.echo(f"{saved.path}  ({saved.size}, seed {saved.seed}): {_compare(original, saved.path.read_bytes())}")
+
+
+def _target(file: Path, output: Path | None, output_format: str) -> Path:
+    """Where the image goes: `output`, unless its extension names another format than the original's (a ClientError
+    before the request), else FILE's name + '-reproduced' with FILE's extension, or the format's own where FILE's
+    names another format or none."""
+    extension = FILE_EXTENSIONS.get(output_format, output_format)
+    if output is not None:
+        named = _format_named_by(output)
+        if named not in (None, output_format):
+            raise ClientError(
+                f"the image is made again as {output_format}, as the original was, not as {named} ({output.name}): "
+                f"give -o a .{extension} name"
+            )
+        return output
+    suffix = file.suffix if _format_named_by(file) == output_format else f".{extension}"
+    return Path(f"{file.stem}-reproduced{suffix}")
+
+
+def _format_named_by(path: Path) -> str | None:
+    try:
+        return normalize_output_format(path.suffix.lstrip("."))
+    except ValueError:
+        return None
 
 
 def _compare(original: bytes, again: bytes) -> str:

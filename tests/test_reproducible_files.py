@@ -160,9 +160,15 @@ def test_reproduce_the_second_image_of_two_gives_its_pixels(client, server, tmp_
     )
     second = b64_files(response)[1]
     (tmp_path / "boats.webp").write_bytes(second)
-    run = reproduce_here(
-        "boats.webp", "-o", "again.webp", "--server", server.base_url, cwd=tmp_path, monkeypatch=monkeypatch
-    )
+    (tmp_path / "renamed.png").write_bytes(second)
+    here = {"cwd": tmp_path, "monkeypatch": monkeypatch}
+    wrong = reproduce_here("boats.webp", "-o", "again.jpg", "--server", server.base_url, **here)
+    assert wrong.exit_code == 1 and "as webp, as the original was, not as jpeg" in wrong.stderr
+    assert not (tmp_path / "again.jpg").exists()  # refused before any request: WebP bytes never land in a .jpg
+    renamed = reproduce_here("renamed.png", "--server", server.base_url, **here)
+    assert renamed.exit_code == 0, renamed.output
+    assert decode_bytes((tmp_path / "renamed-reproduced.webp").read_bytes()).format == "WEBP"
+    run = reproduce_here("boats.webp", "-o", "again.webp", "--server", server.base_url, **here)
     assert run.exit_code == 0, run.output
     assert "seed 11" in run.stdout and "the same pixels as the original" in run.stdout
     again = (tmp_path / "again.webp").read_bytes()
