@@ -110,15 +110,16 @@ def check_output(output: Path | None) -> None:
 def output_format_for(output: Path | None, asked: str | None) -> str | None:
     """The format to ask for: `--format` if given, else the one the output file's extension names (out.jpg: jpeg);
     a ClientError when the two disagree (JPEG bytes in a .png file). An unknown format is the server's to refuse."""
-    named = _format_named(output.suffix.lstrip(".")) if output is not None else None
+    named = format_named(output.suffix.lstrip(".")) if output is not None else None
     if asked is None or named is None:
         return asked or named
-    if _format_named(asked) not in (None, named):
+    if format_named(asked) not in (None, named):
         raise ClientError(f"--format {asked} does not match the output file {output.name} ({named}): change one")
     return asked
 
 
-def _format_named(name: str) -> str | None:
+def format_named(name: str) -> str | None:
+    """The output format a name or file extension names ("jpg": "jpeg"), None if it names none."""
     try:
         return normalize_output_format(name)
     except ValueError:

@@ -14,10 +14,10 @@ import numpy as np
 import typer
 from PIL import Image
 
-from pipeline.codecs import FILE_EXTENSIONS, normalize_output_format
+from pipeline.codecs import FILE_EXTENSIONS
 from pipeline.file_metadata import MissingMetadata, read_metadata
 
-from .client import ClientError, run_request
+from .client import ClientError, format_named, run_request
 from .client_commands import _API_KEY, _SERVER
 from .provenance import sha256_hex
 
@@ -128,22 +128,15 @@ def _target(file: Path, output: Path | None, output_format: str) -> Path:
     names another format or none."""
     extension = FILE_EXTENSIONS.get(output_format, output_format)
     if output is not None:
-        named = _format_named_by(output)
+        named = format_named(output.suffix.lstrip("."))
         if named not in (None, output_format):
             raise ClientError(
                 f"the image is made again as {output_format}, as the original was, not as {named} ({output.name}): "
                 f"give -o a .{extension} name"
             )
         return output
-    suffix = file.suffix if _format_named_by(file) == output_format else f".{extension}"
+    suffix = file.suffix if format_named(file.suffix.lstrip(".")) == output_format else f".{extension}"
     return Path(f"{file.stem}-reproduced{suffix}")
-
-
-def _format_named_by(path: Path) -> str | None:
-    try:
-        return normalize_output_format(path.suffix.lstrip("."))
-    except ValueError:
-        return None
 
 
 def _compare(original: bytes, again: bytes) -> str:
