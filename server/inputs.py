@@ -35,22 +35,30 @@ class EditInputs:
     images: list[bytes]  # 1 to 10 encoded images, each within the byte cap
     mask: bytes | None
     image_param: str  # how the client named the images ("image" in forms, "images" in JSON), for errors
+    json_params: tuple[str, ...] = ()  # a JSON edit's images as errors name each (`images[1].image_url`), and mask
+    mask_param: str = "mask"
+
+    def param_of(self, index: int) -> str:
+        """How an error names image `index`: as its JSON path, or as the form field all of them came in."""
+        return self.json_params[index] if self.json_params else self.image_param
 
 
 async def read_edit_request(request: Request, max_image_bytes: int, fetcher: RemoteImageFetcher | None) -> EditInputs:
     if request.headers.get("content-type", "").lower().startswith(_FORM_TYPES):
         params, images, mask = await _read_form(request, max_image_bytes)
-        image_param = "image"
+        image_param, json_params, mask_param = "image", (), "mask"
     else:
         params = await _read_json(request)
         listed = params.images or []
+        json_params = tuple(_json_param("images", item, index) for index, item in enumerate(listed))
         images = [
-            await _image_bytes(
-                item, _json_image_param(index, item), max_image_bytes, fetcher, _which(index, len(listed))
-            )
-            for index, item in enumerate(listed)
+            await _image_bytes(item, param, max_image_bytes, fetcher, _which(index, len(listed)))
+            for index, (item, param) in enumerate(zip(listed, json_params, strict=True))
         ]
-        mask = await _image_bytes(params.mask, "mask", max_image_bytes, fetcher) if params.mask is not None else None
+        mask_param = _json_param("mask", params.mask)
+        mask = (
+            await _image_bytes(params.mask, mask_param, max_image_bytes, fetcher) if params.mask is not None else None
+        )
         image_param = "images"
     if not images:
         how = "" if image_param == "image" else ', in JSON as "images": [{"image_url": "data:image/png;base64,..."}]'
@@ -66,7 +74,7 @@ async def read_edit_request(request: Request, max_image_bytes: int, fetcher: Rem
             image_param,
             code="too_many_images",
         )
-    return EditInputs(params, images, mask, image_param)
+    return EditInputs(params, images, mask, image_param, json_params, mask_param)
 
 
 async def decode_edit_images(
@@ -98,7 +106,7 @@ def _decode(inputs: EditInputs, max_input_pixels: int) -> tuple[tuple[Image.Imag
     for index, image in enumerate(decoded):
         if isinstance(image, ImageDecodeError):
             which = _which(index, count) or "The image: "
-            raise invalid_param(f"{which}{image}", inputs.image_param, code="invalid_image") from image
+            raise invalid_param(f"{which}{image}", inputs.param_of(index), code="invalid_image") from image
         references.append(image)
     if inputs.mask is None:
         return tuple(references), None
@@ -106,7 +114,7 @@ def _decode(inputs: EditInputs, max_input_pixels: int) -> tuple[tuple[Image.Imag
     try:
         mask = decode_mask(inputs.mask, first.info.get("source_size", first.size), max_input_pixels=max_input_pixels)
     except ImageDecodeError as exc:
-        raise invalid_param(f"The mask: {exc}", "mask", code="invalid_mask") from exc
+        raise invalid_param(f"The mask: {exc}", inputs.mask_param, code="invalid_mask") from exc
     return tuple(references), mask
 
 
@@ -180,9 +188,11 @@ async def _read_json(request: Request) -> ImageEditRequest:
         raise validation_error(exc.errors()) from exc
 
 
-def _json_image_param(index: int, item: object) -> str:
-    """A JSON edit's image as OpenAI names it in errors: `images[1].image_url` (or `images[1]`, a bare string)."""
-    return f"images[{index}]" if isinstance(item, str) else f"images[{index}].image_url"
+def _json_param(field: str, item: object, index: int | None = None) -> str:
+    """A JSON edit's image or mask as OpenAI names it in errors: `images[1].image_url`, `mask.image_url` (`images[1]`,
+    `mask` for a bare string)."""
+    path = field if index is None else f"{field}[{index}]"
+    return path if isinstance(item, str) else f"{path}.image_url"
 
 
 def _which(index: int, count: int) -> str:
