@@ -18,6 +18,7 @@ from pipeline.engine import Engine
 from pipeline.jobs import GenerationJob, GenerationResult
 from pipeline.masking import repaints_nothing
 from pipeline.prompts import MAX_SEQUENCE_LENGTH
+from pipeline.weights import ModelSpec
 
 from .arrivals import submitted
 from .errors import APIError, engine_error
@@ -26,7 +27,7 @@ from .ignored import note_ignored
 from .inputs import EditInputs, decode_edit_images
 from .jobwatch import JobWatch
 from .media import data_uri
-from .protocol import ImageData, ImageParameters, ImagesResponse
+from .protocol import GUIDANCE, ImageData, ImageParameters, ImagesResponse
 from .provenance import GENERATION, Provenance, Sources, provenance
 from .request_ids import current_request_id
 from .safety_policy import WITHHELD_HEADER, check_withheld, decide_safety
@@ -131,11 +132,12 @@ class ImageService:
         """Submit the job (a full queue or an unready model is a plain JSON error, streams included), then the JSON
         answer, or the event stream."""
         safety = decide_safety(params, self.engine.health().safety_checker, self.settings)
-        ignored_warnings = list(safety.unhonoured.values()) + params.ignored_warnings
-        if headers is not None:
-            note_ignored(headers, [*params.ignored_parameters, *safety.unhonoured])
-        options = output_options(params)
         spec = self.engine.model_specs()[model]
+        unused = unused_by_model(params, spec)
+        ignored_warnings = [*safety.unhonoured.values(), *unused.values(), *params.ignored_warnings]
+        if headers is not None:
+            note_ignored(headers, [*params.ignored_parameters, *safety.unhonoured, *unused])
+        options = output_options(params)
         job = build_job(
             params,
             spec,
@@ -313,6 +315,15 @@ async def _recorded(record: Recording, work: Awaitable[Served], headers: Mutable
     if not isinstance(served, EventStream):
         await record.ended(None)
     return served
+
+
+def unused_by_model(params: ImageParameters, spec: ModelSpec) -> dict[str, str]:
+    """The settings the served model has no use for, {name: why}: a distilled klein runs without guidance (diffusers
+    drops it with a log line only)."""
+    guidance = params.first_given(GUIDANCE)
+    if guidance is None or spec.family != "klein" or not spec.is_distilled:
+        return {}
+    return {guidance[0]: f"{guidance[0]} is not used: this distilled klein model runs without guidance."}
 
 
 def _mask_warnings(job: GenerationJob) -> list[str]:

@@ -66,3 +66,22 @@ def test_dev_generates_and_edits_with_references_and_a_mask(dev_client):
     keep[16:48, 16:48] = False
     assert np.array_equal(out[keep], original[keep])
     assert np.abs(out[~keep] - original[~keep]).mean() > 5
+
+
+def test_dev_uses_the_guidance_and_does_not_call_it_ignored(dev_client):
+    """dev's embedded guidance changes the image (a distilled klein reports it unused: tests/test_api_surface.py)."""
+
+    def made(guidance):
+        return dev_client.images.with_raw_response.generate(
+            prompt="a fox",
+            size="32x32",
+            response_format="b64_json",
+            extra_body={"seed": 2, "guidance_scale": guidance, **STEPS},
+        )
+
+    low, high = made(1.0), made(8.0)
+    assert "x-flux2-ignored-params" not in low.headers and "x-flux2-ignored-params" not in high.headers
+    assert low.parse().model_extra.get("warnings") is None
+    assert not np.array_equal(
+        pixels(decode_b64(low.parse().data[0].b64_json)), pixels(decode_b64(high.parse().data[0].b64_json))
+    )
