@@ -91,6 +91,11 @@ def field_default(cls: type, name: str) -> Any:
     return found.default
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Counts where 0 would serve nothing or half-work (--max-steps 0 refused explicit steps but ran the defaults).
+AT_LEAST_ONE = frozenset({"max_steps", "max_batch_images"})
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "model",
@@ -188,7 +193,7 @@ OPTIONS: tuple[Option, ...] = (
         feeds=ModelChoice,
         help="Quantized weights, COMPONENT=SCHEME pairs separated by commas, COMPONENT transformer or "
         "text_encoder, SCHEME int8 (torchao int8 weight-only), fp8-weight (float8 weight-only), fp8 (float8 "
-        "matmuls: CUDA 8.9+) or nf4 (bitsandbytes, CUDA). Needs pip install -e '.[quant]'. Impossible "
+        "matmuls: CUDA 8.9+) or nf4 (bitsandbytes, CUDA). Needs pip install -e '.\\[quant]'. Impossible "
         "combinations are refused at start.",
     ),
     Option(
@@ -198,7 +203,7 @@ OPTIONS: tuple[Option, ...] = (
         help="A community GGUF file of the (first) model's transformer (Q8_0, Q4_K, ...), loaded in place of the "
         "folder's transformer through diffusers' single-file loader; the folder gives everything else. The file "
         "must be the same FLUX.2 model as the folder (block counts are checked at start). Needs pip install -e "
-        "'.[quant]'. Not with --quantize transformer=...",
+        "'.\\[quant]'. Not with --quantize transformer=...",
     ),
     Option(
         "lora",
@@ -441,14 +446,14 @@ OPTIONS: tuple[Option, ...] = (
         feeds=Settings,
         help="Without --safety-checker, answer 400 to requests with enable_safety_checker=true instead of a warning.",
     ),
-    Option("log_level", str, feeds=Settings, help="debug, info, warning or error."),
+    Option("log_level", str, feeds=Settings, help="debug, info, warning or error.", choices=LOG_LEVELS),
     Option(
         "ray",
         bool,
         feeds=RayOptions,
         field="enabled",
         help="Serve through Ray Serve: replicas of this server (one engine and model copy each, one per GPU by "
-        "default) behind Ray's HTTP proxy on --host/--port. Needs pip install -e '.[ray]'. See docs/RAY.md.",
+        "default) behind Ray's HTTP proxy on --host/--port. Needs pip install -e '.\\[ray]'. See docs/RAY.md.",
     ),
     Option("replicas", int, feeds=RayOptions, help="With --ray: how many replicas to run."),
     Option(
@@ -491,11 +496,21 @@ def read_options(values: Mapping[str, Any]) -> ServeConfig:
     by_class: dict[type, dict[str, Any]] = {Settings: {}, EngineOptions: {}, ModelChoice: {}, RayOptions: {}}
     for option in OPTIONS:
         value = values[option.name]
+        if option.choices and isinstance(value, str):  # --log-level INFO, FLUX2_DEVICE=CUDA: the choices' case
+            value = value.strip().lower()
         check_choice(value, option.choices, option.flag)
         check_not_negative(value, option.flag)
+        if option.name in AT_LEAST_ONE and value is not None and value < 1:
+            raise typer.BadParameter(f"must be 1 or more, got {value}", param_hint=option.flag)
         if option.feeds is not None:
             by_class[option.feeds][option.field or option.name] = option.unit.into(value)
-    keys = load_keys(values["api_key"] or [], values["api_key_file"])
+    try:
+        keys = load_keys(values["api_key"] or [], values["api_key_file"])
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not a text file of keys"
+        raise typer.BadParameter(
+            f"cannot read {values['api_key_file']}: {reason}", param_hint="--api-key-file"
+        ) from exc
     return ServeConfig(
         settings=Settings(**by_class[Settings], api_keys=keys),
         engine=EngineOptions(**by_class[EngineOptions]),

@@ -25,7 +25,11 @@ def tiny_weights(
     from pipeline.tiny_weights import VARIANTS, build_tiny_weights
 
     check_choice(variant, VARIANTS, "--variant")
-    path = build_tiny_weights(out_dir, variant)  # type: ignore[arg-type]
+    try:
+        path = build_tiny_weights(out_dir, variant)  # type: ignore[arg-type]
+    except OSError as exc:  # a folder that cannot be made or written
+        typer.echo(f"error: cannot write the weights to {out_dir}: {exc.strerror or exc}", err=True)
+        raise typer.Exit(code=1) from exc
     typer.echo(f"tiny FLUX.2 {variant} weights written to {path}")
 
 

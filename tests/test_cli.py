@@ -56,6 +56,15 @@ def test_tiny_weights_command(tmp_path):
         timeout=120,
     )
     assert bad.returncode != 0
+    (tmp_path / "a-file").write_text("x")
+    unwritable = subprocess.run(  # a folder that cannot be made: one line, not diffusers' traceback
+        [sys.executable, "-m", "server.cli", "tiny-weights", str(tmp_path / "a-file" / "w")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert unwritable.returncode == 1 and "Traceback" not in unwritable.stderr
+    assert f"error: cannot write the weights to {tmp_path / 'a-file' / 'w'}: Not a directory" in unwritable.stderr
 
 
 def test_bench_command_runs_and_reports_every_figure():

@@ -142,6 +142,48 @@ def test_a_negative_number_is_a_usage_error(option):
     assert f"Invalid value for {option.flag}: must be 0 or more, got -1" in result.output
 
 
+def _serve(*args: str):
+    app = typer.Typer()
+    app.command("serve")(serve_command(lambda config: None))
+    app.command("other")(lambda: None)
+    return CliRunner().invoke(app, ["serve", *args], env={"COLUMNS": "200", "NO_COLOR": "1"})
+
+
+@pytest.mark.parametrize("flag", ["--max-steps", "--max-batch-images"])
+def test_a_count_that_would_serve_nothing_is_a_usage_error(flag):
+    """`--max-steps 0` refused every explicit step count yet ran the models' defaults."""
+    result = _serve(flag, "0")
+    assert result.exit_code == 2 and f"Invalid value for {flag}: must be 1 or more, got 0" in result.output
+
+
+def test_choices_are_read_in_any_case_and_a_bad_log_level_is_a_usage_error():
+    """`--log-level loud` ended in a traceback (logging's ValueError); INFO, CPU are the choices' own."""
+    seen = _capture(["--log-level", "INFO", "--device", "CPU"], {})
+    assert (seen.settings.log_level, seen.models.device) == ("info", "cpu")
+    result = _serve("--log-level", "loud")
+    assert result.exit_code == 2 and "Invalid value for --log-level: must be one of debug, info, warning, error" in (
+        result.output
+    )
+
+
+def test_an_unreadable_key_file_is_a_usage_error(tmp_path):
+    for path, reason in ((tmp_path / "missing.txt", "No such file or directory"), (tmp_path, "Is a directory")):
+        result = _serve("--api-key-file", str(path))
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for --api-key-file: cannot read {path}: {reason}" in " ".join(result.output.split())
+        assert "Traceback" not in result.output
+
+
+def test_the_help_names_the_extras_to_install():
+    """rich read `[quant]` in `pip install -e '.[quant]'` as markup and dropped it from --help."""
+    app = typer.Typer()
+    app.command("serve")(serve_command(lambda config: None))
+    app.command("other")(lambda: None)
+    text = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "300", "NO_COLOR": "1"}).output
+    flat = "".join(line.strip("│ ") for line in text.splitlines())
+    assert flat.count("'.[quant]'") == 2 and "'.[ray]'" in flat and "\\[" not in flat
+
+
 def _readme_rows() -> list[list[str]]:
     section = README.read_text().split("\n## Options\n", 1)[1].split("\n## ", 1)[0]
     return [
