@@ -109,8 +109,14 @@ def check_output(output: Path | None) -> None:
 
 def output_format_for(output: Path | None, asked: str | None) -> str | None:
     """The format to ask for: `--format` if given, else the one the output file's extension names (out.jpg: jpeg);
-    a ClientError when the two disagree (JPEG bytes in a .png file). An unknown format is the server's to refuse."""
+    a ClientError when the two disagree (JPEG bytes in a .png file) or when, without `--format`, the extension names
+    none (PNG bytes in out.xyz). An unknown `--format` is the server's to refuse."""
     named = format_named(output.suffix.lstrip(".")) if output is not None else None
+    if asked is None and named is None and output is not None and output.suffix:
+        raise ClientError(
+            f"cannot tell an image format from {output.name}: name it .png, .jpg, .webp, .gif or .avif, "
+            "or pass --format"
+        )
     if asked is None or named is None:
         return asked or named
     if format_named(asked) not in (None, named):

@@ -146,8 +146,9 @@ OPTIONS: tuple[Option, ...] = (
         help="Compile the transformer's repeated blocks with torch.compile (regional compilation) when a model "
         "loads, and warm it up at 1024x1024 (batches of 1 and 2), so /health turns ready only once it is "
         "compiled; other sizes compile once more each, up to a bound. Default: on with CUDA when everything is "
-        "resident and no GGUF, step cache or quantization other than transformer=fp8 is asked (H200, klein-4B: a "
-        "served 1024² image 0.35 s instead of 0.65 s, for ~50 s at start), off on the CPU. --no-compile turns it off.",
+        "resident and no GGUF, step cache or quantization other than fp8 (transformer, text encoder) is asked "
+        "(H200, klein-4B: a served 1024² image 0.35 s instead of 0.65 s, for ~50 s at start), off on the CPU. "
+        "--no-compile turns it off.",
     ),
     Option(
         "cache",

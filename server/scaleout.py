@@ -60,7 +60,8 @@ class RayOptions:
             if value != default
         ]
         if given and not self.enabled:
-            raise ScaleOutError(f"{', '.join(given)} only apply with --ray")
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ScaleOutError(f"{', '.join(given)} only {verb} with --ray")
         if self.replicas < 1:
             raise ScaleOutError("--replicas must be at least 1")
         if self.autoscale is not None and self.replicas != 1:

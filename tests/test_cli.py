@@ -190,6 +190,13 @@ def test_the_output_files_extension_sets_the_format_and_may_not_contradict_it(se
     clash = _cli("generate", "x", "-o", str(tmp_path / "out.png"), "--format", "jpg", "--server", server.base_url)
     assert clash.returncode == 1 and "--format jpg does not match the output file out.png" in clash.stderr
     assert not (tmp_path / "out.png").exists()
+    unknown = _cli("generate", "x", "-o", str(tmp_path / "k.xyz"), "--server", server.base_url)
+    assert unknown.returncode == 1 and "cannot tell an image format from k.xyz" in unknown.stderr
+    assert not (tmp_path / "k.xyz").exists()
+    told = _cli("generate", "x", "-o", str(tmp_path / "k.img"), "--format", "webp", "--size", "16x16", "--steps", "1",
+                "--server", server.base_url)  # fmt: skip
+    assert told.returncode == 0, told.stderr
+    assert Image.open(tmp_path / "k.img").format == "WEBP"
 
 
 def test_a_server_url_ending_in_v1_works_and_another_server_is_named_not_dumped(server, tmp_path):

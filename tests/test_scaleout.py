@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--replicas", "2"], "--replicas only apply with --ray"),
+        (["--replicas", "2"], "--replicas only applies with --ray"),
+        (["--replicas", "2", "--gpus-per-replica", "0.5"], "--replicas, --gpus-per-replica only apply with --ray"),
         (["--ray", "--replicas", "2", "--autoscale", "1:3"], "either --replicas or --autoscale"),
         (["--ray", "--autoscale", "3:1"], "--autoscale must be MIN:MAX"),
         (["--ray", "--autoscale", "two"], "--autoscale must be MIN:MAX"),
