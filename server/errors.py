@@ -149,7 +149,10 @@ def validation_error(errors: list[dict] | tuple) -> APIError:
     if kind == "missing" and param is None:  # no body at all
         return APIError(400, "The request body is empty: send a JSON object.", code="invalid_json")
     if kind == "missing":
-        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+        message = f"Missing required parameter: '{param}'."
+        if isinstance(first.get("input"), dict) and "file_id" in first["input"]:  # OpenAI's other way to name an image
+            message += " file_id is not supported (this server keeps no uploaded files): send image_url, a data: URI."
+        return APIError(400, message, param=param, code="missing_required_parameter")
     if kind in ("json_invalid", "json_type") or (param is None and kind == "model_attributes_type"):
         return APIError(400, "The request body is not a valid JSON object.", code="invalid_json")
     message = "the number is too large" if kind == "int_parsing_size" else first.get("msg", "Invalid value")

@@ -261,7 +261,7 @@ EXACT = [
     ("bad UTF-8", GEN, raw(b'{"prompt": "\xff\xfe"}'), None, "invalid_json", "The request body is not valid JSON."),
     ("nested too deep", GEN, raw(b"[" * 100_000 + b"]" * 100_000), None, "invalid_json", "not valid JSON"),
     ("empty image object", EDIT, js(images=[{}]), "images[0].image_url", "missing_required_parameter", "'images[0]"),
-    ("file_id image", EDIT, js(images=[{"file_id": "file-1"}]), "images[0].image_url", None, "images[0].image_url"),
+    ("file_id image", EDIT, js(images=[{"file_id": "f"}]), "images[0].image_url", None, "file_id is not supported"),
     ("image_url a number", EDIT, js(images=[{"image_url": 3}]), "images[0].image_url", "invalid_value", "string"),
     ("lora scale", GEN, js(loras=[{"name": "a", "scale": 9}]), "loras[0].scale", "invalid_value", "'loras[0].scale'"),
     ("float seed too large", GEN, js(seed=1e20), "seed", "invalid_value", "'seed': the number is too large."),
