@@ -33,6 +33,10 @@ DEV_TEMPERATURE = 0.15
 _THINKING = re.compile(r"<think>.*?(</think>|$)", re.DOTALL)
 
 
+class EnhancerError(ValueError):
+    """An --enhancer-model that cannot rewrite prompts; the message says why."""
+
+
 @dataclass(frozen=True)
 class Rewrite:
     prompt: str  # what the text encoder gets: the rewrite, or the original prompt
@@ -64,7 +68,13 @@ class PromptEnhancer:
         key = (self.model_path or str(model.spec.path), job.prompt, job.seeds[0], job.reference_digests)
         text = self._cache.get(key)
         if text is None:
-            text = self._generate(model, job)
+            try:
+                text = self._generate(model, job)
+            except torch.OutOfMemoryError:
+                raise  # the engine's: it splits the batch and tries again
+            except Exception:  # a rewrite that fails costs its own request the rewrite, not the batch its images
+                log.exception("prompt enhancement failed")
+                return _fallback(job.prompt, "the prompt enhancer failed (the server's log says why)")
             self._cache.put(key, text)
         return self._checked(model, job.prompt, text)
 
@@ -104,6 +114,24 @@ class PromptEnhancer:
             lm: Any = AutoModelForCausalLM.from_pretrained(path, dtype=pipe.text_encoder.dtype)
             self._external = (lm.to(device).eval(), AutoTokenizer.from_pretrained(path))
         return self._external
+
+
+def check_enhancer_model(path: str) -> None:
+    """At start, an --enhancer-model that is not a causal language model's folder (or a cached hub id) is a
+    EnhancerError naming it, not a failure of every request that asks for a rewrite."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise EnhancerError(
+            f"--enhancer-model {path}: not a language model's folder (no usable config.json: {exc})"
+        ) from exc
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise EnhancerError(
+            f"--enhancer-model {path}: a {config.model_type} model, not a causal language model that writes text"
+        )
 
 
 def system_message(edit: bool) -> str:

@@ -13,6 +13,7 @@ from pipeline.engine import Engine
 from pipeline.loader import quiet_progress_bars
 from pipeline.model_choice import ModelChoiceError, resolve_models
 from pipeline.pool import ModelPool
+from pipeline.prompt_enhancement import EnhancerError, check_enhancer_model
 
 from .app import create_app
 from .client_commands import edit, generate
@@ -68,7 +69,7 @@ def serve(config: ServeConfig) -> None:
         raise typer.Exit(code=serve_on_ray(config))
     try:
         app = build_app(config, history_db=history_db)
-    except ModelChoiceError as exc:
+    except (ModelChoiceError, EnhancerError) as exc:
         log.error("%s", exc)
         raise typer.Exit(code=2) from exc
     serve_app(app, settings.host, settings.port, settings.log_level, settings.shutdown_timeout)
@@ -78,6 +79,8 @@ def build_app(config: ServeConfig, replica: str | None = None, history_db: Histo
     """The app and its engine for these options: the models resolved (ModelChoiceError if one cannot be served),
     the served ids named. `replica` names the process in x-flux2-replica (Ray Serve replicas build theirs here);
     `history_db`, already opened and checked (else the app opens its own)."""
+    if config.engine.enhancer_model:
+        check_enhancer_model(config.engine.enhancer_model)
     served = resolve_models(replace(config.models, prompt_cache=config.engine.prompt_cache_bytes > 0))
     settings = replace(
         config.settings,

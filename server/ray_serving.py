@@ -27,6 +27,7 @@ from fastapi import FastAPI
 
 from pipeline.engine import Engine
 from pipeline.model_choice import ModelChoiceError, resolve_models, split_name
+from pipeline.prompt_enhancement import EnhancerError, check_enhancer_model
 
 from .options import OPTIONS, ServeConfig, read_options
 from .ray_autoscaling import IMAGES_METRIC
@@ -224,7 +225,9 @@ def serve_on_ray(config: ServeConfig) -> int:
         # Once here, before any replica: a wrong --model fails with the single-process message, and tiny weights
         # are built once rather than by every replica at the same time.
         resolve_models(config.models)
-    except ModelChoiceError as exc:
+        if config.engine.enhancer_model:
+            check_enhancer_model(config.engine.enhancer_model)
+    except (ModelChoiceError, EnhancerError) as exc:
         log.error("%s", exc)
         return 2
     settings.output_dir.mkdir(parents=True, exist_ok=True)

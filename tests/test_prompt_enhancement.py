@@ -163,3 +163,47 @@ def test_an_enhanced_image_file_is_reproduced_from_its_metadata(enhancing):
     again = pixels(decode_b64(answer.json()["data"][0]["b64_json"]))
     # Within 1/255: a row of a batch of two and a lone image may round differently (float reductions, CPU).
     assert np.abs(again - pixels(decode_b64(result.data[1].b64_json))).max() <= 1
+
+
+def test_an_enhancer_model_that_is_no_language_model_is_refused_at_start(tiny_klein, tmp_path):
+    """A missing folder, or one holding another kind of model, started fine and then failed every request that asked
+    for a rewrite, and every other image of its batch (a 500 each)."""
+    from conftest import serve_refused
+
+    missing = serve_refused("--model", str(tiny_klein), "--enhancer-model", str(tmp_path / "nope"))
+    assert f"--enhancer-model {tmp_path / 'nope'}: not a language model's folder" in missing
+    assert "Traceback" not in missing
+    pipe = build_tiny_pipeline("klein")
+    pipe.vae.save_pretrained(tmp_path / "vae")  # a config.json, but a diffusers model's
+    vae = serve_refused("--model", str(tiny_klein), "--enhancer-model", str(tmp_path / "vae"))
+    assert f"--enhancer-model {tmp_path / 'vae'}: not a language model's folder" in vae
+    from transformers import ViTConfig, ViTModel
+
+    ViTModel(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8)).save_pretrained(
+        tmp_path / "vit"
+    )
+    vit = serve_refused("--model", str(tiny_klein), "--enhancer-model", str(tmp_path / "vit"))
+    assert "a vit model, not a causal language model" in vit
+
+
+def test_a_rewrite_that_fails_costs_only_its_request_the_rewrite(tiny_klein, monkeypatch):
+    """A failing enhancer (a broken model, a bad generation) gives its own job the original prompt and a warning;
+    the job beside it in the batch is untouched, and nothing fails."""
+
+    def broken(*args):
+        raise RuntimeError("the enhancer broke")
+
+    monkeypatch.setattr(prompt_enhancement, "_chat_generate", broken)
+    engine = make_engine(tiny_klein, enhancer_max_tokens=8, batch_window=0.5, max_batch_images=4)
+    try:
+        with engine.arriving() as first, engine.arriving():
+            enhanced = engine.submit(job(prompt="a cat", seeds=(4,), enhance_prompt=True))
+            first.release()
+            plain = engine.submit(job(prompt="a dog", seeds=(4,)))
+        enhanced_result, plain_result = enhanced.future.result(60), plain.future.result(60)
+    finally:
+        engine.stop()
+    assert enhanced_result.batch_images == 2
+    assert enhanced_result.prompt.used_prompt == "a cat" and plain_result.prompt.used_prompt == "a dog"
+    (warning,) = enhanced_result.warnings
+    assert "the prompt enhancer failed" in warning and not plain_result.warnings
