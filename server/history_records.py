@@ -88,6 +88,12 @@ class Recording:
             "output_compression": codec_quality,
             "response_format": response_format,
         }
+        if job.loras:  # what else makes the images: the adapters, the rewrite, the screening
+            self.parameters["loras"] = [{"name": name, "scale": scale} for name, scale in job.loras]
+        if job.enhance_prompt:
+            self.parameters["prompt_enhancement"] = "on"
+        if job.safety_tolerance is not None:
+            self.parameters["safety_tolerance"] = job.safety_tolerance
 
     def rendered(self, result: GenerationResult, timing: RequestTiming) -> None:
         self.seeds = list(result.seeds)

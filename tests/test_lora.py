@@ -333,6 +333,29 @@ def test_an_image_file_records_its_adapters_and_is_reproduced_with_them(lora_ser
     assert base64.b64decode(plain.data[0].b64_json) != original
 
 
+def test_a_history_entry_re_run_from_its_parameters_makes_the_same_images_with_its_adapters(lora_server, lora_client):
+    """The history's normalized parameters hold the adapters: sent back as they are, the same images (they were
+    left out: the re-run made the base model's image)."""
+    made = httpx.post(
+        f"{lora_server.base_url}/v1/images/generations",
+        json={**ASK, "seed": 33, "loras": [{"name": "style", "scale": 0.6}]},
+        timeout=120,
+    )
+    entry = httpx.get(f"{lora_server.base_url}/v1/images/history/{made.headers['x-flux2-history-id']}").json()
+    parameters = entry["parameters"]
+    assert parameters["loras"] == [{"name": "style", "scale": 0.6}]
+    again = httpx.post(
+        f"{lora_server.base_url}/v1/images/generations",
+        json={**parameters, "prompt": entry["prompt"], "response_format": "b64_json"},
+        timeout=120,
+    )
+    assert again.status_code == 200, again.text
+    original = base64.b64decode(made.json()["data"][0]["b64_json"])
+    assert base64.b64decode(again.json()["data"][0]["b64_json"]) == original
+    plain = generate(lora_client, **{**ASK, "seed": 33})  # and the adapter did change it
+    assert base64.b64decode(plain.data[0].b64_json) != original
+
+
 # -- under --compile -------------------------------------------------------------------------------------------------
 def test_a_compiled_server_serves_every_adapter_choice_as_the_eager_one_does(
     tiny_klein, lora_files, lora_server, tmp_path

@@ -54,6 +54,17 @@ def test_the_rewrite_is_generated_returned_and_reproduces_the_image(enhancing):
     plain = generate(client, prompt=PROMPT, seed=7, **ONE)
     assert plain.data[0].revised_prompt == PROMPT
     assert not np.array_equal(pixels(decode_b64(plain.data[0].b64_json)), enhanced)
+    # The history's parameters, sent back with the prompt, ask for the rewrite again: the same image.
+    import httpx
+
+    entry = httpx.get(f"{enhancing.base_url}/v1/images/history/{raw.headers['x-flux2-history-id']}").json()
+    assert entry["parameters"]["prompt_enhancement"] == "on"
+    rerun = httpx.post(
+        f"{enhancing.base_url}/v1/images/generations",
+        json={**entry["parameters"], "prompt": entry["prompt"], "response_format": "b64_json"},
+        timeout=120,
+    ).json()
+    assert np.array_equal(pixels(decode_b64(rerun["data"][0]["b64_json"])), enhanced)
     # No enhance stage when no rewrite was asked for.
     raw_plain = client.images.with_raw_response.generate(prompt=PROMPT, extra_body={"seed": 7, **_extra()}, **_direct())
     assert "enhance" not in parse_server_timing(raw_plain.headers["server-timing"])

@@ -87,6 +87,8 @@ def test_pass_all_images_returned_and_the_checker_shown(screening, classifier, p
     assert "x-flux2-withheld" not in raw.headers and "withheld_images" not in result.model_extra
     assert "x-flux2-ignored-params" not in raw.headers
     assert parse_server_timing(raw.headers["server-timing"])["safety"][0] > 0
+    entry = httpx.get(f"{screening.base_url}/v1/images/history/{raw.headers['x-flux2-history-id']}").json()
+    assert entry["parameters"]["safety_tolerance"] == 3  # a re-run from it is screened the same way
     for item, image in zip(result.data, images, strict=True):
         assert np.array_equal(pixels(decode_b64(item.b64_json)), pixels(image))
     assert httpx.get(f"{screening.base_url}/health").json()["safety_checker"] == str(classifier)
