@@ -13,6 +13,7 @@ from typing import Any
 
 from .offload_plan import ComponentSizes, Working, estimate_working
 from .quantization import Quantization
+from .weights import tensor_sizes
 
 # Bytes per weight of each scheme, against 2 for bf16 (weights only; scales and non-linear layers ignored).
 _SCHEME_BYTES = {"int8": 1.0, "fp8-weight": 1.0, "fp8": 1.0, "nf4": 0.55}
@@ -118,20 +119,14 @@ def _counted(total: int, per_block: dict[str, int]) -> tuple[_Bytes, int]:
 
 def _component(path: Path, block: re.Pattern[str] | None, itemsize: int) -> tuple[_Bytes, int]:
     """(bytes, largest block's bytes) and the number of blocks of one component folder's safetensors files."""
-    from safetensors import safe_open
-
     total = 0
     per_block: defaultdict[str, int] = defaultdict(int)
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as tensors:
-            for name in tensors.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                numel = 1
-                for dim in tensors.get_slice(name).get_shape():
-                    numel *= dim
-                total += numel * itemsize
-                found = block.match(name) if block is not None else None
-                if found and "vision" not in name:  # dev's Pixtral vision tower is not streamed
-                    per_block[found.group(0)] += numel * itemsize
+        for name, numel in tensor_sizes(file):
+            total += numel * itemsize
+            found = block.match(name) if block is not None else None
+            if found and "vision" not in name:  # dev's Pixtral vision tower is not streamed
+                per_block[found.group(0)] += numel * itemsize
     return _counted(total, per_block)
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, cast
+
+import torch
 
 from .adapters import Adapters, LoadedAdapters
 from .attention import use_attention
@@ -23,7 +26,7 @@ from .step_cache import apply_cache
 from .swapping import Swapper, check_swappable, stream_blocks
 from .transformer_graphs import install as install_transformer_graphs
 from .transformer_graphs import uninstall as uninstall_transformer_graphs
-from .weights import ModelSpec
+from .weights import ModelSpec, WeightsError
 
 log = logging.getLogger("flux2.loader")
 
@@ -76,6 +79,7 @@ def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None 
     )
     if type(pipe).__name__ != spec.pipeline_class:
         raise TypeError(f"{spec.path} loaded as {type(pipe).__name__}, expected {spec.pipeline_class}")
+    _check_all_weights_loaded(pipe, spec.path)
     tolerate_empty_inputs_in(pipe, placement.quantization)
     # Before placing: an offload plan then moves or streams the adapters' layers with the rest of the transformer.
     loaded_adapters = LoadedAdapters(cast(Flux2Pipe, pipe), spec.path.name, adapters) if adapters else None
@@ -114,6 +118,20 @@ def load_model(spec: ModelSpec, placement: Placement, adapters: Adapters | None 
         adapters=loaded_adapters,
         reference_store=ReferenceStore(placement.reference_memory) if placement.reference_cache else None,
     )
+
+
+def _check_all_weights_loaded(pipe: Any, folder: Path) -> None:
+    """A WeightsError when a component's config names weights its files lack: diffusers leaves them unloaded (on
+    the meta device) with a log line, and every request then failed."""
+    for component, module in pipe.components.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        missing = [name for name, tensor in [*module.named_parameters(), *module.named_buffers()] if tensor.is_meta]
+        if missing:
+            raise WeightsError(
+                f"{folder}: the {component}'s files lack {len(missing)} of the weights its config names (first: "
+                f"{missing[0]}): the folder's weights do not match their configs"
+            )
 
 
 def compile_and_warm_up(pipe: Any, placement: Placement, side: int = WARM_UP_SIDE) -> Placement:

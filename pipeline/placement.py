@@ -16,6 +16,7 @@ from .offload_plan import COMPONENTS, PLAN_NAMES, Component, DoesNotFit, Offload
 from .quantization import Quantization, QuantizationError, check_quantization, parse_quantization
 from .step_cache import CacheSpecError, StepCache, parse_cache
 from .toolchain import compile_toolchain_missing, install_hint, lacking
+from .weights import tensor_sizes
 
 Device = Literal["cuda", "cpu"]
 # The planner's plans (pipeline/offload_plan.py), then diffusers' own offloads, kept from before the planner:
@@ -395,17 +396,7 @@ def _plan(
 
 def count_weight_params(folder: Path) -> int:
     """Count the parameters in a diffusers folder's safetensors files, reading only their headers."""
-    from safetensors import safe_open
-
-    total = 0
-    for file in sorted(folder.glob("*/*.safetensors")):
-        with safe_open(file, framework="pt") as tensors:
-            for name in tensors.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                numel = 1
-                for dim in tensors.get_slice(name).get_shape():
-                    numel *= dim
-                total += numel
-    return total
+    return sum(numel for file in sorted(folder.glob("*/*.safetensors")) for _, numel in tensor_sizes(file))
 
 
 _Choice = TypeVar("_Choice", bound=str)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,19 @@ FLEX_ALIAS = "flux.2-flex"
 
 class WeightsError(Exception):
     """The weights cannot be found or are not a FLUX.2 diffusers folder."""
+
+
+def tensor_sizes(file: Path) -> list[tuple[str, int]]:
+    """Each tensor's name and number of elements in a safetensors file, read from its header alone; a WeightsError
+    naming the file for one that is not readable (truncated, corrupt)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt") as tensors:
+            names = list(tensors.keys())
+            return [(name, math.prod(tensors.get_slice(name).get_shape())) for name in names]
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{file} is not a readable safetensors file ({exc}): copy or download it again") from exc
 
 
 @dataclass(frozen=True)

@@ -78,3 +78,29 @@ def test_find_local_weights_prefers_real_folders_over_the_tiny_one(tiny_klein, t
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model_index.json").write_text("{}")
     assert find_local_weights(tmp_path).name == "zz-my-dev"
+
+
+def test_a_truncated_weights_file_stops_serve_with_one_line(tiny_klein, tmp_path):
+    """A corrupt .safetensors (a copy cut short) ended `serve` in safetensors' traceback, even for a second model."""
+    from conftest import serve_refused
+
+    broken = shutil.copytree(tiny_klein, tmp_path / "broken")
+    weights = next((broken / "transformer").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:100])
+    refused = serve_refused("--model", f"good={tiny_klein}", "--model", f"bad={broken}")
+    assert f"{weights} is not a readable safetensors file" in refused and "Traceback" not in refused
+
+
+def test_weights_missing_from_the_files_fail_the_load_by_name(tiny_klein, tmp_path):
+    """A config that names more layers than the files hold loaded with those weights left on the meta device, and
+    every request then failed with a 500: the load fails instead, saying so."""
+    from pipeline.loader import load_model
+    from pipeline.model_choice import ModelChoice, resolve_models
+
+    folder = shutil.copytree(tiny_klein, tmp_path / "deeper")
+    config_file = folder / "transformer" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_single_layers": config["num_single_layers"] + 1}))
+    served = resolve_models(ModelChoice(sources=(str(folder),))).configs[0]
+    with pytest.raises(WeightsError, match=r"the transformer's files lack \d+ of the weights its config names"):
+        load_model(served.spec, served.placement)
