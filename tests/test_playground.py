@@ -151,6 +151,12 @@ def test_edit_with_three_uploaded_references(server, page, tmp_path):
     page.wait_for_selector("figure.result img")
     assert page.locator("figure.result").count() == 1
     assert natural_size(page, "figure.result img") == (80, 48)  # auto size: the first image
+    (tmp_path / "hole.png").write_bytes(png(80, 48))
+    page.set_input_files("#mask", str(tmp_path / "hole.png"))
+    page.dispatch_event("#form", "input")
+    assert "mask=@hole.png" in page.inner_text("#curl")  # the snippet is the same request, mask included
+    assert 'mask=open("hole.png", "rb")' in page.inner_text("#python")
+    page.set_input_files("#mask", [])
     page.locator("#thumbs .thumb button").first.click()
     page.locator("#thumbs .thumb button").first.click()
     assert page.locator("#thumbs .thumb").count() == 1
@@ -224,6 +230,16 @@ def test_keys_and_the_open_mode(tiny_klein, tmp_path, browser):
         page.click("#go")
         page.wait_for_selector("figure.result img")
         assert page.evaluate("localStorage.getItem('flux2-api-key')") == "studio-key"
+        page.reload()  # the stored key is used: no key box, and the snippets still say a key is needed
+        page.wait_for_selector("#model option:nth-child(2)", state="attached")
+        assert not page.is_visible("#keybox")
+        assert "Authorization: Bearer $FLUX2_API_KEY" in page.text_content("#curl")
+        assert 'api_key=os.environ["FLUX2_API_KEY"]' in page.text_content("#python")
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.evaluate("document.getElementById('apikey').value = 'clé'")  # no HTTP header can carry it: said
+        page.click("#go")
+        assert "printable ASCII" in page.inner_text("#error") and errors == []
         context.close()
 
         context = browser.new_context()
@@ -249,6 +265,32 @@ def test_keys_and_the_open_mode(tiny_klein, tmp_path, browser):
     finally:
         keyed.stop()
         opened.stop()
+
+
+def test_a_long_prompt_keeps_the_page_in_the_window_and_references_take_the_keyboard(server, client, browser):
+    """A 700-character prompt in the history made the page 6,295 px wide (the form squeezed, the entry's details off
+    screen), and the reference images could not be chosen without a mouse."""
+    from imaging import generate
+
+    generate(client, prompt="a very long prompt " * 37, size="16x16", num_inference_steps=1, response_format="b64_json")
+    for width in (1280, 375):
+        context = browser.new_context(viewport={"width": width, "height": 800})
+        page = context.new_page()
+        page.goto(server.base_url + "/")
+        page.wait_for_selector("#model option:nth-child(2)", state="attached")
+        page.click("#tab-history")
+        page.wait_for_selector(".hitem")
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        page.click("#tab-results")
+        page.evaluate("""() => { window.chooserOpened = 0; const files = document.getElementById('files');
+            files.click = () => { window.chooserOpened += 1; }; }""")  # the file chooser itself is the browser's
+        page.focus("#drop")
+        for key in ("Enter", " "):
+            page.keyboard.press(key)
+        assert page.evaluate("window.chooserOpened") == 2
+        assert page.evaluate("document.activeElement.id") == "drop"  # reached like any control (tabindex 0)
+        assert page.get_attribute("#drop", "role") == "button" and page.get_attribute("#drop", "tabindex") == "0"
+        context.close()
 
 
 def test_no_playground(tiny_klein, tmp_path):
