@@ -42,6 +42,8 @@ def parse_thresholds(text: str) -> tuple[float, ...]:
         raise ValueError(f"expected five numbers separated by commas, got {text!r}") from exc
     if len(values) != 5 or not all(0.0 <= value <= 1.0 for value in values):
         raise ValueError(f"expected five probabilities between 0 and 1 (tolerance 1 to 5), got {text!r}")
+    if list(values) != sorted(values):  # 1 is the strictest: it withholds at the lowest probability
+        raise ValueError(f"expected the five in order, tolerance 1 (strict) lowest to 5 (permissive), got {text!r}")
     return values
 
 

@@ -192,3 +192,6 @@ def test_label_choice_and_threshold_parsing(tmp_path):
     for bad in ("0.1,0.2", "a,b,c,d,e", "0,0,0,0,2"):
         with pytest.raises(ValueError):
             parse_thresholds(bad)
+    with pytest.raises(ValueError, match="in order"):  # tolerance 1 ("strict") would have been the most permissive
+        parse_thresholds("0.9,0.1,0.5,0.7,0.85")
+    assert parse_thresholds("0,0.5,1,1,1") == (0, 0.5, 1, 1, 1)  # equal neighbours are fine
