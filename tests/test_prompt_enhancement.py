@@ -125,14 +125,19 @@ def test_a_rewrite_too_long_for_the_encoder_falls_back(monkeypatch):
     assert "longer than the text encoder's 512 tokens" in rewrite.warnings[0]
 
 
+def _in_one_batch(engine, enhanced_prompt: str, plain_prompt: str):
+    """The results of a job asking for a rewrite and one not asking, made in one pipeline call (seed 4)."""
+    with engine.arriving() as first, engine.arriving():
+        enhanced = engine.submit(job(prompt=enhanced_prompt, seeds=(4,), enhance_prompt=True))
+        first.release()
+        plain = engine.submit(job(prompt=plain_prompt, seeds=(4,)))
+    return enhanced.future.result(60), plain.future.result(60)
+
+
 def test_in_a_batch_only_the_job_that_asks_is_rewritten(tiny_klein):
     engine = make_engine(tiny_klein, enhancer_max_tokens=8, batch_window=0.5, max_batch_images=4)
     try:
-        with engine.arriving() as first, engine.arriving():
-            enhanced = engine.submit(job(prompt="a cat", seeds=(4,), enhance_prompt=True))
-            first.release()
-            plain = engine.submit(job(prompt="a cat", seeds=(4,)))
-        enhanced_result, plain_result = enhanced.future.result(60), plain.future.result(60)
+        enhanced_result, plain_result = _in_one_batch(engine, "a cat", "a cat")
         alone = engine.submit(job(prompt="a cat", seeds=(4,))).future.result(60)
     finally:
         engine.stop()
@@ -207,11 +212,7 @@ def test_a_rewrite_that_fails_costs_only_its_request_the_rewrite(tiny_klein, mon
     monkeypatch.setattr(prompt_enhancement, "_chat_generate", broken)
     engine = make_engine(tiny_klein, enhancer_max_tokens=8, batch_window=0.5, max_batch_images=4)
     try:
-        with engine.arriving() as first, engine.arriving():
-            enhanced = engine.submit(job(prompt="a cat", seeds=(4,), enhance_prompt=True))
-            first.release()
-            plain = engine.submit(job(prompt="a dog", seeds=(4,)))
-        enhanced_result, plain_result = enhanced.future.result(60), plain.future.result(60)
+        enhanced_result, plain_result = _in_one_batch(engine, "a cat", "a dog")
     finally:
         engine.stop()
     assert enhanced_result.batch_images == 2
