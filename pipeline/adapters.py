@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import SafetensorError
 
 if TYPE_CHECKING:
     from .internals import Flux2Pipe
@@ -240,6 +241,8 @@ def _load(pipe: Flux2Pipe, model_name: str, adapter: Adapter) -> None:
     except (ValueError, KeyError, RuntimeError) as exc:  # a layout diffusers cannot convert, or shapes that differ
         where = f"LoRA {adapter.name!r} ({adapter.path})"
         raise AdapterError(f"{where} does not fit {model_name}: {exc}") from exc
+    except (OSError, SafetensorError) as exc:  # an empty, truncated or unreadable file
+        raise AdapterError(f"LoRA {adapter.name!r} ({adapter.path}) cannot be read: {exc}") from exc
     loaded = pipe.get_list_adapters().get("transformer", [])
     if adapter.name not in loaded:
         raise AdapterError(

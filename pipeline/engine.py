@@ -36,6 +36,7 @@ from .jobs import (
     GenerationResult,
     JobCancelled,
     JobListener,
+    ModelLoadFailed,
     OutOfDeviceMemory,
     QueueFull,
 )
@@ -226,7 +227,7 @@ class Engine:
             if self._stopping:
                 raise EngineUnavailable("the server is shutting down")
             if self.load_error is not None:
-                raise EngineUnavailable(f"the model failed to load: {self.load_error}")
+                raise ModelLoadFailed(f"the model failed to load: {self.load_error}")
             if not self._ready.is_set():
                 raise EngineUnavailable("loading")
             queued = sum(h.job.n for h in self._queue if not h.cancelled)
@@ -252,7 +253,7 @@ class Engine:
         while (batch := self._next_batch()) is not None:
             if self.load_error is not None:
                 for handle in batch:
-                    handle.future.set_exception(EngineUnavailable(f"the model failed to load: {self.load_error}"))
+                    handle.future.set_exception(ModelLoadFailed(f"the model failed to load: {self.load_error}"))
                 continue
             self._run(batch)
 

@@ -172,7 +172,11 @@ class EngineStats:
 
 # -- what the engine raises ------------------------------------------------------------------------------------
 class EngineUnavailable(Exception):
-    """The engine cannot take or run jobs: the model failed to load, or it is shutting down."""
+    """The engine cannot take or run jobs: the model is loading or failed to load, or it is shutting down."""
+
+
+class ModelLoadFailed(EngineUnavailable):
+    """The model failed to load: no retry helps until its operator fixes the cause and restarts the server."""
 
 
 class QueueFull(Exception):

@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipeline.jobs import EngineUnavailable, JobCancelled, OutOfDeviceMemory, QueueFull
+from pipeline.jobs import EngineUnavailable, JobCancelled, ModelLoadFailed, OutOfDeviceMemory, QueueFull
 
 log = logging.getLogger("flux2.server")
 
@@ -66,6 +66,10 @@ def engine_error(exc: BaseException) -> APIError:
             type="rate_limit_exceeded",
             code="rate_limit_exceeded",
             headers={"Retry-After": str(retry)},
+        )
+    if isinstance(exc, ModelLoadFailed):
+        return APIError(
+            503, f"The model is not available: {exc}. Its operator must fix that first.", code="model_not_ready"
         )
     if isinstance(exc, EngineUnavailable):
         return APIError(503, f"The model is not ready ({exc}); retry shortly.", code="model_not_ready")

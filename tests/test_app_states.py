@@ -36,7 +36,7 @@ def test_health_is_503_while_loading_then_200(tmp_path, tiny_klein):
         assert (loading.status_code, loading.json()["status"]) == (503, "loading")
         busy = client.post("/v1/images/generations", json={"prompt": "x"})
         assert busy.status_code == 503
-        assert busy.json()["error"]["code"] == "model_not_ready"
+        assert busy.json()["error"]["code"] == "model_not_ready" and "retry shortly" in busy.json()["error"]["message"]
         release.set()
         client.app.state.engine.wait_ready(30)
         assert client.get("/health").status_code == 200
@@ -56,6 +56,8 @@ def test_failed_load_is_reported(tmp_path, tiny_klein):
         answer = client.post("/v1/images/generations", json={"prompt": "x"})
         assert answer.status_code == 503
         assert set(answer.json()["error"]) == {"message", "type", "param", "code"}
+        message = answer.json()["error"]["message"]  # lasting: no 'retry shortly', which waiting cannot make true
+        assert "failed to load" in message and "out of memory" in message and "retry" not in message
 
 
 def test_a_failing_job_is_a_500_without_a_trace_and_the_server_keeps_serving(tmp_path, tiny_klein):

@@ -231,6 +231,21 @@ def test_an_adapter_that_does_not_fit_fails_the_load_with_a_reason(tiny_klein, t
         engine.stop(10)
 
 
+def test_an_unreadable_adapter_file_fails_the_load_naming_the_adapter(tiny_klein, lora_files, tmp_path):
+    """A truncated LoRA file failed the model with diffusers' raw error, naming no adapter."""
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(lora_files["style"].read_bytes()[:64])
+    config = replace(model_config(tiny_klein), adapters=adapters_from_options([f"cut={cut}"]))
+    engine = Engine(ModelPool([config]))
+    engine.start()
+    try:
+        assert not engine.wait_ready(60)
+        health = engine.health()
+        assert health.state == "failed" and f"LoRA 'cut' ({cut}) cannot be read" in health.load_error
+    finally:
+        engine.stop(10)
+
+
 # -- the option --------------------------------------------------------------------------------------------------
 def test_lora_values_are_checked(tmp_path):
     file = tmp_path / "a.safetensors"
