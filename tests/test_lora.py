@@ -211,6 +211,20 @@ def test_a_fused_adapter_gives_the_adapters_image_and_is_always_on(tiny_klein, l
         select(adapters, [("style", 0.2)])
 
 
+def _load_error(folder, lora_option: str) -> str:
+    """The load error of a model started with one `--lora` option that must fail its load."""
+    config = replace(model_config(folder), adapters=adapters_from_options([lora_option]))
+    engine = Engine(ModelPool([config]))
+    engine.start()
+    try:
+        assert not engine.wait_ready(60)
+        health = engine.health()
+        assert health.state == "failed" and health.load_error
+        return health.load_error
+    finally:
+        engine.stop(10)
+
+
 def test_an_adapter_that_does_not_fit_fails_the_load_with_a_reason(tiny_klein, tmp_path):
     wrong = tmp_path / "wrong.safetensors"  # to_q takes 32 features, not 999
     save_file(
@@ -220,30 +234,15 @@ def test_an_adapter_that_does_not_fit_fails_the_load_with_a_reason(tiny_klein, t
         },
         wrong,
     )
-    config = replace(model_config(tiny_klein), adapters=adapters_from_options([f"wrong={wrong}"]))
-    engine = Engine(ModelPool([config]))
-    engine.start()
-    try:
-        assert not engine.wait_ready(60)
-        health = engine.health()
-        assert health.state == "failed" and "LoRA 'wrong'" in health.load_error and "does not fit" in health.load_error
-    finally:
-        engine.stop(10)
+    error = _load_error(tiny_klein, f"wrong={wrong}")
+    assert "LoRA 'wrong'" in error and "does not fit" in error
 
 
 def test_an_unreadable_adapter_file_fails_the_load_naming_the_adapter(tiny_klein, lora_files, tmp_path):
     """A truncated LoRA file failed the model with diffusers' raw error, naming no adapter."""
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(lora_files["style"].read_bytes()[:64])
-    config = replace(model_config(tiny_klein), adapters=adapters_from_options([f"cut={cut}"]))
-    engine = Engine(ModelPool([config]))
-    engine.start()
-    try:
-        assert not engine.wait_ready(60)
-        health = engine.health()
-        assert health.state == "failed" and f"LoRA 'cut' ({cut}) cannot be read" in health.load_error
-    finally:
-        engine.stop(10)
+    assert f"LoRA 'cut' ({cut}) cannot be read" in _load_error(tiny_klein, f"cut={cut}")
 
 
 # -- the option --------------------------------------------------------------------------------------------------
